@@ -1,0 +1,33 @@
+"""slope_megatron: SLoPe sparse LLM pretraining on Megatron-style parallelism + DeepSpeed.
+
+torch is a requirement by range only: install the torch build your machine needs first
+(CPU: `pip install torch==2.13.0`; GPU clusters: the CUDA build of your image). A range the
+installed torch satisfies makes pip install nothing more, so this never pulls a CUDA build
+onto a CPU machine. DeepSpeed's setup imports torch: install with --no-build-isolation.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="slope_megatron",
+    version="0.1.0",
+    description="SLoPe (double-pruned N:M sparse + lazy low-rank adapter) LLM pretraining",
+    python_requires=">=3.10",
+    packages=find_packages(include=["slope_megatron", "slope_megatron.*", "kernels",
+                                    "kernels.*"]),
+    package_data={"kernels": ["*.cpp", "*.cu", "*.h"]},
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "deepspeed==0.19.8",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "tensorboard>=2.15",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "mpi": ["mpi4py>=3.1"],
+        "gpu": ["triton>=3.0"],
+    },
+)

@@ -1,0 +1,111 @@
+"""The decoder-only language model: embedding -> blocks -> final norm -> LM head.
+
+Built as three kinds of stage (Embedding, Block, Head) so that the same pieces can be laid
+out as a pipeline later. The LM head is tied to the token embedding by default; the loss is
+computed in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdaptersConfig, Config, ModelConfig, SparsityConfig, ffn_hidden_size
+from .blocks import Block, make_norm
+from .linear_factory import LinearFactory
+
+
+class Embedding(nn.Module):
+    """Token embedding (+ learned positions for gpt) and embedding dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        nn.init.normal_(self.tokens.weight, 0.0, cfg.init_std)
+        self.positions = None
+        if cfg.arch == "gpt":
+            self.positions = nn.Embedding(cfg.seq_len, cfg.hidden_size)
+            nn.init.normal_(self.positions.weight, 0.0, cfg.init_std / 2)
+        self.dropout = cfg.dropout
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(input_ids)
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(input_ids.shape[1], device=input_ids.device))
+        return F.dropout(x, self.dropout, self.training)
+
+
+class Head(nn.Module):
+    """Final norm and LM head (dense by default). With tied embeddings the head holds no
+    weight of its own: it projects with the token embedding passed to forward."""
+
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory):
+        super().__init__()
+        self.norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else \
+            make_linear("lm_head", cfg.hidden_size, cfg.vocab_size, False)
+
+    def forward(self, x: torch.Tensor, tied_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, tied_weight)
+        return self.lm_head(x)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32 (targets < 0 are ignored)."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-1)
+
+
+class GPTModel(nn.Module):
+    """GPT-2/OPT-style or LLaMA-style decoder; sparse or dense by SparsityConfig."""
+
+    def __init__(self, cfg: ModelConfig, sparsity: SparsityConfig,
+                 adapters: Optional[AdaptersConfig] = None):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is unset; set it or let the trainer take it "
+                             "from the tokenizer")
+        self.cfg = cfg
+        make_linear = LinearFactory(sparsity, adapters or AdaptersConfig(enabled=False),
+                                    cfg.init_std, cfg.num_layers)
+        self.embedding = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, make_linear, i) for i in range(cfg.num_layers))
+        self.head = Head(cfg, make_linear)
+
+    @classmethod
+    def from_config(cls, config: Config) -> "GPTModel":
+        return cls(config.model, config.sparsity, config.adapters)
+
+    def forward(self, input_ids: torch.Tensor,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (batch, T, vocab), or the mean loss when `targets` are given."""
+        if input_ids.shape[1] > self.cfg.seq_len:
+            raise ValueError(f"input of {input_ids.shape[1]} tokens exceeds model.seq_len "
+                             f"({self.cfg.seq_len})")
+        x = self.embedding(input_ids)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x, self.embedding.tokens.weight)
+        return logits if targets is None else lm_loss(logits, targets)
+
+    # ---- accounting ---------------------------------------------------------------------
+    def num_parameters(self, stored: bool = True) -> int:
+        """Trainable values stored (sparse layers count kept values only)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not stored)
+
+    def dense_equivalent_flops_per_token(self) -> float:
+        """Training FLOPs per token of the *dense* model of this shape (6N + attention).
+
+        MFU is reported against this number for both arms, so a sparse model's MFU says how
+        fast it runs the dense model's work (the usual convention for sparse training).
+        """
+        c = self.cfg
+        h, ffn, layers = c.hidden_size, ffn_hidden_size(c), c.num_layers
+        mlp = 3 * h * ffn if c.arch == "llama" else 2 * h * ffn
+        matmul_params = layers * (4 * h * h + mlp) + h * c.vocab_size
+        attention = 12 * layers * h * c.seq_len / 2  # causal: half of the T x T scores
+        return 6.0 * matmul_params + attention

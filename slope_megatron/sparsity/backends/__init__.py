@@ -1,0 +1,56 @@
+"""Backend dispatch: `reference` (masked dense math) | `cusparselt` (sparse tensor cores).
+
+Backends are imported lazily so that nothing CUDA-only is touched on a CPU machine.
+`auto` picks `cusparselt` when CUDA and its kernels are available, else `reference`;
+the cusparselt backend itself falls back per layer (with a one-time log line) for shapes
+its kernels cannot take.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+from .base import SparseLinearBackend
+
+log = logging.getLogger(__name__)
+
+_REGISTRY = {
+    "reference": ("slope_megatron.sparsity.backends.reference", "ReferenceBackend"),
+    "cusparselt": ("slope_megatron.sparsity.backends.cusparselt", "CusparseltBackend"),
+}
+_INSTANCES: dict[str, SparseLinearBackend] = {}
+
+
+def get_backend(name: str) -> SparseLinearBackend:
+    """Return the (shared) backend instance called `name`; 'auto' resolves first."""
+    if name == "auto":
+        name = resolve_auto()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown sparse backend {name!r}; use one of "
+                         f"{', '.join(['auto', *_REGISTRY])}")
+    if name not in _INSTANCES:
+        module, cls = _REGISTRY[name]
+        _INSTANCES[name] = getattr(importlib.import_module(module), cls)()
+    return _INSTANCES[name]
+
+
+def cusparselt_unavailable_reason() -> str | None:
+    """Why the cusparselt backend cannot run here, or None if it can."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        module = importlib.import_module(_REGISTRY["cusparselt"][0])
+    except ImportError as e:
+        return f"its module could not be imported ({e})"
+    check = getattr(module, "unavailable_reason", None)
+    return check() if check is not None else None
+
+
+def resolve_auto() -> str:
+    reason = cusparselt_unavailable_reason()
+    if reason is None:
+        return "cusparselt"
+    log.info("sparse backend 'auto' -> 'reference': cusparselt unavailable (%s)", reason)
+    return "reference"

@@ -1,0 +1,28 @@
+"""The interface every sparse-linear backend implements.
+
+A backend computes the sparse part of a SlopeLinear (Y = X (W*M)^T + b with the
+double-pruned input gradient) and keeps whatever kernel-side caches it needs in sync with
+the trainable kept-values tensor. The `reference` backend is the definition; faster ones
+must match it within their dtype's tolerance (tests compare them on random inputs).
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+
+
+class SparseLinearBackend(abc.ABC):
+    """Base class: `linear` is required; the refresh hooks default to doing nothing."""
+
+    name = "base"
+
+    @abc.abstractmethod
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """Sparse part of the layer's forward, with SLoPe's backward attached."""
+
+    def after_optimizer_step(self, layer) -> None:
+        """Called once after every optimizer step (refresh compressed copies here)."""
+
+    def on_column_mask_change(self, layer) -> None:
+        """Called when the layer recomputed its double-pruned column mask."""

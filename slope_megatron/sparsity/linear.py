@@ -1,0 +1,190 @@
+"""SlopeLinear: an N:M-sparse linear layer trained with SLoPe, plus its lazy adapter.
+
+Storage is chosen so that ZeRO can own it like any tensor (DESIGN.md section 4):
+- `weight`: Parameter of shape (out, in*n/m) holding only the kept values, in row-major
+  order of the mask. Optimizer state therefore exists only for kept entries, and pruned
+  entries cannot become non-zero: they are not stored at all.
+- `mask`: bool buffer (out, in), chosen once from the initial weights, never changed.
+- `column_mask`: bool buffer (out, in), the double-pruned mask used for dX, recomputed from
+  the current weights every `column_mask_refresh` optimizer steps.
+- `adapter_a` (in, r) / `adapter_b` (r, out): the lazy low-rank adapter, created inactive
+  (zero compute) and switched on by `enable_adapter()`; Y += (X A) B / r.
+Counters and the adapter switch live in the module's extra state, so a checkpoint resumes
+the refresh schedule and the adapter phase exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .backends import get_backend
+from .functional import dense_from_values, values_from_dense
+from .masks import check_nm, double_prune_mask, nm_mask
+
+InitFn = Callable[[torch.Tensor], None]
+
+
+def adapter_rank(in_features: int, rank_ratio: float = 0.02, rank: Optional[int] = None) -> int:
+    """Adapter rank: `rank` if given, else rank_ratio * in_features rounded, at least 1."""
+    if rank is not None:
+        if rank < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {rank}")
+        return int(rank)
+    if not 0.0 < rank_ratio <= 1.0:
+        raise ValueError(f"adapter rank_ratio must be in (0, 1], got {rank_ratio}")
+    return max(1, round(rank_ratio * in_features))
+
+
+class SlopeLinear(nn.Module):
+    """Y = X (W*M)^T + b with SLoPe's double-pruned backward and an optional lazy adapter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, n: int = 2,
+                 m: int = 4, column_mask_refresh: int = 1, backend: str = "reference",
+                 adapter_rank: Optional[int] = None, init_method: Optional[InitFn] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        check_nm(n, m)
+        for name, dim in (("in_features", in_features), ("out_features", out_features)):
+            if dim % m != 0:
+                raise ValueError(f"SlopeLinear {name}={dim} must be divisible by m={m}: N:M "
+                                 f"groups run along `in` (forward) and `out` (double pruning)")
+        if column_mask_refresh < 1:
+            raise ValueError(f"column_mask_refresh must be >= 1, got {column_mask_refresh}")
+        self.in_features, self.out_features = in_features, out_features
+        self.n, self.m = n, m
+        self.column_mask_refresh = column_mask_refresh
+        self.backend_name = backend
+        self.backend = get_backend(backend)
+
+        dense = torch.empty(out_features, in_features, device=device, dtype=dtype)
+        if init_method is None:
+            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Linear's default
+        else:
+            init_method(dense)
+        mask = nm_mask(dense, n, m)
+        self.register_buffer("mask", mask)
+        self.weight = nn.Parameter(values_from_dense(dense, mask))
+        self.register_buffer("column_mask", torch.zeros_like(mask))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+        self.optimizer_steps = 0    # optimizer steps seen (drives the column-mask refresh)
+        self.column_mask_step = -1  # step at which column_mask was computed; -1: never
+        self.adapter_active = False
+        self.adapter_rank = None
+        self.adapter_a = self.adapter_b = None
+        if adapter_rank is not None:
+            self.create_adapter(adapter_rank)
+
+    # ---- weights ----------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, **kw):
+        """Build a layer whose mask is chosen from `weight` (out, in) by magnitude."""
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bias=bias is not None,
+                    init_method=lambda t: t.copy_(weight), device=weight.device,
+                    dtype=weight.dtype, **kw)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        return layer
+
+    def dense_weight(self) -> torch.Tensor:
+        """W * M as a dense (out, in) tensor (differentiable w.r.t. the kept values)."""
+        return dense_from_values(self.weight, self.mask)
+
+    def double_pruned_weight(self) -> torch.Tensor:
+        """W_RC = W * M * M_C, the operand of the input-gradient GEMM."""
+        return self.dense_weight() * self._current_column_mask()
+
+    # ---- double pruning ----------------------------------------------------------------
+    def _column_mask_is_stale(self) -> bool:
+        return (self.column_mask_step < 0
+                or self.optimizer_steps - self.column_mask_step >= self.column_mask_refresh)
+
+    @torch.no_grad()
+    def refresh_column_mask(self) -> None:
+        """Recompute the double-pruned mask from the current weights."""
+        dense = dense_from_values(self.weight.detach(), self.mask)
+        self.column_mask.copy_(double_prune_mask(dense, self.n, self.m, row_mask=self.mask))
+        self.column_mask_step = self.optimizer_steps
+        self.backend.on_column_mask_change(self)
+
+    def _current_column_mask(self) -> torch.Tensor:
+        if self._column_mask_is_stale():
+            self.refresh_column_mask()
+        return self.column_mask
+
+    def column_mask_for_backward(self) -> Optional[torch.Tensor]:
+        """The column mask when an input gradient may be needed, else None (no work)."""
+        return self._current_column_mask() if torch.is_grad_enabled() else None
+
+    def after_optimizer_step(self) -> None:
+        """Advance the step counter and let the backend refresh its compressed copies."""
+        self.optimizer_steps += 1
+        self.backend.after_optimizer_step(self)
+
+    # ---- lazy adapter -----------------------------------------------------------------
+    def create_adapter(self, rank: int) -> None:
+        """Create the (inactive) adapter: A ~ N(0, 1), B = 0, scale 1/rank (as the paper)."""
+        if self.adapter_a is not None:
+            raise RuntimeError("this SlopeLinear already has an adapter")
+        if rank < 1:
+            raise ValueError(f"adapter rank must be >= 1, got {rank}")
+        kw = dict(device=self.weight.device, dtype=self.weight.dtype)
+        self.adapter_rank = int(rank)
+        self.adapter_a = nn.Parameter(torch.randn(self.in_features, rank, **kw))
+        self.adapter_b = nn.Parameter(torch.zeros(rank, self.out_features, **kw))
+
+    def enable_adapter(self, rank: Optional[int] = None) -> None:
+        """Switch the adapter on (creating it with `rank` if it does not exist yet)."""
+        if self.adapter_a is None:
+            if rank is None:
+                raise ValueError("enable_adapter() needs a rank: this layer has no adapter yet")
+            self.create_adapter(rank)
+        self.adapter_active = True
+
+    @property
+    def adapter_scale(self) -> float:
+        return 1.0 / self.adapter_rank if self.adapter_rank else 0.0
+
+    def adapter_delta(self) -> Optional[torch.Tensor]:
+        """The dense (out, in) update the active adapter adds: (A B / r)^T, or None."""
+        if not self.adapter_active:
+            return None
+        return (self.adapter_a @ self.adapter_b).t() * self.adapter_scale
+
+    # ---- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.backend.linear(self, x)
+        if self.adapter_active:
+            y = y + (x @ self.adapter_a) @ self.adapter_b * self.adapter_scale
+        return y
+
+    # ---- state ----------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        return {"optimizer_steps": self.optimizer_steps, "column_mask_step": self.column_mask_step,
+                "adapter_active": self.adapter_active, "n": self.n, "m": self.m}
+
+    def set_extra_state(self, state: dict) -> None:
+        if (state["n"], state["m"]) != (self.n, self.m):
+            raise ValueError(f"checkpoint has {state['n']}:{state['m']} sparsity but this layer "
+                             f"is {self.n}:{self.m}")
+        self.optimizer_steps = int(state["optimizer_steps"])
+        self.column_mask_step = int(state["column_mask_step"])
+        self.adapter_active = bool(state["adapter_active"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.backend.on_column_mask_change(self)  # caches follow the loaded weights and masks
+
+    def extra_repr(self) -> str:
+        adapter = f", adapter_rank={self.adapter_rank}" if self.adapter_rank else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, sparsity={self.n}:{self.m}, "
+                f"backend={self.backend.name}{adapter}")
