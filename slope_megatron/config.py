@@ -88,6 +88,10 @@ class ParallelConfig:
 @dataclass
 class ZeroConfig:
     stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (PP > 1 allows 0 or 1).")
+    deepspeed_json: Optional[str] = _f(None, "DeepSpeed JSON merged over the generated engine "
+                                             "config (e.g. configs/deepspeed/zero3.json for "
+                                             "bucket sizes or offload); batch sizes, precision "
+                                             "and the ZeRO stage always come from this config.")
 
 
 @dataclass

@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Pretrain a SLoPe (or dense) language model.
+
+    deepspeed launch/pretrain.py --config configs/demo.yaml [--set section.key=value ...]
+    torchrun --nproc-per-node 2 launch/pretrain.py --config ...
+    mpirun -n 2 python launch/pretrain.py --config ...
+    python launch/pretrain.py --config ...            (one process)
+
+Rerunning the same command resumes from the newest complete checkpoint in
+train.output_dir. `--help-config` prints every config key with its default and meaning.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.iters=100 zero.stage=2")
+    p.add_argument("--help-config", action="store_true", help="print the config reference")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from slope_megatron.config import ConfigError, config_reference, load_config
+
+    if args.help_config:
+        print(config_reference())
+        return 0
+    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.set)  # validated before any process group exists
+        from slope_megatron.data import DataError
+        from slope_megatron.training import train
+        from slope_megatron.training.distributed import init_distributed
+
+        dist = init_distributed()
+        train(cfg, dist)
+    except (ConfigError, DataError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

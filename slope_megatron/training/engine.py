@@ -1,0 +1,73 @@
+"""DeepSpeed engine set-up: the JSON config derived from our Config, and initialize().
+
+We hand DeepSpeed a client AdamW (param groups in optimizer.py) and set the learning
+rate ourselves each iteration (a pure function of the iteration, so resume is exact).
+Mixed precision: bf16 on GPUs that support it (DeepSpeed keeps fp32 master weights),
+fp32 on CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+
+
+def resolve_dtype(cfg: Config) -> str:
+    want = cfg.train.dtype
+    cuda = torch.cuda.is_available()
+    if want == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if want in ("bf16", "fp16") and not cuda:
+        raise ConfigError(f"config key 'train.dtype' = '{want}' needs a GPU; use fp32 or auto on CPU")
+    return want
+
+
+def _user_json(cfg: Config) -> dict:
+    path = cfg.zero.deepspeed_json
+    if path is None:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config key 'zero.deepspeed_json' = {path!r} could not be read as "
+                          f"JSON: {e}") from None
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    t = cfg.train
+    accum = t.global_batch_size // (t.micro_batch_size * dp_size)
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "steps_per_print": 10 ** 9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    user = _user_json(cfg)
+    ds["zero_optimization"] = {**user.pop("zero_optimization", {}), "stage": cfg.zero.stage}
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps", "bf16", "fp16", "optimizer", "scheduler"):
+        user.pop(key, None)  # owned by our config
+    ds = {**user, **ds}
+    if cfg.zero.stage == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    dtype = resolve_dtype(cfg)
+    if dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif dtype == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return ds
+
+
+def initialize(model, optimizer, cfg: Config, dp_size: int):
+    import deepspeed
+
+    engine, engine_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size))
+    return engine, engine_optimizer

@@ -1,0 +1,75 @@
+"""Run outputs on rank 0: metrics.jsonl, TensorBoard events, and the console summary.
+
+On resume both sinks are cut back to the resumed iteration (metrics.jsonl keeps only the
+records at or before it, rewritten atomically; TensorBoard purges later steps), so a
+resumed run's outputs read exactly like an uninterrupted one's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "A10": 125e12, "V100": 125e12}
+
+
+def peak_flops() -> Optional[float]:
+    """Dense bf16/fp16 tensor-core peak of this GPU, None when unknown or on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: Path, enabled: bool, resume_iter: int = 0):
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            self._truncate_after(resume_iter)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(output_dir / "tensorboard"),
+                                purge_step=resume_iter if resume_iter > 0 else None)
+
+    def _truncate_after(self, resume_iter: int) -> None:
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("iter", 0) <= resume_iter:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["iter"]
+        for key, value in record.items():
+            if key != "iter" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_train_line(r: dict) -> str:
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    return (f"iter {r['iter']:>6} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu} | "
+            f"adapters {'on' if r['adapters_active'] else 'off'}")

@@ -1,0 +1,131 @@
+"""Everything a run checks or prepares before the first step, and its small end-of-run extras.
+
+- the output directory: writable, and - when it already holds a run - holding a run of
+  the same model, sparsity and data (else we refuse instead of mixing two runs);
+- the data: prepared once on rank 0 (others wait, then hit the cache), vocabulary size
+  taken from the tokenizer, enough tokens for one sample;
+- the inference artifact writer used at every checkpoint;
+- a short text sample at the end of training.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+
+from ..config import Config, ConfigError
+from .checkpoint import write_text_atomic
+from .distributed import barrier
+
+RUN_CONFIG = "run_config.yaml"
+# sections/keys that must match for a rerun to resume the same run
+IDENTITY_KEYS = ("model", "sparsity", "adapters", "data", "train.seed",
+                 "train.global_batch_size")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, f"{key}.") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _identity(cfg_dict: dict) -> dict:
+    flat = _flatten(cfg_dict)
+    return {k: v for k, v in flat.items() if any(k == i or k.startswith(i + ".")
+                                                 for i in IDENTITY_KEYS)}
+
+
+def check_output_dir(cfg: Config, out: Path, main: bool) -> None:
+    """Refuse an unwritable dir or one holding a different run; record this run's config."""
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"train.output_dir '{out}' is not writable; choose another directory")
+    saved = out / RUN_CONFIG
+    if saved.is_file():
+        old = _identity(yaml.safe_load(saved.read_text()) or {})
+        new = _identity(cfg.to_dict())
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+            raise ConfigError(f"train.output_dir '{out}' holds a different run ({shown}); "
+                              f"use a new train.output_dir or the original settings")
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    barrier()
+
+
+@dataclass
+class RunData:
+    train: Any
+    val: Any
+    tokenizer: Any
+    tokenizer_file: Optional[Path]
+
+
+def prepare_run_data(cfg: Config, main: bool) -> RunData:
+    """Prepare shards (rank 0 first), fix model.vocab_size, open both splits."""
+    from ..data import TokenDataset, load_tokenizer, prepare_data
+
+    if main:
+        info = prepare_data(cfg.data)
+    barrier()
+    if not main:
+        info = prepare_data(cfg.data, log=lambda *a, **k: None)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = -(-info.vocab_size // 64) * 64  # round up: faster GEMMs
+    elif cfg.model.vocab_size < info.vocab_size:
+        raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size} is smaller "
+                          f"than the tokenizer's vocabulary ({info.vocab_size}); unset it or "
+                          f"raise it")
+    seq = cfg.model.seq_len
+    train, val = TokenDataset(info, "train", seq), TokenDataset(info, "val", seq)
+    need = cfg.train.global_batch_size
+    if len(train) < need:
+        raise ConfigError(f"the training split has {len(train)} samples of {seq} tokens, fewer "
+                          f"than one global batch ({need}); use more data or smaller batches")
+    return RunData(train, val, load_tokenizer(info), info.tokenizer_file)
+
+
+def artifact_writer(engine, cfg: Config, data: RunData, main: bool) -> Callable[[Path], None]:
+    """A function that writes the consolidated inference artifact into a checkpoint dir."""
+    from ..inference.artifact import save_artifact
+
+    def write(tag_dir: Path) -> None:
+        if cfg.zero.stage == 3:  # collective: gathers the partitioned weights on rank 0
+            state = engine._zero3_consolidated_16bit_state_dict()
+            if main:
+                extra = {k: v for k, v in engine.module.state_dict().items()
+                         if k.endswith("_extra_state")}
+                state.update(extra)
+        else:
+            state = engine.module.state_dict() if main else None
+        if main:
+            state = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
+            save_artifact(state, replace(cfg), data.tokenizer_file, tag_dir / "slope_model")
+    return write
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, device, prompt: str = "The", new_tokens: int = 40,
+                seed: int = 0) -> str:
+    """A short top-k sample from the trained model (full recompute; demo-sized models)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+    for _ in range(new_tokens):
+        logits = model(ids[:, -model.cfg.seq_len:])[0, -1].float().cpu()
+        top = torch.topk(logits, 40)
+        probs = torch.softmax(top.values / 0.8, dim=-1)
+        nxt = top.indices[torch.multinomial(probs, 1, generator=gen)]
+        ids = torch.cat([ids, nxt.view(1, 1).to(device)], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(ids[0].tolist())
+
