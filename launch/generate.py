@@ -1,0 +1,129 @@
+"""Generate text from a SLoPe checkpoint, printing tokens as they are produced.
+
+    python launch/generate.py --checkpoint runs/demo --prompt "Once upon a time" \
+        --max-new-tokens 64 [--temperature 0.8 --top-p 0.95 --seed 1]
+
+--checkpoint takes an artifact dir, a checkpoint dir holding slope_model/, or a run's
+output_dir (the newest complete checkpoints/iter_*/slope_model/ is used). Several --prompt /
+--prompt-file (one whole file = one prompt) run as one batch; a single prompt streams.
+Temperature 0 (the default) is greedy decoding. Runs the reference sparse backend (see
+docs/INFERENCE.md): correct everywhere, not fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+try:
+    import slope_megatron  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slope_megatron.inference import (ArtifactError, InferenceModel, SamplingConfig,
+                                      find_artifact, generate, load_artifact, load_tokenizer)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="artifact dir, checkpoint dir (with slope_model/) or run output_dir")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+    p.add_argument("--prompt-file", action="append", default=[], type=Path,
+                   help="file whose whole content is one prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--stop-token", type=int, action="append", default=[],
+                   help="token id that ends a sequence (repeatable); the tokenizer's "
+                        "end-of-text token is one unless --no-eos-stop")
+    p.add_argument("--no-eos-stop", action="store_true")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer.json to use instead of the artifact's")
+    return p.parse_args(argv)
+
+
+class Streamer:
+    """Prints the decoded text of one sequence as it grows (whole-text decode, so multi-byte
+    characters split across tokens print once complete)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def __call__(self, index: int, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def _prompts(args, tokenizer) -> tuple[list[str], list[list[int]]]:
+    texts = list(args.prompt)
+    for f in args.prompt_file:
+        if not f.is_file():
+            raise ValueError(f"prompt file '{f}' does not exist")
+        texts.append(f.read_text())
+    if not texts:
+        raise ValueError("give at least one --prompt or --prompt-file")
+    ids = []
+    for text in texts:
+        encoded = list(tokenizer.encode(text))
+        if not encoded and tokenizer.eos_id is not None:
+            encoded = [tokenizer.eos_id]  # empty prompt: start a fresh document
+        ids.append(encoded)
+    return texts, ids
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        artifact = find_artifact(args.checkpoint)
+        config, state, tokenizer_file = load_artifact(artifact)
+        tokenizer_file = args.tokenizer or tokenizer_file
+        if tokenizer_file is None:
+            raise ValueError(f"artifact '{artifact}' has no tokenizer.json; pass --tokenizer FILE")
+        tokenizer = load_tokenizer(tokenizer_file)
+        texts, prompts = _prompts(args, tokenizer)
+        model = InferenceModel(config, state, dtype=args.dtype, device=args.device)
+        del state
+        stops = set(args.stop_token)
+        if tokenizer.eos_id is not None and not args.no_eos_stop:
+            stops.add(tokenizer.eos_id)
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+        print(f"[{artifact}] {config.model.arch}, {len(prompts)} prompt(s), {args.dtype}, "
+              f"{args.device}", file=sys.stderr)
+        streamer = None
+        if len(prompts) == 1:
+            streamer = Streamer(tokenizer)
+            sys.stdout.write(texts[0])
+            sys.stdout.flush()
+        start = time.perf_counter()
+        results = generate(model, prompts, args.max_new_tokens, sampling, stops, streamer)
+        seconds = time.perf_counter() - start
+    except (ArtifactError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if streamer is not None:
+        print()
+    else:
+        for i, (text, r) in enumerate(zip(texts, results)):
+            print(f"=== [{i}] ===\n{text}{tokenizer.decode(r.tokens)}")
+    made = sum(len(r.tokens) for r in results)
+    reasons = ", ".join(r.finish_reason for r in results)
+    print(f"[{made} tokens in {seconds:.2f}s ({made / max(seconds, 1e-9):.1f} tok/s); "
+          f"finished: {reasons}; seed {results[0].seed}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

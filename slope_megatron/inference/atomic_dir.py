@@ -1,0 +1,60 @@
+"""Write a whole directory atomically: fill a hidden temp dir beside it, then rename.
+
+Readers (generation, export, the checkpoint picker) must never see half an artifact. A
+directory rename is atomic on POSIX file systems, so a reader sees either the old directory,
+the new one, or - only if the process dies between the two renames of an overwrite - no
+directory at all (never a mix). Files are fsynced before the rename so a power loss after it
+cannot leave empty files behind a complete-looking name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some file systems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp dir to fill; on success it replaces `out_dir`, on error it is removed."""
+    out_dir = Path(out_dir)
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)  # some writers create private files; artifacts are shared
+            fsync_file(f)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
+            os.rename(out_dir, old / out_dir.name)
+        os.rename(tmp, out_dir)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

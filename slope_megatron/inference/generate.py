@@ -1,0 +1,132 @@
+"""Batched autoregressive generation with a KV cache, stop tokens and a context limit.
+
+Prompts of different lengths are left-padded into one batch; each sequence keeps its own
+positions and its own stopping state, so a prompt generates the same tokens in a batch as
+alone (up to float rounding of the padded batch GEMMs).
+
+Context rules (the model has learned/rotary positions only for model.seq_len tokens):
+- a prompt longer than seq_len is truncated from the left to its last seq_len tokens, with a
+  warning (the start of a long prompt matters least for the next token);
+- a sequence generates at most seq_len - len(prompt) + 1 tokens (the last token generated
+  is never fed back); if that is less than max_new_tokens it stops early with
+  finish_reason 'context' and a warning. There is no sliding window.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from .model import InferenceModel
+from .sampling import SamplingConfig, make_generator, next_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]          # generated tokens, without the stop token
+    finish_reason: str         # 'stop' (a stop token), 'length' (max_new_tokens), 'context'
+    stop_token: Optional[int]  # the stop token that ended it, if any
+    prompt: list[int]          # the prompt actually used (after truncation)
+    truncated: int             # prompt tokens dropped from the left
+    seed: int                  # the sampling seed (reproduces the run)
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, torch.Tensor):
+            p = p.tolist()
+        if isinstance(p, int) or not isinstance(p, (list, tuple)):
+            raise ValueError(f"prompt {i} is {type(p).__name__}, not a list of token ids "
+                             "(pass a list of prompts, e.g. [[1, 2, 3]])")
+        if not p:
+            raise ValueError(f"prompt {i} is empty; generation needs at least one token")
+        bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        out.append(list(p))
+    return out
+
+
+def _check_stop_tokens(stop_tokens: Iterable[int], vocab_size: int) -> set[int]:
+    stops = set(stop_tokens or ())
+    bad = [t for t in stops if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"stop tokens outside [0, {vocab_size}): {bad}")
+    return stops
+
+
+def _truncate(prompts: list[list[int]], seq_len: int) -> list[int]:
+    dropped = []
+    for i, p in enumerate(prompts):
+        extra = max(0, len(p) - seq_len)
+        if extra:
+            warnings.warn(f"prompt {i} has {len(p)} tokens, more than the model's context "
+                          f"({seq_len}); keeping its last {seq_len} tokens", stacklevel=3)
+            prompts[i] = p[extra:]
+        dropped.append(extra)
+    return dropped
+
+
+def generate(model: InferenceModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             sampling: Optional[SamplingConfig] = None, stop_tokens: Iterable[int] = (),
+             on_token: Optional[Callable[[int, int], None]] = None) -> list[GenerationResult]:
+    """Generate for a batch of token-id prompts; `on_token(seq_index, token)` streams."""
+    sampling = sampling or SamplingConfig()
+    sampling.validate()
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    prompts = _check_prompts(prompts, model.vocab_size)
+    stops = _check_stop_tokens(stop_tokens, model.vocab_size)
+    dropped = _truncate(prompts, model.seq_len)
+    budgets = [min(max_new_tokens, model.seq_len - len(p) + 1) for p in prompts]
+    for i, g in enumerate(budgets):
+        if g < max_new_tokens:
+            warnings.warn(f"prompt {i}: only {g} new tokens fit in the model's context "
+                          f"({model.seq_len}); it will stop early", stacklevel=2)
+
+    b, longest, device = len(prompts), max(map(len, prompts)), model.device
+    ids = torch.zeros(b, longest, dtype=torch.long)
+    valid = torch.zeros(b, longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        valid[i, longest - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    cache = model.new_cache(b, longest + max(budgets) - 1)
+    logits = model(ids, positions, cache, valid)[:, -1]
+    last = positions[:, -1]
+    generator, seed = make_generator(sampling.seed, device)
+
+    outputs: list[list[int]] = [[] for _ in range(b)]
+    reasons: list[Optional[str]] = [None] * b
+    stopped_by: list[Optional[int]] = [None] * b
+    for _ in range(max(budgets)):
+        chosen = next_tokens(logits, sampling, generator)
+        for i, tok in enumerate(chosen.tolist()):
+            if reasons[i] is not None:
+                continue
+            if tok in stops:
+                reasons[i], stopped_by[i] = "stop", tok
+                continue
+            outputs[i].append(tok)
+            if on_token is not None:
+                on_token(i, tok)
+            if len(outputs[i]) >= budgets[i]:
+                reasons[i] = "length" if budgets[i] == max_new_tokens else "context"
+        if all(r is not None for r in reasons):
+            break
+        running = torch.tensor([r is None for r in reasons], device=device)
+        last = torch.where(running, last + 1, last)  # finished rows: masked, position frozen
+        logits = model(chosen[:, None], last[:, None], cache, running[:, None])[:, -1]
+    return [GenerationResult(outputs[i], reasons[i], stopped_by[i], prompts[i], dropped[i], seed)
+            for i in range(b)]

@@ -1,0 +1,150 @@
+"""Inference model: the training GPTModel's own modules, driven by a KV-cached forward.
+
+Why reuse GPTModel: one source of truth for the math. The embedding, norms, MLPs, head and
+every linear (dense or SlopeLinear, adapter included) are the training modules themselves;
+only the attention wiring is re-done here, to read and append the KV cache and to take
+per-sequence positions (left-padded batches). Tests pin this to GPTModel.forward.
+
+What is kept in memory, honestly (reference backend, CPU or GPU):
+- sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
+  static (out, in) bool mask; the double-pruned column masks (training only) are dropped;
+- every call still builds a *temporary* dense (out, in) weight with `dense_from_values` and
+  runs a dense GEMM: nothing is cached between calls, and no compute is saved. For bf16 2:4
+  the stored bytes per dense entry are 1 (values) + 1 (bool mask) = the same as dense bf16;
+  the compressed 0.5625x and the sparse-GEMM speed come from the cusparselt backend.
+- active adapters are applied as (x A) B / r by SlopeLinear.forward, never merged.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..model import GPTModel
+from ..sparsity import SlopeLinear, slope_layers
+from .kv_cache import KVCache
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_slope_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Strictly load an artifact state dict (which has no column masks) into `model`.
+
+    Column masks are the only keys allowed to be absent; every SlopeLinear is marked so that
+    its column mask is recomputed from the loaded weights if it is ever used for training.
+    """
+    optional = {f"{name}.column_mask" for name, mod in model.named_modules()
+                if isinstance(mod, SlopeLinear)}
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"the artifact's weights do not fit the model its config describes: "
+                         f"{e}") from None
+    missing = [k for k in missing if k not in optional]
+    if missing or unexpected:
+        raise ValueError(f"the artifact's weights do not fit the model its config describes: "
+                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for layer in slope_layers(model):
+        layer.column_mask_step = -1
+
+
+class InferenceModel(nn.Module):
+    """A frozen GPTModel (reference sparse backend) with a KV-cached, position-aware forward."""
+
+    def __init__(self, config: Config, state_dict: dict, dtype="fp32",
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        cfg = copy.deepcopy(config)
+        cfg.sparsity.backend = "reference"
+        cfg.model.dropout = 0.0
+        with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the RNG
+            model = GPTModel.from_config(cfg)
+        for layer in slope_layers(model):
+            layer.column_mask = torch.zeros(0, dtype=torch.bool)  # training-only, not loaded
+        load_slope_state_dict(model, state_dict)
+        self.dtype = parse_dtype(dtype)
+        model.to(device)
+        for p in model.parameters():  # buffers keep theirs: bool masks, fp32 rotary tables
+            p.requires_grad_(False)
+            p.data = p.data.to(self.dtype)
+        self.model = model.eval()
+        self.config = cfg
+        self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embedding.tokens.weight.device
+
+    def weight_bytes(self) -> dict:
+        """Bytes held per kind: sparse kept values, masks, adapters, everything else."""
+        out = {"sparse_values": 0, "masks": 0, "adapters": 0, "dense": 0}
+        sparse = {id(t): k for layer in slope_layers(self.model)
+                  for k, t in (("sparse_values", layer.weight), ("masks", layer.mask),
+                               ("adapters", layer.adapter_a), ("adapters", layer.adapter_b))
+                  if t is not None}
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            out[sparse.get(id(t), "dense")] += t.numel() * t.element_size()
+        return out
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        c = self.config.model
+        return KVCache(c.num_layers, batch, c.num_heads, c.hidden_size // c.num_heads,
+                       capacity, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the plain training forward (no cache); the reference for tests."""
+        return self.model(input_ids).float()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (batch, t, vocab) in float32 for `t` new tokens appended to `cache`.
+
+        positions: (batch, t) token positions of each sequence; valid: (batch, t) False for
+        left padding (default: all valid).
+        """
+        if int(positions.max()) >= self.seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the model's context "
+                             f"(model.seq_len = {self.seq_len})")
+        if valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        attn_mask = cache.begin(valid)
+        emb = self.model.embedding
+        x = emb.tokens(input_ids)
+        if emb.positions is not None:
+            x = x + emb.positions(positions)
+        for i, block in enumerate(self.model.blocks):
+            x = x + self._attention(block.attn, block.norm1(x), i, positions, cache, attn_mask)
+            x = x + block.mlp(block.norm2(x))
+        cache.end(input_ids.shape[1])
+        return self.model.head(x, emb.tokens.weight).float()
+
+    @staticmethod
+    def _rotate(rotary, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary.forward's rotate-half formula at per-sequence positions."""
+        cos = rotary.cos[positions].unsqueeze(1).to(x.dtype)  # (b, 1, t, head_dim)
+        sin = rotary.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    def _attention(self, attn, x, layer: int, positions, cache: KVCache, attn_mask):
+        b, t, _ = x.shape
+        q, k, v = attn.split_heads(attn.qkv(x))  # (b, heads, t, head_dim) each
+        if attn.rotary is not None:
+            q, k = self._rotate(attn.rotary, q, positions), self._rotate(attn.rotary, k, positions)
+        k_all, v_all = cache.write(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask)
+        return attn.proj(y.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
