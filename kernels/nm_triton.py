@@ -1,0 +1,109 @@
+"""Triton kernels for the memory-bound pieces of the SLoPe linear on a GPU.
+
+Why Triton: both operations are gathers at the 2:4 mask's positions, which torch can only
+express with int64 index tensors (16 bytes of index per 2-byte value) or boolean masked_select
+(a sync and a nonzero pass). Here the positions are packed in one uint8 per group/slot.
+
+- `gather_kept_2to4(dense, codes)`: dW = (dY^T X)[mask] -> (out, in/2), row-major mask order.
+  codes[r, g] = p0 | p1 << 2: the two kept positions (p0 < p1) of group g of row r.
+- `gather_wt_values(weight, codes, out)`: the values block of the compressed double-pruned
+  W^T (in, out/2) gathered from the kept-values parameter (out, in/2).
+  codes[j, s] = 0 for an empty slot, else 1 + p + 4 * r: slot s of row j of W^T holds
+  W[4 * (s // 2) + p, j], which is kept value number r of its row-mask group, i.e.
+  weight[4 * (s // 2) + p, (j // 4) * 2 + r].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gather_kept_kernel(dense_ptr, codes_ptr, out_ptr, n_groups, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    g = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = g < n_groups
+    code = tl.load(codes_ptr + g, mask=ok, other=0).to(tl.int32)
+    p0 = code & 3
+    p1 = code >> 2
+    c4 = tl.arange(0, 4)
+    tile = tl.load(dense_ptr + g[:, None] * 4 + c4[None, :], mask=ok[:, None], other=0.0)
+    v0 = tl.sum(tl.where(c4[None, :] == p0[:, None], tile, 0.0), axis=1)
+    v1 = tl.sum(tl.where(c4[None, :] == p1[:, None], tile, 0.0), axis=1)
+    c2 = tl.arange(0, 2)
+    pair = tl.where(c2[None, :] == 0, v0[:, None], v1[:, None])
+    tl.store(out_ptr + g[:, None] * 2 + c2[None, :], pair.to(out_ptr.dtype.element_ty),
+             mask=ok[:, None])
+
+
+def gather_kept_2to4(dense: torch.Tensor, codes: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Kept entries of a dense (rows, cols) tensor under a 2:4 mask given as group codes."""
+    rows, cols = dense.shape
+    assert dense.is_contiguous() and codes.is_contiguous() and codes.dtype == torch.uint8
+    assert codes.shape == (rows, cols // 4), (codes.shape, dense.shape)
+    if out is None:
+        out = torch.empty(rows, cols // 2, dtype=dense.dtype, device=dense.device)
+    n_groups = rows * cols // 4
+    block = 1024
+    _gather_kept_kernel[(triton.cdiv(n_groups, block),)](dense, codes, out, n_groups,
+                                                         BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _gather_wt_kernel(w_ptr, codes_ptr, out_ptr, n_rows, n_slots, k_w,
+                      BJ: tl.constexpr, BS: tl.constexpr):
+    pj = tl.program_id(0)
+    ps = tl.program_id(1)
+    j = pj * BJ + tl.arange(0, BJ)
+    s = ps * BS + tl.arange(0, BS)
+    ok = (j[:, None] < n_rows) & (s[None, :] < n_slots)
+    off = j[:, None].to(tl.int64) * n_slots + s[None, :]
+    code = tl.load(codes_ptr + off, mask=ok, other=0).to(tl.int32)
+    c = code - 1
+    p = c & 3
+    r = (c >> 2) & 1
+    o = 4 * (s[None, :] // 2) + p
+    src = o.to(tl.int64) * k_w + (j[:, None] // 4) * 2 + r
+    v = tl.load(w_ptr + src, mask=ok & (code > 0), other=0.0)
+    tl.store(out_ptr + off, v, mask=ok)
+
+
+def gather_wt_values(weight: torch.Tensor, codes: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` (in, out_features/2) with W_RC^T's compressed values from `weight` (see module)."""
+    n_rows, n_slots = codes.shape
+    assert weight.is_contiguous() and codes.is_contiguous() and out.is_contiguous()
+    assert codes.dtype == torch.uint8 and out.shape == codes.shape and out.dtype == weight.dtype
+    assert weight.shape == (2 * n_slots, n_rows // 2), (weight.shape, codes.shape)
+    bj, bs = 32, 128
+    grid = (triton.cdiv(n_rows, bj), triton.cdiv(n_slots, bs))
+    _gather_wt_kernel[grid](weight, codes, out, n_rows, n_slots, weight.shape[1],
+                            BJ=bj, BS=bs, num_warps=4)
+    return out
+
+
+def group_codes_2to4(mask: torch.Tensor) -> torch.Tensor:
+    """uint8 (rows, cols/4): p0 | p1 << 2 for each group of a mask with exactly 2 of every 4."""
+    rows, cols = mask.shape
+    g = mask.view(rows, cols // 4, 4)
+    pos = torch.arange(4, device=mask.device, dtype=torch.int16)
+    p0 = torch.where(g, pos, 4).amin(-1)
+    p1 = torch.where(g, pos, -1).amax(-1)
+    return (p0 | (p1 << 2)).to(torch.uint8)
+
+
+def wt_tag_matrix(mask: torch.Tensor, product_mask: torch.Tensor, dtype) -> torch.Tensor:
+    """(in, out) matrix whose entry at each kept position of W_RC^T is 1 + p + 4 r (see module).
+
+    Compressing it gives the metadata of W_RC^T together with, in its values block, the codes
+    that `gather_wt_values` needs: independent of how cuSPARSELt places the empty slots of
+    groups with fewer than two entries.
+    """
+    rows, cols = mask.shape
+    rank = (mask.view(rows, cols // 4, 4).to(torch.int8).cumsum(-1) - 1).view(rows, cols)
+    p = (torch.arange(rows, device=mask.device, dtype=torch.int8) % 4)[:, None]
+    tag = torch.where(product_mask, (1 + p + 4 * rank).to(dtype), torch.zeros((), dtype=dtype,
+                                                                                 device=mask.device))
+    return tag.t().contiguous()

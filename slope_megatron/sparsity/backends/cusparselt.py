@@ -1,0 +1,145 @@
+"""The `cusparselt` backend: SLoPe's three GEMMs on 2:4 sparse tensor cores (issue 9).
+
+Why: PyTorch's built-in 2:4 path rebuilds its cuSPARSELt plan on every call and never searches
+an algorithm, which leaves it slower than dense on Hopper (DESIGN.md section 3). This backend
+uses `kernels/` (a native binding with cached plans and searched algorithms, Triton gathers)
+and keeps the compressed operands in the layer's cache, refreshed by copy/gather after each
+optimizer step instead of compressing.
+
+What it cannot take it hands to the reference backend, logging the reason once per layer
+shape: no CUDA / CPU tensors, sparsity other than 2:4, dtypes other than bfloat16, feature
+sizes not multiples of 32, token counts not multiples of 16, shapes cuSPARSELt rejects.
+Importing this module touches no CUDA: the binding is built on first use.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from ..functional import slope_linear
+from .base import SparseLinearBackend
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.bfloat16,)
+FEATURE_MULTIPLE = 32
+TOKEN_MULTIPLE = 16
+_logged: set = set()
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason() -> str | None:
+    """Why this backend cannot run on this machine, or None if it can (result cached)."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"2:4 sparse tensor cores need compute capability 8.0+, this GPU has {major}.{minor}"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    try:
+        from .cusparselt_runtime import runtime
+        runtime()
+    except Exception as e:  # CusparseltUnavailable, or a build/load error
+        return str(e)
+    return None
+
+
+def static_unsupported_reason(layer) -> str | None:
+    """Reason a layer can never use the kernels (independent of its input), or None."""
+    if (layer.n, layer.m) != (2, 4):
+        return f"sparsity {layer.n}:{layer.m} (cuSPARSELt supports 2:4 only)"
+    if layer.weight.dtype not in SUPPORTED_DTYPES:
+        return (f"dtype {layer.weight.dtype} (the cuSPARSELt path is validated for bfloat16; "
+                "fp16 search crashed in a probe, fp32 has no 2:4 tensor-core path here)")
+    for name, dim in (("in_features", layer.in_features), ("out_features", layer.out_features)):
+        if dim % FEATURE_MULTIPLE:
+            return f"{name}={dim} is not a multiple of {FEATURE_MULTIPLE}"
+    return None
+
+
+def input_unsupported_reason(layer, x: torch.Tensor) -> str | None:
+    """Reason this call cannot use the kernels, or None."""
+    if not (x.is_cuda and layer.weight.is_cuda):
+        return "tensors are not on a CUDA device"
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    reason = static_unsupported_reason(layer)
+    if reason is not None:
+        return reason
+    if x.dtype != layer.weight.dtype:
+        return f"input dtype {x.dtype} differs from weight dtype {layer.weight.dtype}"
+    if layer.bias is not None and layer.bias.dtype != layer.weight.dtype:
+        return f"bias dtype {layer.bias.dtype} differs from weight dtype {layer.weight.dtype}"
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if tokens == 0 or tokens % TOKEN_MULTIPLE:
+        return f"{tokens} tokens is not a positive multiple of {TOKEN_MULTIPLE}"
+    return None
+
+
+def log_fallback(layer, reason: str) -> None:
+    """Log once per (layer shape, reason) that the reference backend runs instead."""
+    key = (layer.out_features, layer.in_features, reason)
+    if key not in _logged:
+        _logged.add(key)
+        log.warning("cusparselt backend: SlopeLinear(out=%d, in=%d) falls back to the reference "
+                    "backend: %s", layer.out_features, layer.in_features, reason)
+
+
+class CusparseltBackend(SparseLinearBackend):
+    """2:4 sparse GEMMs through cuSPARSELt with cached plans and copy/gather refreshes."""
+
+    name = "cusparselt"
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        rc_mask = layer.column_mask_for_backward()  # recomputes (and notifies) when stale
+        reason = input_unsupported_reason(layer, x)
+        if reason is None:
+            reason = self._plans_reason(layer, x)
+        if reason is not None:
+            log_fallback(layer, reason)
+            return slope_linear(x, layer.weight, layer.mask, rc_mask, layer.bias)
+        cache = self.cache(layer)
+        cache.sync_forward(layer)
+        from .cusparselt_function import CsltSlopeLinearFunction
+        return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, cache, layer)
+
+    def cache(self, layer):
+        """The layer's kernel cache, (re)built when missing or made for another shape/device."""
+        cache = layer.__dict__.get("_cslt_cache")
+        if cache is None or not cache.matches(layer):
+            from .cusparselt_cache import LayerKernelCache
+            from .cusparselt_runtime import runtime
+            cache = LayerKernelCache(runtime(), layer)
+            layer.__dict__["_cslt_cache"] = cache
+        return cache
+
+    def _plans_reason(self, layer, x: torch.Tensor) -> str | None:
+        """Create (once) the forward and dX plans for this token count; report a rejection."""
+        from .cusparselt_runtime import runtime
+        plans = runtime().plans
+        tokens = x.numel() // x.shape[-1]
+        dev = x.device.index
+        try:
+            plans.get(layer.out_features, layer.in_features, tokens, x.dtype, dev)
+            plans.get(layer.in_features, layer.out_features, tokens, x.dtype, dev)
+        except RuntimeError as e:
+            return f"cuSPARSELt rejected the shape ({e})"
+        return None
+
+    def after_optimizer_step(self, layer) -> None:
+        cache = layer.__dict__.get("_cslt_cache")
+        if cache is None or not cache.matches(layer):
+            return  # built lazily at the next forward
+        stale = getattr(layer, "_column_mask_is_stale", None)
+        cache.after_step(layer, column_mask_will_change=bool(stale and stale()))
+
+    def on_column_mask_change(self, layer) -> None:
+        cache = layer.__dict__.get("_cslt_cache")
+        if cache is not None:
+            cache.invalidate_wt()

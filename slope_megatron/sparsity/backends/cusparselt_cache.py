@@ -1,0 +1,140 @@
+"""Per-layer kernel state of the cusparselt backend (kept in `layer._cslt_cache`).
+
+Why a cache: cuSPARSELt multiplies only compressed operands, and compressing costs as much as
+a matmul. Because the mask is static, the compressed forward operand W (out x in) never needs
+compressing again: its values block IS the kept-values parameter (row-major mask order), so a
+refresh is one copy. The double-pruned W_RC^T (in x out, 2:4 along `out`) is compressed only
+when its column mask changes; in between, its values block is refreshed by a gather
+(`kernels.nm_triton.gather_wt_values`). Every buffer records the (data_ptr, version) of the
+tensor it was made from, so a re-pointed (ZeRO) or externally modified weight is noticed.
+
+The cache is a plain attribute, not a buffer: state_dict and checkpoints never see it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..functional import dense_from_values
+
+log = logging.getLogger(__name__)
+
+
+def _key(t: torch.Tensor) -> tuple[int, int]:
+    return (t.data_ptr(), t._version)
+
+
+class LayerKernelCache:
+    """Compressed W and W_RC^T of one SlopeLinear plus the codes for its gathers."""
+
+    def __init__(self, rt, layer):
+        from kernels.nm_triton import group_codes_2to4
+        self._group_codes = group_codes_2to4
+        w = layer.weight
+        self.rt = rt
+        self.out, self.inp = layer.out_features, layer.in_features
+        self.dtype, self.device = w.dtype, w.device
+        self.n_val = self.out * self.inp // 2
+        self.row_major = rt.values_row_major(self.device, self.dtype)
+        self.fwd_buf = rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
+        self.wt_buf = self.wt_codes = None
+        self.wt_row_major = self.row_major
+        self.mask_key = self.fwd_key = self.wt_mask_key = self.wt_values_key = None
+        self._build_forward(layer)
+
+    def matches(self, layer) -> bool:
+        w = layer.weight
+        return (w.dtype == self.dtype and w.device == self.device
+                and (layer.out_features, layer.in_features) == (self.out, self.inp))
+
+    def _values(self, buf: torch.Tensor, rows: int) -> torch.Tensor:
+        """The values block of a compressed buffer, as a (rows, cols/2) view."""
+        nbytes = self.n_val * torch.finfo(self.dtype).bits // 8
+        return buf[:nbytes].view(self.dtype).view(rows, -1)
+
+    # ---- forward operand W ------------------------------------------------------------
+    def _build_forward(self, layer) -> None:
+        mask = layer.mask
+        self.rt.ext.compress(mask.to(self.dtype), self.fwd_buf)  # metadata from the pattern
+        self.dw_codes = self._group_codes(mask)
+        self.mask_key = _key(mask)
+        self.wt_mask_key = None  # the W^T metadata depends on the mask too
+        self.refresh_forward(layer)
+
+    def refresh_forward(self, layer) -> None:
+        w = layer.weight.detach()
+        if self.row_major:
+            self._values(self.fwd_buf, self.out).copy_(w.view(self.out, -1))
+        else:
+            self.rt.ext.compress(dense_from_values(w, layer.mask), self.fwd_buf)
+        self.fwd_key = _key(layer.weight)
+
+    def sync_forward(self, layer) -> None:
+        """Make the forward operand match layer.mask and layer.weight (cheap if it does)."""
+        if _key(layer.mask) != self.mask_key:
+            self._build_forward(layer)
+        elif _key(layer.weight) != self.fwd_key:
+            self.refresh_forward(layer)
+
+    # ---- input-gradient operand W_RC^T ---------------------------------------------------
+    def _build_wt(self, layer) -> None:
+        from kernels.nm_triton import wt_tag_matrix
+        rc = layer.column_mask
+        buf = self.wt_buf if self.wt_buf is not None else self.rt.compressed_buffer(
+            self.inp, self.out, self.dtype, self.device)
+        if self.wt_row_major:
+            self.rt.ext.compress(wt_tag_matrix(layer.mask, rc, self.dtype), buf)
+            codes = self._values(buf, self.inp).to(torch.uint8)
+            kept = int((codes != 0).sum())  # one sync per column-mask refresh
+            if kept != int(rc.sum()) or int(codes.max()) > 8:
+                log.warning("cuSPARSELt W^T layout check failed (%d coded slots for %d kept "
+                            "entries): this layer compresses W^T on every refresh", kept,
+                            int(rc.sum()))
+                self.wt_row_major = False
+            else:
+                self.wt_codes = codes
+        self.wt_buf = buf
+        self.wt_mask_key = _key(rc)
+        self.refresh_wt(layer)
+
+    def refresh_wt(self, layer) -> None:
+        w = layer.weight.detach()
+        if self.wt_row_major:
+            from kernels.nm_triton import gather_wt_values
+            gather_wt_values(w, self.wt_codes, self._values(self.wt_buf, self.inp))
+        else:
+            w_rc = dense_from_values(w, layer.mask) * layer.column_mask
+            self.rt.ext.compress(w_rc.t().contiguous(), self.wt_buf)
+        self.wt_values_key = _key(layer.weight)
+
+    def sync_backward(self, layer) -> None:
+        """Make W_RC^T match layer.column_mask and layer.weight."""
+        if self.wt_buf is None or _key(layer.column_mask) != self.wt_mask_key:
+            self._build_wt(layer)
+        elif _key(layer.weight) != self.wt_values_key:
+            self.refresh_wt(layer)
+
+    def invalidate_wt(self) -> None:
+        self.wt_mask_key = None
+
+    def after_step(self, layer, column_mask_will_change: bool) -> None:
+        """Refresh after an optimizer step: copy for W, gather for W^T (skipped when the
+        column mask is about to be recomputed, which rebuilds W^T anyway)."""
+        self.refresh_forward(layer)
+        if self.wt_buf is not None and not column_mask_will_change:
+            self.sync_backward(layer)
+
+    # ---- the three GEMMs ------------------------------------------------------------------
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        """Y (T, out) = X (T, in) @ (W*M)^T."""
+        return self.rt.plans.matmul(self.fwd_buf, self.out, self.inp, x2)
+
+    def grad_input(self, gy2: torch.Tensor) -> torch.Tensor:
+        """dX (T, in) = dY (T, out) @ W_RC."""
+        return self.rt.plans.matmul(self.wt_buf, self.inp, self.out, gy2)
+
+    def grad_weight(self, gy2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """d(kept values) (out, in/2) = (dY^T X) at the mask's positions."""
+        from kernels.nm_triton import gather_kept_2to4
+        return gather_kept_2to4(torch.mm(gy2.t(), x2), self.dw_codes)

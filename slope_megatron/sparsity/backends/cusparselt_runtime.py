@@ -1,0 +1,82 @@
+"""Process-wide state of the cusparselt backend: the native binding, the plan cache and the
+start-up check of the compressed layout.
+
+Why a start-up check: the fast refresh (copy the kept values into the compressed buffer, no
+compress per step) relies on cuSPARSELt storing a 2:4 matrix's values as the kept entries in
+plain row-major order, followed by metadata that depends only on the sparsity pattern. That
+was measured on cuSPARSELt 0.8 (shared/probes/cslt_value_refresh.py) but is undocumented, so
+it is checked once per (device, dtype) and the backend compresses on every refresh instead if
+a library version ever differs.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The loaded binding, the plan cache, and the per-(device, dtype) layout verdicts."""
+
+    def __init__(self, ext, plans):
+        self.ext, self.plans = ext, plans
+        self._layout: dict[tuple[int, torch.dtype], bool] = {}
+
+    def compressed_buffer(self, rows: int, cols: int, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+        from kernels.cslt_plans import dtype_name
+        size, _ = self.ext.compressed_size(rows, cols, dtype_name(dtype), device.index)
+        return torch.empty(size, dtype=torch.uint8, device=device)
+
+    def values_row_major(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """True if compressed values == kept values in row-major order (checked once)."""
+        key = (device.index, dtype)
+        if key not in self._layout:
+            ok, why = self._check_layout(device, dtype)
+            if not ok:
+                log.warning("cuSPARSELt compressed layout differs from the kept-values order "
+                            "(%s): the cusparselt backend will compress on every refresh "
+                            "(slower, still correct)", why)
+            self._layout[key] = ok
+        return self._layout[key]
+
+    def _check_layout(self, device, dtype) -> tuple[bool, str]:
+        rows, cols, tokens = 128, 256, 64
+        gen = torch.Generator(device=device).manual_seed(1234)
+        w = torch.randn(rows, cols, device=device, dtype=dtype, generator=gen)
+        w = torch.where(w == 0, torch.ones_like(w), w)
+        keep = torch.rand(rows, cols // 4, 4, device=device, generator=gen).argsort(-1)[..., :2]
+        mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=device)
+        mask = mask.scatter_(-1, keep, True).view(rows, cols)
+        dense = w * mask
+        n_val = rows * cols // 2
+        by_values = self.compressed_buffer(rows, cols, dtype, device)
+        by_pattern = torch.empty_like(by_values)
+        self.ext.compress(dense, by_values)
+        self.ext.compress(mask.to(dtype), by_pattern)
+        if not torch.equal(by_values[: n_val * dense.element_size()].view(dtype), dense[mask]):
+            return False, "values block is not the kept values in row-major order"
+        meta = slice(n_val * dense.element_size(), None)
+        if not torch.equal(by_values[meta], by_pattern[meta]):
+            return False, "metadata depends on the values, not only on the pattern"
+        by_pattern[: n_val * dense.element_size()].view(dtype).copy_(dense[mask])
+        x = torch.randn(tokens, cols, device=device, dtype=dtype, generator=gen)
+        from kernels.cslt_plans import dtype_name
+        y = self.ext.Plan(rows, cols, tokens, dtype_name(dtype), device.index).matmul(by_pattern, x)
+        ref = x.float() @ dense.float().t()
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            return False, f"a matmul through a value-refreshed buffer has rel. error {err:.2e}"
+        return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def runtime() -> Runtime:
+    """Build/load the binding (first call compiles it) and create the plan cache."""
+    from kernels.cslt_loader import load_extension
+    from kernels.cslt_plans import PlanCache
+    ext = load_extension()
+    return Runtime(ext, PlanCache(ext))
