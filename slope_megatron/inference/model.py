@@ -66,6 +66,7 @@ class InferenceModel(nn.Module):
     def __init__(self, config: Config, state_dict: dict, dtype="fp32",
                  device: torch.device | str = "cpu"):
         super().__init__()
+        self.dtype = parse_dtype(dtype)
         cfg = copy.deepcopy(config)
         cfg.sparsity.backend = "reference"
         cfg.model.dropout = 0.0
@@ -73,8 +74,8 @@ class InferenceModel(nn.Module):
             model = GPTModel.from_config(cfg)
         for layer in slope_layers(model):
             layer.column_mask = torch.zeros(0, dtype=torch.bool)  # training-only, not loaded
-        load_slope_state_dict(model, state_dict)
-        self.dtype = parse_dtype(dtype)
+        load_slope_state_dict(model, {k: v for k, v in state_dict.items()
+                                      if not k.endswith(".column_mask")})
         model.to(device)
         for p in model.parameters():  # buffers keep theirs: bool masks, fp32 rotary tables
             p.requires_grad_(False)
