@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""Benchmarks. `kernels`: SLoPe's sparse linear on a GPU vs dense and vs torch's built-in 2:4.
+
+    python launch/bench.py kernels [--tokens 1024 8192 16384] [--models gpt2-small llama-7b]
+                                   [--json docs/kernels_bench.json]
+
+For every (model, layer shape, T) it times, in one process and with the same random bf16 data:
+  dense   torch matmuls (cuBLAS): forward, dX = dY W, dW = dY^T X, and the autograd step
+  torch   torch.sparse.to_sparse_semi_structured + F.linear (torch's cuSPARSELt path, plan built
+          per call): forward, dX, and a step that re-compresses W and W_RC^T as its refresh
+  ours    the `cusparselt` backend: forward, dX, dW (dense GEMM + Triton gather), the refresh
+          after an optimizer step (copy + gather), and the whole layer step (autograd
+          forward + backward + refresh)
+and checks ours against the reference backend (rel. err < 1e-2) before timing. Also: per-call
+overhead at 128^3, and the lazy adapter's cost at rank 2% for T >= 4096. Times are medians of
+triton.testing.do_bench (CUDA events), inputs rotated so each timed call reads data not in L2.
+Prints a table and writes JSON with the GPU name and torch / cuSPARSELt / triton versions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+# (model, layer, in_features, out_features, bias)
+MODELS = {
+    "gpt2-small": [("qkv", 768, 2304, True), ("attn-out", 768, 768, True),
+                   ("mlp-up", 768, 3072, True), ("mlp-down", 3072, 768, True)],
+    "opt-1.3b": [("qkv", 2048, 6144, True), ("attn-out", 2048, 2048, True),
+                 ("fc1", 2048, 8192, True), ("fc2", 8192, 2048, True)],
+    "opt-2.7b": [("qkv", 2560, 7680, True), ("attn-out", 2560, 2560, True),
+                 ("fc1", 2560, 10240, True), ("fc2", 10240, 2560, True)],
+    "opt-6.7b": [("qkv", 4096, 12288, True), ("attn-out", 4096, 4096, True),
+                 ("fc1", 4096, 16384, True), ("fc2", 16384, 4096, True)],
+    "llama-7b": [("attn-q/k/v/o", 4096, 4096, False), ("mlp-gate/up", 4096, 11008, False),
+                 ("mlp-down", 11008, 4096, False)],
+}
+L2_ROTATE_BYTES = 256 << 20
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+class Rotor:
+    """Cycles through copies of a tensor so that a timed call does not read it from L2."""
+
+    def __init__(self, make, nbytes_each):
+        self.items = [make() for _ in range(max(1, min(8, math.ceil(L2_ROTATE_BYTES /
+                                                                   max(1, nbytes_each)))))]
+        self.i = 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.items[self.i]
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def layer_pair(inn, out, bias, torch):
+    from slope_megatron.sparsity import SlopeLinear
+    kw = dict(bias=bias, device="cuda", dtype=torch.bfloat16, column_mask_refresh=100)
+    fast = SlopeLinear(inn, out, backend="cusparselt", **kw)
+    if bias:
+        with torch.no_grad():
+            fast.bias.normal_()
+    ref = SlopeLinear(inn, out, backend="reference", **kw)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def check(fast, ref, x, gy):
+    """Forward + backward of both backends on the same data: rel. errors per output."""
+    xa, xb = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ya, yb = fast(xa), ref(xb)
+    ya.backward(gy)
+    yb.backward(gy)
+    errs = {"y": rel_err(ya, yb), "dx": rel_err(xa.grad, xb.grad),
+            "dw": rel_err(fast.weight.grad, ref.weight.grad)}
+    if fast.bias is not None:
+        errs["db"] = rel_err(fast.bias.grad, ref.bias.grad)
+    fast.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+    return errs
+
+
+def bench_dense(w, b, xs, gys, torch):
+    import torch.nn.functional as F
+    wp = w.detach().clone().requires_grad_()
+    bp = b.detach().clone().requires_grad_() if b is not None else None
+    xg = [x.detach().clone().requires_grad_() for x in xs.items]
+    it = iter(range(1 << 62))
+
+    def step():
+        i = next(it) % len(xg)
+        wp.grad = None
+        if bp is not None:
+            bp.grad = None
+        xg[i].grad = None
+        F.linear(xg[i], wp, bp).backward(gys.items[i % len(gys.items)])
+
+    return {"fwd": bench_ms(lambda: F.linear(xs(), w, b)),
+            "dx": bench_ms(lambda: torch.mm(gys(), w)),
+            "dw": bench_ms(lambda: torch.mm(gys().t(), xs())),
+            "step": bench_ms(step)}
+
+
+def bench_torch_semi(layer, xs, gys, torch):
+    """torch's built-in 2:4 path (cuSPARSELt with a plan per call), errors caught."""
+    import torch.nn.functional as F
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+    SparseSemiStructuredTensor._FORCE_CUTLASS = False  # CUTLASS refuses sm90
+    try:
+        w = layer.dense_weight().detach()
+        w_rc_t = (w * layer.column_mask).t().contiguous()
+        ws, wts = to_sparse_semi_structured(w), to_sparse_semi_structured(w_rc_t)
+        b = layer.bias.detach() if layer.bias is not None else None
+        err = rel_err(F.linear(xs.items[0], ws, b), F.linear(xs.items[0], w, b))
+        mask = layer.mask
+
+        def step():
+            x, gy = xs(), gys()
+            F.linear(x, ws, b)
+            F.linear(gy, wts)
+            torch.mm(gy.t(), x)[mask]
+            if b is not None:
+                gy.sum(0)
+            to_sparse_semi_structured(w)
+            to_sparse_semi_structured(w_rc_t)
+
+        return {"fwd": bench_ms(lambda: F.linear(xs(), ws, b)),
+                "dx": bench_ms(lambda: F.linear(gys(), wts)),
+                "step": bench_ms(step), "err_fwd": err}
+    except Exception as e:  # report, do not abort the run
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def bench_ours(layer, xs, gys, torch):
+    cache = layer.backend.cache(layer)
+    with torch.no_grad():
+        layer(xs())  # builds/tunes the forward plan
+    xg = [x.detach().clone().requires_grad_() for x in xs.items]
+    it = iter(range(1 << 62))
+    stale = layer._column_mask_is_stale
+
+    def step():
+        i = next(it) % len(xg)
+        layer.weight.grad = None
+        if layer.bias is not None:
+            layer.bias.grad = None
+        xg[i].grad = None
+        layer(xg[i]).backward(gys.items[i % len(gys.items)])
+        cache.after_step(layer, column_mask_will_change=stale())
+
+    step()  # builds W^T, tunes the dX plan
+
+    def fwd():
+        with torch.no_grad():
+            return layer(xs())
+
+    out = {"fwd": bench_ms(fwd),
+           "fwd_kernel": bench_ms(lambda: cache.forward(xs())),
+           "dx": bench_ms(lambda: cache.grad_input(gys())),
+           "dw": bench_ms(lambda: cache.grad_weight(gys(), xs())),
+           "refresh": bench_ms(lambda: cache.after_step(layer, column_mask_will_change=False)),
+           "step": bench_ms(step)}
+
+    def rebuild():
+        cache.invalidate_wt()
+        cache.sync_backward(layer)
+
+    out["wt_recompress"] = bench_ms(rebuild)  # cost when the column mask is refreshed
+    return out
+
+
+def bench_adapter(layer, xs, torch):
+    """Forward with the lazy adapter (rank 2% of in) vs without, through SlopeLinear, and a
+    fused variant: the rank-r product written once and added in the sparse GEMM's epilogue."""
+    rank = max(1, round(0.02 * layer.in_features))
+    cache = layer.backend.cache(layer)
+
+    def fwd():
+        with torch.no_grad():
+            return layer(xs())
+
+    base = bench_ms(fwd)
+    layer.enable_adapter(rank)
+    with torch.no_grad():
+        layer.adapter_b.normal_()
+    plain = bench_ms(fwd)
+    a, bs = layer.adapter_a.detach(), (layer.adapter_b * layer.adapter_scale).detach()
+    plans = layer.backend.cache(layer).rt.plans
+
+    def fused(x=None):
+        x = xs() if x is None else x
+        z = torch.mm(torch.mm(x, a), bs)
+        return plans.matmul(cache.fwd_buf, layer.out_features, layer.in_features, x, z, 1.0)
+
+    x0 = xs.items[0]
+    with torch.no_grad():
+        err = rel_err(fused(x0), layer(x0))
+    fused_ms = bench_ms(fused)
+    layer.adapter_active = False
+    return {"rank": rank, "fwd_no_adapter": base, "fwd_adapter": plain, "fwd_adapter_fused": fused_ms,
+            "overhead_pct": 100 * (plain / base - 1), "overhead_fused_pct": 100 * (fused_ms / base - 1),
+            "fused_err": err}
+
+
+def bench_overhead(torch):
+    """Per-call cost at 128^3, where launch and host overhead dominate."""
+    fast, _ = layer_pair(128, 128, False, torch)
+    x = torch.randn(128, 128, device="cuda", dtype=torch.bfloat16)
+    w = fast.dense_weight().detach()
+    cache = fast.backend.cache(fast)
+    with torch.no_grad():
+        fast(x)
+    ws = None
+    try:
+        from torch.sparse import to_sparse_semi_structured
+        ws = to_sparse_semi_structured(w)
+    except Exception:
+        pass
+    import torch.nn.functional as F
+
+    def layer_fwd():
+        with torch.no_grad():
+            return fast(x)
+
+    res = {"dense_us": 1e3 * bench_ms(lambda: torch.mm(x, w.t())),
+           "ours_kernel_us": 1e3 * bench_ms(lambda: cache.forward(x)),
+           "ours_layer_us": 1e3 * bench_ms(layer_fwd)}
+    if ws is not None:
+        res["torch_semi_us"] = 1e3 * bench_ms(lambda: F.linear(x, ws))
+    return res
+
+
+def run_kernels(args) -> int:
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("bench kernels needs a CUDA GPU")
+        return 2
+    from slope_megatron.sparsity.backends.cusparselt import unavailable_reason
+    t0 = time.time()
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"cusparselt backend unavailable: {reason}")
+        return 2
+    from slope_megatron.sparsity.backends.cusparselt_runtime import runtime
+    rt = runtime()
+    dev = torch.cuda.current_device()
+    meta = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cusparselt": rt.ext.library_version(dev),
+            "triton": triton.__version__, "date": datetime.datetime.utcnow().isoformat() + "Z",
+            "command": " ".join(sys.argv), "build_s": time.time() - t0,
+            "values_row_major": rt.values_row_major(torch.device("cuda", dev), torch.bfloat16)}
+    print(f"# {meta['gpu']} | torch {meta['torch']} | cuSPARSELt {meta['cusparselt']} | "
+          f"triton {meta['triton']} | build+load {meta['build_s']:.1f}s", flush=True)
+    results = {"meta": meta, "overhead_128": bench_overhead(torch), "layers": [], "adapters": []}
+    print("# per-call at 128^3 (us):", {k: round(v, 1) for k, v in results["overhead_128"].items()},
+          flush=True)
+    hdr = (f"{'model':10s} {'layer':13s} {'in':>5s} {'out':>5s} {'T':>5s} | dense ms: {'fwd':>6s} "
+           f"{'dX':>6s} {'dW':>6s} {'step':>6s} | x dense: torch fwd/dX/step | ours fwd/dX/dW/"
+           f"step | refresh%step | max err")
+    print(hdr, flush=True)
+    for model in args.models:
+        for name, inn, out, bias in MODELS[model]:
+            for T in args.tokens:
+                torch.manual_seed(0)
+                fast, ref = layer_pair(inn, out, bias, torch)
+                xs = Rotor(lambda: torch.randn(T, inn, device="cuda", dtype=torch.bfloat16),
+                           2 * T * (inn + out))
+                gys = Rotor(lambda: torch.randn(T, out, device="cuda", dtype=torch.bfloat16),
+                            2 * T * (inn + out))
+                errs = check(fast, ref, xs.items[0], gys.items[0])
+                w = fast.dense_weight().detach()
+                b = fast.bias.detach() if bias else None
+                dense = bench_dense(w, b, xs, gys, torch)
+                semi = bench_torch_semi(fast, xs, gys, torch)
+                ours = bench_ours(fast, xs, gys, torch)
+                row = {"model": model, "layer": name, "in": inn, "out": out, "T": T,
+                       "bias": bias, "err": errs, "dense": dense, "torch_semi": semi,
+                       "ours": ours}
+                results["layers"].append(row)
+                sp = lambda d, k: (dense[k] / d[k]) if k in d else float("nan")
+                print(f"{model:10s} {name:13s} {inn:5d} {out:5d} {T:5d} | {dense['fwd']:6.3f} "
+                      f"{dense['dx']:6.3f} {dense['dw']:6.3f} {dense['step']:6.3f} | "
+                      f"{sp(semi, 'fwd'):4.2f} {sp(semi, 'dx'):4.2f} {sp(semi, 'step'):4.2f} | "
+                      f"{sp(ours, 'fwd'):4.2f} {sp(ours, 'dx'):4.2f} {sp(ours, 'dw'):4.2f} "
+                      f"{sp(ours, 'step'):4.2f} | {100 * ours['refresh'] / dense['step']:5.1f}% | "
+                      f"{max(errs.values()):.1e}", flush=True)
+                if T >= 4096 and args.adapters:
+                    ad = bench_adapter(fast, xs, torch)
+                    ad.update(model=model, layer=name, T=T)
+                    results["adapters"].append(ad)
+                del fast, ref, xs, gys
+                torch.cuda.empty_cache()
+    if results["adapters"]:
+        print("# adapter forward overhead at rank 2% (plain SlopeLinear / fused epilogue):")
+        for ad in results["adapters"]:
+            print(f"#   {ad['model']:10s} {ad['layer']:13s} T={ad['T']:5d} r={ad['rank']:3d}: "
+                  f"{ad['overhead_pct']:5.1f}% / {ad['overhead_fused_pct']:5.1f}%  "
+                  f"(fused err {ad['fused_err']:.1e})")
+    results["plans"] = rt.plans.configs()
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"# wrote {args.json}")
+    bad = [r for r in results["layers"] if not max(r["err"].values()) < 1e-2]
+    if bad:
+        print(f"# CORRECTNESS FAILED for {len(bad)} rows")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    k = sub.add_parser("kernels", help="sparse linear kernels vs dense and torch's 2:4 path")
+    k.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    k.add_argument("--tokens", nargs="+", type=int, default=[1024, 8192, 16384])
+    k.add_argument("--json", default="docs/kernels_bench.json")
+    k.add_argument("--no-adapters", dest="adapters", action="store_false")
+    args = p.parse_args(argv)
+    if args.what == "kernels":
+        return run_kernels(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
