@@ -12,7 +12,7 @@ from slope_megatron.model import GPTModel
 from slope_megatron.sparsity import SlopeLinear, enable_adapters, slope_layers
 from slope_megatron.inference import (ArtifactError, InferenceModel, SamplingConfig,
                                       export_checkpoint, find_artifact, generate, load_artifact,
-                                      save_artifact)
+                                      load_tokenizer, save_artifact)
 from slope_megatron.inference.artifact import pack_mask, unpack_mask
 from slope_megatron.inference.sampling import filter_logits
 
@@ -89,6 +89,32 @@ def test_artifact_copies_tokenizer_and_checksums_it(tmp_path, tokenizer_file):
     _, _, tok = load_artifact(path)
     assert tok == path / "tokenizer.json" and tok.read_bytes() == tokenizer_file.read_bytes()
     assert "tokenizer.json" in json.loads((path / "manifest.json").read_text())["files"]
+
+
+def test_artifact_keeps_hf_tokenizer_directories_and_checks_their_files(tmp_path, tokenizer_file):
+    transformers = pytest.importorskip("transformers")
+    hf_dir = tmp_path / "hf_tokenizer"
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file),
+                                         eos_token="<|endoftext|>").save_pretrained(hf_dir)
+    cfg, model = tiny()
+    path = save_artifact(model.state_dict(), cfg, hf_dir, tmp_path / "art")
+    _, _, tok_path = load_artifact(path)
+    assert tok_path == path / "hf_tokenizer" and tok_path.is_dir()
+    tok = load_tokenizer(tok_path)
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat" and tok.eos_id is not None
+    (path / "hf_tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="hf_tokenizer/tokenizer.json"):
+        load_artifact(path)
+
+
+def test_plain_tokenizer_json_without_eos_still_loads(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(vocab_size=60))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert loaded.eos_id is None and loaded.encode("hello")
 
 
 def test_overwrite_replaces_atomically(tmp_path):

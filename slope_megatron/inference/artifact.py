@@ -13,8 +13,10 @@ and export read only this, never DeepSpeed's optimizer shards and never a pickle
     layers.json        format/version, each sparse layer's shape, n:m, adapter rank and the
                        module extra state (`_extra_state` entries: step counters, adapter switch)
     config.yaml        Config.to_dict() (model shape, sparsity, adapters, ...)
-    tokenizer.json     copy of the tokenizer, when there is one
-    manifest.json      size and sha256 of every other file; written last
+    <tokenizer>        copy of the data pipeline's saved tokenizer, when there is one, under
+                       its own name: tokenizer.json (bpe), gpt2.tiktoken, or hf_tokenizer/
+    manifest.json      size and sha256 of every other file (by relative path) and which file
+                       is the tokenizer, of which kind; written last
 
 The directory is written atomically (temp dir + rename), and `load_artifact` re-checks sizes
 and checksums before it parses anything, so a missing, truncated or corrupt file is reported
@@ -40,8 +42,8 @@ from .atomic_dir import atomic_directory
 
 FORMAT = "slope-megatron-artifact"
 VERSION = 1
-WEIGHTS, LAYERS, CONFIG, TOKENIZER, MANIFEST = (
-    "model.safetensors", "layers.json", "config.yaml", "tokenizer.json", "manifest.json")
+WEIGHTS, LAYERS, CONFIG, MANIFEST = (
+    "model.safetensors", "layers.json", "config.yaml", "manifest.json")
 REQUIRED = (WEIGHTS, LAYERS, CONFIG)
 EXTRA = "._extra_state"
 
@@ -128,11 +130,28 @@ def _split_state_dict(state_dict: dict) -> tuple[dict, dict, dict]:
     return tensors, layers, extra
 
 
+def tokenizer_kind(path: Path) -> str:
+    """The data pipeline's kind of a saved tokenizer: hf (a directory), tiktoken-gpt2, bpe."""
+    path = Path(path)
+    if path.is_dir():
+        return "hf"
+    return "tiktoken-gpt2" if path.suffix == ".tiktoken" else "bpe"
+
+
 def save_artifact(state_dict: dict, config: Config, tokenizer_file: Optional[Path],
                   out_dir: Path) -> Path:
-    """Write the artifact for a full (unsharded) GPTModel state dict to `out_dir`, atomically."""
-    if tokenizer_file is not None and not Path(tokenizer_file).is_file():
-        raise ArtifactError(f"tokenizer file '{tokenizer_file}' does not exist")
+    """Write the artifact for a full (unsharded) GPTModel state dict to `out_dir`, atomically.
+
+    tokenizer_file: the data pipeline's saved tokenizer (DataInfo.tokenizer_file): a
+    tokenizer.json, a gpt2.tiktoken file or an hf_tokenizer/ directory; or None.
+    """
+    if tokenizer_file is not None:
+        tokenizer_file = Path(tokenizer_file)
+        if not tokenizer_file.exists():
+            raise ArtifactError(f"tokenizer file '{tokenizer_file}' does not exist")
+        if tokenizer_file.name in (*REQUIRED, MANIFEST):
+            raise ArtifactError(f"tokenizer file name '{tokenizer_file.name}' clashes with an "
+                                "artifact file; rename it")
     if not isinstance(config, Config):
         raise ArtifactError(f"config must be a slope_megatron Config, got {type(config).__name__}")
     tensors, layers, extra = _split_state_dict(state_dict)
@@ -144,13 +163,17 @@ def save_artifact(state_dict: dict, config: Config, tokenizer_file: Optional[Pat
             {"format": FORMAT, "version": VERSION, "mask_encoding": "packbits-little-rowmajor",
              "dtypes": dtypes, "sparse_layers": layers, "extra_state": extra}, indent=1))
         (tmp / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        tokenizer = None
         if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
-        files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in sorted(tmp.iterdir())}
+            copy = shutil.copytree if tokenizer_file.is_dir() else shutil.copyfile
+            copy(tokenizer_file, tmp / tokenizer_file.name)
+            tokenizer = {"path": tokenizer_file.name, "kind": tokenizer_kind(tokenizer_file)}
+        files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size,
+                                                 "sha256": sha256_file(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(
             {"format": FORMAT, "version": VERSION, "producer": f"slope_megatron {__version__}",
-             "files": files}, indent=1))
+             "tokenizer": tokenizer, "files": files}, indent=1))
     return Path(out_dir)
 
 
@@ -178,6 +201,8 @@ def verify_artifact(path: Path) -> dict:
         if name not in files:
             raise ArtifactError(f"'{mpath}' does not list the required file '{name}'")
     for name, meta in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"'{mpath}' lists a file outside the artifact: {name!r}")
         f = path / name
         if not f.is_file():
             raise ArtifactError(f"artifact file '{f}' is missing")
@@ -187,6 +212,11 @@ def verify_artifact(path: Path) -> dict:
                                 f"{meta['size']} (truncated or partially written)")
         if sha256_file(f) != meta["sha256"]:
             raise ArtifactError(f"artifact file '{f}' fails its sha256 check (corrupt)")
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer and not any(n == tokenizer["path"] or n.startswith(tokenizer["path"] + "/")
+                             for n in files):
+        raise ArtifactError(f"'{mpath}' names tokenizer '{tokenizer['path']}' but lists no such "
+                            "file")
     return manifest
 
 
@@ -198,7 +228,10 @@ def _read_config(path: Path) -> Config:
 
 
 def load_artifact(path: Path) -> tuple[Config, dict, Optional[Path]]:
-    """Verify and read an artifact -> (config, state_dict, tokenizer.json path or None).
+    """Verify and read an artifact -> (config, state_dict, tokenizer path or None).
+
+    The tokenizer path is a file (tokenizer.json, gpt2.tiktoken) or a directory (hf);
+    `inference.tokenizer.load_tokenizer` reads any of them.
 
     The state dict has the GPTModel names and bool masks, and `_extra_state` entries, but no
     `column_mask` entries (see `inference.model.load_slope_state_dict`).
@@ -231,5 +264,5 @@ def load_artifact(path: Path) -> tuple[Config, dict, Optional[Path]]:
     state.update(tensors)
     for prefix, value in extra.items():
         state[prefix + EXTRA] = value
-    tokenizer = path / TOKENIZER if TOKENIZER in manifest["files"] else None
-    return config, state, tokenizer
+    tokenizer = manifest.get("tokenizer")
+    return config, state, None if not tokenizer else path / tokenizer["path"]

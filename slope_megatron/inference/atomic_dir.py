@@ -43,9 +43,10 @@ def atomic_directory(out_dir: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     try:
         yield tmp
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)  # some writers create private files; artifacts are shared
-            fsync_file(f)
+        for f in tmp.rglob("*"):  # some writers create private files; artifacts are shared
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
+            if f.is_file():
+                fsync_file(f)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         old = None
         if out_dir.exists():

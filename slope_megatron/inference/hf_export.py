@@ -15,6 +15,7 @@ Name and layout mapping:
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -25,7 +26,10 @@ from safetensors.torch import save_file
 from ..config import Config, ffn_hidden_size
 from ..sparsity import dense_from_values
 from .atomic_dir import atomic_directory
-from .tokenizer import EOS_NAMES
+from .artifact import tokenizer_kind
+from .tokenizer import EOS_NAMES, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def effective_linear(state: dict, prefix: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -95,16 +99,29 @@ def _llama(config: Config, state: dict) -> tuple[dict, dict]:
     return t, cfg
 
 
-def _eos_name(tokenizer_file: Optional[Path]) -> tuple[Optional[str], Optional[int]]:
-    """The tokenizer's end-of-text token (name, id), if it has one of the usual names."""
-    if tokenizer_file is None:
-        return None, None
+def _eos_name(tokenizer_file: Path) -> Optional[str]:
+    """The end-of-text token's name in a tokenizers JSON file, if it has a usual one."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tokenizer_file))
-    for name in EOS_NAMES:
-        if (i := tok.token_to_id(name)) is not None:
-            return name, i
-    return None, None
+    return next((n for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
+
+
+def _write_tokenizer(tokenizer: Path, out: Path, seq_len: int) -> None:
+    """Tokenizer files transformers' AutoTokenizer reads, for the kinds that have them."""
+    kind = tokenizer_kind(tokenizer)
+    if kind == "bpe":
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": seq_len}
+        if (eos := _eos_name(tokenizer)) is not None:
+            cfg.update({"eos_token": eos, "bos_token": eos})
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    elif kind == "hf":  # already a save_pretrained directory
+        for f in tokenizer.iterdir():
+            if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+                shutil.copyfile(f, out / f.name)
+    else:
+        log.warning("no Hugging Face tokenizer files written: a %s tokenizer has no "
+                    "transformers form here; load it with tiktoken", kind)
 
 
 def export_hf(config: Config, state: dict, out_dir: Path, tokenizer_file: Optional[Path] = None,
@@ -119,7 +136,7 @@ def export_hf(config: Config, state: dict, out_dir: Path, tokenizer_file: Option
     if dtype is None:
         dtype = state["embedding.tokens.weight"].dtype
     tensors = {k: v.detach().to(dtype).contiguous().clone() for k, v in tensors.items()}
-    eos_name, eos_id = _eos_name(tokenizer_file)
+    eos_id = None if tokenizer_file is None else load_tokenizer(tokenizer_file).eos_id
     hf_cfg.update({"tie_word_embeddings": c.tie_embeddings, "bos_token_id": eos_id,
                    "eos_token_id": eos_id, "pad_token_id": None, "use_cache": True,
                    "dtype": str(dtype).replace("torch.", "")})
@@ -127,9 +144,5 @@ def export_hf(config: Config, state: dict, out_dir: Path, tokenizer_file: Option
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-            tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.seq_len}
-            if eos_name is not None:
-                tok_cfg.update({"eos_token": eos_name, "bos_token": eos_name})
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+            _write_tokenizer(Path(tokenizer_file), tmp, c.seq_len)
     return Path(out_dir)
