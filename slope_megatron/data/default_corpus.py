@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import DataError
-from .files import file_lock, make_cache_dir, publish_dir, sha256_file, staging_dir, write_json
+from .files import (file_lock, make_cache_dir, publish_dir, remove_stale_staging, sha256_file,
+                    staging_dir, write_json)
 from .sources import normalise
 
 CORPUS_VERSION = "default-v1"
@@ -160,6 +161,7 @@ def collect_default_corpus(corpus_root: Path, log=print, packages=PACKAGES,
     with file_lock(corpus_root / f".{CORPUS_VERSION}.lock"):
         if verify_default_corpus(final, packages):
             return final
+        remove_stale_staging(final)
         archive_dir = make_cache_dir(corpus_root / "archives")
         with staging_dir(final) as tmp:
             sources, seen, total = [], set(), 0

@@ -70,6 +70,19 @@ def staging_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_staging(final: Path) -> None:
+    """Delete temporary/old siblings of ``final`` left by killed runs.
+
+    Call only while holding ``final``'s lock: then no live run owns any of them.
+    """
+    for pattern in (f".tmp-{final.name}-*", f".old-{final.name}-*"):
+        for p in final.parent.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Atomically move a complete directory into place, replacing an older one if any.
 

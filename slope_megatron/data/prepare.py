@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,9 +23,9 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from .default_corpus import collect_default_corpus, read_manifest
+from .default_corpus import CORPUS_VERSION, collect_default_corpus, read_manifest
 from .errors import DataError
-from .files import (file_lock, make_cache_dir, publish_dir, sha256_bytes,
+from .files import (file_lock, make_cache_dir, publish_dir, remove_stale_staging, sha256_bytes,
                     sha256_file, staging_dir, write_json)
 from .dataset import check_shard_size, data_dir_of, read_meta
 from .shards import choose_val, shard_dtype, split_single_document, write_shards
@@ -73,14 +72,19 @@ def load_tokenizer(info_or_dir) -> Tokenizer:
 # ---- cache identity ---------------------------------------------------------------------
 
 def cache_key(cfg) -> dict:
+    """Everything that changes the tokens; its hash names the cache entry."""
     source = "default" if cfg.path is None else str(Path(cfg.path).expanduser().resolve())
     tok: dict = {"kind": cfg.tokenizer}
     if cfg.tokenizer == "bpe":
         tok["vocab_size"] = cfg.tokenizer_vocab_size
     elif cfg.tokenizer == "tiktoken-gpt2" and cfg.tiktoken_file:
-        tok["file"] = str(Path(cfg.tiktoken_file).expanduser().resolve())
-    return {"format": FORMAT, "source": source, "tokenizer": tok,
-            "val_fraction": cfg.val_fraction}
+        path = Path(cfg.tiktoken_file).expanduser().resolve()
+        tok["file"] = str(path)
+        tok["sha256"] = sha256_file(path) if path.is_file() else None
+    key = {"format": FORMAT, "source": source, "tokenizer": tok, "val_fraction": cfg.val_fraction}
+    if source == "default":
+        key["corpus"] = CORPUS_VERSION
+    return key
 
 
 def cache_name(key: dict) -> str:
@@ -131,12 +135,6 @@ def cache_problem(directory: Path, key: dict, corpus: Optional[TextCorpus],
 
 
 # ---- building ---------------------------------------------------------------------------
-
-def _remove_stale_staging(root: Path, name: str) -> None:
-    """Temporary directories left by killed runs (we hold the lock, so none is live)."""
-    for p in root.glob(f".tmp-{name}-*"):
-        shutil.rmtree(p, ignore_errors=True)
-
 
 def _build(cfg, key: dict, corpus: Optional[TextCorpus], root: Path, out: Path,
            log: Callable, progress: bool) -> None:
@@ -204,7 +202,7 @@ def prepare_data(cfg, log: Callable = print, progress: bool = True,
             return info
         if final.exists():
             log(f"[data] preparing '{final}' again: {problem}")
-        _remove_stale_staging(root, final.name)
+        remove_stale_staging(final)
         with staging_dir(final) as tmp:
             _build(cfg, key, corpus, root, tmp, log, progress)
             publish_dir(tmp, final)

@@ -38,9 +38,9 @@ def decode_utf8(data: bytes, where: str) -> str:
                         "to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it") from None
 
 
-def _read_bytes(path: Path) -> bytes:
+def _open(path: Path):
     try:
-        return path.read_bytes()
+        return open(path, "rb")
     except PermissionError:
         raise DataError(f"cannot read data file '{path}': permission denied; make it readable "
                         "or point data.path elsewhere") from None
@@ -72,30 +72,38 @@ def list_source_files(path: Path) -> list[Path]:
 
 
 def iter_file_documents(path: Path, hasher: Optional["hashlib._Hash"] = None) -> Iterator[str]:
-    """Normalised, non-empty documents of one file; feeds its raw bytes to ``hasher``."""
-    data = _read_bytes(path)
-    if hasher is not None:
-        hasher.update(data)
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        for lineno, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"line {lineno} of '{path}'"
-            try:
-                obj = json.loads(decode_utf8(line, where))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where} is not valid JSON ({e.msg}); each line must be a JSON "
-                                "object with a 'text' string") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f"{where} has no 'text' string field; each line must be a JSON "
-                                "object like {\"text\": \"...\"}")
-            doc = normalise(obj["text"])
+    """Normalised, non-empty documents of one file; feeds its raw bytes to ``hasher``.
+
+    JSONL is streamed line by line, so one huge JSONL file never has to fit in memory.
+    """
+    with _open(path) as f:
+        if path.suffix.lower() in JSONL_SUFFIXES:
+            for lineno, line in enumerate(f, 1):
+                if hasher is not None:
+                    hasher.update(line)
+                if line.strip():
+                    doc = _jsonl_document(line, f"line {lineno} of '{path}'")
+                    if doc:
+                        yield doc
+        else:
+            data = f.read()
+            if hasher is not None:
+                hasher.update(data)
+            doc = normalise(decode_utf8(data, f"data file '{path}'"))
             if doc:
                 yield doc
-    else:
-        doc = normalise(decode_utf8(data, f"data file '{path}'"))
-        if doc:
-            yield doc
+
+
+def _jsonl_document(line: bytes, where: str) -> str:
+    try:
+        obj = json.loads(decode_utf8(line, where))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where} is not valid JSON ({e.msg}); each line must be a JSON "
+                        "object with a 'text' string") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise DataError(f"{where} has no 'text' string field; each line must be a JSON "
+                        "object like {\"text\": \"...\"}")
+    return normalise(obj["text"])
 
 
 @dataclass

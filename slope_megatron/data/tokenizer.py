@@ -192,9 +192,10 @@ class HFTokenizer(Tokenizer):
         try:
             tok = AutoTokenizer.from_pretrained(name_or_dir)
         except Exception as e:
-            raise DataError(f"could not load Hugging Face tokenizer '{name_or_dir}' ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); a model hub must be "
-                            "reachable, or use data.tokenizer=bpe / tiktoken-gpt2") from None
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(f"could not load Hugging Face tokenizer '{name_or_dir}' "
+                            f"({type(e).__name__}: {first}); a model hub must be reachable, or "
+                            "use data.tokenizer=bpe / tiktoken-gpt2") from None
         try:
             size = len(tok.get_vocab())
         except Exception:
@@ -204,7 +205,8 @@ class HFTokenizer(Tokenizer):
                      "tiktoken-gpt2 with a local file")
         if tok.eos_token_id is None:
             raise DataError(f"tokenizer '{self.name}' defines no EOS token, which separates "
-                            "documents in the shards; choose another tokenizer or data.tokenizer=bpe")
+                            "documents in the shards; choose another tokenizer or "
+                            "data.tokenizer=bpe")
         tok.model_max_length = sys.maxsize       # we tokenize whole documents, not model inputs
         self._tok = tok
         self.eos_id = int(tok.eos_token_id)
