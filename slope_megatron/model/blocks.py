@@ -47,9 +47,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, layer_idx: int):
         super().__init__()
         h, bias = cfg.hidden_size, cfg.arch == "gpt"
-        self.num_heads, self.head_dim = cfg.num_heads, h // cfg.num_heads
+        self.num_heads = cfg.num_heads // make_linear.tp_size  # this rank's heads
+        self.head_dim = h // cfg.num_heads
         self.dropout = cfg.dropout
-        self.qkv = make_linear("qkv", h, 3 * h, bias, layer_idx)
+        self.qkv = make_linear("qkv", h, 3 * h, bias, layer_idx, chunks=3)
         self.proj = make_linear("proj", h, h, bias, layer_idx)
         self.rotary = Rotary(self.head_dim, cfg.seq_len, cfg.rope_theta) \
             if cfg.arch == "llama" else None
@@ -78,7 +79,8 @@ class MLP(nn.Module):
         h, ffn, bias = cfg.hidden_size, ffn_hidden_size(cfg), cfg.arch == "gpt"
         self.swiglu = cfg.arch == "llama"
         self.dropout = cfg.dropout
-        self.fc1 = make_linear("fc1", h, 2 * ffn if self.swiglu else ffn, bias, layer_idx)
+        self.fc1 = make_linear("fc1", h, 2 * ffn if self.swiglu else ffn, bias, layer_idx,
+                               chunks=2 if self.swiglu else 1)
         self.fc2 = make_linear("fc2", ffn, h, bias, layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

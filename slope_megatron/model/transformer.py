@@ -18,15 +18,22 @@ from .linear_factory import LinearFactory
 
 
 class Embedding(nn.Module):
-    """Token embedding (+ learned positions for gpt) and embedding dropout."""
+    """Token embedding (vocab-parallel under TP) + learned positions for gpt, and dropout."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, make_linear: LinearFactory):
         super().__init__()
-        self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        nn.init.normal_(self.tokens.weight, 0.0, cfg.init_std)
+        if make_linear.tp_size > 1:
+            from ..parallel.layers import VocabParallelEmbedding
+
+            self.tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std,
+                                                 make_linear.tp_size, make_linear.tp_rank,
+                                                 make_linear.tp_group)
+        else:
+            self.tokens = nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.hidden_size)
+            nn.init.normal_(self.tokens.weight, 0.0, cfg.init_std)
         self.positions = None
         if cfg.arch == "gpt":
-            self.positions = nn.Embedding(cfg.seq_len, cfg.hidden_size)
+            self.positions = nn.utils.skip_init(nn.Embedding, cfg.seq_len, cfg.hidden_size)
             nn.init.normal_(self.positions.weight, 0.0, cfg.init_std / 2)
         self.dropout = cfg.dropout
 
@@ -39,17 +46,23 @@ class Embedding(nn.Module):
 
 class Head(nn.Module):
     """Final norm and LM head (dense by default). With tied embeddings the head holds no
-    weight of its own: it projects with the token embedding passed to forward."""
+    weight of its own: it projects with the token embedding passed to forward. Under TP the
+    logits stay sharded along the vocabulary (the loss is vocab-parallel)."""
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory):
         super().__init__()
         self.norm = make_norm(cfg)
+        self.tp_group = make_linear.tp_group if make_linear.tp_size > 1 else None
         self.lm_head = None if cfg.tie_embeddings else \
             make_linear("lm_head", cfg.hidden_size, cfg.vocab_size, False)
 
     def forward(self, x: torch.Tensor, tied_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.norm(x)
         if self.lm_head is None:
+            if self.tp_group is not None:
+                from ..parallel.mappings import copy_to_tp
+
+                x = copy_to_tp(x, self.tp_group)
             return F.linear(x, tied_weight)
         return self.lm_head(x)
 
@@ -64,25 +77,38 @@ class GPTModel(nn.Module):
     """GPT-2/OPT-style or LLaMA-style decoder; sparse or dense by SparsityConfig."""
 
     def __init__(self, cfg: ModelConfig, sparsity: SparsityConfig,
-                 adapters: Optional[AdaptersConfig] = None):
+                 adapters: Optional[AdaptersConfig] = None, parallel=None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is unset; set it or let the trainer take it "
                              "from the tokenizer")
         self.cfg = cfg
+        tp = dict(tp_size=parallel.tp_size, tp_rank=parallel.tp_rank,
+                  tp_group=parallel.tp_group) if parallel is not None else {}
         make_linear = LinearFactory(sparsity, adapters or AdaptersConfig(enabled=False),
-                                    cfg.init_std, cfg.num_layers)
-        self.embedding = Embedding(cfg)
+                                    cfg.init_std, cfg.num_layers, **tp)
+        self.tp_size = make_linear.tp_size
+        self.vocab_start = make_linear.tp_rank * cfg.vocab_size // make_linear.tp_size
+        self.tp_group = make_linear.tp_group
+        self.embedding = Embedding(cfg, make_linear)
         self.blocks = nn.ModuleList(Block(cfg, make_linear, i) for i in range(cfg.num_layers))
         self.head = Head(cfg, make_linear)
 
     @classmethod
-    def from_config(cls, config: Config) -> "GPTModel":
-        return cls(config.model, config.sparsity, config.adapters)
+    def from_config(cls, config: Config, parallel=None) -> "GPTModel":
+        return cls(config.model, config.sparsity, config.adapters, parallel)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            from ..parallel.layers import vocab_parallel_lm_loss
+
+            return vocab_parallel_lm_loss(logits, targets, self.vocab_start, self.tp_group)
+        return lm_loss(logits, targets)
 
     def forward(self, input_ids: torch.Tensor,
                 targets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (batch, T, vocab), or the mean loss when `targets` are given."""
+        """Logits (batch, T, vocab; this rank's vocab shard under TP), or the mean loss when
+        `targets` are given."""
         if input_ids.shape[1] > self.cfg.seq_len:
             raise ValueError(f"input of {input_ids.shape[1]} tokens exceeds model.seq_len "
                              f"({self.cfg.seq_len})")
@@ -90,7 +116,7 @@ class GPTModel(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.head(x, self.embedding.tokens.weight)
-        return logits if targets is None else lm_loss(logits, targets)
+        return logits if targets is None else self.loss(logits, targets)
 
     # ---- accounting ---------------------------------------------------------------------
     def num_parameters(self, stored: bool = True) -> int:

@@ -130,15 +130,23 @@ class SlopeLinear(nn.Module):
         self.backend.after_optimizer_step(self)
 
     # ---- lazy adapter -----------------------------------------------------------------
-    def create_adapter(self, rank: int) -> None:
-        """Create the (inactive) adapter: A ~ N(0, 1), B = 0, scale 1/rank (as the paper)."""
+    def create_adapter(self, rank: int, a: Optional[torch.Tensor] = None) -> None:
+        """Create the (inactive) adapter: A ~ N(0, 1), B = 0, scale 1/rank (as the paper).
+
+        `a` supplies A's initial value (tensor-parallel layers pass their slice of a full A).
+        """
         if self.adapter_a is not None:
             raise RuntimeError("this SlopeLinear already has an adapter")
         if rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {rank}")
         kw = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.adapter_rank = int(rank)
-        self.adapter_a = nn.Parameter(torch.randn(self.in_features, rank, **kw))
+        if a is None:
+            a = torch.randn(self.in_features, rank, **kw)
+        elif a.shape != (self.in_features, rank):
+            raise ValueError(f"adapter A must have shape {(self.in_features, rank)}, got "
+                             f"{tuple(a.shape)}")
+        self.adapter_a = nn.Parameter(a.to(**kw).clone())
         self.adapter_b = nn.Parameter(torch.zeros(rank, self.out_features, **kw))
 
     def enable_adapter(self, rank: Optional[int] = None) -> None:
