@@ -33,11 +33,15 @@ def sha256_bytes(data: bytes) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if needed) for the with-block."""
+def file_lock(path: Path, shared: bool = False) -> Iterator[None]:
+    """Advisory lock on ``path`` (created if needed) for the with-block.
+
+    Exclusive for writers; ``shared`` for readers, so many ranks can verify a finished
+    cache at once while still waiting for a writer to finish.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(f.fileno(), fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

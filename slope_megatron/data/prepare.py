@@ -194,8 +194,16 @@ def prepare_data(cfg, log: Callable = print, progress: bool = True,
     key = cache_key(cfg)
     final = root / cache_name(key)
     corpus = None if cfg.path is None else TextCorpus(Path(cfg.path).expanduser())
-    with file_lock(root / f".{final.name}.lock"):
+    lock = root / f".{final.name}.lock"
+    with file_lock(lock, shared=True):              # readers verify side by side
         problem = cache_problem(final, key, corpus, verify)
+        if problem is None:
+            info = DataInfo.from_dir(final)
+    if problem is None:
+        log(f"[data] using cached data '{final}' ({info.train_tokens:,} train tokens)")
+        return info
+    with file_lock(lock):                           # one writer; the others wait here
+        problem = cache_problem(final, key, corpus, verify)  # someone may have built it
         if problem is None:
             info = DataInfo.from_dir(final)
             log(f"[data] using cached data '{final}' ({info.train_tokens:,} train tokens)")
