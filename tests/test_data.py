@@ -244,7 +244,7 @@ def test_concurrent_callers_share_one_build(tmp_path):
     results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert results[0] == results[1]
     logs = "".join(outs)
-    assert logs.count("tokenized in") == 1 and "using cached" in logs
+    assert logs.count("prepared in") == 1 and "using cached" in logs
     TokenDataset(results[0][0], "train", 8)
 
 

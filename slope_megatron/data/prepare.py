@@ -171,14 +171,15 @@ def _build(cfg, key: dict, corpus: Optional[TextCorpus], root: Path, out: Path,
     tok_path = tok.save(out)
     splits = write_shards(docs(), is_val, n_docs, tok, out, progress=progress)
     write_json(out / "meta.json", {
-        "format": FORMAT, "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "format": FORMAT, "key": key,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": source, "val_fraction": cfg.val_fraction, "splits": splits,
         "dtype": shard_dtype(tok.vocab_size).name, "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
         "tokenizer": {"kind": tok.kind, "name": tok.name, "file": tok_path.name,
                       "sha256": _tree_sha256(tok_path), "vocab_size": tok.vocab_size,
                       "eos_id": tok.eos_id}})
-    log(f"[data] tokenized in {time.time() - t0:.1f}s: {splits['train']['tokens']:,} train / "
+    log(f"[data] prepared in {time.time() - t0:.1f}s: {splits['train']['tokens']:,} train / "
         f"{splits['val']['tokens']:,} val tokens, vocab {tok.vocab_size}")
 
 
