@@ -302,6 +302,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.parallel.pipeline >= 1, "parallel.pipeline", cfg.parallel.pipeline,
              "must be >= 1")
     _require(cfg.zero.stage in (0, 1, 2, 3), "zero.stage", cfg.zero.stage, "must be 0-3")
+    _validate_layout(cfg)
 
     _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
     _require(0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr, "must be in [0, lr]")
@@ -331,6 +332,29 @@ def validate(cfg: Config) -> None:
     _require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
     _require(t.dtype in ("auto", "bf16", "fp16", "fp32"), "train.dtype", t.dtype,
              "use 'auto', 'bf16', 'fp16' or 'fp32'")
+
+
+def _validate_layout(cfg: Config) -> None:
+    """Tensor/pipeline sizes against the model's shapes (shards must hold whole N:M groups)."""
+    m, tp, pp = cfg.model, cfg.parallel.tensor, cfg.parallel.pipeline
+    group = cfg.sparsity.m if cfg.sparsity.enabled else 1
+    if tp > 1:
+        _require(m.num_heads % tp == 0, "parallel.tensor", tp,
+                 f"must divide model.num_heads ({m.num_heads})")
+        for name, dim in (("model.hidden_size", m.hidden_size), ("ffn size", ffn_hidden_size(m))):
+            _require(dim % tp == 0 and (dim // tp) % group == 0, "parallel.tensor", tp,
+                     f"{name} ({dim}) must split into {tp} shards that are multiples of "
+                     f"sparsity.m ({group})")
+        _require(m.vocab_size is None or m.vocab_size % tp == 0, "parallel.tensor", tp,
+                 f"must divide model.vocab_size ({m.vocab_size})")
+        _require(m.vocab_size is not None or 64 % tp == 0, "parallel.tensor", tp,
+                 "must divide 64 (the vocabulary is padded to a multiple of 64)")
+    if pp > 1:
+        _require(m.num_layers >= pp, "parallel.pipeline", pp,
+                 f"must not exceed model.num_layers ({m.num_layers})")
+        _require(cfg.zero.stage <= 1, "zero.stage", cfg.zero.stage,
+                 "DeepSpeed's pipeline engine supports ZeRO 0 or 1 only; use zero.stage: 1 "
+                 "with parallel.pipeline > 1")
 
 
 def validate_world(cfg: Config, world_size: int) -> int:

@@ -6,6 +6,7 @@ is re-raised in the test.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import socket
@@ -25,7 +26,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         import torch
         torch.set_num_threads(1)
-        queue.put((rank, "ok", fn(*args)))
+        buf = io.BytesIO()  # tensors travel as bytes: shared-memory handles die with us
+        torch.save(fn(*args), buf)
+        queue.put((rank, "ok", buf.getvalue()))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -49,7 +52,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 240.0) -> list:
             rank, status, value = queue.get(timeout=timeout)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
+            import torch
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     finally:
         for p in procs:
             p.join(timeout=10)

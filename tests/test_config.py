@@ -40,6 +40,19 @@ def test_bad_values_are_named(override, match):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("overrides,match", [
+    (["parallel.tensor=3"], "must divide model.num_heads"),
+    (["parallel.tensor=4", "model.hidden_size=40", "model.num_heads=4"],
+     "must split into 4 shards that are multiples of sparsity.m"),
+    (["parallel.tensor=2", "model.vocab_size=101"], "must divide model.vocab_size"),
+    (["parallel.pipeline=2", "zero.stage=2"], "pipeline engine supports ZeRO 0 or 1"),
+    (["parallel.pipeline=3"], "must not exceed model.num_layers"),
+])
+def test_parallel_layout_checks(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
 def test_missing_file_and_bad_override_syntax(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

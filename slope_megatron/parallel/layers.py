@@ -66,7 +66,7 @@ class ColumnParallelLinear(nn.Module):
         if out_features % (chunks * tp) or (out_features // (chunks * tp)) % m:
             raise ValueError(f"column-parallel out_features={out_features} ({chunks} block(s)) "
                              f"cannot be split over TP={tp} in multiples of m={m}")
-        self.group, self.tp = group, tp
+        self.group, self.tp, self.chunks = group, tp, chunks
         full = torch.empty(out_features, in_features)
         init_method(full)
         self.local = _local_module(sparse_kw, in_features, out_features // tp, bias,

@@ -65,9 +65,10 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     return ds
 
 
-def initialize(model, optimizer, cfg: Config, dp_size: int):
+def initialize(model, optimizer, cfg: Config, dp_size: int, mpu=None):
+    """deepspeed.initialize; `mpu` (a ParallelState) makes ZeRO reduce over DP only."""
     import deepspeed
 
     engine, engine_optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size))
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size), mpu=mpu)
     return engine, engine_optimizer

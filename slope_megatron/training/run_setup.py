@@ -23,8 +23,8 @@ from .distributed import barrier
 
 RUN_CONFIG = "run_config.yaml"
 # sections/keys that must match for a rerun to resume the same run
-IDENTITY_KEYS = ("model", "sparsity", "adapters", "data", "train.seed",
-                 "train.global_batch_size")
+IDENTITY_KEYS = ("model", "sparsity", "adapters", "data", "parallel", "train.seed",
+                 "train.global_batch_size")  # a layout change is refused, not converted
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -104,6 +104,10 @@ def artifact_writer(engine, cfg: Config, data: RunData, main: bool) -> Callable[
                 extra = {k: v for k, v in engine.module.state_dict().items()
                          if k.endswith("_extra_state")}
                 state.update(extra)
+        elif cfg.parallel.tensor > 1:  # collective over TP: reassemble the TP = 1 weights
+            from ..parallel.gather import gather_full_state_dict
+
+            state = gather_full_state_dict(engine.module)
         else:
             state = engine.module.state_dict() if main else None
         if main:

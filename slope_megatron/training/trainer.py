@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..config import Config, validate_world
 from ..model import GPTModel
+from ..parallel import initialize_parallel
 from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint
 from .data_order import GlobalBatchOrder
@@ -57,18 +58,22 @@ def evaluate(engine, data: RunData, cfg: Config, dp_rank: int, dp_size: int) -> 
 
 def train(cfg: Config, dist: DistInfo) -> TrainResult:
     dp_size = validate_world(cfg, dist.world_size)
-    dp_rank, main = dist.rank, dist.is_main
+    par = None
+    if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:
+        par = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+    dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
     check_output_dir(cfg, out, main)
     data = prepare_run_data(cfg, main)  # sets cfg.model.vocab_size from the tokenizer
     say = tqdm.write if main else (lambda *_: None)
 
     torch.manual_seed(cfg.train.seed)
-    model = GPTModel.from_config(cfg)
-    engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size)
+    model = GPTModel.from_config(cfg, par)
+    engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size, mpu=par)
     say(f"model: {cfg.model.arch}, {model.num_parameters():,} stored parameters, "
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
-        f", ZeRO-{cfg.zero.stage}, dp={dp_size}, adapters from iter {cfg.adapter_start_iter}")
+        f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
+        f"dp={dp_size}, adapters from iter {cfg.adapter_start_iter}")
 
     ckpt_dir = out / "checkpoints"
     client = checkpoint.load(engine, ckpt_dir, dist.rank) if ckpt_dir.is_dir() else None
