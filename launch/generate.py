@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="rebuild each sparse layer's W*M inside every call instead of holding "
+                        "dense copies while generating (much slower, less memory)")
     p.add_argument("--stop-token", type=int, action="append", default=[],
                    help="token id that ends a sequence (repeatable); the tokenizer's "
                         "end-of-text token is one unless --no-eos-stop")
@@ -94,7 +97,8 @@ def main(argv=None) -> int:
             raise ValueError(f"artifact '{artifact}' has no tokenizer.json; pass --tokenizer FILE")
         tokenizer = load_tokenizer(tokenizer_file)
         texts, prompts = _prompts(args, tokenizer)
-        model = InferenceModel(config, state, dtype=args.dtype, device=args.device)
+        model = InferenceModel(config, state, dtype=args.dtype, device=args.device,
+                               dense_cache=not args.low_memory)
         del state
         stops = set(args.stop_token)
         if tokenizer.eos_id is not None and not args.no_eos_stop:

@@ -203,16 +203,25 @@ def recompute_greedy(model, prompt, steps):
     return ids[len(prompt):]
 
 
+@pytest.mark.parametrize("dense_cache", [True, False])
 @pytest.mark.parametrize("arch,adapters", CASES)
-def test_kv_cache_greedy_equals_full_recompute(tmp_path, arch, adapters):
+def test_kv_cache_greedy_equals_full_recompute(tmp_path, arch, adapters, dense_cache):
     _, model, path = saved(tmp_path, arch, adapters)
     config, state, _ = load_artifact(path)
-    inf = InferenceModel(config, state)
+    inf = InferenceModel(config, state, dense_cache=dense_cache)
     prompt = [5, 17, 3, 88, 41]
     [result] = generate(inf, [prompt], SEQ - len(prompt) + 1)  # fills the whole context
     assert result.tokens == recompute_greedy(model, prompt, SEQ - len(prompt) + 1)
     assert result.finish_reason == "length"
     assert len(set(result.tokens)) > 2  # a degenerate model would make this test vacuous
+    assert not inf._backend._dense  # the per-call dense copies are gone
+
+
+def test_inference_model_forward_matches_training_model_with_grad_enabled(tmp_path):
+    _, model, path = saved(tmp_path, "llama")
+    inf = InferenceModel(*load_artifact(path)[:2])
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    torch.testing.assert_close(inf.model(ids), model(ids), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
@@ -405,7 +414,8 @@ def test_generate_cli_streams_and_reports(tmp_path, tokenizer_file, capsys):
     prompt_file = tmp_path / "p.txt"
     prompt_file.write_text("a dog")
     assert cli.main(["--checkpoint", str(run), "--prompt", "the", "--prompt-file",
-                     str(prompt_file), "--max-new-tokens", "3", "--dtype", "bf16"]) == 0
+                     str(prompt_file), "--max-new-tokens", "3", "--dtype", "bf16",
+                     "--low-memory"]) == 0
     out, _ = capsys.readouterr()
     assert "=== [0] ===\nthe" in out and "=== [1] ===\na dog" in out
     assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "x"]) == 2

@@ -94,6 +94,13 @@ def generate(model: InferenceModel, prompts: Sequence[Sequence[int]], max_new_to
             warnings.warn(f"prompt {i}: only {g} new tokens fit in the model's context "
                           f"({model.seq_len}); it will stop early", stacklevel=2)
 
+    with model.generation_scope():
+        return _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops,
+                       on_token)
+
+
+def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, on_token):
+    """The decoding loop of `generate` (inputs already checked)."""
     b, longest, device = len(prompts), max(map(len, prompts)), model.device
     ids = torch.zeros(b, longest, dtype=torch.long)
     valid = torch.zeros(b, longest, dtype=torch.bool)

@@ -5,17 +5,23 @@ every linear (dense or SlopeLinear, adapter included) are the training modules t
 only the attention wiring is re-done here, to read and append the KV cache and to take
 per-sequence positions (left-padded batches). Tests pin this to GPTModel.forward.
 
-What is kept in memory, honestly (reference backend, CPU or GPU):
+What is kept in memory, honestly (forward-only `InferenceBackend`, CPU or GPU):
 - sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
-  static (out, in) bool mask; the double-pruned column masks (training only) are dropped;
-- every call still builds a *temporary* dense (out, in) weight with `dense_from_values` and
-  runs a dense GEMM: nothing is cached between calls, and no compute is saved. For bf16 2:4
-  the stored bytes per dense entry are 1 (values) + 1 (bool mask) = the same as dense bf16;
-  the compressed 0.5625x and the sparse-GEMM speed come from the cusparselt backend.
+  static (out, in) bool mask; the double-pruned column masks (training only) are dropped.
+  For bf16 2:4 that is 1 (values) + 1 (bool mask) bytes per dense entry: as much as dense
+  bf16. The compressed 0.5625x and sparse-GEMM speed belong to the cusparselt backend.
+- the model never keeps a dense copy. The sparse GEMM is emulated with a dense one on
+  W*M = dense_from_values(values, mask): with `dense_cache=True` (default) W*M of every
+  sparse layer is built once per `generate` call and freed when it returns (peak memory +
+  the dense weights; decoding is GEMM-bound); with False it is rebuilt inside every layer
+  call (peak memory + one layer's dense weight; decoding is ~100x slower on CPU).
 - active adapters are applied as (x A) B / r by SlopeLinear.forward, never merged.
+- construction runs GPTModel's random init once (then overwrites it): it takes as long as
+  building the training model, and transiently allocates its dense init tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Optional
 
@@ -26,6 +32,7 @@ from torch import nn
 from ..config import Config
 from ..model import GPTModel
 from ..sparsity import SlopeLinear, slope_layers
+from .backend import InferenceBackend
 from .kv_cache import KVCache
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +71,7 @@ class InferenceModel(nn.Module):
     """A frozen GPTModel (reference sparse backend) with a KV-cached, position-aware forward."""
 
     def __init__(self, config: Config, state_dict: dict, dtype="fp32",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", dense_cache: bool = True):
         super().__init__()
         self.dtype = parse_dtype(dtype)
         cfg = copy.deepcopy(config)
@@ -72,8 +79,10 @@ class InferenceModel(nn.Module):
         cfg.model.dropout = 0.0
         with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the RNG
             model = GPTModel.from_config(cfg)
+        self._backend = InferenceBackend()
         for layer in slope_layers(model):
             layer.column_mask = torch.zeros(0, dtype=torch.bool)  # training-only, not loaded
+            layer.backend = self._backend  # forward-only: never touches the column mask
         load_slope_state_dict(model, {k: v for k, v in state_dict.items()
                                       if not k.endswith(".column_mask")})
         model.to(device)
@@ -83,6 +92,13 @@ class InferenceModel(nn.Module):
         self.model = model.eval()
         self.config = cfg
         self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
+        self.dense_cache = dense_cache
+
+    def generation_scope(self):
+        """Context for one generation call: holds dense W*M copies if `dense_cache`."""
+        if not self.dense_cache:
+            return contextlib.nullcontext()
+        return self._backend.dense_cache(slope_layers(self.model))
 
     @property
     def device(self) -> torch.device:
