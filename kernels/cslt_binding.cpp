@@ -132,7 +132,11 @@ int64_t library_version(int64_t device) {
 // A matmul plan for one (m, k, n, dtype, device), created once and reused for every call.
 class Plan {
  public:
-  Plan(int64_t m, int64_t k, int64_t n, const std::string& dtype, int64_t device)
+  // alg < 0: cuSPARSELt's default algorithm; else a configuration from an earlier search.
+  // The configuration is applied before the one PlanInit: re-initialising a plan after
+  // changing its algorithm selection crashed cuSPARSELt 0.8 (segfault, seen on an H100).
+  Plan(int64_t m, int64_t k, int64_t n, const std::string& dtype, int64_t device, int64_t alg,
+       int64_t split_k, int64_t split_k_mode, int64_t split_k_buffers)
       : m_(m), k_(k), n_(n), dtype_(parse_dtype(dtype)), device_(device) {
     c10::cuda::CUDAGuard guard(device);
     h_ = handle_for(device);
@@ -144,11 +148,33 @@ class Plan {
                                               CUSPARSE_OPERATION_NON_TRANSPOSE, &a_, &b_, &c_,
                                               &c_, CUSPARSE_COMPUTE_32F));
     CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(h_, &sel_, &mm_, CUSPARSELT_MATMUL_ALG_DEFAULT));
-    init_plan();
+    sel_ready_ = true;
+    if (alg >= 0) {
+      int a = static_cast<int>(alg), sk = static_cast<int>(split_k),
+          skb = static_cast<int>(split_k_buffers);
+      auto mode = static_cast<cusparseLtSplitKMode_t>(split_k_mode);
+      CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h_, &sel_, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &a,
+                                                 sizeof(a)));
+      if (sk > 1) {
+        CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h_, &sel_, CUSPARSELT_MATMUL_SPLIT_K, &sk,
+                                                   sizeof(sk)));
+        CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h_, &sel_, CUSPARSELT_MATMUL_SPLIT_K_MODE,
+                                                   &mode, sizeof(mode)));
+        CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h_, &sel_, CUSPARSELT_MATMUL_SPLIT_K_BUFFERS,
+                                                   &skb, sizeof(skb)));
+      }
+    }
+    CSLT_CHECK(cusparseLtMatmulPlanInit(h_, &plan_, &mm_, &sel_));
+    plan_ready_ = true;
+    CSLT_CHECK(cusparseLtMatmulGetWorkspace(h_, &plan_, &workspace_));
+    max_workspace_ = static_cast<int64_t>(workspace_);
+    size_t size = 0, buf = 0;
+    CSLT_CHECK(cusparseLtSpMMACompressedSize(h_, &plan_, &size, &buf));
+    compressed_bytes_ = static_cast<int64_t>(size);
   }
   ~Plan() {
     if (plan_ready_) cusparseLtMatmulPlanDestroy(&plan_);
-    cusparseLtMatmulAlgSelectionDestroy(&sel_);
+    if (sel_ready_) cusparseLtMatmulAlgSelectionDestroy(&sel_);
     cusparseLtMatDescriptorDestroy(&a_);
     cusparseLtMatDescriptorDestroy(&b_);
     cusparseLtMatDescriptorDestroy(&c_);
@@ -208,43 +234,10 @@ class Plan {
     return {alg, sk, static_cast<int64_t>(mode), skb, max_alg};
   }
 
-  // Apply a stored configuration (from an earlier search) and rebuild the plan.
-  void set_config(int64_t alg, int64_t split_k, int64_t split_k_mode, int64_t split_k_buffers) {
-    c10::cuda::CUDAGuard guard(device_);
-    int a = static_cast<int>(alg), sk = static_cast<int>(split_k),
-        skb = static_cast<int>(split_k_buffers);
-    auto mode = static_cast<cusparseLtSplitKMode_t>(split_k_mode);
-    CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h_, &sel_, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &a,
-                                               sizeof(a)));
-    if (sk > 1) {
-      CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h_, &sel_, CUSPARSELT_MATMUL_SPLIT_K, &sk,
-                                                 sizeof(sk)));
-      CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h_, &sel_, CUSPARSELT_MATMUL_SPLIT_K_MODE, &mode,
-                                                 sizeof(mode)));
-      CSLT_CHECK(cusparseLtMatmulAlgSetAttribute(h_, &sel_, CUSPARSELT_MATMUL_SPLIT_K_BUFFERS,
-                                                 &skb, sizeof(skb)));
-    }
-    init_plan();
-  }
-
   int64_t workspace_size() const { return static_cast<int64_t>(workspace_); }
   std::vector<int64_t> shape() const { return {m_, k_, n_}; }
 
  private:
-  void init_plan() {
-    if (plan_ready_) {
-      CSLT_CHECK(cusparseLtMatmulPlanDestroy(&plan_));
-      plan_ready_ = false;
-    }
-    CSLT_CHECK(cusparseLtMatmulPlanInit(h_, &plan_, &mm_, &sel_));
-    plan_ready_ = true;
-    CSLT_CHECK(cusparseLtMatmulGetWorkspace(h_, &plan_, &workspace_));
-    max_workspace_ = std::max<int64_t>(max_workspace_, static_cast<int64_t>(workspace_));
-    size_t size = 0, buf = 0;
-    CSLT_CHECK(cusparseLtSpMMACompressedSize(h_, &plan_, &size, &buf));
-    compressed_bytes_ = static_cast<int64_t>(size);
-  }
-
   void check_operands(const torch::Tensor& a_comp, const torch::Tensor& b) const {
     check_cuda_tensor(a_comp, "compressed A", device_);
     check_cuda_tensor(b, "B", device_);
@@ -281,7 +274,7 @@ class Plan {
   cusparseLtMatmulDescriptor_t mm_;
   cusparseLtMatmulAlgSelection_t sel_;
   cusparseLtMatmulPlan_t plan_;
-  bool plan_ready_ = false;
+  bool plan_ready_ = false, sel_ready_ = false;
   size_t workspace_ = 0;
   int64_t max_workspace_ = 0;
   int64_t compressed_bytes_ = 0;
@@ -293,12 +286,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("compress", &compress, "compress a dense 2:4 row-major matrix into a uint8 buffer");
   mod.def("library_version", &library_version, "cuSPARSELt version as major*1000+minor*100+patch");
   pybind11::class_<Plan>(mod, "Plan")
-      .def(pybind11::init<int64_t, int64_t, int64_t, const std::string&, int64_t>())
+      .def(pybind11::init<int64_t, int64_t, int64_t, const std::string&, int64_t, int64_t,
+                          int64_t, int64_t, int64_t>(),
+           pybind11::arg("m"), pybind11::arg("k"), pybind11::arg("n"), pybind11::arg("dtype"),
+           pybind11::arg("device"), pybind11::arg("alg") = -1, pybind11::arg("split_k") = 1,
+           pybind11::arg("split_k_mode") = 1, pybind11::arg("split_k_buffers") = 1)
       .def("matmul", &Plan::matmul, pybind11::arg("a_comp"), pybind11::arg("b"),
            pybind11::arg("c") = pybind11::none(), pybind11::arg("beta") = 0.0)
       .def("search", &Plan::search)
       .def("config", &Plan::config)
-      .def("set_config", &Plan::set_config)
       .def("workspace_size", &Plan::workspace_size)
       .def("shape", &Plan::shape);
 }

@@ -86,32 +86,38 @@ class PlanCache:
 
     # ---- plans -----------------------------------------------------------------------
     def get(self, m: int, k: int, n: int, dtype: torch.dtype, device: int) -> CachedPlan:
-        """The plan for D[n, m] = B[n, k] @ A[m, k]^T (A 2:4 sparse); created on first use."""
+        """The plan for D[n, m] = B[n, k] @ A[m, k]^T (A 2:4 sparse); created on first use,
+        with the stored algorithm for this GPU/library/shape if there is one."""
         key = (m, k, n, dtype, device)
         cp = self._plans.get(key)
         if cp is None:
             with self._lock:
                 cp = self._plans.get(key)
                 if cp is None:
-                    plan = self.ext.Plan(m, k, n, dtype_name(dtype), device)
-                    skey = f"{self._key_prefix(device)}|{dtype_name(dtype)}|{m}x{k}x{n}"
-                    cp = self._plans[key] = CachedPlan(plan, skey)
+                    cp = self._plans[key] = self._create(m, k, n, dtype, device)
         return cp
 
+    def _create(self, m, k, n, dtype, device) -> CachedPlan:
+        skey = f"{self._key_prefix(device)}|{dtype_name(dtype)}|{m}x{k}x{n}"
+        stored = self._stored.get(skey)
+        if stored is not None:
+            try:
+                plan = self.ext.Plan(m, k, n, dtype_name(dtype), device, stored["alg"],
+                                     stored["split_k"], stored["split_k_mode"],
+                                     stored["split_k_buffers"])
+                cp = CachedPlan(plan, skey)
+                cp.tuned = True
+                return cp
+            except (RuntimeError, KeyError, TypeError) as e:
+                log.warning("stored cuSPARSELt config for %s rejected (%s); searching again",
+                            skey, e)
+        return CachedPlan(self.ext.Plan(m, k, n, dtype_name(dtype), device), skey)
+
     def tune(self, cp: CachedPlan, a_comp: torch.Tensor, b: torch.Tensor) -> None:
-        """Settle cp's algorithm: stored config if any, else search on these operands."""
+        """Settle cp's algorithm by a search on these operands (once; stored to the file)."""
         if cp.tuned:
             return
         cp.tuned = True
-        stored = self._stored.get(cp.key)
-        if stored is not None:
-            try:
-                cp.plan.set_config(stored["alg"], stored["split_k"], stored["split_k_mode"],
-                                   stored["split_k_buffers"])
-                return
-            except RuntimeError as e:
-                log.warning("stored cuSPARSELt config for %s rejected (%s); searching again",
-                            cp.key, e)
         if not self.search:
             return
         alg, sk, mode, skb, max_alg = cp.plan.search(a_comp, b)

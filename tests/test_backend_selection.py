@@ -92,17 +92,15 @@ class _FakePlan:
     """Stands in for the native Plan: records what the cache asks of it."""
     calls: list = []
 
-    def __init__(self, m, k, n, dtype, device):
-        self.shape, self.cfg = (m, k, n), [0, 1, 1, 0, 10]
+    def __init__(self, m, k, n, dtype, device, alg=-1, split_k=1, split_k_mode=1,
+                 split_k_buffers=1):
+        self.shape, self.cfg = (m, k, n), [alg, split_k, split_k_mode, split_k_buffers, 10]
+        _FakePlan.calls.append(("create", self.shape, alg))
 
     def search(self, a, b):
         _FakePlan.calls.append(("search", self.shape))
         self.cfg = [7, 2, 1, 1, 10]
         return self.cfg
-
-    def set_config(self, alg, sk, mode, skb):
-        _FakePlan.calls.append(("set_config", self.shape, alg))
-        self.cfg = [alg, sk, mode, skb, 10]
 
     def config(self):
         return self.cfg
@@ -130,18 +128,18 @@ def test_plan_cache_searches_once_and_persists(tmp_path, monkeypatch):
     b = torch.empty(8, 64, dtype=torch.bfloat16)
     assert cache.matmul(None, 32, 64, b) == ("mm", (32, 64, 8))
     cache.matmul(None, 32, 64, b)
-    assert _FakePlan.calls == [("search", (32, 64, 8))]
+    assert _FakePlan.calls == [("create", (32, 64, 8), -1), ("search", (32, 64, 8))]
     stored = json.load(open(path))
     assert list(stored) == ["FakeGPU|cusparselt-801|bfloat16|32x64x8"]
     assert stored["FakeGPU|cusparselt-801|bfloat16|32x64x8"]["alg"] == 7
-    # a new process (new cache) reuses the stored algorithm instead of searching
+    # a new process (new cache) builds the plan with the stored algorithm, no search
     _FakePlan.calls = []
     kplans.PlanCache(_FakeExt, path=path).matmul(None, 32, 64, b)
-    assert _FakePlan.calls == [("set_config", (32, 64, 8), 7)]
+    assert _FakePlan.calls == [("create", (32, 64, 8), 7)]
     # search disabled: default algorithm, nothing stored for the new shape
     _FakePlan.calls = []
     kplans.PlanCache(_FakeExt, path=path, search=False).matmul(None, 64, 32, b)
-    assert _FakePlan.calls == [] and len(json.load(open(path))) == 1
+    assert _FakePlan.calls == [("create", (64, 32, 8), -1)] and len(json.load(open(path))) == 1
 
 
 def test_triton_gathers_in_interpreter():

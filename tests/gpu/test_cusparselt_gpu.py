@@ -153,3 +153,50 @@ def test_state_dict_unaffected_and_reload_resyncs():
     ref.load_state_dict(other.state_dict())
     got, want = run_both(fast, ref, (64,), 512)
     assert_match(got, want, "after load_state_dict")
+
+
+@pytest.mark.parametrize("inn,out,rank,bias", [(512, 1024, 10, True), (1024, 512, 16, False)])
+def test_linear_with_adapter_matches_layer_forward(inn, out, rank, bias):
+    """backend.linear_with_adapter (adapter product added in the GEMM epilogue) vs the
+    reference layer with an active adapter: output and gradients of x, W, A and B."""
+    fast, ref = make_pair(inn, out, bias)
+    for layer in (fast, ref):
+        layer.enable_adapter(rank)
+    with torch.no_grad():
+        ref.adapter_a.copy_(fast.adapter_a)
+        fast.adapter_b.normal_()
+        ref.adapter_b.copy_(fast.adapter_b)
+    x = torch.randn(256, inn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = fast.backend.linear_with_adapter(fast, x), ref(xr)
+    dy = torch.randn_like(yr)
+    y.backward(dy)
+    yr.backward(dy)
+    assert_match({"y": y, "dx": x.grad, "dw": fast.weight.grad, "da": fast.adapter_a.grad,
+                  "db_adapter": fast.adapter_b.grad},
+                 {"y": yr, "dx": xr.grad, "dw": ref.weight.grad, "da": ref.adapter_a.grad,
+                  "db_adapter": ref.adapter_b.grad}, "adapter")
+
+
+def test_stored_algorithm_is_reused_by_a_new_cache(tmp_path):
+    """Search once, persist, and a fresh PlanCache builds the plan from the file (this path
+    once segfaulted when the plan was re-initialised after changing its algorithm)."""
+    from kernels.cslt_plans import PlanCache
+    from slope_megatron.sparsity.backends.cusparselt_runtime import runtime
+    from slope_megatron.sparsity.masks import nm_mask
+    rt = runtime()
+    path = str(tmp_path / "algos.json")
+    w = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    w = w * nm_mask(w)
+    buf = rt.compressed_buffer(512, 256, torch.bfloat16, w.device)
+    rt.ext.compress(w, buf)
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    first = PlanCache(rt.ext, path=path, search=True)
+    y1 = first.matmul(buf, 512, 256, x)
+    second = PlanCache(rt.ext, path=path, search=True)
+    y2 = second.matmul(buf, 512, 256, x)
+    cp = second.get(512, 256, 128, torch.bfloat16, x.device.index)
+    assert cp.tuned and cp.plan.config()[0] == first.get(512, 256, 128, torch.bfloat16,
+                                                         x.device.index).plan.config()[0]
+    ref = x.float() @ w.float().t()
+    assert rel_err(y1, ref) < TOL and rel_err(y2, ref) < TOL

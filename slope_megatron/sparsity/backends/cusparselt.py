@@ -107,7 +107,33 @@ class CusparseltBackend(SparseLinearBackend):
         cache = self.cache(layer)
         cache.sync_forward(layer)
         from .cusparselt_function import CsltSlopeLinearFunction
-        return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, cache, layer)
+        return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache, layer)
+
+    def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """Sparse part + the active adapter's (X A)(B / r), i.e. SlopeLinear.forward's result.
+
+        The rank-r product is computed with the rank padded to a multiple of 8 (cuBLAS runs
+        unaligned leading dimensions such as r = 82 on slow kernels) and added in the sparse
+        GEMM's epilogue instead of by separate passes over Y.
+        """
+        a, b, scale = layer.adapter_a, layer.adapter_b, layer.adapter_scale
+        rc_mask = layer.column_mask_for_backward()
+        reason = input_unsupported_reason(layer, x)
+        if reason is None:
+            reason = self._plans_reason(layer, x)
+        if reason is not None:
+            log_fallback(layer, reason)
+            y = slope_linear(x, layer.weight, layer.mask, rc_mask, layer.bias)
+            return y + (x @ a) @ b * scale
+        pad = -a.shape[1] % 8
+        if pad:
+            a = torch.nn.functional.pad(a, (0, pad))
+            b = torch.nn.functional.pad(b, (0, 0, 0, pad))
+        addend = (x @ a) @ (b * scale)
+        cache = self.cache(layer)
+        cache.sync_forward(layer)
+        from .cusparselt_function import CsltSlopeLinearFunction
+        return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, addend, cache, layer)
 
     def cache(self, layer):
         """The layer's kernel cache, (re)built when missing or made for another shape/device."""

@@ -119,16 +119,20 @@ class LayerKernelCache:
         self.wt_mask_key = None
 
     def after_step(self, layer, column_mask_will_change: bool) -> None:
-        """Refresh after an optimizer step: copy for W, gather for W^T (skipped when the
-        column mask is about to be recomputed, which rebuilds W^T anyway)."""
+        """Refresh after an optimizer step (the weights changed): copy for W, gather for W^T
+        (skipped when the column mask is about to be recomputed, which rebuilds W^T anyway)."""
         self.refresh_forward(layer)
         if self.wt_buf is not None and not column_mask_will_change:
-            self.sync_backward(layer)
+            if _key(layer.column_mask) != self.wt_mask_key:
+                self._build_wt(layer)
+            else:
+                self.refresh_wt(layer)
 
     # ---- the three GEMMs ------------------------------------------------------------------
-    def forward(self, x2: torch.Tensor) -> torch.Tensor:
-        """Y (T, out) = X (T, in) @ (W*M)^T."""
-        return self.rt.plans.matmul(self.fwd_buf, self.out, self.inp, x2)
+    def forward(self, x2: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
+        """Y (T, out) = X (T, in) @ (W*M)^T (+ addend (T, out), added in the GEMM epilogue)."""
+        return self.rt.plans.matmul(self.fwd_buf, self.out, self.inp, x2, addend,
+                                    0.0 if addend is None else 1.0)
 
     def grad_input(self, gy2: torch.Tensor) -> torch.Tensor:
         """dX (T, in) = dY (T, out) @ W_RC."""
