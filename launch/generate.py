@@ -6,8 +6,8 @@
 --checkpoint takes an artifact dir, a checkpoint dir holding slope_model/, or a run's
 output_dir (the newest complete checkpoints/iter_*/slope_model/ is used). Several --prompt /
 --prompt-file (one whole file = one prompt) run as one batch; a single prompt streams.
-Temperature 0 (the default) is greedy decoding. Runs the reference sparse backend (see
-docs/INFERENCE.md): correct everywhere, not fast.
+Temperature 0 (the default) is greedy decoding. The sparse layers run the reference math
+(a dense GEMM on W*M, see docs/INFERENCE.md): correct everywhere, not sparse-kernel fast.
 """
 from __future__ import annotations
 

@@ -441,3 +441,19 @@ def test_export_cli(tmp_path, tokenizer_file, capsys):
     assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "x"),
                      "--dtype", "bf16"]) == 2
     assert "--format hf only" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_cuda_generation_matches_cpu(tmp_path, arch):
+    _, _, path = saved(tmp_path, arch)
+    config, state, _ = load_artifact(path)
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    cpu = generate(InferenceModel(config, state), prompts, 8)
+    gpu_model = InferenceModel(config, state, device="cuda")
+    assert [r.tokens for r in generate(gpu_model, prompts, 8)] == [r.tokens for r in cpu]
+    hot = SamplingConfig(temperature=1.0, top_p=0.9, seed=3)
+    assert [r.tokens for r in generate(gpu_model, prompts, 8, hot)] == \
+        [r.tokens for r in generate(gpu_model, prompts, 8, hot)]
+    [r] = generate(InferenceModel(config, state, dtype="bf16", device="cuda"), [[1, 2]], 6)
+    assert len(r.tokens) == 6

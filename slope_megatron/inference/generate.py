@@ -110,7 +110,7 @@ def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, o
     ids, valid = ids.to(device), valid.to(device)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     cache = model.new_cache(b, longest + max(budgets) - 1)
-    logits = model(ids, positions, cache, valid)[:, -1]
+    logits = model(ids, positions, cache, valid, last_only=True)[:, -1]
     last = positions[:, -1]
     generator, seed = make_generator(sampling.seed, device)
 

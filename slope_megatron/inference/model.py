@@ -127,11 +127,12 @@ class InferenceModel(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+                valid: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """Logits (batch, t, vocab) in float32 for `t` new tokens appended to `cache`.
 
         positions: (batch, t) token positions of each sequence; valid: (batch, t) False for
-        left padding (default: all valid).
+        left padding (default: all valid); last_only: logits of the last token only
+        (batch, 1, vocab), which spares a prompt-long LM-head GEMM when prefilling.
         """
         if int(positions.max()) >= self.seq_len:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context "
@@ -147,6 +148,8 @@ class InferenceModel(nn.Module):
             x = x + self._attention(block.attn, block.norm1(x), i, positions, cache, attn_mask)
             x = x + block.mlp(block.norm2(x))
         cache.end(input_ids.shape[1])
+        if last_only:
+            x = x[:, -1:]
         return self.model.head(x, emb.tokens.weight).float()
 
     @staticmethod
