@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.format, args.dtype)
-    except (ArtifactError, ValueError) as e:
+    except (ArtifactError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.format} export to {out}")

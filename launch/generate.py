@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         results = generate(model, prompts, args.max_new_tokens, sampling, stops, streamer)
         seconds = time.perf_counter() - start
-    except (ArtifactError, ValueError) as e:
+    except (ArtifactError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if streamer is not None:

@@ -127,6 +127,24 @@ def test_overwrite_replaces_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
+def test_never_replaces_a_directory_that_is_not_an_earlier_output(tmp_path):
+    cfg, model = tiny()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(FileExistsError, match="not an earlier SLoPe artifact"):
+        save_artifact(model.state_dict(), cfg, None, precious)
+    path = save_artifact(model.state_dict(), cfg, None, tmp_path / "art")
+    with pytest.raises(FileExistsError, match="not an earlier Hugging Face export"):
+        export_checkpoint(path, precious, "hf")
+    with pytest.raises(FileExistsError, match="not an earlier SLoPe artifact"):
+        export_checkpoint(path, precious, "slope")
+    assert [p.name for p in precious.iterdir()] == ["thesis.txt"]
+    (tmp_path / "empty").mkdir()
+    export_checkpoint(path, tmp_path / "empty", "hf")
+    export_checkpoint(path, tmp_path / "empty", "hf")  # an earlier export is replaced
+
+
 def _flip_byte(path, offset):
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
@@ -441,6 +459,9 @@ def test_export_cli(tmp_path, tokenizer_file, capsys):
     assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "x"),
                      "--dtype", "bf16"]) == 2
     assert "--format hf only" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "s"),
+                     "--format", "hf"]) == 2  # an artifact is not an earlier HF export
+    assert "refusing to replace" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

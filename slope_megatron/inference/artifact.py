@@ -138,6 +138,14 @@ def tokenizer_kind(path: Path) -> str:
     return "tiktoken-gpt2" if path.suffix == ".tiktoken" else "bpe"
 
 
+def is_artifact(path: Path) -> bool:
+    """Whether `path` holds a (complete) artifact of this format, checksums not verified."""
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def save_artifact(state_dict: dict, config: Config, tokenizer_file: Optional[Path],
                   out_dir: Path) -> Path:
     """Write the artifact for a full (unsharded) GPTModel state dict to `out_dir`, atomically.
@@ -157,7 +165,7 @@ def save_artifact(state_dict: dict, config: Config, tokenizer_file: Optional[Pat
     tensors, layers, extra = _split_state_dict(state_dict)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for k, t in tensors.items()
                      if t.is_floating_point()})
-    with atomic_directory(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir), is_artifact, "SLoPe artifact") as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": FORMAT})
         (tmp / LAYERS).write_text(json.dumps(
             {"format": FORMAT, "version": VERSION, "mask_encoding": "packbits-little-rowmajor",

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def fsync_file(path: Path) -> None:
@@ -34,10 +34,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_replaceable(out_dir: Path, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse to replace anything but an empty dir or an earlier output of ours (`ours`):
+    a mistyped --out must never delete a user's directory."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"'{out_dir}' exists and is not a directory")
+    if any(out_dir.iterdir()) and not ours(out_dir):
+        raise FileExistsError(f"'{out_dir}' exists and is not an earlier {what}; refusing to "
+                              "replace it (remove it or choose another output path)")
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temp dir to fill; on success it replaces `out_dir`, on error it is removed."""
+def atomic_directory(out_dir: Path, ours: Callable[[Path], bool], what: str) -> Iterator[Path]:
+    """Yield a temp dir to fill; on success it replaces `out_dir`, on error it is removed.
+
+    An existing `out_dir` is replaced only if it is empty or `ours(out_dir)` says it is an
+    earlier output of the same kind (`what` names that kind in the error).
+    """
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, ours, what)
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))

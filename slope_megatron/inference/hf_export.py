@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from .. import __version__
 from ..config import Config, ffn_hidden_size
 from ..sparsity import dense_from_values
 from .atomic_dir import atomic_directory
@@ -30,6 +31,13 @@ from .artifact import tokenizer_kind
 from .tokenizer import EOS_NAMES, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+
+MARKER = "slope_export.json"  # marks a directory written by export_hf (safe to replace)
+
+
+def _is_hf_export(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
 
 
 def effective_linear(state: dict, prefix: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -140,9 +148,11 @@ def export_hf(config: Config, state: dict, out_dir: Path, tokenizer_file: Option
     hf_cfg.update({"tie_word_embeddings": c.tie_embeddings, "bos_token_id": eos_id,
                    "eos_token_id": eos_id, "pad_token_id": None, "use_cache": True,
                    "dtype": str(dtype).replace("torch.", "")})
-    with atomic_directory(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir), _is_hf_export, "Hugging Face export") as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        (tmp / MARKER).write_text(json.dumps({"producer": f"slope_megatron {__version__}",
+                                              "arch": c.arch, "merged_adapters": True}))
         if tokenizer_file is not None:
             _write_tokenizer(Path(tokenizer_file), tmp, c.seq_len)
     return Path(out_dir)
