@@ -2,14 +2,13 @@
 stop tokens, context limits, HF export logits, the CLIs, and clear errors on bad input."""
 import json
 import os
-import warnings
 
 import pytest
 import torch
 
 from slope_megatron.config import load_config
 from slope_megatron.model import GPTModel
-from slope_megatron.sparsity import SlopeLinear, enable_adapters, slope_layers
+from slope_megatron.sparsity import enable_adapters, slope_layers
 from slope_megatron.inference import (ArtifactError, InferenceModel, SamplingConfig,
                                       export_checkpoint, find_artifact, generate, load_artifact,
                                       load_tokenizer, save_artifact)
