@@ -461,6 +461,10 @@ def test_export_cli(tmp_path, tokenizer_file, capsys):
     assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "s"),
                      "--format", "hf"]) == 2  # an artifact is not an earlier HF export
     assert "refusing to replace" in capsys.readouterr().err
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "h", local_files_only=True)
+    assert hf_tok.decode(hf_tok.encode("the cat")) == "the cat"
+    assert hf_tok.eos_token == "<|endoftext|>"
 
 
 @pytest.mark.gpu
