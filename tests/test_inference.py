@@ -184,6 +184,9 @@ def test_save_refuses_state_without_extra_state_or_with_broken_mask(tmp_path):
     broken["blocks.1.mlp.fc1.mask"] = torch.ones_like(state["blocks.1.mlp.fc1.mask"])
     with pytest.raises(ArtifactError, match="blocks.1.mlp.fc1"):
         save_artifact(broken, cfg, None, tmp_path / "b")
+    no_mask = {k: v for k, v in state.items() if k != "blocks.1.attn.proj.mask"}
+    with pytest.raises(ArtifactError, match="no 'blocks.1.attn.proj.mask'"):
+        save_artifact(no_mask, cfg, None, tmp_path / "d")
     with pytest.raises(ArtifactError, match="tokenizer file"):
         save_artifact(state, cfg, tmp_path / "nope.json", tmp_path / "c")
     assert list(tmp_path.iterdir()) == []  # nothing half-written

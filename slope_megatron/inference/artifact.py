@@ -96,6 +96,10 @@ def _split_state_dict(state_dict: dict) -> tuple[dict, dict, dict]:
     """-> (tensors for safetensors, sparse layer records, extra states)."""
     extra = {k[: -len(EXTRA)]: v for k, v in state_dict.items() if k.endswith(EXTRA)}
     masks = [k[: -len(".mask")] for k in state_dict if k.endswith(".mask")]
+    for prefix, state in extra.items():  # a SlopeLinear's extra state names its n:m
+        if isinstance(state, dict) and {"n", "m"} <= state.keys() and prefix not in masks:
+            raise ArtifactError(f"state_dict has '{prefix}{EXTRA}' of a sparse layer but no "
+                                f"'{prefix}.mask' (did gathering the state dict drop buffers?)")
     tensors, layers = {}, {}
     for prefix in masks:
         if prefix + ".weight" not in state_dict:
