@@ -136,8 +136,8 @@ class Plan {
   // The configuration is applied before the one PlanInit: re-initialising a plan after
   // changing its algorithm selection crashed cuSPARSELt 0.8 (segfault, seen on an H100).
   Plan(int64_t m, int64_t k, int64_t n, const std::string& dtype, int64_t device, int64_t alg,
-       int64_t split_k, int64_t split_k_mode, int64_t split_k_buffers)
-      : m_(m), k_(k), n_(n), dtype_(parse_dtype(dtype)), device_(device) {
+       int64_t split_k, int64_t split_k_mode, int64_t split_k_buffers, bool with_bias)
+      : m_(m), k_(k), n_(n), dtype_(parse_dtype(dtype)), device_(device), with_bias_(with_bias) {
     c10::cuda::CUDAGuard guard(device);
     h_ = handle_for(device);
     auto t = cuda_type(dtype_);
@@ -147,6 +147,12 @@ class Plan {
     CSLT_CHECK(cusparseLtMatmulDescriptorInit(h_, &mm_, CUSPARSE_OPERATION_NON_TRANSPOSE,
                                               CUSPARSE_OPERATION_NON_TRANSPOSE, &a_, &b_, &c_,
                                               &c_, CUSPARSE_COMPUTE_32F));
+    if (with_bias_) {
+      // A bias epilogue (one value per row of D = per output feature). The pointer is set
+      // again before every call; this zero vector only stands in for plan creation/search.
+      zero_bias_ = torch::zeros({m}, torch::dtype(dtype_).device(torch::kCUDA, device));
+      set_bias(zero_bias_.data_ptr());
+    }
     CSLT_CHECK(cusparseLtMatmulAlgSelectionInit(h_, &sel_, &mm_, CUSPARSELT_MATMUL_ALG_DEFAULT));
     sel_ready_ = true;
     if (alg >= 0) {
@@ -184,8 +190,17 @@ class Plan {
 
   // D = B @ A^T (+ beta * C). a_comp: compressed A; b: (n, k); c: optional (n, m).
   torch::Tensor matmul(torch::Tensor a_comp, torch::Tensor b, c10::optional<torch::Tensor> c,
-                       double beta) {
+                       double beta, c10::optional<torch::Tensor> bias) {
     check_operands(a_comp, b);
+    if (bias.has_value()) {
+      TORCH_CHECK(with_bias_, "this plan was created without a bias epilogue");
+      check_cuda_tensor(*bias, "bias", device_);
+      TORCH_CHECK(bias->numel() == m_ && bias->scalar_type() == dtype_, "bias must have ", m_,
+                  " elements of the plan's dtype");
+      set_bias(bias->data_ptr());
+    } else if (with_bias_) {
+      set_bias(zero_bias_.data_ptr());
+    }
     auto d = torch::empty({n_, m_}, b.options());
     const void* cptr = d.data_ptr();
     float fbeta = 0.f;
@@ -238,6 +253,11 @@ class Plan {
   std::vector<int64_t> shape() const { return {m_, k_, n_}; }
 
  private:
+  void set_bias(void* ptr) {
+    CSLT_CHECK(cusparseLtMatmulDescSetAttribute(h_, &mm_, CUSPARSELT_MATMUL_BIAS_POINTER, &ptr,
+                                                sizeof(ptr)));
+  }
+
   void check_operands(const torch::Tensor& a_comp, const torch::Tensor& b) const {
     check_cuda_tensor(a_comp, "compressed A", device_);
     check_cuda_tensor(b, "B", device_);
@@ -269,6 +289,8 @@ class Plan {
   int64_t m_, k_, n_;
   at::ScalarType dtype_;
   int64_t device_;
+  bool with_bias_ = false;
+  torch::Tensor zero_bias_;
   cusparseLtHandle_t* h_ = nullptr;
   cusparseLtMatDescriptor_t a_, b_, c_;
   cusparseLtMatmulDescriptor_t mm_;
@@ -287,12 +309,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("library_version", &library_version, "cuSPARSELt version as major*1000+minor*100+patch");
   pybind11::class_<Plan>(mod, "Plan")
       .def(pybind11::init<int64_t, int64_t, int64_t, const std::string&, int64_t, int64_t,
-                          int64_t, int64_t, int64_t>(),
+                          int64_t, int64_t, int64_t, bool>(),
            pybind11::arg("m"), pybind11::arg("k"), pybind11::arg("n"), pybind11::arg("dtype"),
            pybind11::arg("device"), pybind11::arg("alg") = -1, pybind11::arg("split_k") = 1,
-           pybind11::arg("split_k_mode") = 1, pybind11::arg("split_k_buffers") = 1)
+           pybind11::arg("split_k_mode") = 1, pybind11::arg("split_k_buffers") = 1,
+           pybind11::arg("with_bias") = false)
       .def("matmul", &Plan::matmul, pybind11::arg("a_comp"), pybind11::arg("b"),
-           pybind11::arg("c") = pybind11::none(), pybind11::arg("beta") = 0.0)
+           pybind11::arg("c") = pybind11::none(), pybind11::arg("beta") = 0.0,
+           pybind11::arg("bias") = pybind11::none())
       .def("search", &Plan::search)
       .def("config", &Plan::config)
       .def("workspace_size", &Plan::workspace_size)

@@ -85,33 +85,36 @@ class PlanCache:
         return self._prefix[device]
 
     # ---- plans -----------------------------------------------------------------------
-    def get(self, m: int, k: int, n: int, dtype: torch.dtype, device: int) -> CachedPlan:
-        """The plan for D[n, m] = B[n, k] @ A[m, k]^T (A 2:4 sparse); created on first use,
-        with the stored algorithm for this GPU/library/shape if there is one."""
-        key = (m, k, n, dtype, device)
+    def get(self, m: int, k: int, n: int, dtype: torch.dtype, device: int,
+            bias: bool = False) -> CachedPlan:
+        """The plan for D[n, m] = B[n, k] @ A[m, k]^T (+ bias per row of A; A 2:4 sparse);
+        created on first use, with the stored algorithm for this GPU/library/shape if any."""
+        key = (m, k, n, dtype, device, bias)
         cp = self._plans.get(key)
         if cp is None:
             with self._lock:
                 cp = self._plans.get(key)
                 if cp is None:
-                    cp = self._plans[key] = self._create(m, k, n, dtype, device)
+                    cp = self._plans[key] = self._create(m, k, n, dtype, device, bias)
         return cp
 
-    def _create(self, m, k, n, dtype, device) -> CachedPlan:
+    def _create(self, m, k, n, dtype, device, bias) -> CachedPlan:
         skey = f"{self._key_prefix(device)}|{dtype_name(dtype)}|{m}x{k}x{n}"
+        if bias:
+            skey += "|bias"
         stored = self._stored.get(skey)
         if stored is not None:
             try:
                 plan = self.ext.Plan(m, k, n, dtype_name(dtype), device, stored["alg"],
                                      stored["split_k"], stored["split_k_mode"],
-                                     stored["split_k_buffers"])
+                                     stored["split_k_buffers"], bias)
                 cp = CachedPlan(plan, skey)
                 cp.tuned = True
                 return cp
             except (RuntimeError, KeyError, TypeError) as e:
                 log.warning("stored cuSPARSELt config for %s rejected (%s); searching again",
                             skey, e)
-        return CachedPlan(self.ext.Plan(m, k, n, dtype_name(dtype), device), skey)
+        return CachedPlan(self.ext.Plan(m, k, n, dtype_name(dtype), device, with_bias=bias), skey)
 
     def tune(self, cp: CachedPlan, a_comp: torch.Tensor, b: torch.Tensor) -> None:
         """Settle cp's algorithm by a search on these operands (once; stored to the file)."""
@@ -127,12 +130,13 @@ class PlanCache:
         self._write()
 
     def matmul(self, a_comp: torch.Tensor, m: int, k: int, b: torch.Tensor,
-               c: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
-        """D[n, m] = B @ A^T (+ beta C) with A (m, k) given compressed; B (n, k) contiguous."""
-        cp = self.get(m, k, b.shape[0], b.dtype, b.device.index)
+               c: torch.Tensor | None = None, beta: float = 0.0,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """D[n, m] = B @ A^T (+ beta C) (+ bias) with A (m, k) given compressed; B (n, k)."""
+        cp = self.get(m, k, b.shape[0], b.dtype, b.device.index, bias is not None)
         if not cp.tuned:
             self.tune(cp, a_comp, b)
-        return cp.plan.matmul(a_comp, b, c, beta)
+        return cp.plan.matmul(a_comp, b, c, beta, bias)
 
     def configs(self) -> dict:
         """Settled configurations of this process's plans (for logs and benchmarks)."""

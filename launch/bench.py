@@ -186,7 +186,8 @@ def bench_ours(layer, xs, gys, torch):
 def bench_adapter(layer, xs, torch):
     """Forward with the lazy adapter (rank 2% of in) vs without: through SlopeLinear.forward
     (as linear.py computes it) and through backend.linear_with_adapter (rank padded to a
-    multiple of 8, product added in the sparse GEMM's epilogue)."""
+    multiple of 8, the product accumulated by one addmm), plus the pieces: X A, (X A) B, the
+    sparse GEMM alone, with the product as its epilogue's C, and the addmm into Y."""
     rank = max(1, round(0.02 * layer.in_features))
 
     def fwd():
@@ -204,10 +205,23 @@ def bench_adapter(layer, xs, torch):
         x0 = xs.items[0]
         err = rel_err(layer.backend.linear_with_adapter(layer, x0), layer(x0))
     plain, fused_ms = bench_ms(fwd), bench_ms(fused)
+    # where the fused variant's time goes
+    r8 = rank + (-rank % 8)
+    a = torch.randn(layer.in_features, r8, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(r8, layer.out_features, device="cuda", dtype=torch.bfloat16)
+    cache = layer.backend.cache(layer)
+    xa = torch.mm(x0, a)
+    z = torch.mm(xa, b)
+    parts = {"xa_ms": bench_ms(lambda: torch.mm(xs(), a)),
+             "xab_ms": bench_ms(lambda: torch.mm(xa, b)),
+             "gemm_ms": bench_ms(lambda: cache.forward(xs())),
+             "gemm_plus_c_ms": bench_ms(lambda: cache.forward(xs(), z))}
+    y0 = cache.forward(x0)
+    parts["addmm_ms"] = bench_ms(lambda: torch.addmm(y0, xa, b))
     layer.adapter_active = False
     return {"rank": rank, "fwd_no_adapter": base, "fwd_adapter": plain,
             "fwd_adapter_fused": fused_ms, "overhead_pct": 100 * (plain / base - 1),
-            "overhead_fused_pct": 100 * (fused_ms / base - 1), "fused_err": err}
+            "overhead_fused_pct": 100 * (fused_ms / base - 1), "fused_err": err, **parts}
 
 
 def bench_overhead(torch):
@@ -230,11 +244,26 @@ def bench_overhead(torch):
         with torch.no_grad():
             return fast(x)
 
-    res = {"dense_us": 1e3 * bench_ms(lambda: torch.mm(x, w.t())),
-           "ours_kernel_us": 1e3 * bench_ms(lambda: cache.forward(x)),
-           "ours_layer_us": 1e3 * bench_ms(layer_fwd)}
+    def cpu_us(fn, n=2000):
+        """Host time to issue one call (no sync inside the loop)."""
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        issued = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return 1e6 * issued / n
+
+    calls = {"dense": lambda: torch.mm(x, w.t()), "ours_kernel": lambda: cache.forward(x),
+             "ours_layer": layer_fwd}
     if ws is not None:
-        res["torch_semi_us"] = 1e3 * bench_ms(lambda: F.linear(x, ws))
+        calls["torch_semi"] = lambda: F.linear(x, ws)
+    res = {}
+    for name, fn in calls.items():
+        res[f"{name}_us"] = 1e3 * bench_ms(fn)
+        res[f"{name}_cpu_us"] = cpu_us(fn, 200 if name == "torch_semi" else 2000)
     return res
 
 
@@ -262,8 +291,8 @@ def run_kernels(args) -> int:
     print(f"# {meta['gpu']} | torch {meta['torch']} | cuSPARSELt {meta['cusparselt']} | "
           f"triton {meta['triton']} | build+load {meta['build_s']:.1f}s", flush=True)
     results = {"meta": meta, "overhead_128": bench_overhead(torch), "layers": [], "adapters": []}
-    print("# per-call at 128^3 (us):", {k: round(v, 1) for k, v in results["overhead_128"].items()},
-          flush=True)
+    print("# per-call at 128^3 (us; *_cpu_us = host time to issue one call):",
+          {k: round(v, 1) for k, v in results["overhead_128"].items()}, flush=True)
     hdr = (f"{'model':10s} {'layer':13s} {'in':>5s} {'out':>5s} {'T':>5s} | dense ms: {'fwd':>6s} "
            f"{'dX':>6s} {'dW':>6s} {'step':>6s} | x dense: torch fwd/dX/step | ours fwd/dX/dW/"
            f"step | refresh%step | max err")
@@ -301,11 +330,14 @@ def run_kernels(args) -> int:
                 del fast, ref, xs, gys
                 torch.cuda.empty_cache()
     if results["adapters"]:
-        print("# adapter forward overhead at rank 2% (plain SlopeLinear / fused epilogue):")
+        print("# adapter forward overhead at rank 2% (SlopeLinear.forward / "
+              "backend.linear_with_adapter):")
         for ad in results["adapters"]:
             print(f"#   {ad['model']:10s} {ad['layer']:13s} T={ad['T']:5d} r={ad['rank']:3d}: "
                   f"{ad['overhead_pct']:5.1f}% / {ad['overhead_fused_pct']:5.1f}%  "
-                  f"(fused err {ad['fused_err']:.1e})")
+                  f"(err {ad['fused_err']:.1e}; ms: gemm {ad['gemm_ms']:.3f} gemm+C "
+                  f"{ad['gemm_plus_c_ms']:.3f} XA {ad['xa_ms']:.3f} (XA)B {ad['xab_ms']:.3f} "
+                  f"addmm {ad['addmm_ms']:.3f})")
     results["plans"] = rt.plans.configs()
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

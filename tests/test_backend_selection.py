@@ -93,7 +93,7 @@ class _FakePlan:
     calls: list = []
 
     def __init__(self, m, k, n, dtype, device, alg=-1, split_k=1, split_k_mode=1,
-                 split_k_buffers=1):
+                 split_k_buffers=1, with_bias=False):
         self.shape, self.cfg = (m, k, n), [alg, split_k, split_k_mode, split_k_buffers, 10]
         _FakePlan.calls.append(("create", self.shape, alg))
 
@@ -105,7 +105,7 @@ class _FakePlan:
     def config(self):
         return self.cfg
 
-    def matmul(self, a, b, c=None, beta=0.0):
+    def matmul(self, a, b, c=None, beta=0.0, bias=None):
         return ("mm", self.shape)
 
 

@@ -200,3 +200,14 @@ def test_stored_algorithm_is_reused_by_a_new_cache(tmp_path):
                                                          x.device.index).plan.config()[0]
     ref = x.float() @ w.float().t()
     assert rel_err(y1, ref) < TOL and rel_err(y2, ref) < TOL
+
+
+def test_layers_sharing_a_plan_keep_their_own_bias():
+    """Two same-shape layers share one cached plan; each call must use its own bias (the bias
+    pointer is set per call when the epilogue is usable, else added separately)."""
+    pairs = [make_pair(512, 256, True, seed=s) for s in (1, 2)]
+    x = torch.randn(128, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(2):
+            for fast, ref in pairs:
+                assert rel_err(fast(x), ref(x)) < TOL

@@ -37,6 +37,7 @@ class LayerKernelCache:
         self.dtype, self.device = w.dtype, w.device
         self.n_val = self.out * self.inp // 2
         self.row_major = rt.values_row_major(self.device, self.dtype)
+        self.bias_fused = layer.bias is not None and rt.bias_epilogue_ok(self.device, self.dtype)
         self.fwd_buf = rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
         self.wt_buf = self.wt_codes = None
         self.wt_row_major = self.row_major
@@ -86,11 +87,12 @@ class LayerKernelCache:
         if self.wt_row_major:
             self.rt.ext.compress(wt_tag_matrix(layer.mask, rc, self.dtype), buf)
             codes = self._values(buf, self.inp).to(torch.uint8)
-            kept = int((codes != 0).sum())  # one sync per column-mask refresh
-            if kept != int(rc.sum()) or int(codes.max()) > 8:
+            kept, empty = torch.stack([((codes >= 1) & (codes <= 8)).sum(),
+                                       (codes == 0).sum()]).tolist()  # one sync per rebuild
+            if kept != int(rc.sum()) or empty != 0:
                 log.warning("cuSPARSELt W^T layout check failed (%d coded slots for %d kept "
-                            "entries): this layer compresses W^T on every refresh", kept,
-                            int(rc.sum()))
+                            "entries, %d empty slots): this layer compresses W^T on every "
+                            "refresh", kept, int(rc.sum()), empty)
                 self.wt_row_major = False
             else:
                 self.wt_codes = codes
@@ -129,10 +131,16 @@ class LayerKernelCache:
                 self.refresh_wt(layer)
 
     # ---- the three GEMMs ------------------------------------------------------------------
-    def forward(self, x2: torch.Tensor, addend: torch.Tensor | None = None) -> torch.Tensor:
-        """Y (T, out) = X (T, in) @ (W*M)^T (+ addend (T, out), added in the GEMM epilogue)."""
-        return self.rt.plans.matmul(self.fwd_buf, self.out, self.inp, x2, addend,
-                                    0.0 if addend is None else 1.0)
+    def forward(self, x2: torch.Tensor, addend: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Y (T, out) = X (T, in) @ (W*M)^T (+ addend (T, out)) (+ bias), the addend and bias
+        added in the GEMM epilogue (bias by a separate pass if the epilogue check failed)."""
+        fused = bias is not None and self.bias_fused
+        y = self.rt.plans.matmul(self.fwd_buf, self.out, self.inp, x2, addend,
+                                 0.0 if addend is None else 1.0, bias if fused else None)
+        if bias is not None and not fused:
+            y.add_(bias)
+        return y
 
     def grad_input(self, gy2: torch.Tensor) -> torch.Tensor:
         """dX (T, in) = dY (T, out) @ W_RC."""

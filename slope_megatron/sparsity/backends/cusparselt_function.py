@@ -25,9 +25,7 @@ class CsltSlopeLinearFunction(torch.autograd.Function):
             addend = addend.reshape(x2.shape[0], -1)
             if not addend.is_contiguous():
                 addend = addend.contiguous()
-        y = cache.forward(x2, addend)
-        if bias is not None:
-            y.add_(bias)
+        y = cache.forward(x2, addend, bias)
         ctx.save_for_backward(x2, weight)
         ctx.cache, ctx.layer = cache, layer
         ctx.has_bias = bias is not None

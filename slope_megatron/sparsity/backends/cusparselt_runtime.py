@@ -24,6 +24,7 @@ class Runtime:
     def __init__(self, ext, plans):
         self.ext, self.plans = ext, plans
         self._layout: dict[tuple[int, torch.dtype], bool] = {}
+        self._bias: dict[tuple[int, torch.dtype], bool] = {}
 
     def compressed_buffer(self, rows: int, cols: int, dtype: torch.dtype,
                           device: torch.device) -> torch.Tensor:
@@ -42,6 +43,42 @@ class Runtime:
                             "(slower, still correct)", why)
             self._layout[key] = ok
         return self._layout[key]
+
+    def bias_epilogue_ok(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """True if a plan's bias pointer can change between calls (checked once): then the
+        bias is added in the sparse GEMM's epilogue instead of by a pass over Y."""
+        key = (device.index, dtype)
+        if key not in self._bias:
+            try:
+                ok, why = self._check_bias(device, dtype)
+            except RuntimeError as e:
+                ok, why = False, str(e)
+            if not ok:
+                log.warning("cuSPARSELt bias epilogue unusable (%s): biases are added by a "
+                            "separate pass", why)
+            self._bias[key] = ok
+        return self._bias[key]
+
+    def _check_bias(self, device, dtype) -> tuple[bool, str]:
+        from kernels.cslt_plans import dtype_name
+        rows, cols, tokens = 128, 256, 64
+        gen = torch.Generator(device=device).manual_seed(4321)
+        w = torch.randn(rows, cols, device=device, dtype=dtype, generator=gen)
+        keep = torch.rand(rows, cols // 4, 4, device=device, generator=gen).argsort(-1)[..., :2]
+        mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool, device=device)
+        dense = w * mask.scatter_(-1, keep, True).view(rows, cols)
+        buf = self.compressed_buffer(rows, cols, dtype, device)
+        self.ext.compress(dense, buf)
+        plan = self.ext.Plan(rows, cols, tokens, dtype_name(dtype), device.index, with_bias=True)
+        x = torch.randn(tokens, cols, device=device, dtype=dtype, generator=gen)
+        for trial in range(3):  # a different bias vector each call, same plan
+            bias = torch.randn(rows, device=device, dtype=dtype, generator=gen) * (trial + 1)
+            y = plan.matmul(buf, x, None, 0.0, bias)
+            ref = x.float() @ dense.float().t() + bias.float()
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:
+                return False, f"call {trial} with a new bias vector has rel. error {err:.2e}"
+        return True, ""
 
     def _check_layout(self, device, dtype) -> tuple[bool, str]:
         rows, cols, tokens = 128, 256, 64
