@@ -26,7 +26,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7", "transformers==5.24.0"],
         "mpi": ["mpi4py>=3.1"],
         "gpu": ["triton>=3.0"],
     },

@@ -34,6 +34,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from slope_megatron.config import ConfigError, config_reference, load_config
+    from slope_megatron.data import DataError
 
     if args.help_config:
         print(config_reference())
@@ -43,7 +44,6 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.set)  # validated before any process group exists
-        from slope_megatron.data import DataError
         from slope_megatron.training import train
         from slope_megatron.training.distributed import init_distributed
 
@@ -53,6 +53,11 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

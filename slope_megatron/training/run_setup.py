@@ -5,7 +5,7 @@
 - the data: prepared once on rank 0 (others wait, then hit the cache), vocabulary size
   taken from the tokenizer, enough tokens for one sample;
 - the inference artifact writer used at every checkpoint;
-- a short text sample at the end of training.
+- a short text sample at the end of training, through the inference artifact.
 """
 from __future__ import annotations
 
@@ -41,8 +41,11 @@ def _identity(cfg_dict: dict) -> dict:
                                                  for i in IDENTITY_KEYS)}
 
 
-def check_output_dir(cfg: Config, out: Path, main: bool) -> None:
-    """Refuse an unwritable dir or one holding a different run; record this run's config."""
+def check_output_dir(cfg: Config, out: Path) -> dict:
+    """Refuse an unwritable dir or one holding a different run (writes nothing).
+
+    Returns the config as given (before derived values such as the vocabulary size) for
+    `record_run_config` once the run's inputs are known to be good."""
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"train.output_dir '{out}' is not writable; choose another directory")
@@ -55,9 +58,15 @@ def check_output_dir(cfg: Config, out: Path, main: bool) -> None:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
             raise ConfigError(f"train.output_dir '{out}' holds a different run ({shown}); "
                               f"use a new train.output_dir or the original settings")
-    elif main:
+    return cfg.to_dict()
+
+
+def record_run_config(given: dict, out: Path, main: bool) -> None:
+    """Create the output dir and write run_config.yaml (first start only)."""
+    saved = out / RUN_CONFIG
+    if main and not saved.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(saved, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(saved, yaml.safe_dump(given, sort_keys=False))
     barrier()
 
 
@@ -65,13 +74,12 @@ def check_output_dir(cfg: Config, out: Path, main: bool) -> None:
 class RunData:
     train: Any
     val: Any
-    tokenizer: Any
     tokenizer_file: Optional[Path]
 
 
 def prepare_run_data(cfg: Config, main: bool) -> RunData:
     """Prepare shards (rank 0 first), fix model.vocab_size, open both splits."""
-    from ..data import TokenDataset, load_tokenizer, prepare_data
+    from ..data import TokenDataset, prepare_data
 
     if main:
         info = prepare_data(cfg.data)
@@ -90,7 +98,7 @@ def prepare_run_data(cfg: Config, main: bool) -> RunData:
     if len(train) < need:
         raise ConfigError(f"the training split has {len(train)} samples of {seq} tokens, fewer "
                           f"than one global batch ({need}); use more data or smaller batches")
-    return RunData(train, val, load_tokenizer(info), info.tokenizer_file)
+    return RunData(train, val, info.tokenizer_file)
 
 
 def artifact_writer(engine, cfg: Config, data: RunData, main: bool) -> Callable[[Path], None]:
@@ -116,20 +124,16 @@ def artifact_writer(engine, cfg: Config, data: RunData, main: bool) -> Callable[
     return write
 
 
-@torch.no_grad()
-def sample_text(model, tokenizer, device, prompt: str = "The", new_tokens: int = 40,
-                seed: int = 0) -> str:
-    """A short top-k sample from the trained model (full recompute; demo-sized models)."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-    for _ in range(new_tokens):
-        logits = model(ids[:, -model.cfg.seq_len:])[0, -1].float().cpu()
-        top = torch.topk(logits, 40)
-        probs = torch.softmax(top.values / 0.8, dim=-1)
-        nxt = top.indices[torch.multinomial(probs, 1, generator=gen)]
-        ids = torch.cat([ids, nxt.view(1, 1).to(device)], dim=1)
-    model.train(was_training)
-    return tokenizer.decode(ids[0].tolist())
+def sample_from_checkpoint(tag_dir: Path, prompt: str = "The", new_tokens: int = 48,
+                           seed: int = 0) -> str:
+    """A short sample (temperature 0.8, top-k 40) from a checkpoint's inference artifact -
+    the same path `launch/generate.py` takes, so the demo exercises it end to end."""
+    from ..inference import (InferenceModel, SamplingConfig, generate, load_artifact,
+                             load_tokenizer)
 
+    config, state, tokenizer_file = load_artifact(tag_dir / "slope_model")
+    tokenizer = load_tokenizer(tokenizer_file)
+    model = InferenceModel(config, state)
+    result = generate(model, [tokenizer.encode(prompt)], new_tokens,
+                      SamplingConfig(temperature=0.8, top_k=40, seed=seed), {tokenizer.eos_id})
+    return prompt + tokenizer.decode(result[0].tokens)

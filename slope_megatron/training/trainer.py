@@ -25,7 +25,8 @@ from .distributed import DistInfo, all_reduce_mean, barrier
 from .engine import initialize
 from .metrics import MetricsWriter, format_train_line, peak_flops
 from .optimizer import build_optimizer, lr_at, mark_adapters_active, set_lr, switch_on_adapters
-from .run_setup import RunData, artifact_writer, check_output_dir, prepare_run_data, sample_text
+from .run_setup import (RunData, artifact_writer, check_output_dir, prepare_run_data,
+                        record_run_config, sample_from_checkpoint)
 
 
 @dataclass
@@ -63,8 +64,9 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
         par = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
     dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
-    check_output_dir(cfg, out, main)
+    given = check_output_dir(cfg, out)
     data = prepare_run_data(cfg, main)  # sets cfg.model.vocab_size from the tokenizer
+    record_run_config(given, out, main)
     say = tqdm.write if main else (lambda *_: None)
 
     torch.manual_seed(cfg.train.seed)
@@ -134,7 +136,9 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     if start >= cfg.train.iters:
         say(f"nothing to do: {out} already holds a checkpoint at iteration {start} "
             f"(train.iters = {cfg.train.iters})")
-    elif main and data.tokenizer is not None:
-        say("sample: " + sample_text(model, data.tokenizer, engine.device))
+    elif main:
+        last = ckpt_dir / checkpoint.tag_for(cfg.train.iters)
+        say(f"sample from {last}:\n" + sample_from_checkpoint(last))
+        say(f"generate more: python launch/generate.py --checkpoint {out} --prompt \"...\"")
     barrier()
     return TrainResult(cfg.train.iters, val_loss, train_loss, start)

@@ -1,0 +1,104 @@
+"""launch/pretrain.py end to end on 2 CPU processes: outputs, adapters, resume, bad input."""
+import importlib.util
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dist_utils import run_distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("the king queen said unto them and lord of people city river house light night "
+         "day went came saw heard spoke great small old new ship sea land war peace").split()
+
+
+def _pretrain_main(argv):
+    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "launch" / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(40):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "."
+                 for _ in range(60)]
+        (d / f"doc{i}.txt").write_text("\n".join(lines))
+    return d
+
+
+def args(corpus, out, *extra):
+    return ["--config", str(ROOT / "configs" / "demo.yaml"), "--set",
+            f"data.path={corpus}", f"data.cache_dir={out.parent / 'cache'}",
+            "data.tokenizer_vocab_size=300", "data.val_fraction=0.1", "model.hidden_size=32",
+            "model.num_layers=2", "model.num_heads=2", "model.seq_len=32", "train.iters=8",
+            "train.micro_batch_size=2", "train.global_batch_size=8", "train.log_interval=1",
+            "train.eval_interval=4", "train.eval_iters=2", "train.save_interval=4",
+            "adapters.fraction=0.25", "optimizer.warmup_iters=2", f"train.output_dir={out}", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_process_run_writes_everything_and_resumes_exactly(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run_distributed(_pretrain_main, 2, args(corpus, out)) == [0, 0]
+    records = metrics(out)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["iter"] for r in train] == list(range(1, 9))
+    assert {"iter", "loss", "lr", "tokens", "tokens_per_s", "adapters_active", "time_s"} <= \
+        train[0].keys()
+    assert [r["adapters_active"] for r in train] == [False] * 6 + [True] * 2  # iters 7, 8
+    assert [r["iter"] for r in evals] == [4, 8] and evals[-1]["val_ppl"] > 1
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text() == "iter_00000008"
+    assert (ckpts / "iter_00000008" / "slope_model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_00000004", "iter_00000008"]
+
+    # a crash right after iteration 4's checkpoint: the rerun must reproduce iters 5-8
+    shutil.rmtree(ckpts / "iter_00000008")
+    (ckpts / "latest").write_text("iter_00000004")
+    assert run_distributed(_pretrain_main, 2, args(corpus, out)) == [0, 0]
+    resumed = [r for r in metrics(out) if "loss" in r]
+    assert [r["iter"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(train, resumed):
+        assert a["loss"] == b["loss"], (a, b)  # fp32 on CPU: bitwise
+        assert a["adapters_active"] == b["adapters_active"]
+
+    # rerunning a finished run does nothing and changes nothing
+    before = (out / "metrics.jsonl").read_text()
+    assert run_distributed(_pretrain_main, 1, args(corpus, out)) == [0]
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_bad_inputs_stop_before_work_with_one_message(corpus, tmp_path, capfd):
+    out = tmp_path / "bad"
+    assert run_distributed(_pretrain_main, 1, args(corpus, out, "model.hiden_size=3")) == [2]
+    err = capfd.readouterr().err
+    assert "error: unknown config key 'model.hiden_size'" in err and "Traceback" not in err
+    assert run_distributed(_pretrain_main, 1, args(tmp_path / "missing", out)) == [2]
+    err = capfd.readouterr().err
+    assert "error:" in err and "missing" in err and "Traceback" not in err
+    assert not out.exists()  # nothing written by a failing run
+
+
+@pytest.mark.slow
+def test_a_different_model_in_the_same_output_dir_is_refused(corpus, tmp_path, capfd):
+    out = tmp_path / "run"
+    assert run_distributed(_pretrain_main, 1, args(corpus, out, "train.iters=2")) == [0]
+    before = sorted(p.name for p in out.rglob("*"))
+    capfd.readouterr()
+    assert run_distributed(_pretrain_main, 1, args(corpus, out, "train.iters=2",
+                                                    "model.num_layers=3")) == [2]
+    err = capfd.readouterr().err
+    assert "holds a different run" in err and "model.num_layers" in err
+    assert sorted(p.name for p in out.rglob("*")) == before
