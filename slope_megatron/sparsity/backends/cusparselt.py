@@ -98,13 +98,16 @@ class CusparseltBackend(SparseLinearBackend):
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         rc_mask = layer.column_mask_for_backward()  # recomputes (and notifies) when stale
-        reason = input_unsupported_reason(layer, x)
-        if reason is None:
-            reason = self._plans_reason(layer, x)
-        if reason is not None:
-            log_fallback(layer, reason)
-            return slope_linear(x, layer.weight, layer.mask, rc_mask, layer.bias)
-        cache = self.cache(layer)
+        cache = layer.__dict__.get("_cslt_cache")
+        if cache is None or not cache.accepts(layer, x):  # full checks once per token count
+            reason = input_unsupported_reason(layer, x)
+            if reason is None:
+                reason = self._plans_reason(layer, x)
+            if reason is not None:
+                log_fallback(layer, reason)
+                return slope_linear(x, layer.weight, layer.mask, rc_mask, layer.bias)
+            cache = self.cache(layer)
+            cache.accepted_tokens.add(x.numel() // x.shape[-1])
         cache.sync_forward(layer)
         from .cusparselt_function import CsltSlopeLinearFunction
         return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache, layer)
