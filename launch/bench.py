@@ -186,8 +186,9 @@ def bench_ours(layer, xs, gys, torch):
 def bench_adapter(layer, xs, torch):
     """Forward with the lazy adapter (rank 2% of in) vs without: through SlopeLinear.forward
     (as linear.py computes it) and through backend.linear_with_adapter (rank padded to a
-    multiple of 8, the product accumulated by one addmm), plus the pieces: X A, (X A) B, the
-    sparse GEMM alone, with the product as its epilogue's C, and the addmm into Y."""
+    multiple of 8, Y + (X A) B by one Triton pass over Y), plus the pieces: X A, (X A) B, the
+    sparse GEMM alone, with the product as its epilogue's C, cuBLAS addmm into Y, and the
+    Triton pass."""
     rank = max(1, round(0.02 * layer.in_features))
 
     def fwd():
@@ -218,6 +219,8 @@ def bench_adapter(layer, xs, torch):
              "gemm_plus_c_ms": bench_ms(lambda: cache.forward(xs(), z))}
     y0 = cache.forward(x0)
     parts["addmm_ms"] = bench_ms(lambda: torch.addmm(y0, xa, b))
+    from kernels.lowrank_triton import lowrank_add
+    parts["lowrank_add_ms"] = bench_ms(lambda: lowrank_add(y0, xa, b))
     layer.adapter_active = False
     return {"rank": rank, "fwd_no_adapter": base, "fwd_adapter": plain,
             "fwd_adapter_fused": fused_ms, "overhead_pct": 100 * (plain / base - 1),
@@ -356,7 +359,7 @@ def run_kernels(args) -> int:
                   f"{ad['overhead_pct']:5.1f}% / {ad['overhead_fused_pct']:5.1f}%  "
                   f"(err {ad['fused_err']:.1e}; ms: gemm {ad['gemm_ms']:.3f} gemm+C "
                   f"{ad['gemm_plus_c_ms']:.3f} XA {ad['xa_ms']:.3f} (XA)B {ad['xab_ms']:.3f} "
-                  f"addmm {ad['addmm_ms']:.3f})")
+                  f"addmm {ad['addmm_ms']:.3f} triton {ad['lowrank_add_ms']:.3f})")
     results["plans"] = rt.plans.configs()
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

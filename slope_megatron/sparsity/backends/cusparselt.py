@@ -116,9 +116,10 @@ class CusparseltBackend(SparseLinearBackend):
         """Sparse part + the active adapter's (X A)(B / r), i.e. SlopeLinear.forward's result.
 
         The rank is padded to a multiple of 8 (cuBLAS runs unaligned leading dimensions such as
-        r = 82 on slow kernels) and the low-rank product is accumulated into Y by one addmm
-        (beta = 1) instead of three separate passes over Y. Adding it in the sparse GEMM's
-        epilogue instead (cuSPARSELt C with beta = 1, `addend`) measured slower on an H100.
+        r = 82 on slow kernels) and (X A)(B / r) is added to Y by one Triton pass over Y
+        (`LowRankAddFunction`) instead of the three passes of matmul, scale and add. Adding it
+        in the sparse GEMM's epilogue (cuSPARSELt's C, `addend`) or by cuBLAS addmm measured
+        slower on an H100 (docs/KERNELS.md).
         """
         a, b, scale = layer.adapter_a, layer.adapter_b, layer.adapter_scale
         pad = -a.shape[1] % 8
@@ -126,9 +127,12 @@ class CusparseltBackend(SparseLinearBackend):
             a = torch.nn.functional.pad(a, (0, pad))
             b = torch.nn.functional.pad(b, (0, 0, 0, pad))
         y = self.linear(layer, x)
-        y2 = y.reshape(-1, y.shape[-1])
         xa = x.reshape(-1, x.shape[-1]) @ a
-        return torch.addmm(y2, xa, b * scale).view(y.shape)
+        if not y.is_cuda:  # the reference ran (see linear's fallback log)
+            return y + (xa @ (b * scale)).view(y.shape)
+        from .cusparselt_function import LowRankAddFunction
+        y2 = LowRankAddFunction.apply(y.reshape(-1, y.shape[-1]), xa, (b * scale).contiguous())
+        return y2.view(y.shape)
 
     def cache(self, layer):
         """The layer's kernel cache, (re)built when missing or made for another shape/device."""
