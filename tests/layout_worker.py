@@ -13,14 +13,16 @@ GLOBAL_BATCH, MICRO = 8, 2
 def tiny_config(tp=1, pp=1, stage=0, extra=()):
     from slope_megatron.config import load_config
 
+    # grad_clip is small so that clipping is active: a wrong global norm changes the losses
     return load_config(None, ["model.vocab_size=128", "model.hidden_size=32", "model.num_heads=4",
                               "model.seq_len=16", "model.num_layers=2", f"zero.stage={stage}",
+                              "optimizer.grad_clip=0.05",
                               "adapters.rank=2", f"parallel.tensor={tp}",
                               f"parallel.pipeline={pp}", f"train.micro_batch_size={MICRO}",
                               f"train.global_batch_size={GLOBAL_BATCH}", *extra])
 
 
-def train_losses(tp=1, stage=0, check_state=False, arch="gpt"):
+def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1):
     from slope_megatron.model import GPTModel
     from slope_megatron.parallel import initialize_parallel
     from slope_megatron.sparsity import after_optimizer_step
@@ -29,13 +31,19 @@ def train_losses(tp=1, stage=0, check_state=False, arch="gpt"):
     from slope_megatron.training.optimizer import (base_optimizer, build_optimizer, set_lr,
                                                    switch_on_adapters)
 
-    cfg = tiny_config(tp, 1, stage, [f"model.arch={arch}"])
+    from slope_megatron.model.pipeline import build_pipeline_model, mark_for_grad_norm
+
+    cfg = tiny_config(tp, pp, stage, [f"model.arch={arch}"])
     d = init_distributed()
-    par = initialize_parallel(tp, 1) if tp > 1 else None
+    par = initialize_parallel(tp, pp) if tp * pp > 1 else None
     dp_rank, dp = (par.dp_rank, par.dp_size) if par else (d.rank, d.world_size)
-    torch.manual_seed(0)
-    model = GPTModel.from_config(cfg, par)
-    engine, opt = initialize(model, build_optimizer(model, cfg), cfg, dp, mpu=par)
+    if pp > 1:
+        model = build_pipeline_model(cfg, par)
+        mark_for_grad_norm(model, par)
+        engine, opt = initialize(model, build_optimizer(model, cfg), cfg, dp)
+    else:
+        model = GPTModel.from_config(cfg, par)
+        engine, opt = initialize(model, build_optimizer(model, cfg), cfg, dp, mpu=par)
     ids = torch.randint(0, 128, (GLOBAL_BATCH, 17), generator=torch.Generator().manual_seed(1))
     per_rank = GLOBAL_BATCH // dp
     mine = ids[dp_rank * per_rank:(dp_rank + 1) * per_rank]
@@ -48,12 +56,17 @@ def train_losses(tp=1, stage=0, check_state=False, arch="gpt"):
             switch_on_adapters(model, opt, cfg)
         set_lr(opt, 1e-2)
         total = 0.0
-        for i in range(0, per_rank, MICRO):
-            x = mine[i:i + MICRO]
-            loss = engine(x[:, :-1], x[:, 1:])
-            engine.backward(loss)
-            engine.step()
-            total += loss.item()
+        if pp > 1:  # the pipeline engine runs all micro-batches and the step itself
+            micro = [(mine[i:i + MICRO, :-1], mine[i:i + MICRO, 1:])
+                     for i in range(0, per_rank, MICRO)]
+            total = engine.train_batch(iter(micro)).item() * len(micro)
+        else:
+            for i in range(0, per_rank, MICRO):
+                x = mine[i:i + MICRO]
+                loss = engine(x[:, :-1], x[:, 1:])
+                engine.backward(loss)
+                engine.step()
+                total += loss.item()
         after_optimizer_step(model)
         t = torch.tensor([total / (per_rank // MICRO)])
         torch.distributed.all_reduce(t)

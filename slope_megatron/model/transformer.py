@@ -6,6 +6,7 @@ computed in float32.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -67,6 +68,23 @@ class Head(nn.Module):
         return self.lm_head(x)
 
 
+@contextlib.contextmanager
+def seeded(seed: Optional[int]):
+    """Build a piece of the model from its own seed (global RNG untouched), so every layer's
+    init is the same whatever the pipeline/tensor layout builds around it. None: no-op."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def layer_seed(base: Optional[int], index: int) -> Optional[int]:
+    """Seed of model piece `index` (0 embedding, 1..L blocks, L+1 head)."""
+    return None if base is None else base * 1000 + index
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in float32 (targets < 0 are ignored)."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
@@ -77,7 +95,8 @@ class GPTModel(nn.Module):
     """GPT-2/OPT-style or LLaMA-style decoder; sparse or dense by SparsityConfig."""
 
     def __init__(self, cfg: ModelConfig, sparsity: SparsityConfig,
-                 adapters: Optional[AdaptersConfig] = None, parallel=None):
+                 adapters: Optional[AdaptersConfig] = None, parallel=None,
+                 init_seed: Optional[int] = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is unset; set it or let the trainer take it "
@@ -90,13 +109,19 @@ class GPTModel(nn.Module):
         self.tp_size = make_linear.tp_size
         self.vocab_start = make_linear.tp_rank * cfg.vocab_size // make_linear.tp_size
         self.tp_group = make_linear.tp_group
-        self.embedding = Embedding(cfg, make_linear)
-        self.blocks = nn.ModuleList(Block(cfg, make_linear, i) for i in range(cfg.num_layers))
-        self.head = Head(cfg, make_linear)
+        with seeded(layer_seed(init_seed, 0)):
+            self.embedding = Embedding(cfg, make_linear)
+        blocks = []
+        for i in range(cfg.num_layers):
+            with seeded(layer_seed(init_seed, i + 1)):
+                blocks.append(Block(cfg, make_linear, i))
+        self.blocks = nn.ModuleList(blocks)
+        with seeded(layer_seed(init_seed, cfg.num_layers + 1)):
+            self.head = Head(cfg, make_linear)
 
     @classmethod
     def from_config(cls, config: Config, parallel=None) -> "GPTModel":
-        return cls(config.model, config.sparsity, config.adapters, parallel)
+        return cls(config.model, config.sparsity, config.adapters, parallel, config.train.seed)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
