@@ -47,9 +47,14 @@ def metrics(out):
 
 
 @pytest.mark.slow
-def test_two_process_run_writes_everything_and_resumes_exactly(corpus, tmp_path):
+@pytest.mark.parametrize("world,layout", [
+    (2, ["zero.stage=2"]),                                        # DP=2
+    (4, ["parallel.tensor=2", "parallel.pipeline=2", "zero.stage=1"]),  # TP2 x PP2
+])
+def test_run_writes_everything_and_resumes_exactly(corpus, tmp_path, world, layout):
     out = tmp_path / "run"
-    assert run_distributed(_pretrain_main, 2, args(corpus, out)) == [0, 0]
+    run = lambda: run_distributed(_pretrain_main, world, args(corpus, out, *layout))  # noqa: E731
+    assert run() == [0] * world
     records = metrics(out)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -67,7 +72,7 @@ def test_two_process_run_writes_everything_and_resumes_exactly(corpus, tmp_path)
     # a crash right after iteration 4's checkpoint: the rerun must reproduce iters 5-8
     shutil.rmtree(ckpts / "iter_00000008")
     (ckpts / "latest").write_text("iter_00000004")
-    assert run_distributed(_pretrain_main, 2, args(corpus, out)) == [0, 0]
+    assert run() == [0] * world
     resumed = [r for r in metrics(out) if "loss" in r]
     assert [r["iter"] for r in resumed] == list(range(1, 9))
     for a, b in zip(train, resumed):
@@ -76,7 +81,7 @@ def test_two_process_run_writes_everything_and_resumes_exactly(corpus, tmp_path)
 
     # rerunning a finished run does nothing and changes nothing
     before = (out / "metrics.jsonl").read_text()
-    assert run_distributed(_pretrain_main, 1, args(corpus, out)) == [0]
+    assert run() == [0] * world
     assert (out / "metrics.jsonl").read_text() == before
 
 
@@ -92,13 +97,16 @@ def test_bad_inputs_stop_before_work_with_one_message(corpus, tmp_path, capfd):
 
 
 @pytest.mark.slow
-def test_a_different_model_in_the_same_output_dir_is_refused(corpus, tmp_path, capfd):
+@pytest.mark.parametrize("world,change,key", [(1, "model.num_layers=3", "model.num_layers"),
+                                              (2, "parallel.tensor=2", "parallel.tensor")])
+def test_a_different_model_or_layout_in_the_same_output_dir_is_refused(
+        corpus, tmp_path, capfd, world, change, key):
     out = tmp_path / "run"
     assert run_distributed(_pretrain_main, 1, args(corpus, out, "train.iters=2")) == [0]
     before = sorted(p.name for p in out.rglob("*"))
     capfd.readouterr()
-    assert run_distributed(_pretrain_main, 1, args(corpus, out, "train.iters=2",
-                                                    "model.num_layers=3")) == [2]
+    assert run_distributed(_pretrain_main, world, args(corpus, out, "train.iters=2",
+                                                        change)) == [2] * world
     err = capfd.readouterr().err
-    assert "holds a different run" in err and "model.num_layers" in err
+    assert "holds a different run" in err and key in err
     assert sorted(p.name for p in out.rglob("*")) == before

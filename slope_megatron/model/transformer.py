@@ -149,14 +149,17 @@ class GPTModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not stored)
 
     def dense_equivalent_flops_per_token(self) -> float:
-        """Training FLOPs per token of the *dense* model of this shape (6N + attention).
+        return dense_flops_per_token(self.cfg)
 
-        MFU is reported against this number for both arms, so a sparse model's MFU says how
-        fast it runs the dense model's work (the usual convention for sparse training).
-        """
-        c = self.cfg
-        h, ffn, layers = c.hidden_size, ffn_hidden_size(c), c.num_layers
-        mlp = 3 * h * ffn if c.arch == "llama" else 2 * h * ffn
-        matmul_params = layers * (4 * h * h + mlp) + h * c.vocab_size
-        attention = 12 * layers * h * c.seq_len / 2  # causal: half of the T x T scores
-        return 6.0 * matmul_params + attention
+
+def dense_flops_per_token(c: ModelConfig) -> float:
+    """Training FLOPs per token of the *dense* model of this shape (6N + attention).
+
+    MFU is reported against this number for both arms, so a sparse model's MFU says how
+    fast it runs the dense model's work (the usual convention for sparse training).
+    """
+    h, ffn, layers = c.hidden_size, ffn_hidden_size(c), c.num_layers
+    mlp = 3 * h * ffn if c.arch == "llama" else 2 * h * ffn
+    matmul_params = layers * (4 * h * h + mlp) + h * c.vocab_size
+    attention = 12 * layers * h * c.seq_len / 2  # causal: half of the T x T scores
+    return 6.0 * matmul_params + attention

@@ -77,7 +77,7 @@ class RunData:
     tokenizer_file: Optional[Path]
 
 
-def prepare_run_data(cfg: Config, main: bool) -> RunData:
+def prepare_run_data(cfg: Config, main: bool, dp_size: int = 1) -> RunData:
     """Prepare shards (rank 0 first), fix model.vocab_size, open both splits."""
     from ..data import TokenDataset, prepare_data
 
@@ -98,28 +98,60 @@ def prepare_run_data(cfg: Config, main: bool) -> RunData:
     if len(train) < need:
         raise ConfigError(f"the training split has {len(train)} samples of {seq} tokens, fewer "
                           f"than one global batch ({need}); use more data or smaller batches")
+    if len(val) < cfg.train.micro_batch_size * dp_size:
+        raise ConfigError(f"the validation split has {len(val)} samples of {seq} tokens, fewer "
+                          f"than one micro-batch per data-parallel rank "
+                          f"({cfg.train.micro_batch_size} x {dp_size}); raise data.val_fraction")
     return RunData(train, val, info.tokenizer_file)
 
 
-def artifact_writer(engine, cfg: Config, data: RunData, main: bool) -> Callable[[Path], None]:
+def consolidated_state_dict(engine, cfg: Config, par) -> Optional[dict]:
+    """The full TP = 1, unpipelined model state dict on rank 0 (None elsewhere).
+
+    Collective: ZeRO-3 gathers partitioned parameters, TP gathers shards, and pipeline
+    stages send their (renamed) pieces to rank 0.
+    """
+    import contextlib
+
+    import torch.distributed as dist
+
+    module = engine.module
+    gather3 = contextlib.nullcontext()
+    if cfg.zero.stage == 3:
+        import deepspeed
+
+        gather3 = deepspeed.zero.GatheredParameters(list(module.parameters()))
+    with gather3:
+        if cfg.parallel.tensor > 1:
+            from ..parallel.gather import gather_full_state_dict
+
+            state = gather_full_state_dict(module)
+        else:
+            state = module.state_dict()
+        state = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                 for k, v in state.items()}
+    if cfg.parallel.pipeline > 1:
+        from ..model.pipeline import pipeline_to_model_keys
+
+        mine = pipeline_to_model_keys(state, cfg.model.num_layers) \
+            if par.dp_rank == 0 and par.tp_rank == 0 else None
+        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, pieces, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        state = {}
+        for piece in pieces:
+            state.update(piece or {})
+    return state if dist.get_rank() == 0 else None
+
+
+def artifact_writer(engine, cfg: Config, data: RunData, par) -> Callable[[Path], None]:
     """A function that writes the consolidated inference artifact into a checkpoint dir."""
     from ..inference.artifact import save_artifact
 
     def write(tag_dir: Path) -> None:
-        if cfg.zero.stage == 3:  # collective: gathers the partitioned weights on rank 0
-            state = engine._zero3_consolidated_16bit_state_dict()
-            if main:
-                extra = {k: v for k, v in engine.module.state_dict().items()
-                         if k.endswith("_extra_state")}
-                state.update(extra)
-        elif cfg.parallel.tensor > 1:  # collective over TP: reassemble the TP = 1 weights
-            from ..parallel.gather import gather_full_state_dict
-
-            state = gather_full_state_dict(engine.module)
-        else:
-            state = engine.module.state_dict() if main else None
-        if main:
-            state = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in state.items()}
+        state = consolidated_state_dict(engine, cfg, par)
+        if state is not None:
             save_artifact(state, replace(cfg), data.tokenizer_file, tag_dir / "slope_model")
     return write
 

@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, validate_world
-from ..model import GPTModel
+from ..model import GPTModel, dense_flops_per_token
+from ..model.pipeline import build_pipeline_model, mark_for_grad_norm
 from ..parallel import initialize_parallel
 from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint
@@ -24,9 +25,21 @@ from .data_order import GlobalBatchOrder
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .engine import initialize
 from .metrics import MetricsWriter, format_train_line, peak_flops
-from .optimizer import build_optimizer, lr_at, mark_adapters_active, set_lr, switch_on_adapters
-from .run_setup import (RunData, artifact_writer, check_output_dir, prepare_run_data,
-                        record_run_config, sample_from_checkpoint)
+from .optimizer import (
+    build_optimizer,
+    lr_at,
+    mark_adapters_active,
+    set_lr,
+    switch_on_adapters,
+)
+from .run_setup import (
+    artifact_writer,
+    check_output_dir,
+    prepare_run_data,
+    record_run_config,
+    sample_from_checkpoint,
+)
+from .steps import eval_indices, eval_loss, make_batch, train_step
 
 
 @dataclass
@@ -37,26 +50,6 @@ class TrainResult:
     resumed_from: int
 
 
-def batch(dataset, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*(dataset[int(i)] for i in indices))
-    return torch.stack(xs).to(device), torch.stack(ys).to(device)
-
-
-@torch.no_grad()
-def evaluate(engine, data: RunData, cfg: Config, dp_rank: int, dp_size: int) -> float:
-    """Mean validation loss over the first eval_iters x micro-batches (same every time)."""
-    engine.eval()
-    mbs = cfg.train.micro_batch_size
-    n = min(len(data.val), cfg.train.eval_iters * mbs * dp_size)
-    mine = list(range(dp_rank, n, dp_size))
-    total = 0.0
-    for i in range(0, len(mine), mbs):
-        x, y = batch(data.val, mine[i:i + mbs], engine.device)
-        total += engine(x, y).item() * len(mine[i:i + mbs])
-    engine.train()
-    return all_reduce_mean(total / max(1, len(mine)))
-
-
 def train(cfg: Config, dist: DistInfo) -> TrainResult:
     dp_size = validate_world(cfg, dist.world_size)
     par = None
@@ -65,14 +58,20 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
     given = check_output_dir(cfg, out)
-    data = prepare_run_data(cfg, main)  # sets cfg.model.vocab_size from the tokenizer
+    data = prepare_run_data(cfg, main, dp_size)  # sets model.vocab_size from the tokenizer
     record_run_config(given, out, main)
     say = tqdm.write if main else (lambda *_: None)
 
     torch.manual_seed(cfg.train.seed)
-    model = GPTModel.from_config(cfg, par)
-    engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size, mpu=par)
-    say(f"model: {cfg.model.arch}, {model.num_parameters():,} stored parameters, "
+    if cfg.parallel.pipeline > 1:
+        model = build_pipeline_model(cfg, par)
+        mark_for_grad_norm(model, par)
+        engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size)
+    else:
+        model = GPTModel.from_config(cfg, par)
+        engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size, mpu=par)
+    stored = sum(p.numel() for p in model.parameters())
+    say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
         f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
         f"dp={dp_size}, adapters from iter {cfg.adapter_start_iter}")
@@ -87,33 +86,32 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     metrics = MetricsWriter(out, main, start)
     order = GlobalBatchOrder(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_len
-    flops_per_token = model.dense_equivalent_flops_per_token()
+    flops_per_token = dense_flops_per_token(cfg.model)
+    val_batches = [make_batch(data.val, idx, engine.device)
+                   for idx in eval_indices(cfg, len(data.val), dp_rank, dp_size)]
     peak = peak_flops()
-    save_artifact = artifact_writer(engine, cfg, data, main)
+    save_artifact = artifact_writer(engine, cfg, data, par)
 
     t0 = t_log = time.time()
-    loss_sum, loss_count, window = 0.0, 0, 0
+    loss_sum, window = 0.0, 0
     val_loss = train_loss = float("nan")
     bar = tqdm(total=cfg.train.iters, initial=start, disable=not main, desc="train",
                dynamic_ncols=True)
     for it in range(start, cfg.train.iters):
         if it == cfg.adapter_start_iter and not adapters_active(model):
             n = switch_on_adapters(model, optimizer, cfg)
-            say(f"iter {it}: lazy low-rank adapters switched on in {n} layers")
+            say(f"iter {it}: lazy low-rank adapters switched on ({n} layers on rank 0)")
         set_lr(optimizer, lr_at(cfg, it))
-        for mb in order.micro_batches(it, dp_rank, dp_size, cfg.train.micro_batch_size):
-            x, y = batch(data.train, mb, engine.device)
-            loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-            loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+        batches = [make_batch(data.train, mb, engine.device)
+                   for mb in order.micro_batches(it, dp_rank, dp_size, cfg.train.micro_batch_size)]
+        loss_sum += train_step(engine, batches)
         if engine.was_step_applied():
             after_optimizer_step(model)
         bar.update(1)
         done, window = it + 1, window + 1
         if done % cfg.train.log_interval == 0 or done == cfg.train.iters:
             now = time.time()
-            train_loss = all_reduce_mean(loss_sum / loss_count)
+            train_loss = all_reduce_mean(loss_sum / window)
             tps = tokens_per_iter * window / (now - t_log)
             record = {"iter": done, "loss": train_loss, "lr": lr_at(cfg, it),
                       "tokens": done * tokens_per_iter, "tokens_per_s": tps,
@@ -121,10 +119,10 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
                       "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None}
             metrics.write(record)
             say(format_train_line(record))
-            loss_sum, loss_count, window, t_log = 0.0, 0, 0, now
+            loss_sum, window, t_log = 0.0, 0, now
         if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) \
                 or done == cfg.train.iters:
-            val_loss = evaluate(engine, data, cfg, dp_rank, dp_size)
+            val_loss = all_reduce_mean(eval_loss(engine, val_batches))
             metrics.write({"iter": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
             say(f"iter {done:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
         if done % cfg.train.save_interval == 0 or done == cfg.train.iters:
