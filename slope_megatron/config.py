@@ -190,17 +190,24 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def _check_known(name: str, known: dict, what: str, prefix: str = "") -> None:
+    """Refuse an unknown key/section, suggesting the closest valid one."""
+    if name in known:
+        return
+    hint = difflib.get_close_matches(name, known, n=1)
+    did = f" Did you mean '{prefix}{hint[0]}'?" if hint else ""
+    where = f" in '{prefix[:-1]}'" if prefix else ""
+    raise ConfigError(f"unknown config {what} '{prefix}{name}'.{did} Valid {what}s{where}: "
+                      f"{', '.join(known)}")
+
+
 def _section_from_dict(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix}' must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        if key not in fields:
-            hint = difflib.get_close_matches(key, fields, n=1)
-            did = f" Did you mean '{prefix}.{hint[0]}'?" if hint else ""
-            raise ConfigError(f"unknown config key '{prefix}.{key}'.{did} Valid keys in "
-                              f"'{prefix}': {', '.join(fields)}")
+        _check_known(key, fields, "key", f"{prefix}.")
         kwargs[key] = _coerce(f"{prefix}.{key}", value, fields[key].type)
     return cls(**kwargs)
 
@@ -212,11 +219,7 @@ def config_from_dict(data: dict) -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     kwargs = {}
     for name, value in data.items():
-        if name not in sections:
-            hint = difflib.get_close_matches(name, sections, n=1)
-            did = f" Did you mean '{hint[0]}'?" if hint else ""
-            raise ConfigError(f"unknown config section '{name}'.{did} Valid sections: "
-                              f"{', '.join(sections)}")
+        _check_known(name, sections, "section")
         section_cls = sections[name].default_factory
         kwargs[name] = _section_from_dict(section_cls, value or {}, name)
     cfg = Config(**kwargs)

@@ -17,15 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from ..fileio import sha256_file  # noqa: F401 - re-exported for the data modules
 from .errors import DataError
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -24,7 +24,6 @@ by name instead of surfacing as a shape error deep inside the model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -38,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..config import Config, ConfigError, config_from_dict
+from ..fileio import sha256_file
 from .atomic_dir import atomic_directory
 
 FORMAT = "slope-megatron-artifact"
@@ -81,14 +81,6 @@ def _check_nm(name: str, mask: torch.Tensor, values: torch.Tensor, n: int, m: in
 
 
 # ---- checksums ---------------------------------------------------------------------------
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
 
 # ---- save --------------------------------------------------------------------------------
 
