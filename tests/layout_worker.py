@@ -23,27 +23,17 @@ def tiny_config(tp=1, pp=1, stage=0, extra=()):
 
 
 def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1):
-    from slope_megatron.model import GPTModel
     from slope_megatron.parallel import initialize_parallel
     from slope_megatron.sparsity import after_optimizer_step
     from slope_megatron.training.distributed import init_distributed
-    from slope_megatron.training.engine import initialize
-    from slope_megatron.training.optimizer import (base_optimizer, build_optimizer, set_lr,
-                                                   switch_on_adapters)
-
-    from slope_megatron.model.pipeline import build_pipeline_model, mark_for_grad_norm
+    from slope_megatron.training.engine import build_engine
+    from slope_megatron.training.optimizer import base_optimizer, set_lr, switch_on_adapters
 
     cfg = tiny_config(tp, pp, stage, [f"model.arch={arch}"])
     d = init_distributed()
     par = initialize_parallel(tp, pp) if tp * pp > 1 else None
     dp_rank, dp = (par.dp_rank, par.dp_size) if par else (d.rank, d.world_size)
-    if pp > 1:
-        model = build_pipeline_model(cfg, par)
-        mark_for_grad_norm(model, par)
-        engine, opt = initialize(model, build_optimizer(model, cfg), cfg, dp)
-    else:
-        model = GPTModel.from_config(cfg, par)
-        engine, opt = initialize(model, build_optimizer(model, cfg), cfg, dp, mpu=par)
+    model, engine, opt = build_engine(cfg, par, dp)
     ids = torch.randint(0, 128, (GLOBAL_BATCH, 17), generator=torch.Generator().manual_seed(1))
     per_rank = GLOBAL_BATCH // dp
     mine = ids[dp_rank * per_rank:(dp_rank + 1) * per_rank]

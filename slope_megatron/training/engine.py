@@ -72,3 +72,24 @@ def initialize(model, optimizer, cfg: Config, dp_size: int, mpu=None):
     engine, engine_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, dp_size), mpu=mpu)
     return engine, engine_optimizer
+
+
+def build_engine(cfg: Config, par, dp_size: int):
+    """Model (plain, or a PipelineModule when PP > 1), client AdamW and DeepSpeed engine.
+
+    Returns (model, engine, engine_optimizer). With PP DeepSpeed takes the groups from the
+    PipelineModule's topology; otherwise our ParallelState is the `mpu` (None for TP = 1).
+    """
+    from ..model import GPTModel
+    from ..model.pipeline import build_pipeline_model, mark_for_grad_norm
+    from .optimizer import build_optimizer
+
+    if cfg.parallel.pipeline > 1:
+        model = build_pipeline_model(cfg, par)
+        mark_for_grad_norm(model, par)
+        mpu = None
+    else:
+        model = GPTModel.from_config(cfg, par)
+        mpu = par
+    engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size, mpu=mpu)
+    return model, engine, optimizer
