@@ -128,7 +128,7 @@ class CusparseltBackend(SparseLinearBackend):
             b = torch.nn.functional.pad(b, (0, 0, 0, pad))
         y = self.linear(layer, x)
         xa = x.reshape(-1, x.shape[-1]) @ a
-        if not y.is_cuda:  # the reference ran (see linear's fallback log)
+        if not (y.is_cuda and y.dtype in SUPPORTED_DTYPES):  # e.g. the fp32 reference ran
             return y + (xa @ (b * scale)).view(y.shape)
         from .cusparselt_function import LowRankAddFunction
         y2 = LowRankAddFunction.apply(y.reshape(-1, y.shape[-1]), xa, (b * scale).contiguous())
