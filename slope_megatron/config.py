@@ -130,7 +130,8 @@ class TrainConfig:
     log_interval: int = _f(10, "Iterations between log lines / metrics records.")
     eval_interval: int = _f(100, "Iterations between validation runs (0 disables; the last "
                                  "iteration always evaluates).")
-    eval_iters: int = _f(10, "Validation batches per evaluation.")
+    eval_iters: int = _f(10, "Global batches of validation windows per evaluation (the same "
+                              "windows every time and in every layout).")
     save_interval: int = _f(100, "Iterations between checkpoints (the last one always saves).")
     keep_checkpoints: int = _f(2, "Newest complete checkpoints to keep (>= 1).")
     seed: int = _f(1234, "Seed for init, data order and dropout.")

@@ -77,7 +77,7 @@ class RunData:
     tokenizer_file: Optional[Path]
 
 
-def prepare_run_data(cfg: Config, main: bool, dp_size: int = 1) -> RunData:
+def prepare_run_data(cfg: Config, main: bool) -> RunData:
     """Prepare shards (rank 0 first), fix model.vocab_size, open both splits."""
     from ..data import TokenDataset, prepare_data
 
@@ -98,10 +98,9 @@ def prepare_run_data(cfg: Config, main: bool, dp_size: int = 1) -> RunData:
     if len(train) < need:
         raise ConfigError(f"the training split has {len(train)} samples of {seq} tokens, fewer "
                           f"than one global batch ({need}); use more data or smaller batches")
-    if len(val) < cfg.train.micro_batch_size * dp_size:
+    if len(val) < need:
         raise ConfigError(f"the validation split has {len(val)} samples of {seq} tokens, fewer "
-                          f"than one micro-batch per data-parallel rank "
-                          f"({cfg.train.micro_batch_size} x {dp_size}); raise data.val_fraction")
+                          f"than one global batch ({need}); raise data.val_fraction")
     return RunData(train, val, info.tokenizer_file)
 
 

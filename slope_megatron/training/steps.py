@@ -45,8 +45,14 @@ def eval_loss(engine, batches: list) -> float:
 
 
 def eval_indices(cfg: Config, num_val: int, dp_rank: int, dp_size: int) -> list[list[int]]:
-    """This rank's validation micro-batches: the same fixed windows at every evaluation."""
-    mbs = cfg.train.micro_batch_size
-    per_rank = min(cfg.train.eval_iters * mbs, num_val // dp_size) // mbs * mbs
+    """This rank's validation micro-batches.
+
+    The set is the first eval_iters global batches of validation windows (fewer if the split
+    is smaller, in whole global batches), so every evaluation - and every parallel layout,
+    since the global batch is fixed - measures the same windows.
+    """
+    gbs, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    total = min(cfg.train.eval_iters * gbs, num_val // gbs * gbs)
+    per_rank = total // dp_size
     start = dp_rank * per_rank
     return [list(range(start + i, start + i + mbs)) for i in range(0, per_rank, mbs)]

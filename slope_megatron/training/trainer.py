@@ -58,7 +58,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
     given = check_output_dir(cfg, out)
-    data = prepare_run_data(cfg, main, dp_size)  # sets model.vocab_size from the tokenizer
+    data = prepare_run_data(cfg, main)  # sets model.vocab_size from the tokenizer
     record_run_config(given, out, main)
     say = tqdm.write if main else (lambda *_: None)
 
