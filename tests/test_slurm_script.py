@@ -62,6 +62,7 @@ def run_script(fakebin, *args, script=SCRIPT, cwd=ROOT, **env_overrides):
               "MASTER_ADDR", "MASTER_PORT", "SRUN_ARGS", "CONTAINER_IMAGE", "SLOPE_ROOT",
               "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
               "NCCL_DEBUG", "SRUN_MPI", "CONTAINER_MOUNTS", "PYTHON", "DRY_RUN",
+              "TORCH_EXTENSIONS_DIR",
               "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     env.update(PATH=f"{fakebin}{os.pathsep}{env['PATH']}", DRY_RUN="1",
@@ -106,7 +107,7 @@ def test_srun_mode_one_task_per_gpu(fakebin, tmp_path):
         "train.log_interval=5", "zero.stage=2", "data.path=/data/my corpus"]
     assert "DRY_RUN=1: nothing launched" in r.stdout
     assert ("env: NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 "
-            "NCCL_DEBUG=WARN") in r.stdout  # NVLink multicast off by default
+            f"NCCL_DEBUG=WARN TORCH_EXTENSIONS_DIR={ROOT}/.torch_extensions") in r.stdout
     assert not (ROOT / "runs" / "slurm" / "hostfile-4242").exists()
 
 
@@ -154,6 +155,8 @@ def test_container_and_extra_srun_args(fakebin):
     assert "--container-image=registry#slope:latest" in cmd
     assert f"--container-mounts={ROOT}:{ROOT},/data:/data" in cmd
     assert f"--container-workdir={ROOT}" in cmd
+    # the image's prebuilt kernels, not the checkout's cache
+    assert "TORCH_EXTENSIONS_DIR=image default" in r.stdout
     i = cmd.index("python")
     assert cmd[i - 2:i] == ["--cpus-per-task=12", "--exclusive"]
 
