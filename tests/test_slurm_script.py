@@ -62,7 +62,7 @@ def run_script(fakebin, *args, script=SCRIPT, cwd=ROOT, **env_overrides):
               "MASTER_ADDR", "MASTER_PORT", "SRUN_ARGS", "CONTAINER_IMAGE", "SLOPE_ROOT",
               "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
               "NCCL_DEBUG", "SRUN_MPI", "CONTAINER_MOUNTS", "PYTHON", "DRY_RUN",
-              "TORCH_EXTENSIONS_DIR",
+              "TORCH_EXTENSIONS_DIR", "CPUS_PER_TASK",
               "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     env.update(PATH=f"{fakebin}{os.pathsep}{env['PATH']}", DRY_RUN="1",
@@ -147,7 +147,7 @@ def test_deepspeed_pdsh_mode_runs_the_launcher_once(fakebin):
 
 def test_container_and_extra_srun_args(fakebin):
     r = run_script(fakebin, CONTAINER_IMAGE="registry#slope:latest",
-                   CONTAINER_MOUNTS="/data:/data", SRUN_ARGS="--cpus-per-task=12 --exclusive",
+                   CONTAINER_MOUNTS="/data:/data", SRUN_ARGS="--cpu-bind=none --exclusive",
                    SRUN_MPI="pmix")
     assert r.returncode == 0, r.stderr
     cmd = launch_line(r.stdout)
@@ -158,7 +158,7 @@ def test_container_and_extra_srun_args(fakebin):
     # the image's prebuilt kernels, not the checkout's cache
     assert "TORCH_EXTENSIONS_DIR=image default" in r.stdout
     i = cmd.index("python")
-    assert cmd[i - 2:i] == ["--cpus-per-task=12", "--exclusive"]
+    assert cmd[i - 2:i] == ["--cpu-bind=none", "--exclusive"]
 
 
 def test_a_copy_run_from_the_spool_dir_finds_the_checkout_through_submit_dir(fakebin, tmp_path):
@@ -171,6 +171,15 @@ def test_a_copy_run_from_the_spool_dir_finds_the_checkout_through_submit_dir(fak
     assert f"root {ROOT}" in r.stdout
     r = run_script(fakebin, script=spool / "slurm_script", cwd=tmp_path)
     assert r.returncode == 2 and "no launch/pretrain.py" in r.stderr
+
+
+@pytest.mark.parametrize("launcher, cpus", [("srun", "12"), ("deepspeed", "96")])
+def test_each_task_gets_its_share_of_the_node_cpus(fakebin, launcher, cpus):
+    r = run_script(fakebin, LAUNCHER=launcher, SLURM_CPUS_ON_NODE="96")
+    assert r.returncode == 0, r.stderr
+    assert f"--cpus-per-task={cpus}" in launch_line(r.stdout)
+    r = run_script(fakebin, LAUNCHER=launcher, SLURM_CPUS_ON_NODE="96", CPUS_PER_TASK="4")
+    assert "--cpus-per-task=4" in launch_line(r.stdout)
 
 
 @pytest.mark.parametrize("env, message", [
