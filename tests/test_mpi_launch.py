@@ -50,7 +50,7 @@ def _mpirun(n, *overrides, timeout=180):
     cmd = [MPIRUN, "-n", str(n), sys.executable, str(ROOT / "launch" / "pretrain.py"),
            "--config", str(ROOT / "configs" / "demo.yaml"), "--set", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def _tiny(corpus, out):
