@@ -1,17 +1,15 @@
 """launch/pretrain.py end to end on 2 CPU processes: outputs, adapters, resume, bad input."""
 import importlib.util
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 
+from corpus_helpers import write_corpus
 from dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the king queen said unto them and lord of people city river house light night "
-         "day went came saw heard spoke great small old new ship sea land war peace").split()
 
 
 def _pretrain_main(argv):
@@ -23,13 +21,7 @@ def _pretrain_main(argv):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(40):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "."
-                 for _ in range(60)]
-        (d / f"doc{i}.txt").write_text("\n".join(lines))
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def args(corpus, out, *extra):

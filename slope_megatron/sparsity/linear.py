@@ -42,7 +42,7 @@ class SlopeLinear(nn.Module):
     """Y = X (W*M)^T + b with SLoPe's double-pruned backward and an optional lazy adapter."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, n: int = 2,
-                 m: int = 4, column_mask_refresh: int = 1, backend: str = "reference",
+                 m: int = 4, column_mask_refresh: int = 100, backend: str = "reference",
                  adapter_rank: Optional[int] = None, init_method: Optional[InitFn] = None,
                  device=None, dtype=None):
         super().__init__()
@@ -169,10 +169,9 @@ class SlopeLinear(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.backend.linear(self, x)
         if self.adapter_active:
-            y = y + (x @ self.adapter_a) @ self.adapter_b * self.adapter_scale
-        return y
+            return self.backend.linear_with_adapter(self, x)
+        return self.backend.linear(self, x)
 
     # ---- state ----------------------------------------------------------------------------
     def get_extra_state(self) -> dict:

@@ -21,6 +21,11 @@ class SparseLinearBackend(abc.ABC):
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         """Sparse part of the layer's forward, with SLoPe's backward attached."""
 
+    def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """Sparse part plus the active adapter's (X A) B / r (backends may fuse the two)."""
+        return self.linear(layer, x) + (x @ layer.adapter_a) @ layer.adapter_b \
+            * layer.adapter_scale
+
     def after_optimizer_step(self, layer) -> None:
         """Called once after every optimizer step (refresh compressed copies here)."""
 
