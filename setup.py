@@ -26,7 +26,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7", "transformers==5.24.0"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7", "transformers==5.24.0",
+                 "mpich==5.0.2", "mpi4py==4.1.2"],
         "mpi": ["mpi4py>=3.1"],
         "gpu": ["triton>=3.0"],
     },

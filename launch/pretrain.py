@@ -39,7 +39,9 @@ def main(argv=None) -> int:
     if args.help_config:
         print(config_reference())
         return 0
-    rank = int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    rank = next((int(os.environ[v]) for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
+                                              "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+                 if v in os.environ), 0)  # before any process group: who prints errors
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -5,18 +5,16 @@ both). Skipped only when there is no `mpirun` at all.
 """
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from corpus_helpers import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
-WORDS = ("the king queen said unto them and lord of people city river house light night "
-         "day went came saw heard spoke great small old new ship sea land war peace").split()
 # variables another launcher (or an outer test runner) may have left: discovery must go
 # through MPI, not through these
 _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -28,13 +26,7 @@ pytestmark = pytest.mark.skipif(MPIRUN is None, reason="no mpirun/mpiexec on PAT
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(40):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "."
-                 for _ in range(60)]
-        (d / f"doc{i}.txt").write_text("\n".join(lines))
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _env():
@@ -83,9 +75,6 @@ def test_mpirun_two_processes_train_as_one_data_parallel_job(corpus, tmp_path):
     assert (out / "checkpoints" / "iter_00000004" / "slope_model" / "model.safetensors").is_file()
 
 
-@pytest.mark.xfail(reason="launch/pretrain.py picks rank 0 for messages from RANK or "
-                   "OMPI_COMM_WORLD_RANK only; under MPICH (PMI_RANK) every rank prints",
-                   strict=False)
 def test_mpirun_config_error_is_printed_once(tmp_path):
     r = _mpirun(2, "model.hiden_size=3", f"train.output_dir={tmp_path / 'bad'}", timeout=120)
     assert r.returncode == 2

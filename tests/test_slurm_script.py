@@ -2,7 +2,6 @@
 for the end-to-end runs, a fake `srun` that starts the tasks on this machine)."""
 import json
 import os
-import random
 import shlex
 import shutil
 import subprocess
@@ -10,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from corpus_helpers import write_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "slurm" / "pretrain.sbatch"
-WORDS = ("the king queen said unto them and lord of people city river house light night "
-         "day went came saw heard spoke great small old new ship sea land war peace").split()
 
 FAKE_SCONTROL = """#!/bin/bash
 # scontrol show hostnames LIST -> one host a line, from FAKE_HOSTS
@@ -209,13 +207,7 @@ def test_bash_syntax_and_shellcheck():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(40):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "."
-                 for _ in range(60)]
-        (d / f"doc{i}.txt").write_text("\n".join(lines))
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _tiny(corpus, cache):

@@ -44,7 +44,7 @@ def _from_mpi() -> str:
     comm = MPI.COMM_WORLD
     addr_port = None
     if comm.Get_rank() == 0:
-        addr = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
+        addr = os.environ.get("MASTER_ADDR") or socket.getfqdn()  # not a loopback alias
         addr_port = (addr, os.environ.get("MASTER_PORT") or str(_free_port()))
     addr, port = comm.bcast(addr_port, root=0)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
@@ -58,7 +58,12 @@ def discover_environment() -> str:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return "torch"
     if any(v in os.environ for v in _MPI_RANK_VARS):
-        return _from_mpi()
+        try:
+            return _from_mpi()
+        except ImportError:
+            if "SLURM_PROCID" not in os.environ:  # srun --mpi=pmix without mpi4py: use SLURM_*
+                raise RuntimeError("launched under MPI but mpi4py is not installed; "
+                                   "pip install mpi4py (or launch with torchrun/deepspeed)")
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
                           LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
