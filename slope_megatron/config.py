@@ -139,7 +139,6 @@ class TrainConfig:
                             "or 'fp32'.")
     max_skipped_steps: int = _f(10, "Stop after this many consecutive steps skipped for a "
                                     "non-finite loss or gradient.")
-    compile: bool = _f(False, "torch.compile the transformer blocks (GPU).")
 
 
 @dataclass
