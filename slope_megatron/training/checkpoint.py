@@ -1,55 +1,96 @@
-"""Checkpoints: DeepSpeed's engine files + per-rank RNG + the SLoPe inference artifact.
+"""Checkpoints: DeepSpeed's engine files + per-rank RNG + the SLoPe inference artifact,
+sealed by a manifest, loaded safely.
 
 Layout: <output_dir>/checkpoints/iter_XXXXXXXX/ holds DeepSpeed's model/optimizer files
 (the kept values, masks and column masks are ordinary parameters and buffers, the layer
-counters and adapter switch are module extra state), `rng_rank{r}.pt` for every rank, and
-`slope_model/` (the consolidated inference artifact, written by rank 0).
+counters and adapter switch are module extra state), `rng_rank{r}.pt` for every rank,
+`slope_model/` (the consolidated inference artifact, written by rank 0) and
+`manifest.json` (size and sha256 of every other file, plus the run identity: model,
+sparsity, adapters, data, layout, ZeRO stage, world size).
 
-A checkpoint becomes the one to resume from only when all of that is on disk: DeepSpeed
-is told not to write its `latest` file, and after a barrier rank 0 atomically replaces
-`checkpoints/latest` (write to a temporary file, fsync, rename). A run killed mid-save
-therefore resumes from the previous complete checkpoint.
+Save protocol: leftovers of a save a kill interrupted are removed; everything is written;
+every file is fsynced and hashed (the ranks share the work); rank 0 writes the manifest
+atomically; only then is `checkpoints/latest` atomically replaced (temporary file, fsync,
+rename, directory fsync). DeepSpeed is told not to write its own `latest`. A kill at any
+moment therefore leaves `latest` naming a complete checkpoint. Old checkpoints are pruned
+to `train.keep_checkpoints`, never the one `latest` names.
+
+Load protocol: the checkpoint `latest` names is verified against its manifest (every
+file present with its size and sha256, the run identity equal) before DeepSpeed reads a
+byte. A file that is missing, truncated or changed makes us fall back to the newest older
+checkpoint that verifies, with a warning naming the file (and `latest` is moved back to
+it); if none verifies the run stops with a CheckpointError listing the problems. A
+checkpoint of a different model/sparsity/layout is refused with the differing keys.
+DeepSpeed's own loader calls torch.load(weights_only=False); we replace it on our engine
+with torch.load(weights_only=True) and an explicit allow-list of the few DeepSpeed
+classes its files hold, so loading a checkpoint never executes pickled code.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from ..config import ConfigError
+from ..fileio import sha256_file
+from . import faults
 from .distributed import barrier
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
 TAG_RE = re.compile(r"^iter_(\d{8})$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used: corrupt, incomplete or from a different run."""
 
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:08d}"
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text`: temporary file, fsync, rename, fsync of the directory."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
-    """The newest complete checkpoint's tag, or None when there is none."""
+    """The tag `latest` names, or None when there is none."""
     p = ckpt_dir / LATEST
     if not p.is_file():
         return None
     tag = p.read_text().strip()
     if not TAG_RE.match(tag) or not (ckpt_dir / tag).is_dir():
-        raise RuntimeError(f"{p} names '{tag}', which is not a checkpoint directory; remove "
-                           f"{p} to start over or restore the checkpoint")
+        raise CheckpointError(f"{p} names '{tag}', which is not a checkpoint directory; remove "
+                              f"{p} to start over or restore the checkpoint")
     return tag
 
 
@@ -74,32 +115,220 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, iteration: int, client_state: dict, rank: int,
-         write_artifact=None, keep: int = 2) -> Path:
-    """Save everything for `iteration`; mark it latest only once complete."""
-    tag = tag_for(iteration)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
-    if write_artifact is not None:
-        write_artifact(ckpt_dir / tag)  # collective under ZeRO-3: every rank calls it
-    barrier()
+# ---- collectives (no-ops in a world of one) -------------------------------------------
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    rank, world = _world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---- manifest -------------------------------------------------------------------------
+
+def _files(tag_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
+
+
+def _describe(tag_dir: Path, rel: str, sync: bool) -> dict:
+    path = tag_dir / rel
+    if sync:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(tag_dir: Path, identity: dict) -> None:
+    """Collective: fsync + hash every file (shared among ranks), rank 0 writes the manifest."""
+    rank, world = _world()
+    files = _files(tag_dir)
+    mine = {rel: _describe(tag_dir, rel, sync=True) for rel in files[rank::world]}
+    parts = _all_gather(mine)
     if rank == 0:
+        entries = {}
+        for part in parts:
+            entries.update(part)
+        for sub in {tag_dir / Path(rel).parent for rel in files}:
+            _fsync_dir(sub)
+        write_text_atomic(tag_dir / MANIFEST, json.dumps(
+            {"format": 1, "identity": identity, "files": entries}, indent=1, sort_keys=True))
+
+
+def verify(tag_dir: Path, identity: Optional[dict]) -> list[str]:
+    """Problems with a checkpoint (empty: usable). Collective: ranks share the hashing."""
+    rank, world = _world()
+    problems: list[str] = []
+    manifest_file = tag_dir / MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        manifest, files = None, {}
+        problems.append(f"{manifest_file} is missing (the save did not finish, or the "
+                        f"checkpoint predates manifests)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        manifest, files = None, {}
+        problems.append(f"{manifest_file} is unreadable: {e}")
+    if manifest is not None and identity is not None:
+        old = manifest.get("identity", {})
+        diff = sorted(k for k in old.keys() | identity.keys() if old.get(k) != identity.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} (checkpoint) vs {identity.get(k)!r} "
+                              f"(this run)" for k in diff[:8])
+            raise CheckpointError(f"checkpoint {tag_dir} belongs to a different run "
+                                  f"({shown}); use a new train.output_dir or the original "
+                                  f"settings")
+    for rel in sorted(files)[rank::world]:
+        path, want = tag_dir / rel, files[rel]
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says "
+                            f"{want['size']} (truncated or overwritten)")
+        elif sha256_file(path) != want["sha256"]:
+            problems.append(f"{path} does not match its sha256 in the manifest (corrupted)")
+    if manifest is not None and rank == 0:
+        extra = [rel for rel in _files(tag_dir) if rel not in files and rel.endswith(".pt")]
+        problems += [f"{tag_dir / rel} is not in the manifest" for rel in extra]
+    return sorted({p for part in _all_gather(problems) for p in part})
+
+
+# ---- safe loading ---------------------------------------------------------------------
+
+def _safe_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19.8 pickles into its checkpoint files."""
+    out = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        out.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out.append(fragment_address)
+    except ImportError:
+        pass
+    import argparse
+    import collections
+    out += [argparse.Namespace, collections.OrderedDict, set]
+    return out
+
+
+def safe_torch_load(path, map_location=None):
+    """torch.load with weights_only=True, allowing only DeepSpeed's plain-data classes."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects that are not plain tensors/data, so it "
+                              f"is not loaded (torch.load weights_only=True): "
+                              f"{str(e).splitlines()[0]}") from None
+
+
+def use_safe_loading(engine) -> None:
+    """Make this engine's DeepSpeed checkpoint engine load with weights_only=True."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    if ce is None:
+        return
+    ce.load = safe_torch_load
+
+
+# ---- save / load / prune --------------------------------------------------------------
+
+def save(engine, ckpt_dir: Path, iteration: int, client_state: dict, rank: int,
+         write_artifact=None, keep: int = 2, identity: Optional[dict] = None) -> Path:
+    """Save everything for `iteration`; mark it latest only once complete and sealed."""
+    tag = tag_for(iteration)
+    tag_dir = ckpt_dir / tag
+    if rank == 0 and tag_dir.exists() and _latest_or_none(ckpt_dir) != tag:
+        shutil.rmtree(tag_dir)  # left by a save that a kill interrupted
+    barrier()
+    faults.point("save_start", iteration)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    faults.point("save_after_engine", iteration)
+    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    if write_artifact is not None:
+        write_artifact(tag_dir)  # collective under ZeRO-3: every rank calls it
+    barrier()
+    write_manifest(tag_dir, identity or {})
+    if rank == 0:
+        faults.point("save_before_latest", iteration)
         write_text_atomic(ckpt_dir / LATEST, tag)
+        faults.point("save_after_latest", iteration)
         prune(ckpt_dir, keep)
     barrier()
-    return ckpt_dir / tag
+    return tag_dir
 
 
-def load(engine, ckpt_dir: Path, rank: int) -> Optional[dict]:
-    """Load the latest complete checkpoint into `engine`; returns its client state."""
+def _latest_or_none(ckpt_dir: Path) -> Optional[str]:
+    try:
+        return latest_tag(ckpt_dir)
+    except CheckpointError:
+        return None
+
+
+def choose(ckpt_dir: Path, identity: Optional[dict]) -> Optional[str]:
+    """The newest checkpoint at or before `latest` that verifies (collective).
+
+    Falls back past a corrupt `latest` with a warning and points `latest` at the one used.
+    """
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
+    rank, _ = _world()
+    candidates = sorted((p.name for p in ckpt_dir.iterdir()
+                         if p.is_dir() and TAG_RE.match(p.name) and p.name <= tag), reverse=True)
+    seen: list[str] = []
+    for cand in candidates:
+        problems = verify(ckpt_dir / cand, identity)
+        if not problems:
+            if cand != tag:
+                if rank == 0:
+                    print(f"warning: checkpoint {tag} is unusable ({'; '.join(seen)}); "
+                          f"resuming from the previous complete checkpoint {cand}",
+                          file=sys.stderr, flush=True)
+                    write_text_atomic(ckpt_dir / LATEST, cand)
+                barrier()
+            return cand
+        seen += problems
+    raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: " + "; ".join(seen[:10]) +
+                          f". Restore the files, or move {ckpt_dir} away to start over")
+
+
+def load(engine, ckpt_dir: Path, rank: int, identity: Optional[dict] = None) -> Optional[dict]:
+    """Load the newest verified checkpoint into `engine`; returns its client state."""
+    tag = choose(ckpt_dir, identity)
+    if tag is None:
+        return None
+    use_safe_loading(engine)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag,
                                                 load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

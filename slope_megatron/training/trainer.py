@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config, validate_world
+from ..config import Config, ConfigError, validate_world
 from ..model import GPTModel, dense_flops_per_token
 from ..model.pipeline import build_pipeline_model, mark_for_grad_norm
 from ..parallel import initialize_parallel
 from ..sparsity import adapters_active, after_optimizer_step
-from . import checkpoint
+from . import checkpoint, faults
 from .data_order import GlobalBatchOrder
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .engine import initialize
@@ -34,12 +34,96 @@ from .optimizer import (
 )
 from .run_setup import (
     artifact_writer,
+    _identity,
     check_output_dir,
     prepare_run_data,
     record_run_config,
     sample_from_checkpoint,
 )
-from .steps import eval_indices, eval_loss, make_batch, train_step
+from .steps import eval_indices, eval_loss, is_pipelined, make_batch, train_step
+
+
+class TrainingStopped(ConfigError):
+    """The run stopped itself (e.g. too many consecutive non-finite steps); the message
+    says why and what to do. A ConfigError so launch/pretrain.py prints it as one clean
+    `error:` line with exit code 2 instead of a traceback."""
+
+
+def run_identity(cfg: Config, world_size: int) -> dict:
+    """What a checkpoint must match to be resumed: run_config's identity keys plus the
+    ZeRO stage and the world size (DeepSpeed's optimizer files are partitioned by them)."""
+    ident = _identity(cfg.to_dict())
+    ident.update({"zero.stage": cfg.zero.stage, "world_size": world_size})
+    return ident
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any (one scalar all-reduce)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch.cuda.is_available():
+        t = t.cuda()
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def guard_client_optimizer(engine) -> None:
+    """Without ZeRO (and in fp32) DeepSpeed steps our torch AdamW with no overflow check.
+
+    Give it the check DeepSpeed's ZeRO optimizers have: before stepping, look for a
+    non-finite gradient on any rank; if there is one, do nothing and report `overflow`, so
+    the engine counts the step as skipped (was_step_applied() is False) and zeroes the
+    gradients. Parameters, Adam moments and step counts stay bit-identical.
+    """
+    opt = engine.optimizer
+    if not isinstance(opt, torch.optim.Optimizer) or getattr(opt, "_slope_guarded", False):
+        return
+    step = opt.step
+
+    def guarded_step(*args, **kwargs):
+        bad = any(p.grad is not None and not torch.isfinite(p.grad).all()
+                  for g in opt.param_groups for p in g["params"])
+        opt.overflow = _any_rank(bad)
+        if opt.overflow:
+            return None
+        return step(*args, **kwargs)
+
+    opt.step, opt.overflow, opt._slope_guarded = guarded_step, False, True
+
+
+def guarded_train_step(engine, batches: list, it: int) -> tuple[float, bool]:
+    """One optimizer step -> (mean loss, whether any rank saw a non-finite loss).
+
+    A non-finite loss on any rank makes every ZeRO stage skip the step.
+
+    The plain engine is driven micro-batch by micro-batch; before the last backward the
+    ranks agree (one all-reduce) whether any loss of this step was non-finite, and if so
+    the last loss is multiplied by NaN, so every gradient is NaN and DeepSpeed's overflow
+    check (ZeRO 1-3) or ours (guard_client_optimizer, no ZeRO) discards the whole step.
+    The pipeline engine runs the step inside train_batch; there we rely on the gradient
+    check alone (a NaN loss gives NaN gradients) and stop if a non-finite loss was applied.
+    """
+    if is_pipelined(engine):
+        loss = train_step(engine, batches)
+        return loss, not math.isfinite(loss)
+    total, bad, bad_any = 0.0, False, False
+    for i, (x, y) in enumerate(batches):
+        loss = faults.corrupt_loss(engine(x, y), it)
+        value = loss.item()
+        bad = bad or not math.isfinite(value)
+        if i == len(batches) - 1:
+            bad_any = _any_rank(bad)
+            if bad_any:
+                loss = loss * float("nan")
+        engine.backward(loss)
+        if i == 0:
+            faults.point("after_backward", it)
+        engine.step()
+        total += value
+    return (float("nan") if bad_any else total / len(batches)), bad_any
 
 
 @dataclass
@@ -77,12 +161,17 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
         f"dp={dp_size}, adapters from iter {cfg.adapter_start_iter}")
 
     ckpt_dir = out / "checkpoints"
-    client = checkpoint.load(engine, ckpt_dir, dist.rank) if ckpt_dir.is_dir() else None
+    identity = run_identity(cfg, dist.world_size)
+    client = checkpoint.load(engine, ckpt_dir, dist.rank, identity) if ckpt_dir.is_dir() \
+        else None
     start = client["iteration"] if client else 0
+    skipped_total = client.get("skipped_total", 0) if client else 0
+    consecutive = client.get("consecutive_skips", 0) if client else 0
     if client:
         say(f"resumed from {ckpt_dir / checkpoint.tag_for(start)} (iteration {start})")
         if adapters_active(model):
             mark_adapters_active(optimizer)
+    guard_client_optimizer(engine)
     metrics = MetricsWriter(out, main, start)
     order = GlobalBatchOrder(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_len
@@ -93,41 +182,74 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     save_artifact = artifact_writer(engine, cfg, data, par)
 
     t0 = t_log = time.time()
-    loss_sum, window = 0.0, 0
+    loss_sum, window, window_iters = 0.0, 0, 0
     val_loss = train_loss = float("nan")
     bar = tqdm(total=cfg.train.iters, initial=start, disable=not main, desc="train",
                dynamic_ncols=True)
     for it in range(start, cfg.train.iters):
+        faults.point("step_start", it)
         if it == cfg.adapter_start_iter and not adapters_active(model):
+            faults.point("before_adapter_switch", it)
             n = switch_on_adapters(model, optimizer, cfg)
             say(f"iter {it}: lazy low-rank adapters switched on ({n} layers on rank 0)")
-        set_lr(optimizer, lr_at(cfg, it))
+            faults.point("after_adapter_switch", it)
+        lr = lr_at(cfg, it - skipped_total)  # skipped steps do not advance the schedule
+        set_lr(optimizer, lr)
         batches = [make_batch(data.train, mb, engine.device)
                    for mb in order.micro_batches(it, dp_rank, dp_size, cfg.train.micro_batch_size)]
-        loss_sum += train_step(engine, batches)
-        if engine.was_step_applied():
-            after_optimizer_step(model)
+        loss, loss_bad = guarded_train_step(engine, batches, it)
+        applied = engine.was_step_applied()
+        if applied and not math.isfinite(loss):
+            raise TrainingStopped(f"iteration {it + 1}: the loss is {loss} but the optimizer "
+                                  f"step was applied; the model is no longer trustworthy - "
+                                  f"resume from the last checkpoint with a lower optimizer.lr")
+        faults.point("after_step", it)
+        done = it + 1
         bar.update(1)
-        done, window = it + 1, window + 1
+        window_iters += 1
+        if applied:
+            after_optimizer_step(model)
+            loss_sum, window, consecutive = loss_sum + loss, window + 1, 0
+        else:
+            skipped_total, consecutive = skipped_total + 1, consecutive + 1
+            reason = "loss" if loss_bad else "gradient"
+            metrics.write({"iter": done, "skipped": True, "reason": f"non-finite {reason}",
+                           "loss": loss if math.isfinite(loss) else None,
+                           "skipped_total": skipped_total, "consecutive_skips": consecutive})
+            say(f"iter {done:>6} | step skipped: non-finite {reason} "
+                f"({consecutive} in a row, {skipped_total} in total)")
+            if consecutive >= cfg.train.max_skipped_steps:
+                raise TrainingStopped(
+                    f"stopping at iteration {done}: {consecutive} consecutive optimizer steps "
+                    f"were skipped for a non-finite loss or gradient (train.max_skipped_steps "
+                    f"= {cfg.train.max_skipped_steps}); the newest checkpoint in {ckpt_dir} is "
+                    f"intact - lower optimizer.lr, raise optimizer.warmup_iters or check the "
+                    f"data, then rerun")
         if done % cfg.train.log_interval == 0 or done == cfg.train.iters:
             now = time.time()
-            train_loss = all_reduce_mean(loss_sum / window)
-            tps = tokens_per_iter * window / (now - t_log)
-            record = {"iter": done, "loss": train_loss, "lr": lr_at(cfg, it),
+            train_loss = all_reduce_mean(loss_sum / window) if window else float("nan")
+            tps = tokens_per_iter * window_iters / (now - t_log)
+            record = {"iter": done, "loss": train_loss if window else None, "lr": lr,
                       "tokens": done * tokens_per_iter, "tokens_per_s": tps,
                       "adapters_active": adapters_active(model), "time_s": now - t0,
-                      "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None}
-            metrics.write(record)
-            say(format_train_line(record))
-            loss_sum, window, t_log = 0.0, 0, now
+                      "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None,
+                      "skipped_steps": skipped_total}
+            if window:
+                metrics.write(record)
+                say(format_train_line(record))
+            loss_sum, window, window_iters, t_log = 0.0, 0, 0, now
         if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) \
                 or done == cfg.train.iters:
+            faults.point("eval", it)
             val_loss = all_reduce_mean(eval_loss(engine, val_batches))
-            metrics.write({"iter": done, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-            say(f"iter {done:>6} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+            metrics.write({"iter": done, "val_loss": val_loss,
+                           "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf")})
+            say(f"iter {done:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 700)):.2f}")
         if done % cfg.train.save_interval == 0 or done == cfg.train.iters:
-            path = checkpoint.save(engine, ckpt_dir, done, {"iteration": done}, dist.rank,
-                                   save_artifact, cfg.train.keep_checkpoints)
+            state = {"iteration": done, "skipped_total": skipped_total,
+                     "consecutive_skips": consecutive}
+            path = checkpoint.save(engine, ckpt_dir, done, state, dist.rank, save_artifact,
+                                   cfg.train.keep_checkpoints, identity)
             say(f"saved checkpoint {path}")
     bar.close()
     metrics.close()

@@ -1,0 +1,124 @@
+"""Fault injection at named points of the trainer and checkpoint code (for reliability tests).
+
+Driven by one environment variable, read when a point is reached; unset, every hook is a
+dictionary lookup and returns at once:
+
+    SLOPE_FAULT="kill:after_backward:iter=5"   SIGKILL this process at that point of iteration 5
+    SLOPE_FAULT="nan:loss:iter=3"              the loss of iteration 3 becomes NaN (forward)
+    SLOPE_FAULT="inf:loss:iter=3"              ... +Inf
+    SLOPE_FAULT="nan:grad:iter=3"              the loss stays finite, its gradient is NaN
+    SLOPE_FAULT="nan:loss:iter=3-5,rank=1"     iterations 3..5, global rank 1 only
+
+Several faults are separated by ';'. `iter` is the 0-based training iteration for step
+points and the checkpoint's iteration for save points; leave it out to fire every time.
+
+Kill points (see POINTS): a kill is `os.kill(os.getpid(), SIGKILL)` - no handler, no
+flush, no atexit, exactly what a pre-empted job gets.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ENV = "SLOPE_FAULT"
+
+POINTS = {
+    "step_start": "top of an iteration, before anything of it ran",
+    "after_backward": "during a step: first micro-batch's backward done, optimizer not stepped",
+    "after_step": "optimizer stepped, metrics of the iteration not yet written",
+    "before_adapter_switch": "the iteration that switches adapters on, before the switch",
+    "after_adapter_switch": "adapters switched on, their first step not yet taken",
+    "eval": "during evaluation (validation batches being run)",
+    "save_start": "checkpoint save begun, nothing written",
+    "save_after_engine": "DeepSpeed's model/optimizer files written, RNG/artifact not",
+    "save_before_latest": "checkpoint and manifest complete, `latest` not yet moved",
+    "save_after_latest": "`latest` moved to the new checkpoint, old ones not yet pruned",
+}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str                 # kill | nan | inf
+    point: str                # a POINTS name, or loss / grad
+    first: Optional[int]      # iteration range (None: any)
+    last: Optional[int]
+    rank: Optional[int]
+
+    def fires(self, iteration: Optional[int]) -> bool:
+        if self.rank is not None and self.rank != int(os.environ.get("RANK", "0")):
+            return False
+        if self.first is None:
+            return True
+        return iteration is not None and self.first <= iteration <= self.last
+
+
+_cache: tuple[Optional[str], tuple[Fault, ...]] = (None, ())
+
+
+def parse(raw: str) -> tuple[Fault, ...]:
+    faults = []
+    for item in filter(None, (s.strip() for s in raw.split(";"))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in ("kill", "nan", "inf"):
+            raise ValueError(f"{ENV}: '{item}' must look like kill:<point>[:iter=N] or "
+                             f"nan|inf:loss|grad[:iter=N]")
+        kind, point = parts[0], parts[1]
+        if kind == "kill" and point not in POINTS:
+            raise ValueError(f"{ENV}: unknown kill point '{point}'; known: {', '.join(POINTS)}")
+        if kind != "kill" and point not in ("loss", "grad"):
+            raise ValueError(f"{ENV}: '{kind}' faults apply to 'loss' or 'grad', not '{point}'")
+        opts = dict(kv.split("=", 1) for kv in parts[2].split(",")) if len(parts) == 3 else {}
+        first = last = None
+        if "iter" in opts:
+            lo, _, hi = opts["iter"].partition("-")
+            first, last = int(lo), int(hi or lo)
+        rank = int(opts["rank"]) if "rank" in opts else None
+        faults.append(Fault(kind, point, first, last, rank))
+    return tuple(faults)
+
+
+def active() -> tuple[Fault, ...]:
+    global _cache
+    raw = os.environ.get(ENV)
+    if not raw:
+        return ()
+    if _cache[0] != raw:
+        _cache = (raw, parse(raw))
+    return _cache[1]
+
+
+def point(name: str, iteration: Optional[int] = None) -> None:
+    """A named kill point: SIGKILL this process if a fault names it (and the iteration)."""
+    for f in active():
+        if f.kind == "kill" and f.point == name and f.fires(iteration):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _PoisonGrad(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def corrupt_loss(loss: torch.Tensor, iteration: int) -> torch.Tensor:
+    """Apply nan/inf faults aimed at this iteration's loss or its gradient."""
+    for f in active():
+        if f.kind in ("nan", "inf") and f.fires(iteration):
+            if f.point == "loss":
+                loss = loss * float(f.kind)
+            else:
+                loss = _PoisonGrad.apply(loss)
+    return loss
