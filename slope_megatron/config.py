@@ -280,6 +280,10 @@ def validate(cfg: Config) -> None:
     _require(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", m.vocab_size,
              "must be >= 2")
     _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    for key in ("norm_eps", "init_std", "rope_theta"):
+        value = getattr(m, key)
+        _require(math.isfinite(value) and value > 0, f"model.{key}", value,
+                 "must be a finite number > 0")
 
     _require(1 <= s.n < s.m, "sparsity.n", s.n, f"need 1 <= n < m (m = {s.m})")
     _require(s.column_mask_refresh >= 1, "sparsity.column_mask_refresh", s.column_mask_refresh,
@@ -300,6 +304,8 @@ def validate(cfg: Config) -> None:
     _require(0.0 < a.fraction < 1.0, "adapters.fraction", a.fraction, "must be in (0, 1)")
     _require(0.0 < a.rank_ratio <= 1.0, "adapters.rank_ratio", a.rank_ratio, "must be in (0, 1]")
     _require(a.rank is None or a.rank >= 1, "adapters.rank", a.rank, "must be >= 1")
+    _require(a.weight_decay is None or (math.isfinite(a.weight_decay) and a.weight_decay >= 0),
+             "adapters.weight_decay", a.weight_decay, "must be finite and >= 0")
 
     _require(cfg.parallel.tensor >= 1, "parallel.tensor", cfg.parallel.tensor, "must be >= 1")
     _require(cfg.parallel.pipeline >= 1, "parallel.pipeline", cfg.parallel.pipeline,
@@ -307,7 +313,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.zero.stage in (0, 1, 2, 3), "zero.stage", cfg.zero.stage, "must be 0-3")
     _validate_layout(cfg)
 
-    _require(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+    _require(math.isfinite(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be finite and > 0")
+    _require(math.isfinite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be finite and > 0")
     _require(0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr, "must be in [0, lr]")
     _require(o.schedule in ("cosine", "linear", "constant"), "optimizer.schedule", o.schedule,
              "use 'cosine', 'linear' or 'constant'")
@@ -316,7 +323,10 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", (o.beta1, o.beta2),
              "must be in [0, 1)")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
-    _require(o.grad_clip >= 0, "optimizer.grad_clip", o.grad_clip, "must be >= 0")
+    _require(math.isfinite(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip",
+             o.grad_clip, "must be finite and >= 0 (0 disables clipping)")
+    _require(math.isfinite(o.weight_decay), "optimizer.weight_decay", o.weight_decay,
+             "must be finite")
 
     _require(0.0 < cfg.data.val_fraction < 0.5, "data.val_fraction", cfg.data.val_fraction,
              "must be in (0, 0.5)")

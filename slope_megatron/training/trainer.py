@@ -84,8 +84,9 @@ def guard_client_optimizer(engine) -> None:
     step = opt.step
 
     def guarded_step(*args, **kwargs):
-        bad = any(p.grad is not None and not torch.isfinite(p.grad).all()
-                  for g in opt.param_groups for p in g["params"])
+        finite = [torch.isfinite(p.grad).all() for g in opt.param_groups for p in g["params"]
+                  if p.grad is not None]
+        bad = bool(finite) and not bool(torch.stack(finite).all())  # one device sync
         opt.overflow = _any_rank(bad)
         if opt.overflow:
             return None
@@ -107,7 +108,13 @@ def guarded_train_step(engine, batches: list, it: int) -> tuple[float, bool]:
     check alone (a NaN loss gives NaN gradients) and stop if a non-finite loss was applied.
     """
     if is_pipelined(engine):
-        loss = train_step(engine, batches)
+        loss_fn = engine.module.loss_fn
+        if faults.active() and loss_fn is not None:  # injection only: wrap the last stage's loss
+            engine.module.loss_fn = lambda out, y: faults.corrupt_loss(loss_fn(out, y), it)
+        try:
+            loss = train_step(engine, batches)
+        finally:
+            engine.module.loss_fn = loss_fn
         return loss, not math.isfinite(loss)
     total, bad, bad_any = 0.0, False, False
     for i, (x, y) in enumerate(batches):
