@@ -1,5 +1,9 @@
 """Run outputs on rank 0: metrics.jsonl, TensorBoard events, and the console summary.
 
+Skipped steps (non-finite loss or gradient) get a record of their own:
+`{"iter", "skipped": true, "reason", "loss", "skipped_total", "consecutive_skips"}`; train
+records carry `skipped_steps` (the run's total). Non-finite numbers are written as null.
+
 On resume both sinks are cut back to the resumed iteration (metrics.jsonl keeps only the
 records at or before it, rewritten atomically; TensorBoard purges later steps), so a
 resumed run's outputs read exactly like an uninterrupted one's.
@@ -55,8 +59,10 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        strict = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                  for k, v in record.items()}  # NaN/Inf are not JSON: written as null
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict) + "\n")
         step = record["iter"]
         for key, value in record.items():
             if key != "iter" and isinstance(value, (int, float)) and math.isfinite(value):

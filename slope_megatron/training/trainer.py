@@ -95,6 +95,20 @@ def guard_client_optimizer(engine) -> None:
     opt.step, opt.overflow, opt._slope_guarded = guarded_step, False, True
 
 
+class _KillMidEval(list):
+    """Validation batches that reach the `eval` kill point after the first one ran."""
+
+    def __init__(self, batches: list, it: int):
+        super().__init__(batches)
+        self.it = it
+
+    def __iter__(self):
+        for i, batch in enumerate(list.__iter__(self)):
+            if i == min(1, len(self) - 1):
+                faults.point("eval", self.it)
+            yield batch
+
+
 def guarded_train_step(engine, batches: list, it: int) -> tuple[float, bool]:
     """One optimizer step -> (mean loss, whether any rank saw a non-finite loss).
 
@@ -247,8 +261,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
             loss_sum, window, window_iters, t_log = 0.0, 0, 0, now
         if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) \
                 or done == cfg.train.iters:
-            faults.point("eval", it)
-            val_loss = all_reduce_mean(eval_loss(engine, val_batches))
+            batches = _KillMidEval(val_batches, it) if faults.active() else val_batches
+            val_loss = all_reduce_mean(eval_loss(engine, batches))
             metrics.write({"iter": done, "val_loss": val_loss,
                            "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf")})
             say(f"iter {done:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 700)):.2f}")
