@@ -297,6 +297,19 @@ def test_too_many_consecutive_skips_stop_the_run_with_a_message(corpus, tmp_path
     assert checkpoint.latest_tag(out / "checkpoints") == checkpoint.tag_for(4)
 
 
+@pytest.mark.slow
+def test_pipeline_engine_skips_a_nan_step_too(corpus, tmp_path):
+    """PP=2 (the step runs inside DeepSpeed's train_batch): the NaN loss on the last stage
+    gives NaN gradients on both stages, DeepSpeed's ZeRO-1 check discards the step."""
+    out = tmp_path / "run"
+    argv = args(corpus, out, "parallel.pipeline=2", "zero.stage=1", "train.iters=4")
+    assert launch(argv, 2, "nan:loss:iter=2") == [0, 0]
+    records = metrics(out)
+    assert [(r["iter"], r["reason"]) for r in records if r.get("skipped")] == \
+        [(3, "non-finite loss")]
+    assert [r["iter"] for r in records if "loss" in r and not r.get("skipped")] == [1, 2, 4]
+
+
 def _tensors(obj) -> list:
     """Every tensor (and number, as a tensor) in a nested state dict, in a fixed order."""
     if torch.is_tensor(obj):
@@ -396,3 +409,20 @@ def test_data_faults_are_caught_before_work(corpus, reference, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "fewer than one global batch" in err and "Traceback" not in err
     assert not (tmp_path / "small").exists()  # refused before anything was written
+
+
+def test_a_shard_with_out_of_vocab_ids_is_refused_when_not_rehashed(corpus, reference, tmp_path):
+    """Big caches are verified by size only: the id scan still stops a corrupt shard."""
+    import numpy as np
+
+    from slope_megatron.data import DataError, TokenDataset
+
+    src = _shard(corpus).parent
+    copy = tmp_path / src.name
+    shutil.copytree(src, copy)
+    shard = copy / "train.bin"
+    arr = np.fromfile(shard, dtype=np.uint16)
+    arr[5] = 65000
+    arr.tofile(shard)
+    with pytest.raises(DataError, match="contains id 65000 >= vocab_size 300"):
+        TokenDataset(copy, "train", 32)
