@@ -1,0 +1,39 @@
+"""Shared pieces of the inference tests: tiny random models, saved artifacts, a tokenizer."""
+
+import torch
+
+from slope_megatron.config import load_config
+from slope_megatron.inference import save_artifact
+from slope_megatron.model import GPTModel
+from slope_megatron.sparsity import enable_adapters, slope_layers
+
+VOCAB, SEQ = 96, 16
+
+
+def tiny(arch="gpt", adapters="active", *overrides):
+    """A tiny random model with adapters 'active' / 'inactive' (both with non-zero B)."""
+    cfg = load_config(None, [f"model.arch={arch}", f"model.vocab_size={VOCAB}",
+                             "model.hidden_size=32", "model.num_heads=4", "model.num_layers=2",
+                             f"model.seq_len={SEQ}", "model.init_std=0.3",
+                             "model.rope_theta=500.0", *overrides])
+    model = GPTModel.from_config(cfg).eval()
+    for layer in slope_layers(model):
+        torch.nn.init.normal_(layer.adapter_b, 0.0, 0.2)  # B = 0 would hide adapter bugs
+    if adapters == "active":
+        enable_adapters(model)
+    return cfg, model
+
+
+def saved(tmp_path, arch="gpt", adapters="active", *overrides, tokenizer=None):
+    cfg, model = tiny(arch, adapters, *overrides)
+    path = save_artifact(model.state_dict(), cfg, tokenizer, tmp_path / "art")
+    return cfg, model, path
+
+
+CASES = [(a, ad) for a in ("gpt", "llama") for ad in ("active", "inactive")]
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -1,0 +1,130 @@
+"""Export (HF logits equal ours, SLoPe copy), the generate/export CLIs, CUDA generation."""
+import json
+import os
+
+import pytest
+import torch
+from inference_helpers import SEQ, VOCAB, flip_byte, saved, tiny
+
+from slope_megatron.inference import (
+    ArtifactError,
+    InferenceModel,
+    SamplingConfig,
+    export_checkpoint,
+    generate,
+    load_artifact,
+    save_artifact,
+)
+
+# ---- export -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,adapters,tie", [
+    ("gpt", "active", True), ("gpt", "inactive", False),
+    ("llama", "active", False), ("llama", "inactive", True)])
+def test_hf_export_gives_the_same_logits(tmp_path, arch, adapters, tie):
+    transformers = pytest.importorskip("transformers")
+    extra = [f"model.tie_embeddings={tie}", f"sparsity.sparse_lm_head={not tie}"]
+    _, model, path = saved(tmp_path, arch, adapters, *extra)
+    out = export_checkpoint(path, tmp_path / "hf", "hf")
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, output_loading_info=True, local_files_only=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    expected = {"gpt": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch]
+    assert type(hf).__name__ == expected
+    ids = torch.randint(0, VOCAB, (2, SEQ))
+    with torch.no_grad():
+        theirs, ours = hf.eval()(ids).logits, model(ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_slope_export_rewrites_a_verified_copy(tmp_path):
+    _, model, path = saved(tmp_path, "llama")
+    out = export_checkpoint(path, tmp_path / "copy", "slope")
+    _, a, _ = load_artifact(path)
+    _, b, _ = load_artifact(out)
+    assert a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+    flip_byte(path / "model.safetensors", 200)
+    with pytest.raises(ArtifactError, match="sha256"):
+        export_checkpoint(path, tmp_path / "copy2", "slope")
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_checkpoint(out, tmp_path / "x", "onnx")
+    with pytest.raises(ValueError, match="is the artifact being exported"):
+        export_checkpoint(out, out, "slope")
+
+
+# ---- command lines ----------------------------------------------------------------------
+
+def _load_launch(name):
+    import importlib.util
+    from pathlib import Path
+    file = Path(__file__).resolve().parents[1] / "launch" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_cli_streams_and_reports(tmp_path, tokenizer_file, capsys):
+    cfg, model = tiny("gpt")
+    run = tmp_path / "run"
+    save_artifact(model.state_dict(), cfg, tokenizer_file,
+                  run / "checkpoints" / "iter_00000005" / "slope_model")
+    cli = _load_launch("generate")
+    assert cli.main(["--checkpoint", str(run), "--prompt", "the cat", "--max-new-tokens", "6",
+                     "--seed", "3", "--temperature", "0.9", "--top-k", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the cat") and "seed 3" in err and "tokens in" in err
+    prompt_file = tmp_path / "p.txt"
+    prompt_file.write_text("a dog")
+    assert cli.main(["--checkpoint", str(run), "--prompt", "the", "--prompt-file",
+                     str(prompt_file), "--max-new-tokens", "3", "--dtype", "bf16",
+                     "--low-memory"]) == 0
+    out, _ = capsys.readouterr()
+    assert "=== [0] ===\nthe" in out and "=== [1] ===\na dog" in out
+    assert cli.main(["--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
+    assert "neither an artifact" in capsys.readouterr().err
+
+
+def test_generate_cli_needs_a_tokenizer(tmp_path, capsys):
+    _, _, path = saved(tmp_path)
+    assert _load_launch("generate").main(["--checkpoint", str(path), "--prompt", "hi"]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_export_cli(tmp_path, tokenizer_file, capsys):
+    _, _, path = saved(tmp_path, "llama", tokenizer=tokenizer_file)
+    cli = _load_launch("export")
+    assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "manifest.json").is_file()
+    assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "h"), "--format", "hf",
+                     "--dtype", "bf16"]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} \
+        <= set(os.listdir(tmp_path / "h"))
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "x"),
+                     "--dtype", "bf16"]) == 2
+    assert "--format hf only" in capsys.readouterr().err
+    assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "s"),
+                     "--format", "hf"]) == 2  # an artifact is not an earlier HF export
+    assert "refusing to replace" in capsys.readouterr().err
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "h", local_files_only=True)
+    assert hf_tok.decode(hf_tok.encode("the cat")) == "the cat"
+    assert hf_tok.eos_token == "<|endoftext|>"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_cuda_generation_matches_cpu(tmp_path, arch):
+    _, _, path = saved(tmp_path, arch)
+    config, state, _ = load_artifact(path)
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    cpu = generate(InferenceModel(config, state), prompts, 8)
+    gpu_model = InferenceModel(config, state, device="cuda")
+    assert [r.tokens for r in generate(gpu_model, prompts, 8)] == [r.tokens for r in cpu]
+    hot = SamplingConfig(temperature=1.0, top_p=0.9, seed=3)
+    assert [r.tokens for r in generate(gpu_model, prompts, 8, hot)] == \
+        [r.tokens for r in generate(gpu_model, prompts, 8, hot)]
+    [r] = generate(InferenceModel(config, state, dtype="bf16", device="cuda"), [[1, 2]], 6)
+    assert len(r.tokens) == 6
