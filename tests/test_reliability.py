@@ -240,6 +240,17 @@ def test_checkpoint_of_another_shape_sparsity_or_layout_is_refused(corpus, refer
     assert "belongs to a different run" in err and key in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_zero_checkpoint_of_another_data_parallel_size_is_refused(corpus, reference, tmp_path,
+                                                                  capfd):
+    out = _copy_run(reference[2], tmp_path)  # DP=2, ZeRO-2: optimizer state in 2 partitions
+    capfd.readouterr()
+    assert launch(args(corpus, out, "zero.stage=2", "train.iters=10"), 1) == [2]
+    err = capfd.readouterr().err
+    assert "belongs to a different run (data_parallel_size: 2 (checkpoint) vs 1" in err
+    assert "Traceback" not in err
+
+
 def test_pickled_code_in_a_checkpoint_is_not_executed(tmp_path):
     marker = tmp_path / "pwned"
 

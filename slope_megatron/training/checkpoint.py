@@ -6,7 +6,7 @@ Layout: <output_dir>/checkpoints/iter_XXXXXXXX/ holds DeepSpeed's model/optimize
 counters and adapter switch are module extra state), `rng_rank{r}.pt` for every rank,
 `slope_model/` (the consolidated inference artifact, written by rank 0) and
 `manifest.json` (size and sha256 of every other file, plus the run identity: model,
-sparsity, adapters, data, layout, ZeRO stage, world size).
+sparsity, adapters, data, layout, ZeRO stage, DP size under ZeRO 1-3).
 
 Save protocol: leftovers of a save a kill interrupted are removed; everything is written;
 every file is fsynced and hashed (the ranks share the work); rank 0 writes the manifest

@@ -49,11 +49,14 @@ class TrainingStopped(ConfigError):
     `error:` line with exit code 2 instead of a traceback."""
 
 
-def run_identity(cfg: Config, world_size: int) -> dict:
+def run_identity(cfg: Config, dp_size: int) -> dict:
     """What a checkpoint must match to be resumed: run_config's identity keys plus the
-    ZeRO stage and the world size (DeepSpeed's optimizer files are partitioned by them)."""
+    ZeRO stage and, under ZeRO 1-3, the data-parallel size (the optimizer files are
+    partitioned by it; without ZeRO a different DP size resumes fine)."""
     ident = _identity(cfg.to_dict())
-    ident.update({"zero.stage": cfg.zero.stage, "world_size": world_size})
+    ident["zero.stage"] = cfg.zero.stage
+    if cfg.zero.stage > 0:
+        ident["data_parallel_size"] = dp_size
     return ident
 
 
@@ -182,7 +185,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
         f"dp={dp_size}, adapters from iter {cfg.adapter_start_iter}")
 
     ckpt_dir = out / "checkpoints"
-    identity = run_identity(cfg, dist.world_size)
+    identity = run_identity(cfg, dp_size)
     client = checkpoint.load(engine, ckpt_dir, dist.rank, identity) if ckpt_dir.is_dir() \
         else None
     start = client["iteration"] if client else 0
