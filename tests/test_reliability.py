@@ -217,7 +217,7 @@ def test_no_usable_checkpoint_stops_with_the_damaged_files_named(corpus, referen
                                                                  capfd):
     out = _copy_run(reference[1], tmp_path)
     for tag in (6, 8):
-        f = out / "checkpoints" / checkpoint.tag_for(tag) / f"rng_rank0.pt"
+        f = out / "checkpoints" / checkpoint.tag_for(tag) / "rng_rank0.pt"
         f.write_bytes(b"\0" + f.read_bytes()[1:])  # same size, different bytes
     capfd.readouterr()
     assert launch(args(corpus, out)) == [2]
@@ -339,7 +339,10 @@ def _skip_worker(stage: int, bad_rank: int):
     from slope_megatron.config import config_from_dict
     from slope_megatron.training.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
-    from slope_megatron.training.trainer import guard_client_optimizer, guarded_train_step
+    from slope_megatron.training.trainer import (
+        guard_client_optimizer,
+        guarded_train_step,
+    )
 
     info = init_distributed()
     cfg = config_from_dict({"model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2,
@@ -349,7 +352,7 @@ def _skip_worker(stage: int, bad_rank: int):
                                       "dtype": "fp32"},
                             "zero": {"stage": stage}})
     torch.manual_seed(0)
-    model, engine, optimizer = build_engine(cfg, None, info.world_size)
+    _, engine, optimizer = build_engine(cfg, None, info.world_size)
     guard_client_optimizer(engine)
     gen = torch.Generator().manual_seed(info.rank)
     batches = [(torch.randint(0, 64, (2, 16), generator=gen),) * 2 for _ in range(2)]
@@ -367,7 +370,7 @@ def _skip_worker(stage: int, bad_rank: int):
     assert engine.was_step_applied()
     before = snapshot()
     os.environ[faults.ENV] = f"nan:loss:iter=1,rank={bad_rank}"
-    loss, bad = guarded_train_step(engine, batches, 1)
+    _, bad = guarded_train_step(engine, batches, 1)
     del os.environ[faults.ENV]
     assert bad and not engine.was_step_applied()
     after = snapshot()

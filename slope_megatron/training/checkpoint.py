@@ -128,7 +128,7 @@ def _world() -> tuple[int, int]:
 def _all_gather(obj) -> list:
     import torch.distributed as dist
 
-    rank, world = _world()
+    world = _world()[1]
     if world == 1:
         return [obj]
     out = [None] * world
@@ -298,7 +298,7 @@ def choose(ckpt_dir: Path, identity: Optional[dict]) -> Optional[str]:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    rank, _ = _world()
+    rank = _world()[0]
     candidates = sorted((p.name for p in ckpt_dir.iterdir()
                          if p.is_dir() and TAG_RE.match(p.name) and p.name <= tag), reverse=True)
     seen: list[str] = []

@@ -33,8 +33,8 @@ from .optimizer import (
     switch_on_adapters,
 )
 from .run_setup import (
-    artifact_writer,
     _identity,
+    artifact_writer,
     check_output_dir,
     prepare_run_data,
     record_run_config,
