@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -22,13 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus_helpers import write_corpus
 
 import slope_megatron.training.trainer  # noqa: F401 - imported before forking: fast children
 from slope_megatron.training import checkpoint, faults
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("the king queen said unto them and lord of people city river house light night "
-         "day went came saw heard spoke great small old new ship sea land war peace").split()
 ITERS = 8  # saves at 2, 4, 6, 8; eval at 4, 8; adapters from iteration index 6
 
 
@@ -96,13 +94,7 @@ def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    for i in range(40):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "."
-                 for _ in range(60)]
-        (d / f"doc{i}.txt").write_text("\n".join(lines))
-    return d
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def args(corpus, out, *extra):
