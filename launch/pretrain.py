@@ -33,8 +33,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from slope_megatron.config import ConfigError, config_reference, load_config
-    from slope_megatron.data import DataError
+    from slope_megatron.config import config_reference, load_config
+    from slope_megatron.errors import SlopeError
 
     if args.help_config:
         print(config_reference())
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
         dist = init_distributed()
         train(cfg, dist)
-    except (ConfigError, DataError) as e:
+    except SlopeError as e:  # config, data, checkpoint or a stopped run: one line, no traceback
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,8 +18,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import SlopeError
 
-class ConfigError(ValueError):
+
+class ConfigError(SlopeError, ValueError):
     """A configuration problem, with a message that names the key and the fix."""
 
 

@@ -3,7 +3,8 @@
 It subclasses ValueError so callers that already catch bad-input errors keep working, and
 every message names the thing that is wrong and what to do about it.
 """
+from ..errors import SlopeError
 
 
-class DataError(ValueError):
+class DataError(SlopeError, ValueError):
     """Missing/unreadable/empty data, a broken cache or an unusable tokenizer."""

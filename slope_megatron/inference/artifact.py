@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..config import Config, ConfigError, config_from_dict
+from ..errors import SlopeError
 from ..fileio import sha256_file
 from .atomic_dir import atomic_directory
 
@@ -48,7 +49,7 @@ REQUIRED = (WEIGHTS, LAYERS, CONFIG)
 EXTRA = "._extra_state"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(SlopeError, RuntimeError):
     """A missing, partial, corrupt or inconsistent inference artifact (names the file)."""
 
 

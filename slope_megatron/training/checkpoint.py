@@ -39,8 +39,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import ConfigError
-from ..fileio import sha256_file
+from ..errors import SlopeError
+from ..fileio import fsync_dir, sha256_file, write_text_atomic
 from . import faults
 from .distributed import barrier
 
@@ -49,37 +49,12 @@ MANIFEST = "manifest.json"
 TAG_RE = re.compile(r"^iter_(\d{8})$")
 
 
-class CheckpointError(ConfigError):
+class CheckpointError(SlopeError):
     """A checkpoint that cannot be used: corrupt, incomplete or from a different run."""
 
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text`: temporary file, fsync, rename, fsync of the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def latest_tag(ckpt_dir: Path) -> Optional[str]:
@@ -165,7 +140,7 @@ def write_manifest(tag_dir: Path, identity: dict) -> None:
         for part in parts:
             entries.update(part)
         for sub in {tag_dir / Path(rel).parent for rel in files}:
-            _fsync_dir(sub)
+            fsync_dir(sub)
         write_text_atomic(tag_dir / MANIFEST, json.dumps(
             {"format": 1, "identity": identity, "files": entries}, indent=1, sort_keys=True))
 

@@ -18,13 +18,13 @@ import torch
 import yaml
 
 from ..config import Config, ConfigError
-from .checkpoint import write_text_atomic
+from ..fileio import write_text_atomic
 from .distributed import barrier
 
 RUN_CONFIG = "run_config.yaml"
 # sections/keys that must match for a rerun to resume the same run
-IDENTITY_KEYS = ("model", "sparsity", "adapters", "data", "parallel", "train.seed",
-                 "train.global_batch_size")  # a layout change is refused, not converted
+IDENTITY_KEYS = ("model", "sparsity", "adapters", "data", "parallel", "zero.stage",
+                 "train.seed", "train.global_batch_size")  # a layout change is refused, not converted
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

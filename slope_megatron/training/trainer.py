@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, validate_world
+from ..config import Config, validate_world
+from ..errors import SlopeError
 from ..model import GPTModel, dense_flops_per_token
 from ..model.pipeline import build_pipeline_model, mark_for_grad_norm
 from ..parallel import initialize_parallel
@@ -43,9 +44,9 @@ from .run_setup import (
 from .steps import eval_indices, eval_loss, is_pipelined, make_batch, train_step
 
 
-class TrainingStopped(ConfigError):
+class TrainingStopped(SlopeError):
     """The run stopped itself (e.g. too many consecutive non-finite steps); the message
-    says why and what to do. A ConfigError so launch/pretrain.py prints it as one clean
+    says why and what to do. A SlopeError, so launch/pretrain.py prints it as one clean
     `error:` line with exit code 2 instead of a traceback."""
 
 
