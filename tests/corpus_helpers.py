@@ -15,3 +15,17 @@ def write_corpus(directory: Path, docs: int = 40, lines: int = 60, seed: int = 0
                          for _ in range(lines))
         (directory / f"doc{i}.txt").write_text(text)
     return directory
+
+
+def tiny_run_args(corpus: Path, cache: Path, out: Path, iters: int, save_interval: int,
+                  *extra: str) -> list[str]:
+    """launch/pretrain.py arguments for a seconds-long run of a tiny model on `corpus`."""
+    root = Path(__file__).resolve().parent.parent
+    return ["--config", str(root / "configs" / "demo.yaml"), "--set",
+            f"data.path={corpus}", f"data.cache_dir={cache}", "data.tokenizer_vocab_size=300",
+            "data.val_fraction=0.1", "model.hidden_size=32", "model.num_layers=2",
+            "model.num_heads=2", "model.seq_len=32", f"train.iters={iters}",
+            "train.micro_batch_size=2", "train.global_batch_size=8", "train.log_interval=1",
+            "train.eval_interval=4", "train.eval_iters=2", f"train.save_interval={save_interval}",
+            "adapters.fraction=0.25", "optimizer.warmup_iters=2", f"train.output_dir={out}",
+            *extra]

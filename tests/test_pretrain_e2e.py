@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from corpus_helpers import write_corpus
+from corpus_helpers import tiny_run_args, write_corpus
 from dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,13 +25,7 @@ def corpus(tmp_path_factory):
 
 
 def args(corpus, out, *extra):
-    return ["--config", str(ROOT / "configs" / "demo.yaml"), "--set",
-            f"data.path={corpus}", f"data.cache_dir={out.parent / 'cache'}",
-            "data.tokenizer_vocab_size=300", "data.val_fraction=0.1", "model.hidden_size=32",
-            "model.num_layers=2", "model.num_heads=2", "model.seq_len=32", "train.iters=8",
-            "train.micro_batch_size=2", "train.global_batch_size=8", "train.log_interval=1",
-            "train.eval_interval=4", "train.eval_iters=2", "train.save_interval=4",
-            "adapters.fraction=0.25", "optimizer.warmup_iters=2", f"train.output_dir={out}", *extra]
+    return tiny_run_args(corpus, out.parent / "cache", out, 8, 4, *extra)
 
 
 def metrics(out):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from corpus_helpers import write_corpus
+from corpus_helpers import tiny_run_args, write_corpus
 
 import slope_megatron.training.trainer  # noqa: F401 - imported before forking: fast children
 from slope_megatron.training import checkpoint, faults
@@ -98,16 +98,10 @@ def corpus(tmp_path_factory):
 
 
 def args(corpus, out, *extra):
-    return ["--config", str(ROOT / "configs" / "demo.yaml"), "--set",
-            f"data.path={corpus}", f"data.cache_dir={corpus.parent / 'cache'}",
-            "data.tokenizer_vocab_size=300", "data.val_fraction=0.1", "model.hidden_size=32",
-            "model.num_layers=2", "model.num_heads=2", "model.seq_len=32",
-            f"train.iters={ITERS}", "train.micro_batch_size=2", "train.global_batch_size=8",
-            "train.log_interval=1", "train.eval_interval=4", "train.eval_iters=2",
-            "train.save_interval=2", "adapters.fraction=0.25", "optimizer.warmup_iters=2",
-            "model.dropout=0.1",  # RNG state must resume exactly
-            "sparsity.column_mask_refresh=3",  # the refresh counter must resume exactly
-            f"train.output_dir={out}", *extra]
+    return tiny_run_args(corpus, corpus.parent / "cache", out, ITERS, 2,
+                         "model.dropout=0.1",  # RNG state must resume exactly
+                         "sparsity.column_mask_refresh=3",  # the refresh counter too
+                         *extra)
 
 
 def metrics(out) -> list[dict]:

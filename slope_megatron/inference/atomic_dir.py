@@ -15,23 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..fileio import fsync_dir
+
 
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some file systems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_replaceable(out_dir: Path, ours: Callable[[Path], bool], what: str) -> None:
@@ -70,7 +59,7 @@ def atomic_directory(out_dir: Path, ours: Callable[[Path], bool], what: str) -> 
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
             os.rename(out_dir, old / out_dir.name)
         os.rename(tmp, out_dir)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -17,17 +17,15 @@ from tqdm import tqdm
 
 from ..config import Config, validate_world
 from ..errors import SlopeError
-from ..model import GPTModel, dense_flops_per_token
-from ..model.pipeline import build_pipeline_model, mark_for_grad_norm
+from ..model import dense_flops_per_token
 from ..parallel import initialize_parallel
 from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint, faults
 from .data_order import GlobalBatchOrder
 from .distributed import DistInfo, all_reduce_mean, barrier
-from .engine import initialize
+from .engine import build_engine
 from .metrics import MetricsWriter, format_train_line, peak_flops
 from .optimizer import (
-    build_optimizer,
     lr_at,
     mark_adapters_active,
     set_lr,
@@ -172,13 +170,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     say = tqdm.write if main else (lambda *_: None)
 
     torch.manual_seed(cfg.train.seed)
-    if cfg.parallel.pipeline > 1:
-        model = build_pipeline_model(cfg, par)
-        mark_for_grad_norm(model, par)
-        engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size)
-    else:
-        model = GPTModel.from_config(cfg, par)
-        engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size, mpu=par)
+    model, engine, optimizer = build_engine(cfg, par, dp_size)
     stored = sum(p.numel() for p in model.parameters())
     say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
