@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Benchmarks. `kernels`: SLoPe's sparse linear on a GPU vs dense and vs torch's built-in 2:4.
+`train`: whole-model training throughput, dense vs SLoPe (see launch/bench_train.py).
 
     python launch/bench.py kernels [--tokens 1024 8192 16384] [--models gpt2-small llama-7b]
                                    [--json docs/kernels_bench.json]
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train.py beside this file
 
 # (model, layer, in_features, out_features, bias)
 MODELS = {
@@ -381,10 +383,13 @@ def main(argv=None) -> int:
     k.add_argument("--tokens", nargs="+", type=int, default=[1024, 8192, 16384])
     k.add_argument("--json", default="docs/kernels_bench.json")
     k.add_argument("--no-adapters", dest="adapters", action="store_false")
+    import bench_train
+
+    bench_train.add_arguments(sub.add_parser("train", help="training throughput, dense vs SLoPe"))
     args = p.parse_args(argv)
     if args.what == "kernels":
         return run_kernels(args)
-    return 2
+    return bench_train.run_train(args)
 
 
 if __name__ == "__main__":

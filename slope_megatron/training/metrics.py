@@ -30,6 +30,13 @@ def peak_flops() -> Optional[float]:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def max_memory_gb() -> Optional[float]:
+    """Peak GPU memory allocated by this process so far (GiB), None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2 ** 30
+
+
 class MetricsWriter:
     def __init__(self, output_dir: Path, enabled: bool, resume_iter: int = 0):
         self.enabled = enabled

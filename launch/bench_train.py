@@ -1,0 +1,84 @@
+"""`launch/bench.py train`: whole-model training throughput, dense vs SLoPe, one process.
+
+Each arm is a separate `launch/pretrain.py` run (a fresh process, so kernels, caches and
+memory peaks do not leak between arms) on the same config, data and seed, differing only
+in `sparsity.*`; the numbers are taken from the last log window of its metrics.jsonl
+(tokens/s, MFU against the dense model's FLOPs, loss, peak GPU memory). Ratios are against
+the dense arm of the same invocation. Writes a JSON with the GPU name and versions.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = {
+    "dense": ["sparsity.enabled=false"],
+    "slope": ["sparsity.enabled=true", "sparsity.backend=auto"],
+    "slope-reference": ["sparsity.enabled=true", "sparsity.backend=reference"],
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="configs/gpt2-small.yaml")
+    p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS))
+    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for every arm (model size, batch, ZeRO stage, ...)")
+    p.add_argument("--out", default="runs/bench_train", help="run directories go here")
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def _run_arm(args, arm: str) -> dict:
+    out = Path(args.out) / arm
+    if out.exists():
+        raise SystemExit(f"error: {out} exists; choose another --out (runs are never reused)")
+    overrides = [f"train.iters={args.iters}", f"train.log_interval={args.log_interval}",
+                 "train.eval_interval=0", f"train.save_interval={10 ** 9}",
+                 "train.eval_iters=1", f"optimizer.warmup_iters={max(1, args.iters // 10)}",
+                 *args.set, *ARMS[arm], f"train.output_dir={out}"]
+    cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config,
+           "--set", *overrides]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                  os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(cmd, env=env, text=True, capture_output=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}):\n"
+                         f"{done.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "tokens_per_s" in r][-1]
+    return {"arm": arm, "command": " ".join(cmd), **{k: last.get(k) for k in (
+        "iter", "loss", "tokens_per_s", "mfu", "max_mem_gb")}}
+
+
+def environment() -> dict:
+    import torch
+
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "gpu": None}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def run_train(args) -> int:
+    results = [_run_arm(args, arm) for arm in args.arms]
+    base = next((r for r in results if r["arm"] == "dense"), None)
+    print(f"{'arm':16s} {'tokens/s':>12s} {'vs dense':>9s} {'MFU':>7s} {'loss':>8s} {'mem GiB':>8s}")
+    for r in results:
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        r["vs_dense"] = ratio
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['max_mem_gb']:.1f}" if r["max_mem_gb"] is not None else "n/a"
+        print(f"{r['arm']:16s} {r['tokens_per_s']:12,.0f} "
+              f"{(f'{ratio:.2f}x' if ratio else 'n/a'):>9s} {mfu:>7s} {r['loss']:8.4f} {mem:>8s}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"environment": environment(), "config": args.config,
+                                               "overrides": args.set, "results": results},
+                                              indent=2))
+    return 0

@@ -1,0 +1,31 @@
+"""`launch/bench.py train` runs each arm as its own pretrain process and reports ratios."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from corpus_helpers import write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_train_reports_each_arm_against_dense(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    out, report = tmp_path / "runs", tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "launch" / "bench.py"), "train", "--config",
+           str(ROOT / "configs" / "demo.yaml"), "--iters", "2", "--log-interval", "1",
+           "--arms", "dense", "slope-reference", "--out", str(out), "--json", str(report),
+           "--set", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+           "data.tokenizer_vocab_size=300", "data.val_fraction=0.1", "model.hidden_size=32",
+           "model.num_layers=1", "model.num_heads=2", "model.seq_len=32",
+           "train.micro_batch_size=2", "train.global_batch_size=4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(report.read_text())["results"]
+    assert [r["arm"] for r in results] == ["dense", "slope-reference"]
+    assert results[0]["vs_dense"] == 1.0 and results[1]["vs_dense"] > 0
+    assert all(r["tokens_per_s"] > 0 and r["iter"] == 2 for r in results)
+    assert "slope-reference" in done.stdout and "vs dense" in done.stdout
+    # a second run into the same directory is refused instead of mixing results
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "exists" in again.stderr
