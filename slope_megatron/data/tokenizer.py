@@ -15,6 +15,8 @@ load it, so a prepared dataset and its tokenizer always travel together.
 """
 from __future__ import annotations
 
+import abc
+
 import base64
 import binascii
 import shutil
@@ -28,7 +30,7 @@ EOS_TOKEN = "<|endoftext|>"
 GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """encode/decode plus the two numbers the model and the shards need."""
     name: str
     vocab_size: int
@@ -36,11 +38,13 @@ class Tokenizer:
     kind: str
     file: str            # name of the saved copy inside the data directory
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of `text`."""
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """Text of token ids."""
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
