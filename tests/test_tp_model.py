@@ -27,7 +27,9 @@ def test_tp2_losses_match_tp1_with_adapter_switch(arch):
 
 
 @pytest.mark.slow
-def test_tp2_dp2_zero1_matches_tp1():
+@pytest.mark.parametrize("world,stage", [(4, 1), (2, 3)])
+def test_tp2_with_zero_matches_tp1(world, stage):
+    """TP2 x DP2 under ZeRO-1, and TP2 under ZeRO-3 (partitioned TP shards)."""
     ref = run_distributed(train_losses, 1, 1, 0)[0][0]
-    got = run_distributed(train_losses, 4, 2, 1)[0][0]
+    got = run_distributed(train_losses, world, 2, stage)[0][0]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
