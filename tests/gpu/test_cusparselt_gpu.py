@@ -135,10 +135,10 @@ def test_unsupported_token_count_falls_back(caplog):
     assert any("10 tokens" in r.getMessage() for r in caplog.records)
 
 
-def test_auto_picks_cusparselt_and_layout_holds():
+def test_auto_is_per_shape_and_layout_holds():
     from slope_megatron.sparsity.backends import resolve_auto
     from slope_megatron.sparsity.backends.cusparselt_runtime import runtime
-    assert resolve_auto() == "cusparselt"
+    assert resolve_auto() == "auto"
     assert runtime().values_row_major(torch.device("cuda", torch.cuda.current_device()),
                                       torch.bfloat16)
 

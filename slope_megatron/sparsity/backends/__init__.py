@@ -1,9 +1,12 @@
 """Backend dispatch: `reference` (masked dense math) | `cusparselt` (sparse tensor cores).
 
 Backends are imported lazily so that nothing CUDA-only is touched on a CPU machine.
-`auto` picks `cusparselt` when CUDA and its kernels are available, else `reference`;
-the cusparselt backend itself falls back per layer (with a one-time log line) for shapes
-its kernels cannot take.
+`auto` is the `AutoBackend` (auto.py) when CUDA and the cusparselt kernels are available: it
+times the cusparselt and the reference layer step once per (layer shape, token count, dtype,
+device) and routes each such key to the faster one, so `auto` is never much slower than dense.
+Without CUDA or kernels, `auto` is simply `reference`. The explicit `cusparselt` backend runs
+every shape it can take sparse (always, for benchmarking) and falls back per layer (with a
+one-time log line) only for shapes its kernels cannot take.
 """
 from __future__ import annotations
 
@@ -19,17 +22,18 @@ log = logging.getLogger(__name__)
 _REGISTRY = {
     "reference": ("slope_megatron.sparsity.backends.reference", "ReferenceBackend"),
     "cusparselt": ("slope_megatron.sparsity.backends.cusparselt", "CusparseltBackend"),
+    "auto": ("slope_megatron.sparsity.backends.auto", "AutoBackend"),
 }
 _INSTANCES: dict[str, SparseLinearBackend] = {}
 
 
 def get_backend(name: str) -> SparseLinearBackend:
-    """Return the (shared) backend instance called `name`; 'auto' resolves first."""
+    """Return the (shared) backend instance called `name`; 'auto' resolves first (to the
+    per-shape AutoBackend where cusparselt can run, else to the reference backend)."""
     if name == "auto":
         name = resolve_auto()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown sparse backend {name!r}; use one of "
-                         f"{', '.join(['auto', *_REGISTRY])}")
+        raise ValueError(f"unknown sparse backend {name!r}; use one of {', '.join(_REGISTRY)}")
     if name not in _INSTANCES:
         module, cls = _REGISTRY[name]
         _INSTANCES[name] = getattr(importlib.import_module(module), cls)()
@@ -49,8 +53,10 @@ def cusparselt_unavailable_reason() -> str | None:
 
 
 def resolve_auto() -> str:
+    """'auto' (per-shape choice between cusparselt and reference) if cusparselt can run here,
+    else 'reference'."""
     reason = cusparselt_unavailable_reason()
     if reason is None:
-        return "cusparselt"
+        return "auto"
     log.info("sparse backend 'auto' -> 'reference': cusparselt unavailable (%s)", reason)
     return "reference"

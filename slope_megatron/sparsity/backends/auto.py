@@ -1,0 +1,231 @@
+"""The `auto` backend: per (layer shape, token count, dtype, device), sparse only where it wins.
+
+Why: the cusparselt backend's layer step is 1.2-1.5x dense for large layers at T >= 8192 but
+0.15-0.5x dense for small layers or small token counts (host-bound; docs/KERNELS.md). So
+`sparsity.backend: auto` does not run every supported shape sparse. The first time a call
+with a new key (out, in, tokens, dtypes, device, bias, grad mode) arrives, it times the whole
+SLoPe layer step on the real operands -- forward + backward (dX and the dW gather) + the
+after-step refresh of the compressed copies, as `launch/bench.py kernels` does -- for the
+cusparselt path and for the reference path (masked dense cuBLAS): 2 warm-up reps, then the
+median of 5 interleaved, CUDA-event-timed reps each (a few ms per shape). The key is routed
+to cusparselt only if its step is at least `min_speedup` (default 1.05, env
+SLOPE_AUTO_MIN_SPEEDUP) times faster, else to the reference. One INFO line per decision:
+"auto: 768x3072 T=16384 -> reference (sparse step 0.31x dense)". Calls without gradients
+(evaluation) are keyed and timed separately, forward only.
+
+Semantics are those of the reference backend either way: both paths compute the same function
+(the cusparselt backend is tested against the reference). Different ranks of a data- or
+tensor-parallel job time independently and may route the same shape differently; their
+results then differ only within bf16 rounding, which is accepted (no collective is added to
+make the decision agree).
+
+Decisions live in memory for the life of the process (not persisted: a decision costs a few
+ms per shape, and a stored one could outlive a change of kernels, driver or clocks). The
+explicit `cusparselt` backend never consults any of this: it stays always-sparse (benchmarks).
+
+Staleness: while a layer's shapes are routed to the reference, its kernel cache
+(`layer._cslt_cache`, built by the timing) is not refreshed after optimizer steps. That is
+safe: every compressed buffer records the (data_ptr, version) of the weight / mask / column
+mask it came from, and `sync_forward` / `sync_backward` re-copy or rebuild at the next sparse
+call when they differ (optimizer updates bump the version; ZeRO re-pointing changes data_ptr).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from typing import Callable, Optional
+
+import torch
+
+from .base import SparseLinearBackend
+
+log = logging.getLogger(__name__)
+
+WARMUP = 2
+REPS = 5
+DEFAULT_MIN_SPEEDUP = 1.05
+
+Step = Callable[[], None]
+Measure = Callable[[Step, Step], "tuple[float, float]"]
+
+
+def cuda_event_measure(sparse_step: Callable[[], None], dense_step: Callable[[], None],
+                       warmup: int = WARMUP, reps: int = REPS) -> tuple[float, float]:
+    """Median GPU time (s) between CUDA events around each step, reps interleaved.
+
+    Each rep starts from an idle GPU (synchronize first), so a host-bound step is charged its
+    host time, as it is in training when the GPU waits for the host.
+    """
+    for _ in range(warmup):
+        sparse_step()
+        dense_step()
+    events: list[list] = [[], []]
+    for _ in range(reps):
+        for i, step in enumerate((sparse_step, dense_step)):
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            events[i].append((start, end))
+    torch.cuda.synchronize()
+    med = [statistics.median(s.elapsed_time(e) for s, e in ev) / 1e3 for ev in events]
+    return med[0], med[1]
+
+
+def _min_speedup() -> float:
+    raw = os.environ.get("SLOPE_AUTO_MIN_SPEEDUP")
+    if raw is None:
+        return DEFAULT_MIN_SPEEDUP
+    try:
+        return float(raw)
+    except ValueError:
+        log.warning("ignoring SLOPE_AUTO_MIN_SPEEDUP=%r (not a number)", raw)
+        return DEFAULT_MIN_SPEEDUP
+
+
+class Decision:
+    """Where one key runs, and why (for logs and tests)."""
+
+    __slots__ = ("backend", "sparse_s", "dense_s", "reason")
+
+    def __init__(self, backend: str, sparse_s: Optional[float] = None,
+                 dense_s: Optional[float] = None, reason: str = ""):
+        self.backend, self.sparse_s, self.dense_s, self.reason = backend, sparse_s, dense_s, reason
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """Dense time / sparse time (> 1: sparse is faster), None if not timed."""
+        if self.sparse_s is None or self.dense_s is None or self.sparse_s <= 0:
+            return None
+        return self.dense_s / self.sparse_s
+
+    def __repr__(self) -> str:
+        return f"Decision({self.backend!r}, speedup={self.speedup}, reason={self.reason!r})"
+
+
+class AutoBackend(SparseLinearBackend):
+    """Delegates each call to the cusparselt or the reference backend, chosen per key by timing.
+
+    `sparse`, `dense`, `measure` and `eligible` are injectable for tests: `measure(sparse_step,
+    dense_step) -> (sparse_s, dense_s)`; `eligible(layer, x) -> reason or None` says whether the
+    sparse backend can take the call at all (default: the cusparselt backend's own checks).
+    """
+
+    name = "auto"
+
+    def __init__(self, sparse: Optional[SparseLinearBackend] = None,
+                 dense: Optional[SparseLinearBackend] = None,
+                 measure: Optional[Measure] = None,
+                 eligible: Optional[Callable] = None,
+                 min_speedup: Optional[float] = None):
+        if sparse is None or dense is None:
+            from . import get_backend
+            sparse = get_backend("cusparselt") if sparse is None else sparse
+            dense = get_backend("reference") if dense is None else dense
+        self.sparse, self.dense = sparse, dense
+        self.measure = measure if measure is not None else cuda_event_measure
+        self.eligible = eligible if eligible is not None else self._cusparselt_eligible
+        self.min_speedup = _min_speedup() if min_speedup is None else float(min_speedup)
+        self.decisions: dict[tuple, Decision] = {}
+
+    # ---- routing -------------------------------------------------------------------------
+    @staticmethod
+    def key(layer, x: torch.Tensor) -> tuple:
+        tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        bias = layer.bias
+        return (layer.out_features, layer.in_features, tokens, x.dtype, layer.weight.dtype,
+                x.device, None if bias is None else bias.dtype, layer.n, layer.m,
+                torch.is_grad_enabled())
+
+    def choose(self, layer, x: torch.Tensor) -> SparseLinearBackend:
+        """The backend for this call (timing both on the first call with a new key)."""
+        key = self.key(layer, x)
+        decision = self.decisions.get(key)
+        if decision is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                return self.dense  # never time inside a CUDA graph capture; decide later
+            decision = self.decisions[key] = self._decide(layer, x, key)
+        if decision.backend == "cusparselt":
+            layer.__dict__["_auto_sparse"] = True  # this layer's hooks must reach the cache
+            return self.sparse
+        return self.dense
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return self.choose(layer, x).linear(layer, x)
+
+    def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return self.choose(layer, x).linear_with_adapter(layer, x)
+
+    def after_optimizer_step(self, layer) -> None:
+        # Layers never routed sparse skip the eager refresh; their cache (if the timing built
+        # one) re-syncs from the weight's (data_ptr, version) at the next sparse call.
+        if layer.__dict__.get("_auto_sparse"):
+            self.sparse.after_optimizer_step(layer)
+
+    def on_column_mask_change(self, layer) -> None:
+        self.sparse.on_column_mask_change(layer)  # cheap: marks W^T stale if a cache exists
+
+    # ---- deciding -------------------------------------------------------------------------
+    def _cusparselt_eligible(self, layer, x: torch.Tensor) -> Optional[str]:
+        from . import cusparselt as cslt
+        reason = cslt.input_unsupported_reason(layer, x)
+        if reason is None:
+            reason = self.sparse._plans_reason(layer, x)
+        return reason
+
+    def _decide(self, layer, x: torch.Tensor, key: tuple) -> Decision:
+        shape = f"{layer.in_features}x{layer.out_features} T={key[2]}"
+        reason = self.eligible(layer, x)
+        if reason is not None:
+            decision = Decision("reference", reason=f"cusparselt cannot take it: {reason}")
+            log.info("auto: %s -> reference (%s)", shape, decision.reason)
+            return decision
+        with_grad = torch.is_grad_enabled()
+        sparse_step = self._step(self.sparse, layer, x, with_grad, refresh=True)
+        dense_step = self._step(self.dense, layer, x, with_grad, refresh=False)
+        sparse_s, dense_s = self.measure(sparse_step, dense_step)
+        return self.decide_from_times(shape, sparse_s, dense_s, with_grad)
+
+    def decide_from_times(self, shape: str, sparse_s: float, dense_s: float,
+                          with_grad: bool = True) -> Decision:
+        """The rule: sparse iff dense_s / sparse_s >= min_speedup (one log line)."""
+        decision = Decision("reference", sparse_s, dense_s)
+        speedup = decision.speedup
+        if speedup is not None and speedup >= self.min_speedup:
+            decision.backend = "cusparselt"
+        what = "step" if with_grad else "forward"
+        decision.reason = f"sparse {what} {speedup if speedup is not None else 0:.2f}x dense"
+        log.info("auto: %s -> %s (%s; %.3f vs %.3f ms)", shape, decision.backend,
+                 decision.reason, sparse_s * 1e3, dense_s * 1e3)
+        return decision
+
+    @staticmethod
+    def _step(backend: SparseLinearBackend, layer, x: torch.Tensor, with_grad: bool,
+              refresh: bool) -> Callable[[], None]:
+        """One layer step on the real operands through `backend`, touching no `.grad`.
+
+        With gradients: forward, then dX, dW (and db) by `torch.autograd.grad` (which does not
+        accumulate into the parameters' .grad), then for the sparse path the refresh of the
+        compressed copies that follows an optimizer step. Without: the forward only.
+        """
+        if not with_grad:
+            xd = x.detach()
+
+            def fwd() -> None:
+                with torch.no_grad():
+                    backend.linear(layer, xd)
+            return fwd
+        xg = x.detach().requires_grad_()
+        params = [p for p in (layer.weight, layer.bias) if p is not None and p.requires_grad]
+
+        def step() -> None:
+            with torch.enable_grad():
+                y = backend.linear(layer, xg)
+                torch.autograd.grad(y, [xg, *params], torch.ones_like(y))
+                if refresh:
+                    backend.after_optimizer_step(layer)
+        return step
+

@@ -1,0 +1,107 @@
+"""The `auto` backend on a GPU: it times both paths per shape and routes to the faster one.
+
+docs/KERNELS.md measured a GPT-2-small 768x768 layer at T=1024 at 0.45x dense through
+cusparselt and a LLaMA MLP-up 4096x11008 layer at T=8192 at 1.37x, so `auto` must pick the
+reference for the first and cusparselt for the second; either way outputs and gradients must
+match the reference backend across optimizer steps. Also: a layer whose shape was routed to
+the reference (its kernel cache built by the timing, then not refreshed after steps) computes
+the right result when that shape is later routed sparse (the cache re-syncs from the weight's
+(data_ptr, version)).
+"""
+import pytest
+import torch
+
+from slope_megatron.sparsity import SlopeLinear
+from slope_megatron.sparsity.backends import get_backend
+from slope_megatron.sparsity.backends.auto import AutoBackend
+
+pytestmark = pytest.mark.gpu
+
+TOL = 1e-2
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def make_pair(inn, out, bias, be, seed=0):
+    torch.manual_seed(seed)
+    lay = SlopeLinear(inn, out, bias=bias, backend="auto", column_mask_refresh=2,
+                      device="cuda", dtype=torch.bfloat16)
+    lay.backend = be  # a fresh AutoBackend: decisions independent of other tests
+    if bias:
+        with torch.no_grad():
+            lay.bias.normal_()
+    ref = SlopeLinear(inn, out, bias=bias, backend="reference", column_mask_refresh=2,
+                      device="cuda", dtype=torch.bfloat16)
+    ref.load_state_dict(lay.state_dict())
+    return lay, ref
+
+
+def step_both(lay, ref, tokens, inn, what):
+    x = torch.randn(tokens, inn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = lay(x), ref(xr)
+    dy = torch.randn_like(yr)
+    y.backward(dy)
+    yr.backward(dy)
+    pairs = {"y": (y, yr), "dx": (x.grad, xr.grad), "dw": (lay.weight.grad, ref.weight.grad)}
+    if lay.bias is not None:
+        pairs["db"] = (lay.bias.grad, ref.bias.grad)
+    for k, (a, b) in pairs.items():
+        assert a is not None and torch.isfinite(a).all(), (what, k)
+        err = rel_err(a, b)
+        assert err < TOL, f"{what} {k}: rel err {err:.2e}"
+    with torch.no_grad():  # the same update on both, then the hooks
+        for pa, pb in zip(lay.parameters(), ref.parameters()):
+            if pb.grad is not None:
+                upd = pb.grad.float().sign().to(pb.dtype) * 0.05
+                pa.sub_(upd)
+                pb.sub_(upd)
+            pa.grad = pb.grad = None
+    lay.after_optimizer_step()
+    ref.after_optimizer_step()
+
+
+def test_get_backend_auto_is_the_per_shape_backend():
+    be = get_backend("auto")
+    assert isinstance(be, AutoBackend) and be.name == "auto"
+    assert get_backend("cusparselt").name == "cusparselt"
+
+
+@pytest.mark.parametrize("inn,out,bias,tokens,expect", [
+    (768, 768, True, 1024, "reference"),
+    (4096, 11008, False, 8192, "cusparselt"),
+    # recorded, not asserted (near the break-even point in docs/KERNELS.md)
+    (768, 3072, True, 16384, None),
+    (2048, 2048, True, 8192, None),
+    (4096, 4096, False, 1024, None),
+    (2048, 8192, True, 8192, None),
+])
+def test_auto_picks_the_faster_path_and_matches_reference(inn, out, bias, tokens, expect):
+    be = AutoBackend()
+    lay, ref = make_pair(inn, out, bias, be)
+    for step in range(3):
+        step_both(lay, ref, tokens, inn, f"{inn}x{out} T={tokens} step {step}")
+    (d,) = be.decisions.values()
+    print(f"{inn}x{out} T={tokens}: {d.backend}, sparse {d.sparse_s * 1e3:.3f} ms, dense "
+          f"{d.dense_s * 1e3:.3f} ms ({d.speedup:.2f}x)")
+    if expect is not None:
+        assert d.backend == expect, d
+    assert (d.backend == "cusparselt") == bool(lay.__dict__.get("_auto_sparse"))
+
+
+def test_cache_not_stale_after_reference_routed_steps():
+    from slope_megatron.sparsity.backends.cusparselt_cache import _key
+    be = AutoBackend(min_speedup=1e9)  # everything timed goes to the reference
+    lay, ref = make_pair(512, 1024, True, be)
+    for step in range(3):  # optimizer steps change the weights; no eager refresh
+        step_both(lay, ref, 256, 512, f"reference-routed step {step}")
+    (decision,) = be.decisions.values()
+    assert decision.backend == "reference"
+    cache = lay.__dict__["_cslt_cache"]  # built by the timing
+    assert cache.fwd_key != _key(lay.weight)  # stale now: the weights moved since
+    decision.backend = "cusparselt"  # route the same shape sparse from here on
+    for step in range(3):
+        step_both(lay, ref, 256, 512, f"sparse-routed step {step}")
+    assert cache.fwd_key == _key(lay.weight) and lay.__dict__["_cslt_cache"] is cache
