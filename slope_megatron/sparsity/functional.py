@@ -22,9 +22,19 @@ def dense_from_values(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return dense.masked_scatter_(mask, values)
 
 
-def values_from_dense(dense: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Gather the entries of a dense (out, in) tensor at the mask's positions -> (out, k)."""
-    return dense[mask].view(mask.shape[0], -1)
+def values_from_dense(dense: torch.Tensor, mask: torch.Tensor,
+                      kept_per_row: int | None = None) -> torch.Tensor:
+    """Gather the entries of a dense (out, in) tensor at the mask's positions -> (out, k).
+
+    With `kept_per_row` known (N:M masks keep the same count in every row) the gather needs
+    no device-to-host sync: boolean indexing must first read the number of True entries
+    back to the host, which stalls the GPU queue on every backward.
+    """
+    if kept_per_row is None:
+        return dense[mask].view(mask.shape[0], -1)
+    rows = mask.shape[0]
+    flat = mask.reshape(-1).nonzero_static(size=rows * kept_per_row).view(-1)
+    return dense.reshape(-1).index_select(0, flat).view(rows, kept_per_row)
 
 
 class SlopeLinearFunction(torch.autograd.Function):
@@ -50,7 +60,7 @@ class SlopeLinearFunction(torch.autograd.Function):
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_dense = grad_2d.t() @ x.reshape(-1, x.shape[-1])
-            grad_values = values_from_dense(grad_dense, mask)
+            grad_values = values_from_dense(grad_dense, mask, values.shape[1])
         if ctx.has_bias and ctx.needs_input_grad[4]:
             grad_bias = grad_2d.sum(0)
         return grad_x, grad_values, None, None, grad_bias
