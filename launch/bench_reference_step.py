@@ -1,11 +1,18 @@
 """GPU microbench: where the reference (masked-dense) SLoPe layer step loses to F.linear.
 
-    PYTHONPATH=. python launch/bench_reference_step.py   (one CUDA GPU)
+    python launch/bench_reference_step.py   (one CUDA GPU; results in docs/KERNELS.md)
 """
-import torch, torch.nn.functional as F
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 from triton.testing import do_bench
-from slope_megatron.sparsity import SlopeLinear
-from slope_megatron.sparsity.functional import dense_from_values, values_from_dense
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from slope_megatron.sparsity import SlopeLinear  # noqa: E402
+from slope_megatron.sparsity.functional import dense_from_values, values_from_dense  # noqa: E402
+
 torch.manual_seed(0)
 dev = "cuda"
 for inn, out, T in [(768, 768, 1024), (768, 3072, 16384), (4096, 11008, 8192)]:
