@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from corpus_helpers import tiny_run_args, write_corpus
 from dist_utils import run_distributed
@@ -53,6 +54,12 @@ def test_run_writes_everything_and_resumes_exactly(corpus, tmp_path, world, layo
     ckpts = out / "checkpoints"
     assert (ckpts / "latest").read_text() == "iter_00000008"
     assert (ckpts / "iter_00000008" / "slope_model" / "model.safetensors").is_file()
+    if "parallel.pipeline=2" in layout:  # the artifact's learned positions are stage 0's
+        from safetensors.torch import load_file
+        art = load_file(ckpts / "iter_00000008" / "slope_model" / "model.safetensors")
+        stage0 = torch.load(ckpts / "iter_00000008" / "layer_00-model_00-model_states.pt",
+                            weights_only=True, map_location="cpu")
+        assert torch.equal(art["embedding.positions.weight"], stage0["positions.weight"])
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_00000004", "iter_00000008"]
 
     # a crash right after iteration 4's checkpoint: the rerun must reproduce iters 5-8

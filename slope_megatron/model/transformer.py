@@ -86,7 +86,7 @@ def layer_seed(base: Optional[int], index: int) -> Optional[int]:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32 (targets < 0 are ignored)."""
+    """Mean next-token cross-entropy in float32 (targets equal to -1 are ignored)."""
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-1)
 

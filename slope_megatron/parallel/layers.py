@@ -166,7 +166,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         picked = picked.squeeze(-1) * inside
         dist.all_reduce(picked, group=group)
         loss = sum_exp.log() - picked
-        valid = targets >= 0
+        valid = targets != -1  # as lm_loss's ignore_index
         ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_t, inside & valid, valid)
         return (loss * valid).sum() / valid.sum().clamp(min=1)
 
@@ -181,6 +181,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, start: int,
                            group) -> torch.Tensor:
-    """Mean next-token loss from this rank's vocab shard of the logits (targets < 0 ignored)."""
+    """Mean next-token loss from this rank's vocab shard of the logits (targets of -1 ignored)."""
     return _VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]),
                                             targets.reshape(-1), start, group)

@@ -10,6 +10,7 @@ their optimizer state is cleared - they start fresh while the sparse weights kee
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -17,7 +18,6 @@ from torch import nn
 from ..config import Config
 from ..sparsity.model_hooks import enable_adapters, is_adapter_parameter_name
 
-ADAPTER_GROUP = 2
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
@@ -35,7 +35,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         {"params": decay, "weight_decay": cfg.optimizer.weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    if adapters:  # always the last group, index ADAPTER_GROUP
+    if adapters:  # found again by its name (DeepSpeed drops empty groups, shifting indices)
         groups.append({"params": adapters, "weight_decay": 0.0, "name": "adapters",
                        "adapter_lr_scale": 0.0})
     return groups
@@ -74,18 +74,27 @@ def base_optimizer(engine_optimizer) -> torch.optim.Optimizer:
     return getattr(engine_optimizer, "optimizer", engine_optimizer)
 
 
+def adapter_group(optimizer) -> Optional[int]:
+    """Index of the adapter param group in `optimizer.param_groups`, or None."""
+    return next((i for i, g in enumerate(optimizer.param_groups) if g.get("name") == "adapters"),
+                None)
+
+
 def _adapter_state_keys(engine_optimizer) -> list[torch.Tensor]:
     """The tensors the base optimizer keys the adapter group's state by.
 
     ZeRO-1/2 (and no ZeRO): the group's params (flat fp32 partitions under ZeRO). ZeRO-3
     empties the groups between steps; its fp32 sub-group partitions carry the state.
     """
+    base = base_optimizer(engine_optimizer)
+    index = adapter_group(base)
+    if index is None:
+        return []
     if hasattr(engine_optimizer, "sub_group_to_group_id"):
         return [engine_optimizer.fp32_partitioned_groups_flat[sub]
                 for sub, group in engine_optimizer.sub_group_to_group_id.items()
-                if group == ADAPTER_GROUP]
-    groups = base_optimizer(engine_optimizer).param_groups
-    return list(groups[ADAPTER_GROUP]["params"]) if len(groups) > ADAPTER_GROUP else []
+                if group == index]
+    return list(base.param_groups[index]["params"])
 
 
 def switch_on_adapters(model: nn.Module, engine_optimizer, cfg: Config) -> int:
@@ -97,13 +106,15 @@ def switch_on_adapters(model: nn.Module, engine_optimizer, cfg: Config) -> int:
     for p in _adapter_state_keys(engine_optimizer):
         base.state.pop(p, None)  # fresh Adam moments and step count
     for opt in {id(o): o for o in (engine_optimizer, base)}.values():
-        if len(opt.param_groups) > ADAPTER_GROUP:
-            opt.param_groups[ADAPTER_GROUP].update(adapter_lr_scale=1.0, weight_decay=wd)
+        index = adapter_group(opt)
+        if index is not None:
+            opt.param_groups[index].update(adapter_lr_scale=1.0, weight_decay=wd)
     return switched
 
 
 def mark_adapters_active(engine_optimizer) -> None:
     """After loading a checkpoint taken past the switch: keep the adapter group's lr on."""
     for opt in (engine_optimizer, base_optimizer(engine_optimizer)):
-        if len(opt.param_groups) > ADAPTER_GROUP:
-            opt.param_groups[ADAPTER_GROUP]["adapter_lr_scale"] = 1.0
+        index = adapter_group(opt)
+        if index is not None:
+            opt.param_groups[index]["adapter_lr_scale"] = 1.0

@@ -132,8 +132,12 @@ def consolidated_state_dict(engine, cfg: Config, par) -> Optional[dict]:
     if cfg.parallel.pipeline > 1:
         from ..model.pipeline import pipeline_to_model_keys
 
-        mine = pipeline_to_model_keys(state, cfg.model.num_layers) \
-            if par.dp_rank == 0 and par.tp_rank == 0 else None
+        mine = None
+        if par.dp_rank == 0 and par.tp_rank == 0:
+            mine = pipeline_to_model_keys(state, cfg.model.num_layers)
+            if par.pp_rank > 0:  # the last stage's tied copy of the embedding module: its
+                # tokens are tied, but its positions are an unused, untrained duplicate
+                mine = {k: v for k, v in mine.items() if not k.startswith("embedding.")}
         pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine, pieces, dst=0)
         if dist.get_rank() != 0:

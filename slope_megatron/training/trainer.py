@@ -171,7 +171,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
 
     torch.manual_seed(cfg.train.seed)
     model, engine, optimizer = build_engine(cfg, par, dp_size)
-    stored = sum(p.numel() for p in model.parameters())
+    stored = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 too
     say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
         f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
