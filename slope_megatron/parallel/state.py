@@ -83,7 +83,3 @@ def reset_parallel_state() -> None:
     global _STATE
     _STATE = None
 
-
-def tp_size_and_rank() -> tuple[int, int, Optional[object]]:
-    s = _STATE
-    return (1, 0, None) if s is None else (s.tp_size, s.tp_rank, s.tp_group)

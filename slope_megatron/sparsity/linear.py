@@ -161,12 +161,6 @@ class SlopeLinear(nn.Module):
     def adapter_scale(self) -> float:
         return 1.0 / self.adapter_rank if self.adapter_rank else 0.0
 
-    def adapter_delta(self) -> Optional[torch.Tensor]:
-        """The dense (out, in) update the active adapter adds: (A B / r)^T, or None."""
-        if not self.adapter_active:
-            return None
-        return (self.adapter_a @ self.adapter_b).t() * self.adapter_scale
-
     # ---- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.adapter_active:
