@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Benchmarks. `kernels`: SLoPe's sparse linear on a GPU vs dense and vs torch's built-in 2:4.
 `train`: whole-model training throughput, dense vs SLoPe (see launch/bench_train.py).
+`inference`: prefill/decode latency and weight bytes, dense vs compressed SLoPe
+(see launch/bench_inference.py).
 
     python launch/bench.py kernels [--tokens 1024 8192 16384] [--models gpt2-small llama-7b]
                                    [--json docs/kernels_bench.json]
@@ -383,12 +385,17 @@ def main(argv=None) -> int:
     k.add_argument("--tokens", nargs="+", type=int, default=[1024, 8192, 16384])
     k.add_argument("--json", default="docs/kernels_bench.json")
     k.add_argument("--no-adapters", dest="adapters", action="store_false")
+    import bench_inference
     import bench_train
 
     bench_train.add_arguments(sub.add_parser("train", help="training throughput, dense vs SLoPe"))
+    bench_inference.add_arguments(sub.add_parser(
+        "inference", help="prefill/decode latency and weight memory, dense vs SLoPe"))
     args = p.parse_args(argv)
     if args.what == "kernels":
         return run_kernels(args)
+    if args.what == "inference":
+        return bench_inference.run_inference(args)
     return bench_train.run_train(args)
 
 

@@ -6,8 +6,9 @@
 --checkpoint takes an artifact dir, a checkpoint dir holding slope_model/, or a run's
 output_dir (the newest complete checkpoints/iter_*/slope_model/ is used). Several --prompt /
 --prompt-file (one whole file = one prompt) run as one batch; a single prompt streams.
-Temperature 0 (the default) is greedy decoding. The sparse layers run the reference math
-(a dense GEMM on W*M, see docs/INFERENCE.md): correct everywhere, not sparse-kernel fast.
+Temperature 0 (the default) is greedy decoding. With `--device cuda --dtype bf16` the 2:4
+sparse layers are compressed and run on cuSPARSELt (`--kernels auto`, the default); elsewhere
+they run the reference math (a dense GEMM on W*M, see docs/INFERENCE.md).
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--kernels", choices=("auto", "cusparselt", "reference"), default="auto",
+                   help="sparse layers: compressed on cuSPARSELt (CUDA, bf16), the reference "
+                        "math, or auto = cusparselt where it can run (default)")
     p.add_argument("--low-memory", action="store_true",
                    help="rebuild each sparse layer's W*M inside every call instead of holding "
                         "dense copies while generating (much slower, less memory)")
@@ -98,14 +102,15 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(tokenizer_file)
         texts, prompts = _prompts(args, tokenizer)
         model = InferenceModel(config, state, dtype=args.dtype, device=args.device,
-                               dense_cache=not args.low_memory)
+                               dense_cache=not args.low_memory, kernels=args.kernels)
         del state
         stops = set(args.stop_token)
         if tokenizer.eos_id is not None and not args.no_eos_stop:
             stops.add(tokenizer.eos_id)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
         print(f"[{artifact}] {config.model.arch}, {len(prompts)} prompt(s), {args.dtype}, "
-              f"{args.device}", file=sys.stderr)
+              f"{args.device}, sparse kernels: {model.kernels} ({model.kernels_note})",
+              file=sys.stderr)
         streamer = None
         if len(prompts) == 1:
             streamer = Streamer(tokenizer)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from inference_helpers import SEQ, VOCAB, flip_byte, saved, tiny
+from inference_helpers import SEQ, VOCAB, flip_byte, load_launch, saved, tiny
 
 from slope_megatron.inference import (
     ArtifactError,
@@ -55,22 +55,12 @@ def test_slope_export_rewrites_a_verified_copy(tmp_path):
 
 # ---- command lines ----------------------------------------------------------------------
 
-def _load_launch(name):
-    import importlib.util
-    from pathlib import Path
-    file = Path(__file__).resolve().parents[1] / "launch" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_generate_cli_streams_and_reports(tmp_path, tokenizer_file, capsys):
     cfg, model = tiny("gpt")
     run = tmp_path / "run"
     save_artifact(model.state_dict(), cfg, tokenizer_file,
                   run / "checkpoints" / "iter_00000005" / "slope_model")
-    cli = _load_launch("generate")
+    cli = load_launch("generate")
     assert cli.main(["--checkpoint", str(run), "--prompt", "the cat", "--max-new-tokens", "6",
                      "--seed", "3", "--temperature", "0.9", "--top-k", "20"]) == 0
     out, err = capsys.readouterr()
@@ -88,13 +78,13 @@ def test_generate_cli_streams_and_reports(tmp_path, tokenizer_file, capsys):
 
 def test_generate_cli_needs_a_tokenizer(tmp_path, capsys):
     _, _, path = saved(tmp_path)
-    assert _load_launch("generate").main(["--checkpoint", str(path), "--prompt", "hi"]) == 2
+    assert load_launch("generate").main(["--checkpoint", str(path), "--prompt", "hi"]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
 def test_export_cli(tmp_path, tokenizer_file, capsys):
     _, _, path = saved(tmp_path, "llama", tokenizer=tokenizer_file)
-    cli = _load_launch("export")
+    cli = load_launch("export")
     assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "manifest.json").is_file()
     assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "h"), "--format", "hf",

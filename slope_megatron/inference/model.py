@@ -5,7 +5,13 @@ every linear (dense or SlopeLinear, adapter included) are the training modules t
 only the attention wiring is re-done here, to read and append the KV cache and to take
 per-sequence positions (left-padded batches). Tests pin this to GPTModel.forward.
 
-What is kept in memory, honestly (forward-only `InferenceBackend`, CPU or GPU):
+Which sparse path (`kernels`): "cusparselt" compresses every 2:4 sparse linear at load time
+(`compressed.py`: the layer then holds one cuSPARSELt operand, 0.5625x of its dense bf16
+bytes, and runs on sparse tensor cores; CUDA + bf16 only); "reference" keeps the kept values
+and masks and emulates the sparse GEMM densely (below); "auto" (default) takes cusparselt
+where it can run and says why not otherwise (`kernels_note`).
+
+What the reference path keeps in memory, honestly (forward-only `InferenceBackend`):
 - sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
   static (out, in) bool mask; the double-pruned column masks (training only) are dropped.
   For bf16 2:4 that is 1 (values) + 1 (bool mask) bytes per dense entry: as much as dense
@@ -16,13 +22,14 @@ What is kept in memory, honestly (forward-only `InferenceBackend`, CPU or GPU):
   the dense weights; decoding is GEMM-bound); with False it is rebuilt inside every layer
   call (peak memory + one layer's dense weight; decoding is ~100x slower on CPU).
 - active adapters are applied as (x A) B / r by SlopeLinear.forward, never merged.
-- construction runs GPTModel's random init once (then overwrites it): it takes as long as
-  building the training model, and transiently allocates its dense init tensors.
+- construction runs GPTModel's random init once, on the target device (then overwrites it):
+  it transiently allocates the model's dense fp32 init tensors there.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from typing import Optional
 
 import torch
@@ -34,6 +41,9 @@ from ..model import GPTModel
 from ..sparsity import SlopeLinear, slope_layers
 from .backend import InferenceBackend
 from .kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+KERNELS = ("auto", "cusparselt", "reference")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,16 +78,23 @@ def load_slope_state_dict(model: nn.Module, state_dict: dict) -> None:
 
 
 class InferenceModel(nn.Module):
-    """A frozen GPTModel (reference sparse backend) with a KV-cached, position-aware forward."""
+    """A frozen GPTModel (compressed or reference sparse linears) with a KV-cached forward."""
 
     def __init__(self, config: Config, state_dict: dict, dtype="fp32",
-                 device: torch.device | str = "cpu", dense_cache: bool = True):
+                 device: torch.device | str = "cpu", dense_cache: bool = True,
+                 kernels: str = "auto"):
         super().__init__()
+        if kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
         self.dtype = parse_dtype(dtype)
+        device = torch.device(device)
         cfg = copy.deepcopy(config)
         cfg.sparsity.backend = "reference"
         cfg.model.dropout = 0.0
-        with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the RNG
+        # The throw-away init runs on the target device (fast on a GPU) and must not move
+        # any RNG the caller relies on.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.device(device):
             model = GPTModel.from_config(cfg)
         self._backend = InferenceBackend()
         for layer in slope_layers(model):
@@ -93,26 +110,55 @@ class InferenceModel(nn.Module):
         self.config = cfg
         self.seq_len, self.vocab_size = cfg.model.seq_len, cfg.model.vocab_size
         self.dense_cache = dense_cache
+        self.kernels, self.kernels_note = self._select_kernels(kernels, device)
+
+    def _select_kernels(self, kernels: str, device: torch.device) -> tuple[str, str]:
+        """Compress the sparse linears for cuSPARSELt if asked/possible; (choice, why)."""
+        layers = list(slope_layers(self.model))
+        if kernels == "reference" or not layers:
+            return "reference", "reference kernels asked for" if layers else "no sparse layers"
+        from .compressed import CompressedBackend, compress_model, unavailable_reason
+        reason = unavailable_reason(device, self.dtype)
+        if reason is not None:
+            if kernels == "cusparselt":
+                raise ValueError(f"kernels='cusparselt' cannot run here: {reason}")
+            return "reference", f"cusparselt unavailable: {reason}"
+        done, skipped = compress_model(self.model, CompressedBackend())
+        for why in skipped:
+            log.warning("inference: %s stays on the reference path: %s", *why.split(": ", 1))
+        note = f"{done} of {len(layers)} sparse linears compressed for cuSPARSELt"
+        return ("cusparselt" if done else "reference"), note
 
     def generation_scope(self):
         """Context for one generation call: holds dense W*M copies if `dense_cache`."""
         if not self.dense_cache:
             return contextlib.nullcontext()
-        return self._backend.dense_cache(slope_layers(self.model))
+        return self._backend.dense_cache(layer for layer in slope_layers(self.model)
+                                         if layer.backend is self._backend)
 
     @property
     def device(self) -> torch.device:
         return self.model.embedding.tokens.weight.device
 
     def weight_bytes(self) -> dict:
-        """Bytes held per kind: sparse kept values, masks, adapters, everything else."""
+        """Bytes held per kind: sparse weights (kept values, or the compressed cuSPARSELt
+        operands with their metadata), masks, adapters, everything else (dense). Each storage
+        is counted once (a compressed layer's `weight` is a view into its buffer)."""
         out = {"sparse_values": 0, "masks": 0, "adapters": 0, "dense": 0}
-        sparse = {id(t): k for layer in slope_layers(self.model)
-                  for k, t in (("sparse_values", layer.weight), ("masks", layer.mask),
-                               ("adapters", layer.adapter_a), ("adapters", layer.adapter_b))
-                  if t is not None}
+        kinds = {}
+        for layer in slope_layers(self.model):
+            st = layer.__dict__.get("_compressed")
+            for kind, t in (("sparse_values", st.buf if st is not None else layer.weight),
+                            ("masks", layer.mask), ("adapters", layer.adapter_a),
+                            ("adapters", layer.adapter_b)):
+                if t is not None:
+                    kinds[t.untyped_storage().data_ptr()] = (kind, t)
         for t in [*self.model.parameters(), *self.model.buffers()]:
-            out[sparse.get(id(t), "dense")] += t.numel() * t.element_size()
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in kinds:
+                kinds[ptr] = ("dense", t)
+        for kind, t in kinds.values():
+            out[kind] += t.untyped_storage().nbytes()
         return out
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -137,6 +183,13 @@ class InferenceModel(nn.Module):
         if int(positions.max()) >= self.seq_len:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context "
                              f"(model.seq_len = {self.seq_len})")
+        return self.step(input_ids, positions, cache, valid, last_only)
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+             valid: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+        """`forward` without its position check: no host synchronisation, so one step can be
+        captured in a CUDA graph (benchmarks) once its shapes and plans are warm."""
         if valid is None:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
         attn_mask = cache.begin(valid)
