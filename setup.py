@@ -30,5 +30,6 @@ setup(
                  "mpich==5.0.2", "mpi4py==4.1.2"],
         "mpi": ["mpi4py>=3.1"],
         "gpu": ["triton>=3.0"],
+        "plots": ["matplotlib>=3.8"],  # launch/plot_results.py only; CI installs [test]
     },
 )

@@ -58,6 +58,9 @@ class SparsityConfig:
                              "baseline with the same code.")
     n: int = _f(2, "Kept entries per group (the N of N:M).")
     m: int = _f(4, "Group size along the reduction dim (the M of N:M).")
+    double_prune: bool = _f(True, "Prune W*M a second time along the output dim for the input "
+                                  "gradient (SLoPe). False gives plain static N:M sparse training: "
+                                  "dX uses W*M.")
     column_mask_refresh: int = _f(100, "Recompute the double-pruned (input-gradient) column mask "
                                        "from the current weights every this many optimizer steps.")
     backend: str = _f("auto", "'reference' (masked dense math, runs anywhere), 'cusparselt' "

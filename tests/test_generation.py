@@ -31,7 +31,7 @@ def test_kv_cache_greedy_equals_full_recompute(tmp_path, arch, adapters, dense_c
     _, model, path = saved(tmp_path, arch, adapters)
     config, state, _ = load_artifact(path)
     inf = InferenceModel(config, state, dense_cache=dense_cache)
-    prompt = [5, 17, 3, 88, 41]
+    prompt = [1, 2, 3, 4, 5]  # greedy output varies for every case's seed-0 model
     [result] = generate(inf, [prompt], SEQ - len(prompt) + 1)  # fills the whole context
     assert result.tokens == recompute_greedy(model, prompt, SEQ - len(prompt) + 1)
     assert result.finish_reason == "length"

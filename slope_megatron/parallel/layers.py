@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sparsity import SlopeLinear
+from ..sparsity.linear import initial_adapter_a
 from .mappings import copy_to_tp, reduce_from_tp
 
 
@@ -73,7 +74,7 @@ class ColumnParallelLinear(nn.Module):
                                    shard_rows(full, tp, rank, chunks))
         mark_tp_sharded(self.local.weight, self.local.bias)
         if adapter_rank is not None:
-            a = torch.randn(in_features, adapter_rank)  # replicated: same on every rank
+            a = initial_adapter_a(in_features, adapter_rank)  # replicated: same on every rank
             self.local.create_adapter(adapter_rank, a=a)
             mark_tp_sharded(self.local.adapter_b)
 
@@ -108,7 +109,7 @@ class RowParallelLinear(nn.Module):
         mark_tp_sharded(self.local.weight)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if adapter_rank is not None:
-            a = torch.randn(in_features, adapter_rank).chunk(tp, dim=0)[rank]
+            a = initial_adapter_a(in_features, adapter_rank).chunk(tp, dim=0)[rank]
             self.local.create_adapter(adapter_rank, a=a)
             mark_tp_sharded(self.local.adapter_a)
 

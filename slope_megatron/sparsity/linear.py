@@ -6,7 +6,10 @@ Storage is chosen so that ZeRO can own it like any tensor (DESIGN.md section 4):
   entries cannot become non-zero: they are not stored at all.
 - `mask`: bool buffer (out, in), chosen once from the initial weights, never changed.
 - `column_mask`: bool buffer (out, in), the double-pruned mask used for dX, recomputed from
-  the current weights every `column_mask_refresh` optimizer steps.
+  the current weights every `column_mask_refresh` optimizer steps. With
+  `double_prune=False` (plain static N:M training, the ablation of the paper) it is a copy
+  of `mask`, never recomputed, and dX = dY (W*M) exactly; the buffer stays so that state
+  dicts have the same keys either way.
 - `adapter_a` (in, r) / `adapter_b` (r, out): the lazy low-rank adapter, created inactive
   (zero compute) and switched on by `enable_adapter()`; Y += (X A) B / r.
 Counters and the adapter switch live in the module's extra state, so a checkpoint resumes
@@ -38,13 +41,28 @@ def adapter_rank(in_features: int, rank_ratio: float = 0.02, rank: Optional[int]
     return max(1, round(rank_ratio * in_features))
 
 
+def initial_adapter_a(in_features: int, rank: int) -> torch.Tensor:
+    """A ~ N(0, 1), shape (in, rank), on the CPU, drawn without advancing the global RNG.
+
+    Its generator is seeded from a draw of a *fork* of the global CPU RNG, so creating
+    adapters changes no other parameter's initial value: a model built with adapters has
+    exactly the base weights of the same model built without (issue 10's quality study
+    compares such arms from one seed). Consecutive calls with no draw in between would get
+    the same A; model construction always initialises a weight between two adapters.
+    """
+    with torch.random.fork_rng(devices=[]):
+        seed = int(torch.randint(0, 2 ** 62, (), device="cpu"))  # even under a device context
+    gen = torch.Generator().manual_seed(seed ^ 0x5A0BE)  # another stream than the weights'
+    return torch.randn(in_features, rank, generator=gen, device="cpu")
+
+
 class SlopeLinear(nn.Module):
     """Y = X (W*M)^T + b with SLoPe's double-pruned backward and an optional lazy adapter."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, n: int = 2,
                  m: int = 4, column_mask_refresh: int = 100, backend: str = "reference",
                  adapter_rank: Optional[int] = None, init_method: Optional[InitFn] = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, double_prune: bool = True):
         super().__init__()
         check_nm(n, m)
         for name, dim in (("in_features", in_features), ("out_features", out_features)):
@@ -56,6 +74,7 @@ class SlopeLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.n, self.m = n, m
         self.column_mask_refresh = column_mask_refresh
+        self.double_prune = bool(double_prune)
         self.backend_name = backend
         self.backend = get_backend(backend)
 
@@ -67,7 +86,8 @@ class SlopeLinear(nn.Module):
         mask = nm_mask(dense, n, m)
         self.register_buffer("mask", mask)
         self.weight = nn.Parameter(values_from_dense(dense, mask))
-        self.register_buffer("column_mask", torch.zeros_like(mask))
+        self.register_buffer("column_mask", torch.zeros_like(mask) if self.double_prune
+                             else mask.clone())
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
@@ -99,23 +119,32 @@ class SlopeLinear(nn.Module):
         return dense_from_values(self.weight, self.mask)
 
     def double_pruned_weight(self) -> torch.Tensor:
-        """W_RC = W * M * M_C, the operand of the input-gradient GEMM."""
+        """W_RC = W * M * M_C, the operand of the input-gradient GEMM (W * M without
+        double pruning)."""
         return self.dense_weight() * self._current_column_mask()
 
     # ---- double pruning ----------------------------------------------------------------
     def _column_mask_is_stale(self) -> bool:
+        if not self.double_prune:
+            return False  # the static mask stands in for it; never recomputed
         return (self.column_mask_step < 0
                 or self.optimizer_steps - self.column_mask_step >= self.column_mask_refresh)
 
     @torch.no_grad()
     def refresh_column_mask(self) -> None:
-        """Recompute the double-pruned mask from the current weights."""
-        dense = dense_from_values(self.weight.detach(), self.mask)
-        self.column_mask.copy_(double_prune_mask(dense, self.n, self.m, row_mask=self.mask))
+        """Recompute the double-pruned mask from the current weights (without double
+        pruning: copy the static mask)."""
+        if self.double_prune:
+            dense = dense_from_values(self.weight.detach(), self.mask)
+            self.column_mask.copy_(double_prune_mask(dense, self.n, self.m, row_mask=self.mask))
+        else:
+            self.column_mask.copy_(self.mask)
         self.column_mask_step = self.optimizer_steps
         self.backend.on_column_mask_change(self)
 
     def _current_column_mask(self) -> torch.Tensor:
+        if not self.double_prune:
+            return self.mask  # plain static N:M: dX = dY (W*M), nothing to recompute
         if self._column_mask_is_stale():
             self.refresh_column_mask()
         return self.column_mask
@@ -133,7 +162,8 @@ class SlopeLinear(nn.Module):
     def create_adapter(self, rank: int, a: Optional[torch.Tensor] = None) -> None:
         """Create the (inactive) adapter: A ~ N(0, 1), B = 0, scale 1/rank (as the paper).
 
-        `a` supplies A's initial value (tensor-parallel layers pass their slice of a full A).
+        `a` supplies A's initial value (tensor-parallel layers pass their slice of a full A);
+        by default it comes from `initial_adapter_a`, which leaves the global RNG untouched.
         """
         if self.adapter_a is not None:
             raise RuntimeError("this SlopeLinear already has an adapter")
@@ -142,7 +172,7 @@ class SlopeLinear(nn.Module):
         kw = dict(device=self.weight.device, dtype=self.weight.dtype)
         self.adapter_rank = int(rank)
         if a is None:
-            a = torch.randn(self.in_features, rank, **kw)
+            a = initial_adapter_a(self.in_features, rank)
         elif a.shape != (self.in_features, rank):
             raise ValueError(f"adapter A must have shape {(self.in_features, rank)}, got "
                              f"{tuple(a.shape)}")
@@ -186,6 +216,7 @@ class SlopeLinear(nn.Module):
 
     def extra_repr(self) -> str:
         adapter = f", adapter_rank={self.adapter_rank}" if self.adapter_rank else ""
+        single = "" if self.double_prune else ", double_prune=False"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, sparsity={self.n}:{self.m}, "
+                f"bias={self.bias is not None}, sparsity={self.n}:{self.m}{single}, "
                 f"backend={self.backend.name}{adapter}")

@@ -53,6 +53,17 @@ class CheckpointError(SlopeError):
     """A checkpoint that cannot be used: corrupt, incomplete or from a different run."""
 
 
+# Identity keys added after runs were already being saved, with the value every older run
+# had: a run_config.yaml or manifest written before the key existed reads as holding it.
+ADDED_IDENTITY_KEYS = {"sparsity.double_prune": True}
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """Sorted keys whose values differ between a saved identity and this run's."""
+    old = {**{k: v for k, v in ADDED_IDENTITY_KEYS.items() if k in new}, **old}
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:08d}"
 
@@ -162,7 +173,7 @@ def verify(tag_dir: Path, identity: Optional[dict]) -> list[str]:
         problems.append(f"{manifest_file} is unreadable: {e}")
     if manifest is not None and identity is not None:
         old = manifest.get("identity", {})
-        diff = sorted(k for k in old.keys() | identity.keys() if old.get(k) != identity.get(k))
+        diff = identity_diff(old, identity)
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} (checkpoint) vs {identity.get(k)!r} "
                               f"(this run)" for k in diff[:8])

@@ -19,6 +19,7 @@ import yaml
 
 from ..config import Config, ConfigError
 from ..fileio import write_text_atomic
+from .checkpoint import identity_diff
 from .distributed import barrier
 
 RUN_CONFIG = "run_config.yaml"
@@ -53,7 +54,7 @@ def check_output_dir(cfg: Config, out: Path) -> dict:
     if saved.is_file():
         old = _identity(yaml.safe_load(saved.read_text()) or {})
         new = _identity(cfg.to_dict())
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        diff = identity_diff(old, new)
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
             raise ConfigError(f"train.output_dir '{out}' holds a different run ({shown}); "

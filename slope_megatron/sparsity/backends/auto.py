@@ -3,15 +3,16 @@
 Why: the cusparselt backend's layer step is 1.2-1.5x dense for large layers at T >= 8192 but
 0.15-0.5x dense for small layers or small token counts (host-bound; docs/KERNELS.md). So
 `sparsity.backend: auto` does not run every supported shape sparse. The first time a call
-with a new key (out, in, tokens, dtypes, device, bias, grad mode) arrives, it times the whole
-SLoPe layer step on the real operands -- forward + backward (dX and the dW gather) + the
-after-step refresh of the compressed copies, as `launch/bench.py kernels` does -- for the
-cusparselt path and for the reference path (masked dense cuBLAS): 2 warm-up reps, then the
-median of 5 interleaved, CUDA-event-timed reps each (a few ms per shape). The key is routed
-to cusparselt only if its step is at least `min_speedup` (default 1.05, env
+with a new key (out, in, tokens, dtypes, device, bias, double pruning, grad mode) arrives, it
+times the whole SLoPe layer step on the real operands -- forward + backward (dX and the dW
+gather) + the after-step refresh of the compressed copies, as `launch/bench.py kernels` does
+-- for the cusparselt path and for the reference path (masked dense cuBLAS): 2 warm-up reps,
+then the median of 5 interleaved, CUDA-event-timed reps each (a few ms per shape). The key is
+routed to cusparselt only if its step is at least `min_speedup` (default 1.05, env
 SLOPE_AUTO_MIN_SPEEDUP) times faster, else to the reference. One INFO line per decision:
 "auto: 768x3072 T=16384 -> reference (sparse step 0.31x dense)". Calls without gradients
-(evaluation) are keyed and timed separately, forward only.
+(evaluation) are keyed and timed separately, forward only. Layers trained without double
+pruning go to the reference untimed (the kernels need W_RC to be N:M along `out`).
 
 Semantics are those of the reference backend either way: both paths compute the same function
 (the cusparselt backend is tested against the reference). Different ranks of a data- or
@@ -138,7 +139,7 @@ class AutoBackend(SparseLinearBackend):
         bias = layer.bias
         return (layer.out_features, layer.in_features, tokens, x.dtype, layer.weight.dtype,
                 x.device, None if bias is None else bias.dtype, layer.n, layer.m,
-                torch.is_grad_enabled())
+                getattr(layer, "double_prune", True), torch.is_grad_enabled())
 
     def choose(self, layer, x: torch.Tensor) -> SparseLinearBackend:
         """The backend for this call (timing both on the first call with a new key)."""
@@ -178,7 +179,9 @@ class AutoBackend(SparseLinearBackend):
 
     def _decide(self, layer, x: torch.Tensor, key: tuple) -> Decision:
         shape = f"{layer.in_features}x{layer.out_features} T={key[2]}"
-        reason = self.eligible(layer, x)
+        from .cusparselt import NO_DOUBLE_PRUNING
+        reason = NO_DOUBLE_PRUNING if not getattr(layer, "double_prune", True) \
+            else self.eligible(layer, x)
         if reason is not None:
             decision = Decision("reference", reason=f"cusparselt cannot take it: {reason}")
             log.info("auto: %s -> reference (%s)", shape, decision.reason)

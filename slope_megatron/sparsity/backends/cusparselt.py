@@ -8,7 +8,9 @@ optimizer step instead of compressing.
 
 What it cannot take it hands to the reference backend, logging the reason once per layer
 shape: no CUDA / CPU tensors, sparsity other than 2:4, dtypes other than bfloat16, feature
-sizes not multiples of 32, token counts not multiples of 16, shapes cuSPARSELt rejects.
+sizes not multiples of 32, token counts not multiples of 16, shapes cuSPARSELt rejects, and
+layers trained without double pruning (`sparsity.double_prune: false`: their dX operand W*M
+is not N:M along `out`).
 Importing this module touches no CUDA: the binding is built on first use.
 """
 from __future__ import annotations
@@ -49,8 +51,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+NO_DOUBLE_PRUNING = ("double pruning is off: (W*M)^T is not N:M along its reduction dim, so "
+                     "the input-gradient GEMM cannot run on sparse tensor cores")
+
+
 def static_unsupported_reason(layer) -> str | None:
     """Reason a layer can never use the kernels (independent of its input), or None."""
+    if not getattr(layer, "double_prune", True):
+        return NO_DOUBLE_PRUNING
     if (layer.n, layer.m) != (2, 4):
         return f"sparsity {layer.n}:{layer.m} (cuSPARSELt supports 2:4 only)"
     if layer.weight.dtype not in SUPPORTED_DTYPES:

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Plot a study JSON as a small PNG (matplotlib, Agg backend; `pip install -e .[plots]`).
+
+    python launch/plot_results.py quality.json [--out quality.png]
+    python launch/plot_results.py bench_train.json [--out bench_train.png]
+
+- a quality-study JSON (`launch/quality_study.py --json`): validation loss against iteration
+  for every arm, and each sparse arm's gap to dense at the same iteration; the title gives
+  issue 10's ratio gap(slope-adapters) / gap(static-2to4) when all its arms are present.
+- a bench-train JSON (`launch/bench.py train --json`): training throughput relative to dense
+  and peak GPU memory per arm, as bars.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+DPI = 110
+COLORS = {"dense": "black", "static-2to4": "tab:red", "slope": "tab:blue",
+          "slope-adapters": "tab:green", "slope-reference": "tab:purple"}
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or a clear error when it is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib, which is not installed; run "
+                         "`pip install -e .[plots]` (or `pip install 'matplotlib>=3.8'`)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def plot_quality(study: dict, out: Path) -> None:
+    plt = pyplot()
+    arms = study["arms"]
+    fig, (ax_loss, ax_gap) = plt.subplots(1, 2, figsize=(10, 4))
+    dense = {p["iter"]: p["val_loss"] for p in arms.get("dense", {}).get("curve", [])}
+    for name, r in arms.items():
+        pts = [(p["iter"], p["val_loss"]) for p in r["curve"] if _finite(p["val_loss"])]
+        if not pts:
+            continue
+        color = COLORS.get(name)
+        ax_loss.plot(*zip(*pts), marker=".", label=name, color=color)
+        gaps = [(i, v - dense[i]) for i, v in pts if name != "dense" and _finite(dense.get(i))]
+        if gaps:
+            ax_gap.plot(*zip(*gaps), marker=".", label=name, color=color)
+    ax_loss.set(xlabel="iteration", ylabel="validation loss", title="validation loss")
+    ax_gap.axhline(0.0, color="black", linewidth=0.8)
+    ax_gap.set(xlabel="iteration", ylabel="val loss - dense val loss", title="gap to dense")
+    for ax in (ax_loss, ax_gap):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    ratio = study.get("summary", {}).get("gap_ratio")
+    title = Path(study.get("config", "")).name
+    if _finite(ratio):
+        title += (f" - gap(slope-adapters) / gap(static-2to4) = {ratio:.2f} "
+                  f"(goal <= {study['summary'].get('goal_ratio', 0.6):.2f})")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+
+
+def plot_bench_train(report: dict, out: Path) -> None:
+    plt = pyplot()
+    results = report["results"]
+    names = [r["arm"] for r in results]
+    colors = [COLORS.get(n, "tab:gray") for n in names]
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.6))
+    speed = [r.get("vs_dense") for r in results]
+    ax_speed.bar(names, [v or 0.0 for v in speed], color=colors)
+    ax_speed.axhline(1.0, color="black", linewidth=0.8)
+    ax_speed.set(ylabel="tokens/s vs dense", title="training throughput")
+    for i, v in enumerate(speed):
+        ax_speed.text(i, v or 0.0, f"{v:.2f}x" if v else "n/a", ha="center", va="bottom",
+                      fontsize=8)
+    mem = [r.get("max_mem_gb") for r in results]
+    ax_mem.bar(names, [m or 0.0 for m in mem], color=colors)
+    for i, m in enumerate(mem):
+        ax_mem.text(i, m or 0.0, f"{m:.1f}" if m else "n/a", ha="center", va="bottom",
+                    fontsize=8)
+    ax_mem.set(ylabel="GiB", title="peak GPU memory")
+    for ax in (ax_speed, ax_mem):
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    gpu = (report.get("environment") or {}).get("gpu") or "no GPU"
+    fig.suptitle(f"{Path(report.get('config', '')).name} on {gpu}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("json", help="quality-study or bench-train JSON")
+    p.add_argument("--out", default=None, help="PNG to write (default: the JSON's name, .png)")
+    args = p.parse_args(argv)
+    src = Path(args.json)
+    data = json.loads(src.read_text())
+    out = Path(args.out) if args.out else src.with_suffix(".png")
+    if isinstance(data.get("arms"), dict):
+        plot_quality(data, out)
+    elif isinstance(data.get("results"), list):
+        plot_bench_train(data, out)
+    else:
+        raise SystemExit(f"error: {src} is neither a quality-study JSON (with 'arms') nor a "
+                         f"bench-train JSON (with 'results')")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""`launch/quality_study.py` (issue 10's four arms) and `launch/plot_results.py`, on CPU."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from corpus_helpers import write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_launch(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study_mod = load_launch("quality_study")
+
+
+def test_all_arms_start_from_the_same_base_weights():
+    """One seed, one initial model: the arms differ in training only (adapters are drawn
+    without touching the global RNG; sparse kept values are the dense weights at the mask)."""
+    from slope_megatron.config import load_config
+    from slope_megatron.model import GPTModel
+
+    models = {}
+    for arm, overrides in study_mod.ARMS.items():
+        torch.manual_seed(0)
+        cfg = load_config(ROOT / "configs" / "quality-gpt2-small.yaml",
+                          ["model.vocab_size=96", "model.hidden_size=32", "model.num_heads=2",
+                           "model.num_layers=2", "model.seq_len=16", *overrides])
+        models[arm] = GPTModel.from_config(cfg)
+    dense = dict(models["dense"].named_modules())
+    for arm in ("static-2to4", "slope", "slope-adapters"):
+        for name, mod in models[arm].named_modules():
+            if hasattr(mod, "mask"):  # a SlopeLinear: its values are the dense init at M
+                want = dense[name].weight.detach()[mod.mask].view_as(mod.weight)
+                assert torch.equal(mod.weight.detach(), want), (arm, name)
+                assert mod.double_prune == (arm != "static-2to4")
+                assert (mod.adapter_a is not None) == (arm == "slope-adapters")
+            elif isinstance(getattr(mod, "weight", None), torch.Tensor):
+                assert torch.equal(mod.weight, dense[name].weight), (arm, name)
+
+
+def test_summary_gaps_and_ratio():
+    def arm(loss):
+        return {"final_val_loss": loss, "final_val_ppl": 2.0 ** loss}
+    s = study_mod.summarize({"dense": arm(3.0), "static-2to4": arm(3.5), "slope": arm(3.4),
+                             "slope-adapters": arm(3.2)})
+    assert s["gap_to_dense"] == pytest.approx({"dense": 0.0, "static-2to4": 0.5, "slope": 0.4,
+                                               "slope-adapters": 0.2})
+    assert s["gap_ratio"] == pytest.approx(0.4) and s["goal_met"] is True
+    assert s["ppl_gap_ratio"] == pytest.approx((2 ** 3.2 - 8) / (2 ** 3.5 - 8))
+    worse = study_mod.summarize({"dense": arm(3.0), "static-2to4": arm(2.9),
+                                 "slope-adapters": arm(3.1)})
+    assert worse["gap_ratio"] is None and worse["goal_met"] is None  # no gap to recover
+    assert study_mod.summarize({"slope": arm(3.0)})["gap_to_dense"] == {}
+
+
+def _study(tmp_path, *args):
+    cmd = [sys.executable, str(ROOT / "launch" / "quality_study.py"), "--config",
+           str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "runs"),
+           "--json", str(tmp_path / "study.json"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_four_arms_in_two_invocations(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    common = ["--set", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+              "data.tokenizer_vocab_size=300", "data.val_fraction=0.1", "model.hidden_size=32",
+              "model.num_layers=1", "model.num_heads=2", "model.seq_len=32",
+              "train.iters=100", "train.micro_batch_size=4", "train.global_batch_size=4",
+              "train.log_interval=25", "train.eval_interval=50", "train.eval_iters=2",
+              "train.save_interval=1000", "optimizer.warmup_iters=5"]
+    first = _study(tmp_path, "--arms", "dense", "static-2to4", *common)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "gap ratio not available (missing arms: slope-adapters)" in first.stdout
+    # the same arm again is refused (its run directory exists), before anything runs
+    again = _study(tmp_path, "--arms", "static-2to4", *common)
+    assert again.returncode != 0 and "exist" in again.stderr
+    # another study's settings cannot be merged into this JSON
+    other = _study(tmp_path, "--arms", "slope", *common, "train.seed=7")
+    assert other.returncode != 0 and "different study" in other.stderr
+    second = _study(tmp_path, "--arms", "slope", "slope-adapters", *common)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+
+    study = json.loads((tmp_path / "study.json").read_text())
+    arms = study["arms"]
+    assert list(arms) == ["dense", "static-2to4", "slope", "slope-adapters"]
+    for name, r in arms.items():
+        assert [p["iter"] for p in r["curve"]] == [50, 100], name
+        assert r["final_val_loss"] == r["curve"][-1]["val_loss"] and r["tokens_per_s"] > 0
+        assert r["environment"]["torch"] == torch.__version__ and r["environment"]["date"]
+        assert "launch/pretrain.py" in r["command"] and f"runs/{name}" in r["command"]
+    assert "sparsity.double_prune=false" in arms["static-2to4"]["command"]
+    assert [inv["arms"] for inv in study["invocations"]] == [["dense", "static-2to4"],
+                                                             ["slope", "slope-adapters"]]
+    # same init and data: slope-adapters is slope until the adapters switch on at iter 99
+    # (up to float rounding: the inactive adapters change the optimizer's parameter groups)
+    at50 = {a: arms[a]["curve"][0]["val_loss"] for a in arms}
+    assert at50["slope-adapters"] == pytest.approx(at50["slope"], rel=1e-6)
+    assert arms["slope-adapters"]["final_val_loss"] != arms["slope"]["final_val_loss"]
+    assert abs(at50["static-2to4"] - at50["slope"]) > 1e-4
+    s = study["summary"]
+    gap = {a: arms[a]["final_val_loss"] - arms["dense"]["final_val_loss"] for a in arms}
+    assert s["gap_to_dense"] == pytest.approx(gap)
+    want = gap["slope-adapters"] / gap["static-2to4"] if gap["static-2to4"] > 0 else None
+    assert s["gap_ratio"] == pytest.approx(want)
+    assert "gap(slope-adapters) / gap(static-2to4)" in second.stdout or want is None
+    assert "validation loss by iteration" in second.stdout
+
+
+QUALITY = {"config": "configs/quality-gpt2-small.yaml",
+           "summary": {"gap_ratio": 0.5, "goal_ratio": 0.6},
+           "arms": {a: {"curve": [{"iter": i, "val_loss": 5.0 - i / 100 + k / 10, "val_ppl": 1.0}
+                                  for i in (50, 100, 150)]}
+                    for k, a in enumerate(["dense", "static-2to4", "slope", "slope-adapters"])}}
+BENCH = {"environment": {"gpu": None}, "config": "configs/gpt2-small.yaml",
+         "results": [{"arm": "dense", "vs_dense": 1.0, "max_mem_gb": None},
+                     {"arm": "slope", "vs_dense": 0.9, "max_mem_gb": None}]}
+
+
+@pytest.mark.parametrize("data", [QUALITY, BENCH], ids=["quality", "bench-train"])
+def test_plot_writes_a_small_png(tmp_path, data):
+    pytest.importorskip("matplotlib")
+    plot = load_launch("plot_results")
+    src = tmp_path / "study.json"
+    src.write_text(json.dumps(data))
+    assert plot.main([str(src)]) == 0
+    png = tmp_path / "study.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    plot = load_launch("plot_results")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    src = tmp_path / "study.json"
+    src.write_text(json.dumps(QUALITY))
+    with pytest.raises(SystemExit, match=r"pip install -e \.\[plots\]"):
+        plot.main([str(src)])
+    src.write_text("{}")
+    with pytest.raises(SystemExit, match="neither a quality-study JSON"):
+        plot.main([str(src)])
