@@ -157,3 +157,29 @@ def test_artifact_that_does_not_fit_its_config_is_refused(tmp_path):
         InferenceModel(cfg, state)
     with pytest.raises(ValueError, match="unknown dtype"):
         InferenceModel(cfg, model.state_dict(), dtype="fp8")
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_unpadded_steps_take_the_maskless_path_with_the_same_logits(arch):
+    """valid=None (no pads: is_causal / no mask) == an all-True valid (explicit masks)."""
+    cfg, model = tiny(arch)
+    inf = InferenceModel(cfg, model.state_dict())
+    ids = torch.randint(0, VOCAB, (2, 9))
+    pos = torch.arange(9).expand(2, -1)
+    plain, masked = inf.new_cache(2, 9), inf.new_cache(2, 9)
+    ones = torch.ones(2, 9, dtype=torch.bool)
+    got = [inf(ids[:, :6], pos[:, :6], plain)]
+    want = [inf(ids[:, :6], pos[:, :6], masked, ones[:, :6])]
+    assert not plain.padded and masked.padded
+    for i in range(6, 9):
+        got.append(inf(ids[:, i:i + 1], pos[:, i:i + 1], plain))
+        want.append(inf(ids[:, i:i + 1], pos[:, i:i + 1], masked, ones[:, i:i + 1]))
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(got, 1), inf.full_logits(ids), rtol=1e-4, atol=1e-4)
+    fresh = inf.new_cache(2, 9)
+    for t, needs_mask in ((4, False), (1, False), (2, True)):  # prefill, a token, a chunk
+        assert (fresh.begin(t) is not None) == needs_mask
+        fresh.end(t)
+    fresh.begin(1, torch.tensor([[True], [False]]))
+    fresh.end(1)
+    assert fresh.padded and fresh.begin(1) is not None  # a pad: masks from then on

@@ -41,6 +41,8 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why compressed inference cannot run for this device and dtype, or None."""
     if device.type != "cuda":
         return f"device {device} is not a CUDA device"
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if dtype != torch.bfloat16:
         return f"dtype {dtype} (the cuSPARSELt path is validated for bf16; use --dtype bf16)"
     from ..sparsity.backends.cusparselt import unavailable_reason as kernels_reason

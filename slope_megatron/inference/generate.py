@@ -110,7 +110,8 @@ def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, o
     ids, valid = ids.to(device), valid.to(device)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     cache = model.new_cache(b, longest + max(budgets) - 1)
-    logits = model(ids, positions, cache, valid, last_only=True)[:, -1]
+    padded = any(len(p) < longest for p in prompts)
+    logits = model(ids, positions, cache, valid if padded else None, last_only=True)[:, -1]
     last = positions[:, -1]
     generator, seed = make_generator(sampling.seed, device)
 
@@ -134,6 +135,7 @@ def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, o
             break
         running = torch.tensor([r is None for r in reasons], device=device)
         last = torch.where(running, last + 1, last)  # finished rows: masked, position frozen
-        logits = model(chosen[:, None], last[:, None], cache, running[:, None])[:, -1]
+        step_valid = None if all(r is None for r in reasons) else running[:, None]
+        logits = model(chosen[:, None], last[:, None], cache, step_valid)[:, -1]
     return [GenerationResult(outputs[i], reasons[i], stopped_by[i], prompts[i], dropped[i], seed)
             for i in range(b)]

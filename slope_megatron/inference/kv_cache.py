@@ -10,6 +10,8 @@ query attend to valid slots up to its own, plus always its own slot, so that pad
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -24,14 +26,27 @@ class KVCache:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.capacity = capacity
         self.length = 0  # slots filled so far (by every layer)
+        self.padded = False  # True once any slot holds a pad (then every step needs a mask)
 
-    def begin(self, valid: torch.Tensor) -> torch.Tensor:
-        """Reserve the next valid.shape[1] slots; returns the (batch, 1, t, length) mask."""
-        t, s = valid.shape[1], self.length
+    def begin(self, t: int, valid: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Reserve the next t slots; valid (batch, t) marks pads (None: all valid).
+
+        Returns the (batch, 1, t, length) attention mask, or None while the cache has never
+        held a pad and the step is a prefill into an empty cache (plain causal attention:
+        the caller passes is_causal) or a single token (it may attend to every slot), so
+        that SDPA can take its flash kernels.
+        """
+        s = self.length
         if s + t > self.capacity:
             raise RuntimeError(f"KV cache overflow: {s} + {t} slots > capacity {self.capacity}")
-        self.valid[:, s:s + t] = valid
-        slots = torch.arange(s + t, device=valid.device)
+        if valid is None:
+            self.valid[:, s:s + t] = True
+        else:
+            self.padded = True
+            self.valid[:, s:s + t] = valid
+        if not self.padded and (s == 0 or t == 1):
+            return None
+        slots = torch.arange(s + t, device=self.valid.device)
         q = slots[s:, None]
         allowed = ((slots[None, :] <= q)[None] & self.valid[:, None, :s + t]) \
             | (slots[None, :] == q)[None]

@@ -88,6 +88,8 @@ class InferenceModel(nn.Module):
             raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
         self.dtype = parse_dtype(dtype)
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         cfg = copy.deepcopy(config)
         cfg.sparsity.backend = "reference"
         cfg.model.dropout = 0.0
@@ -177,7 +179,7 @@ class InferenceModel(nn.Module):
         """Logits (batch, t, vocab) in float32 for `t` new tokens appended to `cache`.
 
         positions: (batch, t) token positions of each sequence; valid: (batch, t) False for
-        left padding (default: all valid); last_only: logits of the last token only
+        left padding (None: all valid, which lets attention use its fastest kernels); last_only: logits of the last token only
         (batch, 1, vocab), which spares a prompt-long LM-head GEMM when prefilling.
         """
         if int(positions.max()) >= self.seq_len:
@@ -190,9 +192,7 @@ class InferenceModel(nn.Module):
              valid: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """`forward` without its position check: no host synchronisation, so one step can be
         captured in a CUDA graph (benchmarks) once its shapes and plans are warm."""
-        if valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
-        attn_mask = cache.begin(valid)
+        attn_mask = cache.begin(input_ids.shape[1], valid)
         emb = self.model.embedding
         x = emb.tokens(input_ids)
         if emb.positions is not None:
@@ -219,5 +219,6 @@ class InferenceModel(nn.Module):
         if attn.rotary is not None:
             q, k = self._rotate(attn.rotary, q, positions), self._rotate(attn.rotary, k, positions)
         k_all, v_all = cache.write(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask,
+                                           is_causal=attn_mask is None and t > 1)
         return attn.proj(y.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
