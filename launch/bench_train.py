@@ -3,7 +3,9 @@
 Each arm is a separate `launch/pretrain.py` run (a fresh process, so kernels, caches and
 memory peaks do not leak between arms) on the same config, data and seed, differing only
 in `sparsity.*`; the numbers are taken from the last log window of its metrics.jsonl
-(tokens/s, MFU against the dense model's FLOPs, loss, peak GPU memory). Ratios are against
+(tokens/s, MFU against the dense model's FLOPs, loss, peak GPU memory, and the memory
+resident between steps - model state: weights, master copies, gradients, optimizer state,
+masks - which is what the paper's memory figures count). Ratios are against
 the dense arm of the same invocation. Writes a JSON with the GPU name and versions.
 """
 from __future__ import annotations
@@ -20,6 +22,9 @@ ARMS = {
     "dense": ["sparsity.enabled=false"],
     "slope": ["sparsity.enabled=true", "sparsity.backend=auto"],
     "slope-reference": ["sparsity.enabled=true", "sparsity.backend=reference"],
+    # adapters on from the middle of the run, so the measured (last) window has them active
+    "slope-adapters": ["sparsity.enabled=true", "sparsity.backend=auto", "adapters.enabled=true",
+                       "adapters.fraction=0.5"],
 }
 
 
@@ -52,8 +57,9 @@ def _run_arm(args, arm: str) -> dict:
                          f"{done.stderr[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "tokens_per_s" in r][-1]
-    return {"arm": arm, "command": " ".join(cmd), **{k: last.get(k) for k in (
-        "iter", "loss", "tokens_per_s", "mfu", "max_mem_gb")}}
+    keys = ("iter", "loss", "tokens_per_s", "mfu", "max_mem_gb", "resident_mem_gb",
+            "adapters_active")
+    return {"arm": arm, "command": " ".join(cmd), **{k: last.get(k) for k in keys}}
 
 
 def environment() -> dict:
@@ -69,14 +75,21 @@ def environment() -> dict:
 def run_train(args) -> int:
     results = [_run_arm(args, arm) for arm in args.arms]
     base = next((r for r in results if r["arm"] == "dense"), None)
-    print(f"{'arm':16s} {'tokens/s':>12s} {'vs dense':>9s} {'MFU':>7s} {'loss':>8s} {'mem GiB':>8s}")
+    print(f"{'arm':16s} {'tokens/s':>12s} {'vs dense':>9s} {'MFU':>7s} {'loss':>8s} "
+          f"{'peak GiB':>9s} {'state GiB':>10s}")
     for r in results:
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         r["vs_dense"] = ratio
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['max_mem_gb']:.1f}" if r["max_mem_gb"] is not None else "n/a"
+        state = "n/a"
+        if r.get("resident_mem_gb") is not None:
+            state = f"{r['resident_mem_gb']:.2f}"
+            if base and base.get("resident_mem_gb"):
+                state += f" ({r['resident_mem_gb'] / base['resident_mem_gb']:.2f}x)"
         print(f"{r['arm']:16s} {r['tokens_per_s']:12,.0f} "
-              f"{(f'{ratio:.2f}x' if ratio else 'n/a'):>9s} {mfu:>7s} {r['loss']:8.4f} {mem:>8s}")
+              f"{(f'{ratio:.2f}x' if ratio else 'n/a'):>9s} {mfu:>7s} {r['loss']:8.4f} {mem:>9s} "
+              f"{state:>10s}")
     if args.json:
         Path(args.json).write_text(json.dumps({"environment": environment(), "config": args.config,
                                                "overrides": args.set, "results": results},

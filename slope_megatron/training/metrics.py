@@ -37,6 +37,15 @@ def max_memory_gb() -> Optional[float]:
     return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
+def resident_memory_gb() -> Optional[float]:
+    """GPU memory allocated between optimizer steps (GiB), None on CPU: what stays resident
+    across steps - weights, fp32 master copies, gradient buffers, optimizer state, masks and
+    kernel caches - i.e. model state, without the activations of a step."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.memory_allocated() / 2 ** 30
+
+
 class MetricsWriter:
     def __init__(self, output_dir: Path, enabled: bool, resume_iter: int = 0):
         self.enabled = enabled

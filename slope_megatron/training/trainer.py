@@ -24,7 +24,8 @@ from . import checkpoint, faults
 from .data_order import GlobalBatchOrder
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .engine import build_engine
-from .metrics import MetricsWriter, format_train_line, max_memory_gb, peak_flops
+from .metrics import (MetricsWriter, format_train_line, max_memory_gb, peak_flops,
+                      resident_memory_gb)
 from .optimizer import (
     lr_at,
     mark_adapters_active,
@@ -250,7 +251,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
                       "tokens": done * tokens_per_iter, "tokens_per_s": tps,
                       "adapters_active": adapters_active(model), "time_s": now - t0,
                       "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None,
-                      "skipped_steps": skipped_total, "max_mem_gb": max_memory_gb()}
+                      "skipped_steps": skipped_total, "max_mem_gb": max_memory_gb(),
+                      "resident_mem_gb": resident_memory_gb()}
             if window:
                 metrics.write(record)
                 say(format_train_line(record))
