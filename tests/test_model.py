@@ -2,6 +2,7 @@
 import pytest
 import torch
 from torch import nn
+from train_helpers import fixed_batch_losses
 
 from slope_megatron.config import load_config
 from slope_megatron.model import GPTModel
@@ -40,15 +41,7 @@ def test_dense_baseline_is_the_same_code_without_slope_layers(arch):
 def test_training_steps_lower_the_loss_on_a_fixed_batch(arch, sparse):
     torch.manual_seed(0)
     _, model = tiny(arch, f"sparsity.enabled={sparse}")
-    ids = torch.randint(0, 96, (4, 17))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(5):
-        loss = model(ids[:, :-1], ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(model)
     assert losses[-1] < losses[0] - 0.1
 
 
