@@ -6,7 +6,7 @@
 --checkpoint takes an artifact dir, a checkpoint dir holding slope_model/, or a run's
 output_dir (the newest complete checkpoints/iter_*/slope_model/ is used). Several --prompt /
 --prompt-file (one whole file = one prompt) run as one batch; a single prompt streams.
-Temperature 0 (the default) is greedy decoding. With `--device cuda --dtype bf16` the 2:4
+Temperature 0 (the default) is greedy decoding. With `--device cuda` (bf16 by default) the 2:4
 sparse layers are compressed and run on cuSPARSELt (`--kernels auto`, the default); elsewhere
 they run the reference math (a dense GEMM on W*M, see docs/INFERENCE.md).
 """
@@ -17,6 +17,8 @@ import logging
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 try:
     import slope_megatron  # noqa: F401
@@ -39,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="default: random (printed)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 on a GPU (compressed 2:4 kernels), fp32 on a CPU")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--kernels", choices=("auto", "cusparselt", "reference"), default="auto",
                    help="sparse layers: compressed on cuSPARSELt (CUDA, bf16), the reference "
@@ -101,6 +104,8 @@ def main(argv=None) -> int:
             raise ValueError(f"artifact '{artifact}' has no tokenizer.json; pass --tokenizer FILE")
         tokenizer = load_tokenizer(tokenizer_file)
         texts, prompts = _prompts(args, tokenizer)
+        if args.dtype == "auto":
+            args.dtype = "fp32" if torch.device(args.device).type == "cpu" else "bf16"
         model = InferenceModel(config, state, dtype=args.dtype, device=args.device,
                                dense_cache=not args.low_memory, kernels=args.kernels)
         del state

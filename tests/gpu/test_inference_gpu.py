@@ -81,8 +81,8 @@ def test_generate_cli_uses_compressed_kernels(tmp_path, tokenizer_file, capsys):
     path = save_artifact(model.state_dict(), cfg, tokenizer_file, tmp_path / "art")
     cli = load_launch("generate")
     assert cli.main(["--checkpoint", str(path), "--prompt", "the cat", "--max-new-tokens", "5",
-                     "--device", "cuda", "--dtype", "bf16"]) == 0
+                     "--device", "cuda"]) == 0  # bf16 by default on a GPU
     assert "sparse kernels: cusparselt" in capsys.readouterr().err
     assert cli.main(["--checkpoint", str(path), "--prompt", "the", "--device", "cuda",
-                     "--kernels", "cusparselt"]) == 2  # fp32 cannot
+                     "--dtype", "fp32", "--kernels", "cusparselt"]) == 2  # fp32 cannot
     assert "kernels='cusparselt' cannot run here: dtype torch.float32" in capsys.readouterr().err
