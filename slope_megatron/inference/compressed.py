@@ -56,7 +56,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 class _Compressed:
-    """One layer's compressed operand and its (rank-padded, pre-scaled) adapter factors."""
+    """One layer's compressed operand and, if active, its rank-padded adapter factors."""
 
     __slots__ = ("buf", "out", "inp", "bias_fused", "adapter_a", "adapter_b", "adapter_scale")
 
