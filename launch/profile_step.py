@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Where the GPU time of a training step goes, dense vs SLoPe (issue 10's per-op profile).
+
+    python launch/profile_step.py --config configs/gpt2-small.yaml --arms dense slope \\
+        [--set model.hidden_size=2048 ...] [--steps 3] [--json profile.json]
+
+Each arm runs in its own process and builds the real training stack (`build_engine`:
+GPTModel, AdamW, DeepSpeed engine with the config's precision and ZeRO stage) on one GPU,
+feeds random tokens (no data preparation: this measures compute, not input), runs --warmup
+optimizer steps (cuSPARSELt plans, `auto` backend choices, allocator), then profiles --steps
+steps with torch.profiler. CUDA kernel time is summed into categories by kernel name
+(`categorize`): sparse GEMMs (cuSPARSELt), dense GEMMs (cuBLAS/CUTLASS, includes dW),
+attention, Triton gathers/refresh/adapter kernels, mask ops of the reference path, norms,
+cross-entropy/softmax, optimizer, other elementwise, NCCL, everything else. Also reported: the
+step's wall time and the GPU-busy share (kernel time / wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout
+
+ARMS = {
+    "dense": ["sparsity.enabled=false"],
+    "slope": ["sparsity.enabled=true"],
+    "slope-reference": ["sparsity.enabled=true", "sparsity.backend=reference"],
+}
+# (category, substrings of a lower-cased kernel name); the first match wins
+CATEGORIES = [
+    ("communication", ("nccl",)),
+    ("sparse_gemm", ("cusparselt", "sparse", "spmma", "_sp_")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("triton_slope", ("_gather_kept_kernel", "_gather_wt_kernel", "_lowrank_add_kernel")),
+    ("dense_gemm", ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("cross_entropy", ("softmax", "nll", "cross_entropy", "log_softmax")),
+    ("norm", ("layer_norm", "layernorm", "rms", "norm_")),
+    ("mask_ops", ("nonzero", "masked_scatter", "index_select", "scatter", "cumsum", "scan")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "reduce", "copy", "fill")),
+]
+
+
+def categorize(kernel_name: str) -> str:
+    name = kernel_name.lower()
+    for category, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return category
+    return "other"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="configs/gpt2-small.yaml")
+    p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for every arm (model size, micro batch, ...)")
+    p.add_argument("--warmup", type=int, default=3, help="optimizer steps before profiling")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps profiled")
+    p.add_argument("--json", default=None)
+    p.add_argument("--one-arm", default=None, help=argparse.SUPPRESS)  # child process
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+
+
+def profile_arm(args) -> dict:
+    """Child process: build the engine, warm up, profile; returns the category split."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from slope_megatron.config import load_config
+    from slope_megatron.sparsity import after_optimizer_step
+    from slope_megatron.training.distributed import init_distributed
+    from slope_megatron.training.engine import build_engine
+    from slope_megatron.training.steps import train_step
+
+    cfg = load_config(args.config, [*args.set, *ARMS[args.one_arm]])
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = cfg.data.tokenizer_vocab_size
+    init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    model, engine, _ = build_engine(cfg, None, 1)
+    micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = []
+    for _ in range(micro):
+        ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size,
+                                                     cfg.model.seq_len + 1),
+                            device="cuda", generator=gen)
+        batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+
+    def step():
+        train_step(engine, batches)
+        after_optimizer_step(model)
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    split: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = ev.self_device_time_total / 1e3 / args.steps
+        split[categorize(ev.key)] = split.get(categorize(ev.key), 0.0) + ms
+        kernels[ev.key] = ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    tokens = cfg.train.global_batch_size * cfg.model.seq_len
+    return {"arm": args.one_arm, "wall_ms": wall_ms, "kernel_ms": sum(split.values()),
+            "tokens_per_s": tokens / wall_ms * 1e3, "split_ms": split,
+            "top_kernels_ms": [{"name": k[:160], "ms": v, "category": categorize(k)}
+                               for k, v in top]}
+
+
+def run(args) -> int:
+    if args.one_arm:
+        Path(args.result).write_text(json.dumps(profile_arm(args)))
+        return 0
+    results = []
+    for arm in args.arms:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
+                   "--one-arm", arm, "--result", str(out), "--warmup", str(args.warmup),
+                   "--steps", str(args.steps), "--set", *args.set]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            done = subprocess.run(cmd, env=env, text=True, capture_output=True)
+            if done.returncode != 0 or not out.exists():
+                print(f"error: arm {arm} failed (exit {done.returncode}):\n"
+                      f"{done.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            results.append(json.loads(out.read_text()))
+    cats = [c for c, _ in CATEGORIES] + ["other"]
+    print(f"{'category (ms/step)':20s}" + "".join(f"{r['arm']:>18s}" for r in results))
+    for c in cats:
+        cells = [(r["split_ms"].get(c, 0.0), 100 * r["split_ms"].get(c, 0.0) / r["kernel_ms"])
+                 for r in results]
+        print(f"{c:20s}" + "".join(f"{ms:10.2f} ({pct:4.1f}%)" for ms, pct in cells))
+    for key in ("kernel_ms", "wall_ms"):
+        print(f"{key:20s}" + "".join(f"{r[key]:18.2f}" for r in results))
+    print(f"{'tokens/s':20s}" + "".join(f"{r['tokens_per_s']:18,.0f}" for r in results))
+    if args.json:
+        import torch
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        meta = {"date": now, "torch": torch.__version__, "command": " ".join(sys.argv),
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        Path(args.json).write_text(json.dumps({"meta": meta, "config": args.config,
+                                               "overrides": args.set, "results": results},
+                                              indent=1))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    if not args.one_arm:
+        import torch
+        if not torch.cuda.is_available():
+            print("error: profile_step.py needs a CUDA GPU", file=sys.stderr)
+            return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
