@@ -111,8 +111,9 @@ def profile_arm(args) -> dict:
     split: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for ev in prof.key_averages():
-        if ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if ev.device_type != torch.autograd.DeviceType.CUDA or "#" in ev.key:
+            continue  # CPU ops, and GPU-side user annotations (e.g. Optimizer.step#AdamW.step)
+                      # that span kernels already counted
         ms = ev.self_device_time_total / 1e3 / args.steps
         split[categorize(ev.key)] = split.get(categorize(ev.key), 0.0) + ms
         kernels[ev.key] = ms
