@@ -49,6 +49,12 @@ CATEGORIES = [
 ]
 
 
+def is_annotation(key: str) -> bool:
+    """GPU-side user annotations span kernels that are counted on their own (not kernels:
+    note that real kernel names may contain '#', from C++ lambdas)."""
+    return key.startswith(("Optimizer.", "ProfilerStep", "## "))
+
+
 def categorize(kernel_name: str) -> str:
     name = kernel_name.lower()
     for category, keys in CATEGORIES:
@@ -111,9 +117,8 @@ def profile_arm(args) -> dict:
     split: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for ev in prof.key_averages():
-        if ev.device_type != torch.autograd.DeviceType.CUDA or "#" in ev.key:
-            continue  # CPU ops, and GPU-side user annotations (e.g. Optimizer.step#AdamW.step)
-                      # that span kernels already counted
+        if ev.device_type != torch.autograd.DeviceType.CUDA or is_annotation(ev.key):
+            continue
         ms = ev.self_device_time_total / 1e3 / args.steps
         split[categorize(ev.key)] = split.get(categorize(ev.key), 0.0) + ms
         kernels[ev.key] = ms

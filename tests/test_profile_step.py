@@ -31,3 +31,9 @@ def test_profile_needs_a_gpu(capsys):
         pytest.skip("this checks the CPU-side refusal")
     assert profile_step.main(["--arms", "dense"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_annotations_are_not_kernels():
+    assert profile_step.is_annotation("Optimizer.step#AdamW.step")
+    assert not profile_step.is_annotation(
+        "void at::native::vectorized_elementwise_kernel<4, {lambda(float)#1}>")
