@@ -47,7 +47,7 @@ def add_arguments(p) -> None:
     p.add_argument("--ranks", nargs="*", type=float, default=[0.0156, 0.0625],
                    help="adapter rank ratios of the SLoPe arms besides adapters-off")
     p.add_argument("--layers", type=int, default=3, help="blocks built per model (>= 2)")
-    p.add_argument("--json", default="docs/inference_bench.json")
+    p.add_argument("--json", default="docs/results/inference_bench.json")
 
 
 def _config(preset: dict, seq_len: int, sparse: bool, rank: float | None):

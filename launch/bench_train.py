@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from child_env import checkout_env  # launch/ sibling
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -49,8 +50,7 @@ def _run_arm(args, arm: str) -> dict:
                  *args.set, *ARMS[arm], f"train.output_dir={out}"]
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config,
            "--set", *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                  os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     done = subprocess.run(cmd, env=env, text=True, capture_output=True)
     if done.returncode != 0:
         raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}):\n"

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from child_env import checkout_env  # launch/ sibling
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
@@ -141,9 +142,7 @@ def run(args) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
                    "--one-arm", arm, "--result", str(out), "--warmup", str(args.warmup),
                    "--steps", str(args.steps), "--set", *args.set]
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-            done = subprocess.run(cmd, env=env, text=True, capture_output=True)
+            done = subprocess.run(cmd, env=checkout_env(), text=True, capture_output=True)
             if done.returncode != 0 or not out.exists():
                 print(f"error: arm {arm} failed (exit {done.returncode}):\n"
                       f"{done.stderr[-3000:]}", file=sys.stderr)

@@ -28,12 +28,13 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from child_env import checkout_env  # launch/ sibling
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -120,8 +121,7 @@ def run_arm(args, arm: str) -> dict:
     overrides = [*args.set, *ARMS[arm], f"train.output_dir={out}"]
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config,
            "--set", *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                  os.environ.get("PYTHONPATH")]))}
+    env = checkout_env()
     log_file = Path(args.out) / f"{arm}.log"
     print(f"[{arm}] {' '.join(cmd)}\n[{arm}] log: {log_file}", flush=True)
     t0 = time.time()

@@ -38,13 +38,3 @@ def flip_byte(path, offset):
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
 
-
-def load_launch(name):
-    """Import launch/<name>.py (the launch scripts are not a package)."""
-    import importlib.util
-    from pathlib import Path
-    file = Path(__file__).resolve().parents[1] / "launch" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -4,7 +4,8 @@ import os
 
 import pytest
 import torch
-from inference_helpers import SEQ, VOCAB, flip_byte, load_launch, saved, tiny
+from inference_helpers import SEQ, VOCAB, flip_byte, saved, tiny
+from launch_helpers import load_launch
 
 from slope_megatron.inference import (
     ArtifactError,

@@ -3,7 +3,8 @@ per-block arithmetic. The compressed cuSPARSELt path itself is tested in
 tests/gpu/test_inference_gpu.py."""
 
 import pytest
-from inference_helpers import load_launch, tiny
+from inference_helpers import tiny
+from launch_helpers import load_launch
 
 from slope_megatron.inference import InferenceModel
 from slope_megatron.inference.compressed import token_bucket

@@ -1,7 +1,7 @@
 """The per-op profile's kernel-name categories (the profile itself runs on a GPU only)."""
 
 import pytest
-from inference_helpers import load_launch
+from launch_helpers import load_launch
 
 profile_step = load_launch("profile_step")
 

@@ -1,5 +1,4 @@
 """`launch/quality_study.py` (issue 10's four arms) and `launch/plot_results.py`, on CPU."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,15 +8,9 @@ import pytest
 import torch
 
 from corpus_helpers import write_corpus
+from launch_helpers import load_launch
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_launch(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 study_mod = load_launch("quality_study")

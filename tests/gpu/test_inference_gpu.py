@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from inference_helpers import CASES, load_launch, tiny
+from inference_helpers import CASES, tiny
+from launch_helpers import load_launch
 
 from slope_megatron.inference import InferenceModel, generate, save_artifact
 from slope_megatron.inference.compressed import unavailable_reason
