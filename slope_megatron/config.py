@@ -144,6 +144,9 @@ class TrainConfig:
                             "or 'fp32'.")
     max_skipped_steps: int = _f(10, "Stop after this many consecutive steps skipped for a "
                                     "non-finite loss or gradient.")
+    compile: Optional[bool] = _f(None, "torch.compile the work between the GEMMs (residual "
+                                       "add + norm, attention reshapes, activations, loss). "
+                                       "Unset: on when training on a GPU, off on CPU.")
 
 
 @dataclass

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..config import Config
 from ..model import GPTModel
+from ..model.regions import rotate_half
 from ..sparsity import SlopeLinear, slope_layers
 from .backend import InferenceBackend
 from .kv_cache import KVCache
@@ -210,8 +211,7 @@ class InferenceModel(nn.Module):
         """Rotary.forward's rotate-half formula at per-sequence positions."""
         cos = rotary.cos[positions].unsqueeze(1).to(x.dtype)  # (b, 1, t, head_dim)
         sin = rotary.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+        return rotate_half(x, cos, sin)
 
     def _attention(self, attn, x, layer: int, positions, cache: KVCache, attn_mask):
         b, t, _ = x.shape

@@ -3,6 +3,7 @@
 GPT-2/OPT style: LayerNorm, GELU MLP, biases. LLaMA style: RMSNorm, SwiGLU MLP, rotary
 positions, no biases. Attention is PyTorch's fused `scaled_dot_product_attention`.
 Every linear comes from a LinearFactory, so the block does not know whether it is sparse.
+The work between the linears lives in `regions.py` (torch.compile'd when enabled).
 """
 from __future__ import annotations
 
@@ -12,12 +13,26 @@ from torch import nn
 
 from ..config import ModelConfig, ffn_hidden_size
 from .linear_factory import LinearFactory
+from .regions import causal_attention, mlp_activation, residual_norm, rotate_half, split_heads
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "llama":
         return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def norm_args(norm: nn.Module) -> tuple:
+    """(weight, bias, eps, is_rms) of a make_norm() module, for `residual_norm`."""
+    if isinstance(norm, nn.RMSNorm):
+        eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+        return norm.weight, None, eps, True
+    return norm.weight, norm.bias, norm.eps, False
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout that launches nothing when p == 0 (the pretraining default)."""
+    return F.dropout(x, p, True) if p > 0 else x
 
 
 class Rotary(nn.Module):
@@ -34,11 +49,12 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x: (batch, heads, T, head_dim)."""
         t = x.shape[-2]
-        cos = self.cos[offset:offset + t].to(x.dtype)
-        sin = self.sin[offset:offset + t].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        cos, sin = self.tables(t, x.dtype, offset)
+        return rotate_half(x, cos, sin)
+
+    def tables(self, t: int, dtype: torch.dtype, offset: int = 0):
+        """cos, sin (t, head_dim) for positions offset..offset+t-1, in `dtype`."""
+        return (self.cos[offset:offset + t].to(dtype), self.sin[offset:offset + t].to(dtype))
 
 
 class Attention(nn.Module):
@@ -56,19 +72,16 @@ class Attention(nn.Module):
             if cfg.arch == "llama" else None
 
     def split_heads(self, x: torch.Tensor):
-        b, t, _ = x.shape
-        q, k, v = x.view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
+        """(b, t, 3*h*d) -> q, k, v (b, heads, t, head_dim)."""
+        return split_heads(x, self.num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.split_heads(self.qkv(x))
+        cos = sin = None
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            cos, sin = self.rotary.tables(x.shape[1], x.dtype)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
-        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        return F.dropout(self.proj(y), drop, self.training)
+        y = causal_attention(self.qkv(x), self.num_heads, cos, sin, drop)
+        return dropout(self.proj(y), drop)
 
 
 class MLP(nn.Module):
@@ -84,13 +97,8 @@ class MLP(nn.Module):
         self.fc2 = make_linear("fc2", ffn, h, bias, layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.fc1(x)
-        if self.swiglu:
-            gate, up = a.chunk(2, dim=-1)
-            a = F.silu(gate) * up
-        else:
-            a = F.gelu(a, approximate="tanh")
-        return F.dropout(self.fc2(a), self.dropout, self.training)
+        a = mlp_activation(self.fc1(x), self.swiglu)
+        return dropout(self.fc2(a), self.dropout if self.training else 0.0)
 
 
 class Block(nn.Module):
@@ -103,5 +111,5 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, make_linear, layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x, h = residual_norm(x, self.attn(self.norm1(x)), *norm_args(self.norm2))
+        return x + self.mlp(h)

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import AdaptersConfig, Config, ModelConfig, SparsityConfig, ffn_hidden_size
 from .blocks import Block, make_norm
 from .linear_factory import LinearFactory
+from .regions import lm_loss
 
 
 class Embedding(nn.Module):
@@ -83,12 +84,6 @@ def seeded(seed: Optional[int]):
 def layer_seed(base: Optional[int], index: int) -> Optional[int]:
     """Seed of model piece `index` (0 embedding, 1..L blocks, L+1 head)."""
     return None if base is None else base * 1000 + index
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32 (targets equal to -1 are ignored)."""
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-1)
 
 
 class GPTModel(nn.Module):

@@ -81,6 +81,7 @@ def build_engine(cfg: Config, par, dp_size: int):
     PipelineModule's topology; otherwise our ParallelState is the `mpu` (None for TP = 1).
     """
     from ..model import GPTModel
+    from ..model.regions import enable_compile, resolve_compile
     from ..model.pipeline import build_pipeline_model, mark_for_grad_norm
     from .optimizer import build_optimizer
 
@@ -92,4 +93,5 @@ def build_engine(cfg: Config, par, dp_size: int):
         model = GPTModel.from_config(cfg, par)
         mpu = par
     engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size, mpu=mpu)
+    enable_compile(resolve_compile(cfg.train.compile, engine.device))
     return model, engine, optimizer

@@ -25,13 +25,13 @@ def is_pipelined(engine) -> bool:
 def train_step(engine, batches: list) -> float:
     if is_pipelined(engine):
         return engine.train_batch(iter(batches)).item()
-    total = 0.0
+    losses = []
     for x, y in batches:
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-        total += loss.item()
-    return total / len(batches)
+        losses.append(loss.detach())
+    return torch.stack(losses).float().mean().item()  # one host sync per step
 
 
 @torch.no_grad()
@@ -39,9 +39,9 @@ def eval_loss(engine, batches: list) -> float:
     if is_pipelined(engine):
         return engine.eval_batch(iter(batches), num_micro_batches=len(batches)).item()
     engine.eval()
-    total = sum(engine(x, y).item() for x, y in batches)
+    losses = torch.stack([engine(x, y).float() for x, y in batches])
     engine.train()
-    return total / len(batches)
+    return losses.mean().item()
 
 
 def eval_indices(cfg: Config, num_val: int, dp_rank: int, dp_size: int) -> list[list[int]]:

@@ -133,21 +133,21 @@ def guarded_train_step(engine, batches: list, it: int) -> tuple[float, bool]:
         finally:
             engine.module.loss_fn = loss_fn
         return loss, not math.isfinite(loss)
-    total, bad, bad_any = 0.0, False, False
+    losses: list = []
     for i, (x, y) in enumerate(batches):
         loss = faults.corrupt_loss(engine(x, y), it)
-        value = loss.item()
-        bad = bad or not math.isfinite(value)
+        losses.append(loss.detach())
         if i == len(batches) - 1:
-            bad_any = _any_rank(bad)
+            # The step's one host sync (not one per micro-batch: each would drain the GPU).
+            values = torch.stack(losses).float().tolist()
+            bad_any = _any_rank(not all(math.isfinite(v) for v in values))
             if bad_any:
                 loss = loss * float("nan")
         engine.backward(loss)
         if i == 0:
             faults.point("after_backward", it)
         engine.step()
-        total += value
-    return (float("nan") if bad_any else total / len(batches)), bad_any
+    return (float("nan") if bad_any else sum(values) / len(values)), bad_any
 
 
 @dataclass

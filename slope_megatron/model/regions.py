@@ -1,0 +1,127 @@
+"""The non-GEMM regions of a transformer step, as pure tensor functions torch.compile can fuse.
+
+Why: in eager mode about 40% of a training step's GPU time is outside the GEMMs (residual
+adds, norms, activations, head reshapes, the fp32 cross-entropy; docs/RESULTS.md, per-op
+profile), and it is the same for dense and SLoPe - so it caps SLoPe's end-to-end gain. These
+functions hold that work; `enable_compile()` makes every later call run a torch.compile'd
+version (Inductor fuses each region into a few kernels, forward and backward).
+
+The GEMMs stay outside, opaque to the compiler: SlopeLinear's backends keep per-layer state
+(cuSPARSELt plans, compressed operands, refresh counters) that a compiled graph would have to
+specialise on layer by layer - 24 blocks would mean 24 graphs. The regions take only tensors
+and Python scalars, so one compiled graph serves every block of the model.
+
+Compilation is process-wide (dynamo's caches are) and off by default; the trainer turns it on
+per `train.compile` (unset: on for CUDA). Eager and compiled regions compute the same function.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_settings = {"enabled": False, "backend": "inductor"}
+_regions: list["Region"] = []
+
+
+class Region:
+    """A function that runs eagerly, or compiled once `enable_compile()` was called."""
+
+    def __init__(self, fn: Callable):
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.compiled: Optional[Callable] = None
+        _regions.append(self)
+
+    def __call__(self, *args):
+        if not _settings["enabled"]:
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, fullgraph=True, backend=_settings["backend"])
+        return self.compiled(*args)
+
+
+def region(fn: Callable) -> Region:
+    return Region(fn)
+
+
+def enable_compile(enabled: bool = True, backend: str = "inductor") -> None:
+    """Run the regions compiled (`backend`: a torch.compile backend; tests use 'aot_eager')."""
+    if enabled and backend != _settings["backend"]:
+        for r in _regions:
+            r.compiled = None
+    _settings.update(enabled=bool(enabled), backend=backend)
+    if enabled:
+        log.info("torch.compile on for the block regions (backend %s); the first step compiles "
+                 "them (about a minute on a GPU)", backend)
+
+
+def compile_enabled() -> bool:
+    return _settings["enabled"]
+
+
+def resolve_compile(setting: Optional[bool], device: torch.device) -> bool:
+    """`train.compile` -> whether to compile: unset means on CUDA devices, off on CPUs (where
+    Inductor builds C++ for minutes and a short run would mostly wait for the compiler)."""
+    return torch.device(device).type == "cuda" if setting is None else bool(setting)
+
+
+# ---- the regions ------------------------------------------------------------------------------
+@region
+def residual_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor], eps: float, rms: bool):
+    """(x + delta, norm(x + delta)): the residual add and the next pre-norm in one pass."""
+    x = x + delta
+    if rms:
+        return x, F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half form: x * cos + [-x2, x1] * sin (cos/sin in x's dtype)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int):
+    """(b, t, 3*h*d) fused QKV -> q, k, v of shape (b, h, t, d)."""
+    b, t, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    q, k, v = qkv.view(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+@region
+def causal_attention(qkv: torch.Tensor, num_heads: int, cos: Optional[torch.Tensor],
+                     sin: Optional[torch.Tensor], dropout_p: float) -> torch.Tensor:
+    """Fused QKV (b, t, 3*h*d) -> causal attention output (b, t, h*d), with rotary when
+    cos/sin (t, d) are given. SDPA picks the flash/cuDNN kernel in either mode."""
+    b, t, _ = qkv.shape
+    q, k, v = split_heads(qkv, num_heads)
+    if cos is not None:
+        q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return y.transpose(1, 2).reshape(b, t, -1)
+
+
+@region
+def mlp_activation(a: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    """GELU (tanh) for gpt; SwiGLU silu(gate) * up on the fused [gate; up] for llama."""
+    if swiglu:
+        gate, up = a.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(a, approximate="tanh")
+
+
+@region
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32 (targets equal to -1 are ignored). Compiled,
+    the float32 cast is fused into the softmax reductions instead of materialising fp32
+    logits."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-1)

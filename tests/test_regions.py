@@ -1,0 +1,112 @@
+"""The compiled block regions: same function as eager, one graph per region (not per block),
+and the `train.compile` setting."""
+import pytest
+import torch
+
+from slope_megatron.config import ConfigError, load_config
+from slope_megatron.model import GPTModel, regions
+
+
+def tiny(arch, *overrides, layers=3):
+    cfg = load_config(None, [f"model.arch={arch}", "model.vocab_size=96", "model.hidden_size=32",
+                             "model.num_heads=4", f"model.num_layers={layers}",
+                             "model.seq_len=16", *overrides])
+    return GPTModel.from_config(cfg)
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the traced graph as is and counts compilations."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.graphs.append(gm)
+        run_as_is = lambda g, _: make_boxed_func(g.forward)  # noqa: E731
+        return aot_autograd(fw_compiler=run_as_is, bw_compiler=run_as_is)(gm, example_inputs)
+
+
+@pytest.fixture
+def compiled():
+    """Turn compilation on with a counting backend; restore eager mode afterwards."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    regions.enable_compile(True, backend=backend)
+    yield backend
+    regions.enable_compile(False)
+    torch._dynamo.reset()
+
+
+def loss_and_grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    loss = model(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_compiled_regions_match_eager(arch, sparse, compiled):
+    torch.manual_seed(0)
+    model = tiny(arch, f"sparsity.enabled={str(sparse).lower()}", "model.dropout=0.0")
+    x = torch.randint(0, 96, (2, 16))
+    y = torch.randint(0, 96, (2, 16))
+    regions.enable_compile(False)
+    loss_e, grads_e = loss_and_grads(model, x, y)
+    regions.enable_compile(True, backend=compiled)
+    loss_c, grads_c = loss_and_grads(model, x, y)
+    assert compiled.graphs, "no region was compiled"
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys()
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_one_graph_per_region_not_per_block(arch, compiled):
+    """The GEMMs stay outside, so every block reuses the same compiled graphs: a 3-block and
+    a 6-block model compile the same number of graphs (forward; backward is traced with it)."""
+    counts = []
+    for layers in (3, 6):
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        compiled.graphs.clear()
+        model = tiny(arch, layers=layers)
+        x = torch.randint(0, 96, (2, 16))
+        model(x, x).backward()
+        counts.append(len(compiled.graphs))
+    # attention, residual add + norm, activation, loss
+    assert counts == [4, 4]
+
+
+def test_sparse_linears_are_not_traced(compiled):
+    """No SlopeLinear op (mask scatter, the custom autograd function) appears in a graph."""
+    model = tiny("gpt")
+    x = torch.randint(0, 96, (2, 16))
+    model(x, x).backward()
+    code = "\n".join(g.code for g in compiled.graphs)
+    assert "masked_scatter" not in code and "linear" not in code
+
+
+def test_resolve_compile():
+    assert regions.resolve_compile(None, torch.device("cuda", 0)) is True
+    assert regions.resolve_compile(None, torch.device("cpu")) is False
+    assert regions.resolve_compile(None, "cpu") is False
+    assert regions.resolve_compile(True, torch.device("cpu")) is True
+    assert regions.resolve_compile(False, torch.device("cuda", 0)) is False
+
+
+def test_compile_setting_is_a_bool():
+    assert load_config(None, ["train.compile=true"]).train.compile is True
+    assert load_config(None, ["train.compile=false"]).train.compile is False
+    assert load_config(None, []).train.compile is None
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(None, ["train.compile=fast"])
