@@ -14,6 +14,7 @@ import datetime
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from child_env import checkout_env  # launch/ sibling
@@ -27,6 +28,8 @@ ARMS = {
     "slope-adapters": ["sparsity.enabled=true", "sparsity.backend=auto", "adapters.enabled=true",
                        "adapters.fraction=0.5"],
 }
+# the same without torch.compile of the block regions (on by default on a GPU): before/after
+ARMS.update({f"{arm}-eager": [*ARMS[arm], "train.compile=false"] for arm in list(ARMS)})
 
 
 def add_arguments(p) -> None:
@@ -51,7 +54,9 @@ def _run_arm(args, arm: str) -> dict:
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config,
            "--set", *overrides]
     env = checkout_env()
+    start = time.perf_counter()
     done = subprocess.run(cmd, env=env, text=True, capture_output=True)
+    wall_s = round(time.perf_counter() - start, 1)  # whole run: start-up, compile, steps
     if done.returncode != 0:
         raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}):\n"
                          f"{done.stderr[-2000:]}")
@@ -59,7 +64,8 @@ def _run_arm(args, arm: str) -> dict:
     last = [r for r in records if "tokens_per_s" in r][-1]
     keys = ("iter", "loss", "tokens_per_s", "mfu", "max_mem_gb", "resident_mem_gb",
             "adapters_active")
-    return {"arm": arm, "command": " ".join(cmd), **{k: last.get(k) for k in keys}}
+    return {"arm": arm, "command": " ".join(cmd), "wall_s": wall_s,
+            **{k: last.get(k) for k in keys}}
 
 
 def environment() -> dict:

@@ -25,16 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from child_env import checkout_env  # launch/ sibling
+from bench_train import ARMS  # launch/ siblings: the arms are the same as the benchmark's
+from child_env import checkout_env
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-ARMS = {
-    "dense": ["sparsity.enabled=false"],
-    "slope": ["sparsity.enabled=true"],
-    "slope-reference": ["sparsity.enabled=true", "sparsity.backend=reference"],
-}
 # (category, substrings of a lower-cased kernel name); the first match wins
 CATEGORIES = [
     ("communication", ("nccl",)),
@@ -42,6 +38,8 @@ CATEGORIES = [
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("triton_slope", ("_gather_kept_kernel", "_gather_wt_kernel", "_lowrank_add_kernel")),
     ("dense_gemm", ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "splitk")),
+    # Inductor's fused kernels of the compiled regions (norms, adds, activations, loss together)
+    ("inductor_fused", ("triton_poi_", "triton_per_", "triton_red_", "triton_tem_")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("cross_entropy", ("softmax", "nll", "cross_entropy", "log_softmax")),
     ("norm", ("layer_norm", "layernorm", "rms", "norm_")),
