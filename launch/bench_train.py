@@ -57,6 +57,8 @@ def _run_arm(args, arm: str) -> dict:
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, text=True, capture_output=True)
     wall_s = round(time.perf_counter() - start, 1)  # whole run: start-up, compile, steps
+    if out.is_dir():  # keep the arm's log (backend decisions, warnings) beside its metrics
+        (out / "stderr.log").write_text(done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}):\n"
                          f"{done.stderr[-2000:]}")

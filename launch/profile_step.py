@@ -107,6 +107,11 @@ def profile_arm(args) -> dict:
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()  # the same steps without the profiler's host overhead
+    for _ in range(args.steps):
+        step()
+    torch.cuda.synchronize()
+    plain_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
@@ -125,8 +130,21 @@ def profile_arm(args) -> dict:
     tokens = cfg.train.global_batch_size * cfg.model.seq_len
     return {"arm": args.one_arm, "wall_ms": wall_ms, "kernel_ms": sum(split.values()),
             "tokens_per_s": tokens / wall_ms * 1e3, "split_ms": split,
+            "unprofiled_wall_ms": plain_ms, "unprofiled_tokens_per_s": tokens / plain_ms * 1e3,
+            "auto_decisions": auto_decisions(),
             "top_kernels_ms": [{"name": k[:160], "ms": v, "category": categorize(k)}
                                for k, v in top]}
+
+
+def auto_decisions() -> list:
+    """What the `auto` backend chose per (out, in, tokens, ..., grad) key in this process."""
+    from slope_megatron.sparsity.backends import _INSTANCES
+
+    auto = _INSTANCES.get("auto")
+    if auto is None:
+        return []
+    return [{"out_in_tokens": list(key[:3]), "grad": key[-1], "backend": d.backend,
+             "speedup": d.speedup} for key, d in auto.decisions.items()]
 
 
 def run(args) -> int:
@@ -155,6 +173,8 @@ def run(args) -> int:
     for key in ("kernel_ms", "wall_ms"):
         print(f"{key:20s}" + "".join(f"{r[key]:18.2f}" for r in results))
     print(f"{'tokens/s':20s}" + "".join(f"{r['tokens_per_s']:18,.0f}" for r in results))
+    print(f"{'tokens/s unprofiled':20s}" + "".join(f"{r['unprofiled_tokens_per_s']:18,.0f}"
+                                                   for r in results))
     if args.json:
         import torch
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

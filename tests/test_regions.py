@@ -110,3 +110,17 @@ def test_compile_setting_is_a_bool():
     assert load_config(None, []).train.compile is None
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(None, ["train.compile=fast"])
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_every_norm_runs_through_its_module(arch):
+    """DeepSpeed hooks modules (ZeRO-3 gathers parameters in a pre-forward hook), so the fused
+    residual add + norm must still be a call of the norm module."""
+    model = tiny(arch)
+    called = []
+    norms = [m for m in model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+    for norm in norms:
+        norm.register_forward_pre_hook(lambda mod, args: called.append(mod))
+    x = torch.randint(0, 96, (2, 16))
+    model(x, x)
+    assert len(norms) == 2 * 3 + 1 and {id(m) for m in called} == {id(m) for m in norms}

@@ -16,10 +16,29 @@ from .linear_factory import LinearFactory
 from .regions import causal_attention, mlp_activation, residual_norm, rotate_half, split_heads
 
 
+class AddNorm:
+    """Norm mixin: norm(x), or with a residual update (x + delta, norm(x + delta)) computed by
+    the `residual_norm` region. Going through the module's own forward keeps DeepSpeed's
+    module hooks (ZeRO-3 gathers the norm's parameters there) and the state-dict names."""
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None):
+        if delta is None:
+            return super().forward(x)
+        return residual_norm(x, delta, *norm_args(self))
+
+
+class LayerNorm(AddNorm, nn.LayerNorm):
+    pass
+
+
+class RMSNorm(AddNorm, nn.RMSNorm):
+    pass
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.arch == "llama":
-        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        return RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
 
 def norm_args(norm: nn.Module) -> tuple:
@@ -111,5 +130,5 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, make_linear, layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, h = residual_norm(x, self.attn(self.norm1(x)), *norm_args(self.norm2))
+        x, h = self.norm2(x, self.attn(self.norm1(x)))  # residual add fused into the norm
         return x + self.mlp(h)

@@ -1,0 +1,129 @@
+"""Host (CPU) time per SLoPe layer call, by piece: where a host-bound training step goes.
+
+Why: at ~1.3B the sparse model's GPU kernels take less time than dense's, yet its step is
+slower, because the host cannot issue them fast enough (docs/RESULTS.md). This times, on a
+CUDA machine, the host side of one layer step (forward + backward through autograd) for
+dense `nn.Linear`, the reference backend and the cusparselt backend, then the pieces of the
+cusparselt call, at a small token count so the GPU never makes the host wait. A cProfile of
+the cusparselt steps lists the Python functions that cost the most.
+
+    python launch/host_overhead.py [--features 2048] [--tokens 64] [--reps 300]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+
+def host_us(fn, reps: int) -> float:
+    """Median host microseconds per call of fn() (GPU drained before each batch of 10)."""
+    import torch
+
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps // 10):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn()
+        times.append((time.perf_counter() - t0) / 10 * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--features", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=300)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    import torch
+    from torch import nn
+
+    if not torch.cuda.is_available():
+        print("error: host_overhead.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from slope_megatron.sparsity import SlopeLinear
+    from slope_megatron.sparsity.backends import get_backend
+
+    f, t, dev, bf16 = args.features, args.tokens, "cuda", torch.bfloat16
+    x = torch.randn(t, f, device=dev, dtype=bf16, requires_grad=True)
+    g = torch.randn(t, f, device=dev, dtype=bf16)
+
+    def layer_step(layer):
+        def run():
+            y = layer(x)
+            y.backward(g)
+        return run
+
+    dense = nn.Linear(f, f, device=dev, dtype=bf16)
+    layers = {name: SlopeLinear(f, f, backend=name, device=dev, dtype=bf16)
+              for name in ("reference", "cusparselt")}
+    rows = {"dense nn.Linear step": host_us(layer_step(dense), args.reps)}
+    for name, layer in layers.items():
+        rows[f"{name} step"] = host_us(layer_step(layer), args.reps)
+        rows[f"{name} after_optimizer_step"] = host_us(layer.after_optimizer_step, args.reps)
+    rows["dense forward (no grad)"] = host_us(lambda: dense(x.detach()), args.reps)
+
+    # pieces of the cusparselt call
+    layer = layers["cusparselt"]
+    cache = layer._cslt_cache
+    x2 = x.detach()
+    backend = get_backend("cusparselt")
+    from kernels.nm_triton import gather_kept_2to4
+    from slope_megatron.sparsity.backends.cusparselt_function import CsltSlopeLinearFunction
+
+    with torch.no_grad():
+        rows["cusparselt backend.linear (no grad)"] = host_us(
+            lambda: backend.linear(layer, x2), args.reps)
+        rows["  column_mask_for_backward"] = host_us(layer.column_mask_for_backward, args.reps)
+        rows["  cache.accepts"] = host_us(lambda: cache.accepts(layer, x2), args.reps)
+        rows["  cache.sync_forward"] = host_us(lambda: cache.sync_forward(layer), args.reps)
+        rows["  cache.forward (plan matmul)"] = host_us(
+            lambda: cache.forward(x2, None, layer.bias), args.reps)
+        rows["  cache.grad_input (plan matmul)"] = host_us(lambda: cache.grad_input(g), args.reps)
+        rows["  torch.mm dY^T X"] = host_us(lambda: torch.mm(g.t(), x2), args.reps)
+        dw = torch.mm(g.t(), x2)
+        rows["  gather_kept_2to4 (Triton launch)"] = host_us(
+            lambda: gather_kept_2to4(dw, cache.dw_codes), args.reps)
+        rows["  bias grad gy.sum(0)"] = host_us(lambda: g.sum(0), args.reps)
+    rows["  CsltSlopeLinearFunction fwd+bwd"] = host_us(
+        lambda: CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache,
+                                              layer).backward(g), args.reps)
+
+    print(f"host time per call, {f}x{f} bf16, T={t} (us, median)")
+    for k, v in rows.items():
+        print(f"{k:42s} {v:9.1f}")
+
+    prof = cProfile.Profile()
+    run = layer_step(layer)
+    prof.enable()
+    for _ in range(200):
+        run()
+    prof.disable()
+    torch.cuda.synchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    print(s.getvalue())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"features": f, "tokens": t, "host_us": rows,
+                                               "gpu": torch.cuda.get_device_name(),
+                                               "torch": torch.__version__,
+                                               "cprofile_cusparselt_step": s.getvalue()},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
