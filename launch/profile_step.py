@@ -112,6 +112,7 @@ def profile_arm(args) -> dict:
         step()
     torch.cuda.synchronize()
     plain_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    phases = phase_times(engine, model, batches)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
@@ -131,9 +132,53 @@ def profile_arm(args) -> dict:
     return {"arm": args.one_arm, "wall_ms": wall_ms, "kernel_ms": sum(split.values()),
             "tokens_per_s": tokens / wall_ms * 1e3, "split_ms": split,
             "unprofiled_wall_ms": plain_ms, "unprofiled_tokens_per_s": tokens / plain_ms * 1e3,
-            "auto_decisions": auto_decisions(),
+            "auto_decisions": auto_decisions(), **phases,
             "top_kernels_ms": [{"name": k[:160], "ms": v, "category": categorize(k)}
                                for k, v in top]}
+
+
+def phase_times(engine, model, batches) -> dict:
+    """One more step, instrumented: per phase (forward / backward / engine.step per
+    micro-batch, then the kernel-cache refresh) the host time to issue it and the GPU time
+    between CUDA events around it. Host ~= GPU: the GPU waited for the host there. Plus a
+    cProfile of the host side of that step (top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from slope_megatron.sparsity import after_optimizer_step
+
+    marks = []
+
+    def mark(name):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        marks.append((name, time.perf_counter(), ev))
+
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    mark("start")
+    for x, y in batches:
+        loss = engine(x, y)
+        mark("forward")
+        engine.backward(loss)
+        mark("backward")
+        engine.step()
+        mark("engine.step")
+    after_optimizer_step(model)
+    mark("refresh")
+    torch.cuda.synchronize()
+    prof.disable()
+    host: dict[str, float] = {}
+    gpu: dict[str, float] = {}
+    for (_, t0, e0), (name, t1, e1) in zip(marks, marks[1:]):
+        host[name] = host.get(name, 0.0) + (t1 - t0) * 1e3
+        gpu[name] = gpu.get(name, 0.0) + e0.elapsed_time(e1)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+    return {"phase_host_ms": host, "phase_gpu_ms": gpu, "cprofile_top": out.getvalue()[-6000:]}
 
 
 def auto_decisions() -> list:
@@ -173,6 +218,10 @@ def run(args) -> int:
     for key in ("kernel_ms", "wall_ms"):
         print(f"{key:20s}" + "".join(f"{r[key]:18.2f}" for r in results))
     print(f"{'tokens/s':20s}" + "".join(f"{r['tokens_per_s']:18,.0f}" for r in results))
+    for key in ("phase_host_ms", "phase_gpu_ms"):
+        for phase in results[0][key]:
+            print(f"{key[6:-3] + ' ' + phase:20s}"
+                  + "".join(f"{r[key].get(phase, 0.0):18.2f}" for r in results))
     print(f"{'tokens/s unprofiled':20s}" + "".join(f"{r['unprofiled_tokens_per_s']:18,.0f}"
                                                    for r in results))
     if args.json:
