@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Callable, Optional
 
 import torch
@@ -50,8 +51,11 @@ def region(fn: Callable) -> Region:
     return Region(fn)
 
 
-def enable_compile(enabled: bool = True, backend: str = "inductor") -> None:
-    """Run the regions compiled (`backend`: a torch.compile backend; tests use 'aot_eager')."""
+def enable_compile(enabled: bool = True, backend: Optional[str] = None) -> None:
+    """Run the regions compiled. `backend`: a torch.compile backend, default the environment's
+    SLOPE_COMPILE_BACKEND or 'inductor' (CPU tests use 'aot_eager': same graphs, no codegen)."""
+    if backend is None:
+        backend = os.environ.get("SLOPE_COMPILE_BACKEND", "inductor")
     if enabled and backend != _settings["backend"]:
         for r in _regions:
             r.compiled = None

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..config import Config, validate_world
 from ..errors import SlopeError
 from ..model import dense_flops_per_token
+from ..model.regions import compile_enabled
 from ..parallel import initialize_parallel
 from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint, faults
@@ -176,7 +177,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
         f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
-        f"dp={dp_size}, adapters from iter {cfg.adapter_start_iter}")
+        f"dp={dp_size}, adapters from iter {cfg.adapter_start_iter}, "
+        f"torch.compile {'on (first step compiles)' if compile_enabled() else 'off'}")
 
     ckpt_dir = out / "checkpoints"
     identity = run_identity(cfg, dp_size)
