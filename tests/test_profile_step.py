@@ -35,6 +35,14 @@ def test_profile_needs_a_gpu(capsys):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_host_overhead_needs_a_gpu(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-side refusal")
+    assert load_launch("host_overhead").main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_annotations_are_not_kernels():
     assert profile_step.is_annotation("Optimizer.step#AdamW.step")
     assert not profile_step.is_annotation(

@@ -2,6 +2,7 @@
 and the `train.compile` setting."""
 import pytest
 import torch
+from train_helpers import loss_and_grads
 
 from slope_megatron.config import ConfigError, load_config
 from slope_megatron.model import GPTModel, regions
@@ -40,14 +41,6 @@ def compiled():
     yield backend
     regions.enable_compile(False)
     torch._dynamo.reset()
-
-
-def loss_and_grads(model, x, y):
-    model.zero_grad(set_to_none=True)
-    loss = model(x, y)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                           if p.grad is not None}
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
@@ -124,3 +117,27 @@ def test_every_norm_runs_through_its_module(arch):
     x = torch.randint(0, 96, (2, 16))
     model(x, x)
     assert len(norms) == 2 * 3 + 1 and {id(m) for m in called} == {id(m) for m in norms}
+
+
+def test_a_compiler_failure_falls_back_to_eager_with_one_warning(caplog):
+    """A backend that cannot compile must not kill the run: same result, eager, one warning."""
+    import torch._dynamo
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    torch._dynamo.reset()
+    regions.enable_compile(True, backend=broken_backend)
+    try:
+        a = torch.randn(2, 3, 8)
+        with caplog.at_level("WARNING", logger="slope_megatron.model.regions"):
+            got = regions.mlp_activation(a, False)
+            again = regions.mlp_activation(a, False)
+        assert torch.equal(got, torch.nn.functional.gelu(a, approximate="tanh"))
+        assert torch.equal(again, got)
+        warnings = [r for r in caplog.records if "torch.compile failed" in r.message]
+        assert len(warnings) == 1 and "mlp_activation" in warnings[0].message
+        assert regions.mlp_activation.failed
+    finally:
+        regions.enable_compile(False)
+        torch._dynamo.reset()

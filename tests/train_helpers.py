@@ -1,4 +1,5 @@
-"""Shared by model tests: a few optimizer steps on one fixed batch, returning the losses."""
+"""Shared by model tests: a few optimizer steps on one fixed batch, returning the losses;
+one step's loss and gradients."""
 
 import torch
 
@@ -19,3 +20,12 @@ def fixed_batch_losses(model, steps: int = 5, vocab: int = 96) -> list[float]:
         after_optimizer_step(model)
         losses.append(loss.item())
     return losses
+
+
+def loss_and_grads(model, x, y):
+    """One forward + backward from zeroed gradients -> (loss, {parameter name: gradient})."""
+    model.zero_grad(set_to_none=True)
+    loss = model(x, y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                           if p.grad is not None}

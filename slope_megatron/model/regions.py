@@ -31,20 +31,33 @@ _regions: list["Region"] = []
 
 
 class Region:
-    """A function that runs eagerly, or compiled once `enable_compile()` was called."""
+    """A function that runs eagerly, or compiled once `enable_compile()` was called.
+
+    If compiling fails (no working compiler toolchain, an unsupported op on this torch
+    version), the region logs one warning with the reason and runs eagerly from then on: the
+    result is the same function, only slower, so a run is not lost to a compiler problem.
+    """
 
     def __init__(self, fn: Callable):
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.compiled: Optional[Callable] = None
+        self.failed = False
         _regions.append(self)
 
     def __call__(self, *args):
-        if not _settings["enabled"]:
+        if not _settings["enabled"] or self.failed:
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, fullgraph=True, backend=_settings["backend"])
-        return self.compiled(*args)
+        try:
+            return self.compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:  # tracing or backend compile error
+            self.failed = True
+            log.warning("torch.compile failed for region %s; it runs eagerly from now on "
+                        "(set train.compile=false to skip compiling): %s",
+                        self.fn.__name__, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return self.fn(*args)
 
 
 def region(fn: Callable) -> Region:
@@ -58,7 +71,7 @@ def enable_compile(enabled: bool = True, backend: Optional[str] = None) -> None:
         backend = os.environ.get("SLOPE_COMPILE_BACKEND", "inductor")
     if enabled and backend != _settings["backend"]:
         for r in _regions:
-            r.compiled = None
+            r.compiled, r.failed = None, False
     _settings.update(enabled=bool(enabled), backend=backend)
     if enabled:
         log.info("torch.compile on for the block regions (backend %s); the first step compiles "

@@ -2,6 +2,7 @@
 GEMMs (cuSPARSELt) left outside the graphs."""
 import pytest
 import torch
+from train_helpers import loss_and_grads
 
 from slope_megatron.config import load_config
 from slope_megatron.model import GPTModel, regions
@@ -23,14 +24,6 @@ def inductor():
     torch._dynamo.reset()
 
 
-def step(model, x):
-    model.zero_grad(set_to_none=True)
-    loss = model(x, x)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                           if p.grad is not None}
-
-
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 @pytest.mark.parametrize("backend", ["cusparselt", "none"])
 def test_inductor_regions_match_eager_bf16(arch, backend, inductor):
@@ -41,10 +34,10 @@ def test_inductor_regions_match_eager_bf16(arch, backend, inductor):
                              f"sparsity.backend={backend if sparse else 'reference'}"])
     model = GPTModel.from_config(cfg).to("cuda", torch.bfloat16)
     x = torch.randint(0, 512, (4, 128), device="cuda")
-    loss_e, grads_e = step(model, x)
+    loss_e, grads_e = loss_and_grads(model, x, x)
     regions.enable_compile(True)
     for _ in range(2):  # compile, then the cached graphs
-        loss_c, grads_c = step(model, x)
+        loss_c, grads_c = loss_and_grads(model, x, x)
     assert abs(loss_c.item() - loss_e.item()) < 2e-2 * abs(loss_e.item())
     assert grads_c.keys() == grads_e.keys()
     worst = max((rel(grads_c[n], grads_e[n]), n) for n in grads_e)
