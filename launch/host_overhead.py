@@ -78,7 +78,11 @@ def main(argv=None) -> int:
 
     # pieces of the cusparselt call
     layer = layers["cusparselt"]
-    cache = layer._cslt_cache
+    cache = layer.__dict__.get("_cslt_cache")
+    if cache is None:  # the backend fell back to the reference path (its log line says why)
+        print("error: the cusparselt backend did not take this layer (see the warning above); "
+              "no per-piece times", file=sys.stderr)
+        return 1
     x2 = x.detach()
     backend = get_backend("cusparselt")
     from kernels.nm_triton import gather_kept_2to4

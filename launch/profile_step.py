@@ -138,10 +138,13 @@ def profile_arm(args) -> dict:
 
 
 def phase_times(engine, model, batches) -> dict:
-    """One more step, instrumented: per phase (forward / backward / engine.step per
-    micro-batch, then the kernel-cache refresh) the host time to issue it and the GPU time
-    between CUDA events around it. Host ~= GPU: the GPU waited for the host there. Plus a
-    cProfile of the host side of that step (top functions by own time)."""
+    """Two more steps. The first is timed per phase (forward / backward / engine.step per
+    micro-batch, then the kernel-cache refresh): the host time to issue the phase, the GPU
+    time between CUDA events around it, and how often the GPU had already finished all
+    earlier work when the host reached the end of a phase (it was then waiting for the host).
+    Host time includes waits in syncs (engine.step waits for the backward). The second step
+    runs under cProfile for the host side's top functions (cProfile slows the host, so it is
+    kept out of the timed step)."""
     import cProfile
     import io
     import pstats
@@ -149,36 +152,45 @@ def phase_times(engine, model, batches) -> dict:
     import torch
     from slope_megatron.sparsity import after_optimizer_step
 
+    def run_step(mark):
+        for x, y in batches:
+            loss = engine(x, y)
+            mark("forward")
+            engine.backward(loss)
+            mark("backward")
+            engine.step()
+            mark("engine.step")
+        after_optimizer_step(model)
+        mark("refresh")
+
     marks = []
 
     def mark(name):
+        caught_up = bool(marks) and marks[-1][2].query()  # GPU done with everything so far?
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
-        marks.append((name, time.perf_counter(), ev))
+        marks.append((name, time.perf_counter(), ev, caught_up))
 
-    prof = cProfile.Profile()
     torch.cuda.synchronize()
-    prof.enable()
     mark("start")
-    for x, y in batches:
-        loss = engine(x, y)
-        mark("forward")
-        engine.backward(loss)
-        mark("backward")
-        engine.step()
-        mark("engine.step")
-    after_optimizer_step(model)
-    mark("refresh")
+    run_step(mark)
     torch.cuda.synchronize()
-    prof.disable()
     host: dict[str, float] = {}
     gpu: dict[str, float] = {}
-    for (_, t0, e0), (name, t1, e1) in zip(marks, marks[1:]):
+    idle: dict[str, int] = {}
+    for (_, t0, e0, _), (name, t1, e1, caught_up) in zip(marks, marks[1:]):
         host[name] = host.get(name, 0.0) + (t1 - t0) * 1e3
         gpu[name] = gpu.get(name, 0.0) + e0.elapsed_time(e1)
+        idle[name] = idle.get(name, 0) + int(caught_up)
+    prof = cProfile.Profile()
+    prof.enable()
+    run_step(lambda name: None)
+    torch.cuda.synchronize()
+    prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
-    return {"phase_host_ms": host, "phase_gpu_ms": gpu, "cprofile_top": out.getvalue()[-6000:]}
+    return {"phase_host_ms": host, "phase_gpu_ms": gpu, "phase_gpu_caught_up": idle,
+            "cprofile_top": out.getvalue()[-6000:]}
 
 
 def auto_decisions() -> list:

@@ -135,9 +135,53 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(caplog):
             again = regions.mlp_activation(a, False)
         assert torch.equal(got, torch.nn.functional.gelu(a, approximate="tanh"))
         assert torch.equal(again, got)
-        warnings = [r for r in caplog.records if "torch.compile failed" in r.message]
-        assert len(warnings) == 1 and "mlp_activation" in warnings[0].message
-        assert regions.mlp_activation.failed
+        warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.message]
+        assert len(warnings) == 1 and "mlp_activation" in warnings[0]
+        assert "no C compiler here" in warnings[0]  # the cause, not only "backend raised"
+        assert regions.mlp_activation.failed and not regions.mlp_activation.is_compiled
+        regions.enable_compile(False)
+        regions.enable_compile(True, backend=broken_backend)
+        assert not regions.mlp_activation.failed  # enabling again tries again
     finally:
         regions.enable_compile(False)
         torch._dynamo.reset()
+
+
+def test_a_backward_compile_failure_is_caught_in_the_forward(caplog):
+    """The backward graph is compiled with the forward, so its failure falls back too instead
+    of surfacing from loss.backward()."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def broken_backward(gm, _):
+        raise RuntimeError("backward codegen broke")
+
+    backend = aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward),
+                           bw_compiler=broken_backward)
+    torch._dynamo.reset()
+    regions.enable_compile(True, backend=backend)
+    try:
+        a = torch.randn(2, 3, 8, requires_grad=True)
+        with caplog.at_level("WARNING", logger="slope_megatron.model.regions"):
+            regions.mlp_activation(a, True).sum().backward()
+        assert a.grad is not None and regions.mlp_activation.failed
+        assert any("backward codegen broke" in r.getMessage() for r in caplog.records)
+    finally:
+        regions.enable_compile(False)
+        torch._dynamo.reset()
+
+
+def test_inference_runs_the_regions_eagerly(compiled):
+    """Generation sees many shapes (and CUDA-graph capture): it never compiles a region."""
+    from slope_megatron.inference import InferenceModel
+
+    model = tiny("llama")
+    cfg = load_config(None, ["model.arch=llama", "model.vocab_size=96", "model.hidden_size=32",
+                             "model.num_heads=4", "model.num_layers=3", "model.seq_len=16"])
+    inf = InferenceModel(cfg, model.state_dict(), dtype="fp32", device="cpu")
+    ids = torch.randint(0, 96, (2, 5))
+    inf.full_logits(ids)
+    cache = inf.new_cache(2, 16)
+    inf.forward(ids, torch.arange(5).expand(2, 5), cache)
+    assert compiled.graphs == [] and regions.compile_enabled()

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..config import Config
 from ..model import GPTModel
+from ..model import regions
 from ..model.regions import rotate_half
 from ..sparsity import SlopeLinear, slope_layers
 from .backend import InferenceBackend
@@ -170,6 +171,7 @@ class InferenceModel(nn.Module):
                        capacity, self.dtype, self.device)
 
     @torch.inference_mode()
+    @regions.eager()
     def full_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits of the plain training forward (no cache); the reference for tests."""
         return self.model(input_ids).float()
@@ -189,6 +191,7 @@ class InferenceModel(nn.Module):
         return self.step(input_ids, positions, cache, valid, last_only)
 
     @torch.inference_mode()
+    @regions.eager()  # never compile here: many shapes, CUDA-graph capture, CPU runs
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              valid: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """`forward` without its position check: no host synchronisation, so one step can be
@@ -208,7 +211,7 @@ class InferenceModel(nn.Module):
 
     @staticmethod
     def _rotate(rotary, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotary.forward's rotate-half formula at per-sequence positions."""
+        """The rotate-half rotary embedding at per-sequence positions."""
         cos = rotary.cos[positions].unsqueeze(1).to(x.dtype)  # (b, 1, t, head_dim)
         sin = rotary.sin[positions].unsqueeze(1).to(x.dtype)
         return rotate_half(x, cos, sin)

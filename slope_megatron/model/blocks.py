@@ -7,13 +7,15 @@ The work between the linears lives in `regions.py` (torch.compile'd when enabled
 """
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, ffn_hidden_size
 from .linear_factory import LinearFactory
-from .regions import causal_attention, mlp_activation, residual_norm, rotate_half, split_heads
+from .regions import causal_attention, mlp_activation, residual_norm, split_heads
 
 
 class AddNorm:
@@ -21,7 +23,9 @@ class AddNorm:
     the `residual_norm` region. Going through the module's own forward keeps DeepSpeed's
     module hooks (ZeRO-3 gathers the norm's parameters there) and the state-dict names."""
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor] = None
+                ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """norm(x); with `delta`: the tuple (x + delta, norm(x + delta))."""
         if delta is None:
             return super().forward(x)
         return residual_norm(x, delta, *norm_args(self))
@@ -44,8 +48,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 def norm_args(norm: nn.Module) -> tuple:
     """(weight, bias, eps, is_rms) of a make_norm() module, for `residual_norm`."""
     if isinstance(norm, nn.RMSNorm):
-        eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
-        return norm.weight, None, eps, True
+        return norm.weight, None, norm.eps, True  # eps None: F.rms_norm uses the input's
     return norm.weight, norm.bias, norm.eps, False
 
 
@@ -55,7 +58,8 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half form), tables built once for seq_len."""
+    """Rotary position embedding tables (cos, sin), built once for seq_len; the rotation itself
+    is `regions.rotate_half`, inside the compiled attention region."""
 
     def __init__(self, head_dim: int, seq_len: int, theta: float):
         super().__init__()
@@ -64,12 +68,6 @@ class Rotary(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x: (batch, heads, T, head_dim)."""
-        t = x.shape[-2]
-        cos, sin = self.tables(t, x.dtype, offset)
-        return rotate_half(x, cos, sin)
 
     def tables(self, t: int, dtype: torch.dtype, offset: int = 0):
         """cos, sin (t, head_dim) for positions offset..offset+t-1, in `dtype`."""
@@ -95,11 +93,12 @@ class Attention(nn.Module):
         return split_heads(x, self.num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)
         cos = sin = None
         if self.rotary is not None:
-            cos, sin = self.rotary.tables(x.shape[1], x.dtype)
+            cos, sin = self.rotary.tables(x.shape[1], qkv.dtype)
         drop = self.dropout if self.training else 0.0
-        y = causal_attention(self.qkv(x), self.num_heads, cos, sin, drop)
+        y = causal_attention(qkv, self.num_heads, cos, sin, drop)
         return dropout(self.proj(y), drop)
 
 

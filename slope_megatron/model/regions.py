@@ -12,16 +12,20 @@ specialise on layer by layer - 24 blocks would mean 24 graphs. The regions take 
 and Python scalars, so one compiled graph serves every block of the model.
 
 Compilation is process-wide (dynamo's caches are) and off by default; the trainer turns it on
-per `train.compile` (unset: on for CUDA). Eager and compiled regions compute the same function.
+per `train.compile` (unset: on for CUDA); inference runs the regions eagerly (`eager()`).
+Eager and compiled regions compute the same function, not bitwise: Inductor keeps
+intermediates such as x + delta in fp32 inside a fused kernel where eager rounds them.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 from typing import Callable, Optional
 
 import torch
+import torch._functorch.config  # noqa: F401 - enable_compile sets a flag there
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
@@ -54,10 +58,17 @@ class Region:
             return self.compiled(*args)
         except torch._dynamo.exc.TorchDynamoException as e:  # tracing or backend compile error
             self.failed = True
+            cause = getattr(e, "inner_exception", None) or e
             log.warning("torch.compile failed for region %s; it runs eagerly from now on "
-                        "(set train.compile=false to skip compiling): %s",
-                        self.fn.__name__, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                        "(set train.compile=false to skip compiling): %s: %s",
+                        self.fn.__name__, type(cause).__name__, cause)
+            log.debug("compile failure of region %s", self.fn.__name__, exc_info=True)
             return self.fn(*args)
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether calls run a compiled version (compiled at least once, never failed)."""
+        return self.compiled is not None and not self.failed
 
 
 def region(fn: Callable) -> Region:
@@ -65,17 +76,37 @@ def region(fn: Callable) -> Region:
 
 
 def enable_compile(enabled: bool = True, backend: Optional[str] = None) -> None:
-    """Run the regions compiled. `backend`: a torch.compile backend, default the environment's
-    SLOPE_COMPILE_BACKEND or 'inductor' (CPU tests use 'aot_eager': same graphs, no codegen)."""
+    """Run the regions compiled (enabled) or eagerly (not). `backend`: a torch.compile backend,
+    default the environment's SLOPE_COMPILE_BACKEND or 'inductor' (CPU tests use 'aot_eager':
+    the same graphs without code generation). Enabling starts every region afresh (a region
+    that failed to compile before is tried again)."""
+    if not enabled:
+        _settings["enabled"] = False
+        return
     if backend is None:
         backend = os.environ.get("SLOPE_COMPILE_BACKEND", "inductor")
-    if enabled and backend != _settings["backend"]:
-        for r in _regions:
-            r.compiled, r.failed = None, False
-    _settings.update(enabled=bool(enabled), backend=backend)
-    if enabled:
-        log.info("torch.compile on for the block regions (backend %s); the first step compiles "
-                 "them (about a minute on a GPU)", backend)
+    for r in _regions:
+        if backend != _settings["backend"]:
+            r.compiled = None
+        r.failed = False
+    # Compile each backward together with its forward, so that a backward compile error is
+    # raised (and caught, see Region) in the forward call rather than inside loss.backward().
+    torch._functorch.config.force_non_lazy_backward_lowering = True
+    _settings.update(enabled=True, backend=backend)
+    log.info("torch.compile on for the block regions (backend %s); the first training step and "
+             "the first evaluation compile them (about a minute on a GPU)", backend)
+
+
+@contextlib.contextmanager
+def eager():
+    """Run the regions eagerly inside this block (inference: many shapes, CUDA-graph capture,
+    CPU tensors - nothing worth compiling for), whatever the process-wide setting."""
+    was = _settings["enabled"]
+    _settings["enabled"] = False
+    try:
+        yield
+    finally:
+        _settings["enabled"] = was
 
 
 def compile_enabled() -> bool:

@@ -38,7 +38,10 @@ def test_inductor_regions_match_eager_bf16(arch, backend, inductor):
     regions.enable_compile(True)
     for _ in range(2):  # compile, then the cached graphs
         loss_c, grads_c = loss_and_grads(model, x, x)
-    assert abs(loss_c.item() - loss_e.item()) < 2e-2 * abs(loss_e.item())
+    used = (regions.causal_attention, regions.residual_norm, regions.mlp_activation,
+            regions.lm_loss)
+    assert all(r.is_compiled for r in used), "a region fell back to eager"
+    assert abs(loss_c.item() - loss_e.item()) < 5e-3
     assert grads_c.keys() == grads_e.keys()
     worst = max((rel(grads_c[n], grads_e[n]), n) for n in grads_e)
     assert worst[0] < 3e-2, f"gradient {worst[1]} differs by {worst[0]:.3g} (rel)"
