@@ -122,7 +122,7 @@ def resolve_compile(setting: Optional[bool], device: torch.device) -> bool:
 # ---- the regions ------------------------------------------------------------------------------
 @region
 def residual_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                  bias: Optional[torch.Tensor], eps: float, rms: bool):
+                  bias: Optional[torch.Tensor], eps: Optional[float], rms: bool):
     """(x + delta, norm(x + delta)): the residual add and the next pre-norm in one pass."""
     x = x + delta
     if rms:
