@@ -6,12 +6,14 @@ in `sparsity.*`; the numbers are taken from the last log window of its metrics.j
 (tokens/s, MFU against the dense model's FLOPs, loss, peak GPU memory, and the memory
 resident between steps - model state: weights, master copies, gradients, optimizer state,
 masks - which is what the paper's memory figures count). Ratios are against
-the dense arm of the same invocation. Writes a JSON with the GPU name and versions.
+the dense arm of the same invocation. Writes a JSON with the GPU name and versions. Each arm
+keeps its metrics and stderr log; its final checkpoint is deleted once read (--keep-checkpoints).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +43,9 @@ def add_arguments(p) -> None:
                    help="overrides for every arm (model size, batch, ZeRO stage, ...)")
     p.add_argument("--out", default="runs/bench_train", help="run directories go here")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each arm's final checkpoint (by default deleted once its metrics "
+                        "are read: at ~1.3B each is ~15 GB, and a few arms fill a disk)")
 
 
 def _run_arm(args, arm: str) -> dict:
@@ -59,6 +64,8 @@ def _run_arm(args, arm: str) -> dict:
     wall_s = round(time.perf_counter() - start, 1)  # whole run: start-up, compile, steps
     if out.is_dir():  # keep the arm's log (backend decisions, warnings) beside its metrics
         (out / "stderr.log").write_text(done.stderr)
+        if not args.keep_checkpoints:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if done.returncode != 0:
         raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}):\n"
                          f"{done.stderr[-2000:]}")

@@ -26,6 +26,9 @@ def test_bench_train_reports_each_arm_against_dense(tmp_path):
     assert results[0]["vs_dense"] == 1.0 and results[1]["vs_dense"] > 0
     assert all(r["tokens_per_s"] > 0 and r["iter"] == 2 for r in results)
     assert "slope-reference" in done.stdout and "vs dense" in done.stdout
+    for arm in ("dense", "slope-reference"):  # metrics and log stay, checkpoints do not
+        assert (out / arm / "metrics.jsonl").is_file() and (out / arm / "stderr.log").is_file()
+        assert not (out / arm / "checkpoints").exists()
     # a second run into the same directory is refused instead of mixing results
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "exists" in again.stderr
