@@ -12,7 +12,9 @@ steps with torch.profiler. CUDA kernel time is summed into categories by kernel 
 (`categorize`): sparse GEMMs (cuSPARSELt), dense GEMMs (cuBLAS/CUTLASS, includes dW),
 attention, Triton gathers/refresh/adapter kernels, mask ops of the reference path, norms,
 cross-entropy/softmax, optimizer, other elementwise, NCCL, everything else. Also reported: the
-step's wall time and the GPU-busy share (kernel time / wall time).
+step's wall time with and without the profiler, the `auto` backend's decisions, and per phase
+(forward / backward / engine.step / refresh) the host time to issue it against the GPU time
+(`phase_times`), with a cProfile of the host side from a separate step.
 """
 from __future__ import annotations
 

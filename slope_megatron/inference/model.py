@@ -39,7 +39,6 @@ from torch import nn
 from ..config import Config
 from ..model import GPTModel
 from ..model import regions
-from ..model.regions import rotate_half
 from ..sparsity import SlopeLinear, slope_layers
 from .backend import InferenceBackend
 from .kv_cache import KVCache
@@ -214,7 +213,7 @@ class InferenceModel(nn.Module):
         """The rotate-half rotary embedding at per-sequence positions."""
         cos = rotary.cos[positions].unsqueeze(1).to(x.dtype)  # (b, 1, t, head_dim)
         sin = rotary.sin[positions].unsqueeze(1).to(x.dtype)
-        return rotate_half(x, cos, sin)
+        return regions.rotate_half(x, cos, sin)
 
     def _attention(self, attn, x, layer: int, positions, cache: KVCache, attn_mask):
         b, t, _ = x.shape
