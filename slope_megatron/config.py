@@ -97,6 +97,10 @@ class ZeroConfig:
                                              "config (e.g. configs/deepspeed/zero3.json for "
                                              "bucket sizes or offload); batch sizes, precision "
                                              "and the ZeRO stage always come from this config.")
+    grad_accum_dtype: str = _f("auto", "Dtype gradients are accumulated in over micro-batches: "
+                                       "'fp32', 'model' (the training dtype) or 'auto' (fp32 "
+                                       "where DeepSpeed supports it for a bf16 model - ZeRO "
+                                       "stage 1, via its BF16_Optimizer - else 'model').")
 
 
 @dataclass
@@ -319,6 +323,12 @@ def validate(cfg: Config) -> None:
     _require(cfg.parallel.pipeline >= 1, "parallel.pipeline", cfg.parallel.pipeline,
              "must be >= 1")
     _require(cfg.zero.stage in (0, 1, 2, 3), "zero.stage", cfg.zero.stage, "must be 0-3")
+    _require(cfg.zero.grad_accum_dtype in ("auto", "fp32", "model"), "zero.grad_accum_dtype",
+             cfg.zero.grad_accum_dtype, "use 'auto', 'fp32' or 'model'")
+    _require(not (cfg.zero.grad_accum_dtype == "fp32" and cfg.zero.stage != 1
+                  and t.dtype in ("auto", "bf16")), "zero.grad_accum_dtype", "fp32",
+             f"needs zero.stage: 1 for a bf16 model (DeepSpeed's BF16_Optimizer); zero.stage is "
+             f"{cfg.zero.stage}. Set zero.stage: 1, or zero.grad_accum_dtype: auto")
     _validate_layout(cfg)
 
     _require(math.isfinite(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be finite and > 0")

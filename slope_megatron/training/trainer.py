@@ -24,7 +24,7 @@ from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint, faults
 from .data_order import GlobalBatchOrder
 from .distributed import DistInfo, all_reduce_mean, barrier
-from .engine import build_engine
+from .engine import build_engine, grad_accum_dtype, resolve_dtype
 from .metrics import (MetricsWriter, format_train_line, max_memory_gb, peak_flops,
                       resident_memory_gb)
 from .optimizer import (
@@ -52,10 +52,12 @@ class TrainingStopped(SlopeError):
 
 def run_identity(cfg: Config, dp_size: int) -> dict:
     """What a checkpoint must match to be resumed: run_config's identity keys plus the
-    ZeRO stage and, under ZeRO 1-3, the data-parallel size (the optimizer files are
-    partitioned by it; without ZeRO a different DP size resumes fine)."""
+    ZeRO stage, the gradient-accumulation dtype as resolved (it selects DeepSpeed's optimizer
+    wrapper, whose files differ) and, under ZeRO 1-3, the data-parallel size (the optimizer
+    files are partitioned by it; without ZeRO a different DP size resumes fine)."""
     ident = _identity(cfg.to_dict())
     ident["zero.stage"] = cfg.zero.stage
+    ident["grad_accum_dtype"] = grad_accum_dtype(cfg, resolve_dtype(cfg)) or "model"
     if cfg.zero.stage > 0:
         ident["data_parallel_size"] = dp_size
     return ident
@@ -178,7 +180,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
         f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
         f"dp={dp_size}, adapters from iter {cfg.adapter_start_iter}, "
-        f"torch.compile {'on (first step compiles)' if compile_enabled() else 'off'}")
+        f"torch.compile {'on (first step compiles)' if compile_enabled() else 'off'}, "
+        f"optimizer {type(engine.optimizer).__name__}")
 
     ckpt_dir = out / "checkpoints"
     identity = run_identity(cfg, dp_size)

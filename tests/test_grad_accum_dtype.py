@@ -1,0 +1,53 @@
+"""zero.grad_accum_dtype: which DeepSpeed optimizer wrapper a bf16 run gets, refused
+combinations, and the checkpoint identity that keeps resumes on the same wrapper."""
+import pytest
+
+from slope_megatron.config import ConfigError, load_config
+from slope_megatron.training.checkpoint import identity_diff
+from slope_megatron.training.engine import deepspeed_config
+from slope_megatron.training.trainer import run_identity
+
+
+def _ds(*overrides, dtype="bf16"):
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8", *overrides])
+    return deepspeed_config(cfg, dp_size=1, dtype=dtype)
+
+
+def test_bf16_at_stage_1_accumulates_in_fp32():
+    # DeepSpeed 0.19.8 selects BF16_Optimizer for exactly this combination
+    assert _ds("zero.stage=1")["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert _ds("zero.stage=1", "zero.grad_accum_dtype=fp32")["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+@pytest.mark.parametrize("overrides,dtype", [
+    (["zero.stage=0"], "bf16"),  # DeepSpeed refuses fp32 accumulation of bf16 without ZeRO
+    (["zero.stage=2"], "bf16"),
+    (["zero.stage=3"], "bf16"),
+    (["zero.stage=1", "zero.grad_accum_dtype=model"], "bf16"),
+    (["zero.stage=1"], "fp32"),
+    (["zero.stage=1"], "fp16"),
+])
+def test_otherwise_deepspeeds_default(overrides, dtype):
+    assert "data_types" not in _ds(*overrides, dtype=dtype)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_explicit_fp32_without_stage_1_is_refused_up_front(stage):
+    with pytest.raises(ConfigError, match=r"zero.grad_accum_dtype.*zero.stage: 1"):
+        load_config(None, [f"zero.stage={stage}", "zero.grad_accum_dtype=fp32"])
+    load_config(None, [f"zero.stage={stage}", "zero.grad_accum_dtype=fp32", "train.dtype=fp32"])
+
+
+def test_unknown_value_is_refused():
+    with pytest.raises(ConfigError, match="zero.grad_accum_dtype"):
+        load_config(None, ["zero.grad_accum_dtype=bf16"])
+
+
+def test_identity_records_the_resolved_dtype():
+    cfg = load_config(None, ["zero.stage=1"])
+    ident = run_identity(cfg, dp_size=1)
+    assert ident["grad_accum_dtype"] == "model"  # fp32 training on this CPU
+    # a checkpoint saved before the key existed ran DeepSpeed's default ("model")
+    old = {k: v for k, v in ident.items() if k != "grad_accum_dtype"}
+    assert identity_diff(old, ident) == []
+    assert identity_diff(old, {**ident, "grad_accum_dtype": "fp32"}) == ["grad_accum_dtype"]
