@@ -52,7 +52,7 @@ def test_inference_model_keeps_only_compressed_sparse_weights(tmp_path, arch):
     inf = InferenceModel(*load_artifact(path)[:2])
     for layer in slope_layers(inf.model):
         assert layer.weight.shape == (layer.out_features, layer.in_features // 2)
-        assert layer.mask.dtype == torch.bool and layer.column_mask.numel() == 0
+        assert layer.mask.dtype == torch.bool and layer.column_mask_bits.numel() == 0
         owned = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
         assert not [t for t in owned if t.is_floating_point()
                     and tuple(t.shape) == (layer.out_features, layer.in_features)]

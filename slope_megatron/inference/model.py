@@ -101,7 +101,7 @@ class InferenceModel(nn.Module):
             model = GPTModel.from_config(cfg)
         self._backend = InferenceBackend()
         for layer in slope_layers(model):
-            layer.column_mask = torch.zeros(0, dtype=torch.bool)  # training-only, not loaded
+            layer.column_mask_bits = torch.zeros(0, 0, dtype=torch.uint8)  # training-only, not loaded
             layer.backend = self._backend  # forward-only: never touches the column mask
         load_slope_state_dict(model, {k: v for k, v in state_dict.items()
                                       if not k.endswith(".column_mask")})
@@ -152,7 +152,7 @@ class InferenceModel(nn.Module):
         for layer in slope_layers(self.model):
             st = layer.__dict__.get("_compressed")
             for kind, t in (("sparse_values", st.buf if st is not None else layer.weight),
-                            ("masks", layer.mask), ("adapters", layer.adapter_a),
+                            ("masks", layer.mask_bits), ("adapters", layer.adapter_a),
                             ("adapters", layer.adapter_b)):
                 if t is not None:
                     kinds[t.untyped_storage().data_ptr()] = (kind, t)

@@ -4,12 +4,17 @@ Storage is chosen so that ZeRO can own it like any tensor (DESIGN.md section 4):
 - `weight`: Parameter of shape (out, in*n/m) holding only the kept values, in row-major
   order of the mask. Optimizer state therefore exists only for kept entries, and pruned
   entries cannot become non-zero: they are not stored at all.
-- `mask`: bool buffer (out, in), chosen once from the initial weights, never changed.
-- `column_mask`: bool buffer (out, in), the double-pruned mask used for dX, recomputed from
+- `mask`: bool (out, in), chosen once from the initial weights, never changed.
+- `column_mask`: bool (out, in), the double-pruned mask used for dX, recomputed from
   the current weights every `column_mask_refresh` optimizer steps. With
   `double_prune=False` (plain static N:M training, the ablation of the paper) it is a copy
-  of `mask`, never recomputed, and dX = dY (W*M) exactly; the buffer stays so that state
+  of `mask`, never recomputed, and dX = dY (W*M) exactly; it stays so that state
   dicts have the same keys either way.
+  Both masks are held packed, 8 entries per byte (`mask_bits`, `column_mask_bits`): as bool
+  tensors they cost 2 bytes per weight entry, more than the kept values' bf16 copy. `mask` /
+  `column_mask` unpack them; the unpacked pair is kept (`_unpacked`) for layers whose calls
+  use it (the reference path) and released by backends that do not (cusparselt). State dicts
+  carry the bool masks, as before, so checkpoints and artifacts do not change.
 - `adapter_a` (in, r) / `adapter_b` (r, out): the lazy low-rank adapter, created inactive
   (zero compute) and switched on by `enable_adapter()`; Y += (X A) B / r.
 Counters and the adapter switch live in the module's extra state, so a checkpoint resumes
@@ -25,7 +30,7 @@ from torch import nn
 
 from .backends import get_backend
 from .functional import dense_from_values, values_from_dense
-from .masks import check_nm, double_prune_mask, nm_mask
+from .masks import check_nm, double_prune_mask, nm_mask, pack_bits, unpack_bits
 
 InitFn = Callable[[torch.Tensor], None]
 
@@ -84,10 +89,12 @@ class SlopeLinear(nn.Module):
         else:
             init_method(dense)
         mask = nm_mask(dense, n, m)
-        self.register_buffer("mask", mask)
         self.weight = nn.Parameter(values_from_dense(dense, mask))
-        self.register_buffer("column_mask", torch.zeros_like(mask) if self.double_prune
-                             else mask.clone())
+        # packed masks; state_dict carries them unpacked (_save_to_state_dict)
+        self.register_buffer("mask_bits", pack_bits(mask), persistent=False)
+        self.register_buffer("column_mask_bits", pack_bits(
+            torch.zeros_like(mask) if self.double_prune else mask), persistent=False)
+        self._unpacked: dict = {}
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
@@ -100,6 +107,70 @@ class SlopeLinear(nn.Module):
         self.adapter_a = self.adapter_b = None
         if adapter_rank is not None:
             self.create_adapter(adapter_rank)
+
+    # ---- masks --------------------------------------------------------------------------
+    def _unpack(self, name: str) -> torch.Tensor:
+        bits = getattr(self, name + "_bits")
+        key = (bits.data_ptr(), bits._version, bits.device)
+        hit = self._unpacked.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        mask = unpack_bits(bits, self.in_features)
+        self._unpacked[name] = (key, mask)
+        return mask
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The static N:M mask, bool (out, in) (unpacked from `mask_bits`, kept until
+        `release_unpacked_masks`)."""
+        return self._unpack("mask")
+
+    @property
+    def column_mask(self) -> torch.Tensor:
+        """The double-pruned mask as last computed, bool (out, in) (see `mask`)."""
+        return self._unpack("column_mask")
+
+    def release_unpacked_masks(self) -> None:
+        """Drop the unpacked bool masks (2 bytes per weight entry); the next use re-unpacks.
+        Backends whose calls never read them (cusparselt) call this after building."""
+        self._unpacked.clear()
+
+    def _apply(self, fn, recurse=True):
+        self._unpacked.clear()  # .to() / .cuda(): unpack again on the new device
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("mask", "column_mask"):  # bool, like every checkpoint before packing
+            bits = getattr(self, name + "_bits")
+            if bits.numel():  # inference models drop what they never use
+                destination[prefix + name] = unpack_bits(bits, self.in_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("mask", "column_mask"):
+            key, bits = prefix + name, getattr(self, name + "_bits")
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if tuple(value.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(value.shape)} from checkpoint, the shape in current "
+                                  f"model is {(self.out_features, self.in_features)}.")
+                continue
+            with torch.no_grad():
+                packed = pack_bits(value.to(device=bits.device, dtype=torch.bool))
+                if bits.shape == packed.shape:
+                    bits.copy_(packed)
+                else:  # e.g. an inference model that had emptied it
+                    setattr(self, name + "_bits", packed)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        ours = {prefix + "mask", prefix + "column_mask"}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in ours]
+        self.backend.on_column_mask_change(self)  # caches follow the loaded weights and masks
 
     # ---- weights ----------------------------------------------------------------------
     @classmethod
@@ -136,17 +207,22 @@ class SlopeLinear(nn.Module):
         pruning: copy the static mask)."""
         if self.double_prune:
             dense = dense_from_values(self.weight.detach(), self.mask)
-            self.column_mask.copy_(double_prune_mask(dense, self.n, self.m, row_mask=self.mask))
+            self.column_mask_bits.copy_(pack_bits(
+                double_prune_mask(dense, self.n, self.m, row_mask=self.mask)))
         else:
-            self.column_mask.copy_(self.mask)
+            self.column_mask_bits.copy_(self.mask_bits)
         self.column_mask_step = self.optimizer_steps
         self.backend.on_column_mask_change(self)
+
+    def refresh_column_mask_if_stale(self) -> None:
+        """Recompute the double-pruned mask if its refresh is due (no unpacking otherwise)."""
+        if self.double_prune and self._column_mask_is_stale():
+            self.refresh_column_mask()
 
     def _current_column_mask(self) -> torch.Tensor:
         if not self.double_prune:
             return self.mask  # plain static N:M: dX = dY (W*M), nothing to recompute
-        if self._column_mask_is_stale():
-            self.refresh_column_mask()
+        self.refresh_column_mask_if_stale()
         return self.column_mask
 
     def column_mask_for_backward(self) -> Optional[torch.Tensor]:
@@ -209,10 +285,6 @@ class SlopeLinear(nn.Module):
         self.optimizer_steps = int(state["optimizer_steps"])
         self.column_mask_step = int(state["column_mask_step"])
         self.adapter_active = bool(state["adapter_active"])
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.backend.on_column_mask_change(self)  # caches follow the loaded weights and masks
 
     def extra_repr(self) -> str:
         adapter = f", adapter_rank={self.adapter_rank}" if self.adapter_rank else ""

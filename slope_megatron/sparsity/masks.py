@@ -75,3 +75,41 @@ def mask_stats(mask: torch.Tensor) -> dict:
     """Density and kept count of a bool mask (for logs)."""
     kept = int(mask.sum())
     return {"kept": kept, "total": mask.numel(), "density": kept / max(1, mask.numel())}
+
+
+_BIT_WEIGHTS: dict = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """1, 2, 4, ..., 128 as uint8 on `device` (made once per device)."""
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS[device] = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8,
+                                                device=device)
+    return w
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) bool -> (rows, ceil(cols / 8)) uint8: bit i of byte j is column 8 j + i.
+
+    Why: a bool mask costs a byte per weight entry - at 2:4 as much as the kept values'
+    bf16 copy - while it holds one bit. Layers store their masks packed (1/8 byte per entry)
+    and unpack them only where a bool mask is used (`unpack_bits`). Rows stay separate so a
+    row slice of a packed mask is the packed row slice of the mask.
+    """
+    rows, cols = mask.shape
+    m = mask.to(torch.uint8)
+    pad = -cols % 8
+    if pad:
+        m = torch.nn.functional.pad(m, (0, pad))
+    return (m.view(rows, -1, 8) * _bit_weights(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: (rows, ceil(cols / 8)) uint8 -> (rows, cols) bool."""
+    rows = bits.shape[0]
+    if bits.dtype != torch.uint8 or bits.dim() != 2 or bits.shape[1] != (cols + 7) // 8:
+        raise ValueError(f"a packed mask of {cols} columns is (rows, {(cols + 7) // 8}) uint8; "
+                         f"got {tuple(bits.shape)} {bits.dtype}")
+    flat = (bits.unsqueeze(-1) & _bit_weights(bits.device)).view(rows, -1)
+    return (flat[:, :cols] != 0).contiguous()

@@ -105,7 +105,8 @@ class CusparseltBackend(SparseLinearBackend):
     name = "cusparselt"
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
-        rc_mask = layer.column_mask_for_backward()  # recomputes (and notifies) when stale
+        if torch.is_grad_enabled():
+            layer.refresh_column_mask_if_stale()  # recomputes (and notifies the cache) when due
         cache = layer.__dict__.get("_cslt_cache")
         if cache is None or not cache.accepts(layer, x):  # full checks once per token count
             reason = input_unsupported_reason(layer, x)
@@ -113,7 +114,8 @@ class CusparseltBackend(SparseLinearBackend):
                 reason = self._plans_reason(layer, x)
             if reason is not None:
                 log_fallback(layer, reason)
-                return slope_linear(x, layer.weight, layer.mask, rc_mask, layer.bias)
+                return slope_linear(x, layer.weight, layer.mask,
+                                    layer.column_mask_for_backward(), layer.bias)
             cache = self.cache(layer)
             cache.accepted_tokens.add(x.numel() // x.shape[-1])
         cache.sync_forward(layer)

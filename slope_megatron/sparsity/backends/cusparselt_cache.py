@@ -68,9 +68,10 @@ class LayerKernelCache:
         mask = layer.mask
         self.rt.ext.compress(mask.to(self.dtype), self.fwd_buf)  # metadata from the pattern
         self.dw_codes = self._group_codes(mask)
-        self.mask_key = _key(mask)
+        self.mask_key = _key(layer.mask_bits)
         self.wt_mask_key = None  # the W^T metadata depends on the mask too
         self.refresh_forward(layer)
+        layer.release_unpacked_masks()  # the GEMMs never read the bool masks
 
     def refresh_forward(self, layer) -> None:
         w = layer.weight.detach()
@@ -82,7 +83,7 @@ class LayerKernelCache:
 
     def sync_forward(self, layer) -> None:
         """Make the forward operand match layer.mask and layer.weight (cheap if it does)."""
-        if _key(layer.mask) != self.mask_key:
+        if _key(layer.mask_bits) != self.mask_key:
             self._build_forward(layer)
         elif _key(layer.weight) != self.fwd_key:
             self.refresh_forward(layer)
@@ -107,8 +108,9 @@ class LayerKernelCache:
                 self.wt_codes = codes
         self.wt_buf = buf
         self.wt_vals = self._values(buf, self.inp)
-        self.wt_mask_key = _key(rc)
+        self.wt_mask_key = _key(layer.column_mask_bits)
         self.refresh_wt(layer)
+        layer.release_unpacked_masks()
 
     def refresh_wt(self, layer) -> None:
         w = layer.weight.detach()
@@ -122,7 +124,7 @@ class LayerKernelCache:
 
     def sync_backward(self, layer) -> None:
         """Make W_RC^T match layer.column_mask and layer.weight."""
-        if self.wt_buf is None or _key(layer.column_mask) != self.wt_mask_key:
+        if self.wt_buf is None or _key(layer.column_mask_bits) != self.wt_mask_key:
             self._build_wt(layer)
         elif _key(layer.weight) != self.wt_values_key:
             self.refresh_wt(layer)
@@ -135,7 +137,7 @@ class LayerKernelCache:
         (skipped when the column mask is about to be recomputed, which rebuilds W^T anyway)."""
         self.refresh_forward(layer)
         if self.wt_buf is not None and not column_mask_will_change:
-            if _key(layer.column_mask) != self.wt_mask_key:
+            if _key(layer.column_mask_bits) != self.wt_mask_key:
                 self._build_wt(layer)
             else:
                 self.refresh_wt(layer)

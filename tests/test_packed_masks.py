@@ -1,0 +1,75 @@
+"""SlopeLinear holds its masks packed (1 bit per entry); state dicts still carry bool masks."""
+import pytest
+import torch
+
+from slope_megatron.sparsity import SlopeLinear
+from slope_megatron.sparsity.masks import nm_mask, pack_bits, unpack_bits
+
+
+@pytest.mark.parametrize("cols", [4, 8, 12, 36, 64])
+def test_pack_unpack_round_trip(cols):
+    mask = torch.rand(6, cols) > 0.4
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (6, (cols + 7) // 8)
+    assert torch.equal(unpack_bits(bits, cols), mask)
+    assert torch.equal(pack_bits(mask[2:4]), bits[2:4])  # rows stay separate
+
+
+def test_unpack_refuses_a_wrong_shape():
+    with pytest.raises(ValueError, match="packed mask of 16 columns"):
+        unpack_bits(torch.zeros(3, 3, dtype=torch.uint8), 16)
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    return SlopeLinear(24, 16, **kw)
+
+
+def test_layer_holds_bits_not_bools():
+    layer = _layer()
+    buffers = dict(layer.named_buffers())
+    assert set(buffers) == {"mask_bits", "column_mask_bits"}
+    assert all(b.dtype == torch.uint8 and b.shape == (16, 3) for b in buffers.values())
+    dense = torch.zeros(16, 24)
+    dense[layer.mask] = 1.0
+    assert torch.equal(layer.mask, nm_mask(dense, 2, 4))  # an exact 2:4 pattern
+
+
+def test_state_dict_carries_bool_masks_and_loads_back():
+    a, b = _layer(), _layer()
+    x = torch.randn(5, 24, requires_grad=True)
+    a(x).sum().backward()  # computes a's column mask
+    state = a.state_dict()
+    assert not any(k.endswith("_bits") for k in state)
+    assert state["mask"].dtype == torch.bool and state["mask"].shape == (16, 24)
+    assert torch.equal(state["column_mask"], a.column_mask) and a.column_mask.any()
+    torch.manual_seed(1)
+    b = SlopeLinear(24, 16)  # another mask
+    assert not torch.equal(b.mask, a.mask)
+    b.load_state_dict(state)
+    assert torch.equal(b.mask, a.mask) and torch.equal(b.column_mask, a.column_mask)
+    assert torch.equal(b.mask_bits, a.mask_bits)
+
+
+def test_load_reports_missing_and_misshapen_masks():
+    layer, state = _layer(), _layer().state_dict()
+    del state["column_mask"]
+    missing, unexpected = layer.load_state_dict(state, strict=False)
+    assert missing == ["column_mask"] and unexpected == []
+    with pytest.raises(RuntimeError, match="column_mask"):
+        layer.load_state_dict(state)
+    state["column_mask"] = torch.ones(16, 20, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"size mismatch for column_mask.*\(16, 20\)"):
+        layer.load_state_dict(state)
+
+
+def test_unpacked_masks_are_kept_until_released_and_follow_changes():
+    layer = _layer()
+    first = layer.mask
+    assert layer.mask is first  # kept for the reference path's every call
+    layer.release_unpacked_masks()
+    again = layer.mask
+    assert again is not first and torch.equal(again, first)
+    with torch.no_grad():
+        layer.mask_bits.zero_()  # any in-place change of the bits is seen
+    assert not layer.mask.any()
