@@ -4,8 +4,8 @@ Why Triton: both operations are gathers at the 2:4 mask's positions, which torch
 express with int64 index tensors (16 bytes of index per 2-byte value) or boolean masked_select
 (a sync and a nonzero pass). Here the positions are packed in one uint8 per group/slot.
 
-- `gather_kept_2to4(dense, codes)`: dW = (dY^T X)[mask] -> (out, in/2), row-major mask order.
-  codes[r, g] = p0 | p1 << 2: the two kept positions (p0 < p1) of group g of row r.
+- `gather_kept_2to4(dense, mask_bits)`: dW = (dY^T X)[mask] -> (out, in/2), row-major mask
+  order, reading the layer's packed mask (4 bits per group: no codes of its own).
 - `gather_wt_values(weight, codes, out)`: the values block of the compressed double-pruned
   W^T (in, out/2) gathered from the kept-values parameter (out, in/2).
   codes[j, s] = 0 or 9 (FILLER) for an empty slot, else 1 + p + 4 * r: slot s of row j holds
@@ -20,13 +20,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _gather_kept_kernel(dense_ptr, codes_ptr, out_ptr, n_groups, BLOCK: tl.constexpr):
+def _gather_kept_kernel(dense_ptr, bits_ptr, out_ptr, n_groups, groups_per_row, bytes_per_row,
+                        BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     g = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = g < n_groups
-    code = tl.load(codes_ptr + g, mask=ok, other=0).to(tl.int32)
-    p0 = code & 3
-    p1 = code >> 2
+    row = g // groups_per_row
+    col_group = g % groups_per_row
+    byte = tl.load(bits_ptr + row * bytes_per_row + col_group // 2, mask=ok, other=0).to(tl.int32)
+    nib = (byte >> ((col_group % 2) * 4).to(tl.int32)) & 15  # this group's 4 mask bits
+    p0 = tl.where((nib & 1) != 0, 0, tl.where((nib & 2) != 0, 1, tl.where((nib & 4) != 0, 2, 3)))
+    p1 = tl.where((nib & 8) != 0, 3, tl.where((nib & 4) != 0, 2, tl.where((nib & 2) != 0, 1, 0)))
     c4 = tl.arange(0, 4)
     tile = tl.load(dense_ptr + g[:, None] * 4 + c4[None, :], mask=ok[:, None], other=0.0)
     v0 = tl.sum(tl.where(c4[None, :] == p0[:, None], tile, 0.0), axis=1)
@@ -37,18 +41,20 @@ def _gather_kept_kernel(dense_ptr, codes_ptr, out_ptr, n_groups, BLOCK: tl.const
              mask=ok[:, None])
 
 
-def gather_kept_2to4(dense: torch.Tensor, codes: torch.Tensor,
+def gather_kept_2to4(dense: torch.Tensor, mask_bits: torch.Tensor,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Kept entries of a dense (rows, cols) tensor under a 2:4 mask given as group codes."""
+    """Kept entries of a dense (rows, cols) tensor under a 2:4 mask given packed
+    (`sparsity.masks.pack_bits`: (rows, ceil(cols / 8)) uint8, the layer's own buffer)."""
     rows, cols = dense.shape
-    assert dense.is_contiguous() and codes.is_contiguous() and codes.dtype == torch.uint8
-    assert codes.shape == (rows, cols // 4), (codes.shape, dense.shape)
+    assert dense.is_contiguous() and mask_bits.is_contiguous() and mask_bits.dtype == torch.uint8
+    assert mask_bits.shape == (rows, (cols + 7) // 8) and cols % 4 == 0, (mask_bits.shape,
+                                                                          dense.shape)
     if out is None:
         out = torch.empty(rows, cols // 2, dtype=dense.dtype, device=dense.device)
     n_groups = rows * cols // 4
     block = 1024
-    _gather_kept_kernel[(triton.cdiv(n_groups, block),)](dense, codes, out, n_groups,
-                                                         BLOCK=block, num_warps=4)
+    _gather_kept_kernel[(triton.cdiv(n_groups, block),)](
+        dense, mask_bits, out, n_groups, cols // 4, mask_bits.shape[1], BLOCK=block, num_warps=4)
     return out
 
 
@@ -93,16 +99,6 @@ def _exclusive_count4(g: torch.Tensor) -> torch.Tensor:
     c1 = g[..., 0]
     c2 = c1 + g[..., 1]
     return torch.stack([torch.zeros_like(c1), c1, c2, c2 + g[..., 2]], dim=-1)
-
-
-def group_codes_2to4(mask: torch.Tensor) -> torch.Tensor:
-    """uint8 (rows, cols/4): p0 | p1 << 2 for each group of a mask with exactly 2 of every 4."""
-    rows, cols = mask.shape
-    g = mask.view(rows, cols // 4, 4)
-    pos = torch.arange(4, device=mask.device, dtype=torch.int16)
-    p0 = torch.where(g, pos, 4).amin(-1)
-    p1 = torch.where(g, pos, -1).amax(-1)
-    return (p0 | (p1 << 2)).to(torch.uint8)
 
 
 FILLER = 9  # tag of a slot that only pads a group to two entries (its value is 0)

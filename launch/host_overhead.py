@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         rows["  torch.mm dY^T X"] = host_us(lambda: torch.mm(g.t(), x2), args.reps)
         dw = torch.mm(g.t(), x2)
         rows["  gather_kept_2to4 (Triton launch)"] = host_us(
-            lambda: gather_kept_2to4(dw, cache.dw_codes), args.reps)
+            lambda: gather_kept_2to4(dw, layer.mask_bits), args.reps)
         rows["  bias grad gy.sum(0)"] = host_us(lambda: g.sum(0), args.reps)
     rows["  CsltSlopeLinearFunction fwd+bwd"] = host_us(
         lambda: CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache,

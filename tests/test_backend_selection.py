@@ -147,14 +147,16 @@ def test_triton_gathers_in_interpreter():
     pytest.importorskip("triton")
     code = r'''
 import torch
-from kernels.nm_triton import group_codes_2to4, wt_tag_matrix, gather_kept_2to4, gather_wt_values
-from slope_megatron.sparsity.masks import nm_mask, double_prune_mask
+from kernels.nm_triton import wt_tag_matrix, gather_kept_2to4, gather_wt_values
+from slope_megatron.sparsity.masks import nm_mask, double_prune_mask, pack_bits
 from slope_megatron.sparsity.functional import dense_from_values
 torch.manual_seed(0)
 o, i = 64, 96
 w = torch.randn(o, i).to(torch.bfloat16); m = nm_mask(w); vals = w[m].view(o, -1).contiguous()
 d = torch.randn(o, i).to(torch.bfloat16)
-assert torch.equal(gather_kept_2to4(d, group_codes_2to4(m)), d[m].view(o, -1))
+assert torch.equal(gather_kept_2to4(d, pack_bits(m)), d[m].view(o, -1))
+m12 = nm_mask(torch.randn(8, 12)); d12 = torch.randn(8, 12)  # a row of 1.5 bytes
+assert torch.equal(gather_kept_2to4(d12, pack_bits(m12)), d12[m12].view(8, -1))
 prod = double_prune_mask(dense_from_values(vals, m), 2, 4, row_mask=m)
 t = wt_tag_matrix(m, prod, torch.bfloat16).view(i, o // 4, 4)
 # what a compressor produces: each group's non-zeros in order, empty slots last

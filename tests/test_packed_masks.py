@@ -73,3 +73,13 @@ def test_unpacked_masks_are_kept_until_released_and_follow_changes():
     with torch.no_grad():
         layer.mask_bits.zero_()  # any in-place change of the bits is seen
     assert not layer.mask.any()
+
+
+def test_keep_compressed_reaches_every_sparse_layer_from_the_config():
+    from slope_megatron.config import load_config
+    from slope_megatron.model import GPTModel
+    cfg = load_config(None, ["sparsity.keep_compressed=false", "model.vocab_size=64"])
+    layers = [m for m in GPTModel.from_config(cfg).modules() if isinstance(m, SlopeLinear)]
+    assert layers and all(not m.keep_compressed for m in layers)
+    assert "keep_compressed=False" in repr(layers[0])
+    assert SlopeLinear(8, 8).keep_compressed  # the default keeps them

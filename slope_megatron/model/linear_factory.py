@@ -59,7 +59,8 @@ class LinearFactory:
         if self.is_sparse(role, layer_idx):
             s = self.sparsity
             sparse_kw = dict(n=s.n, m=s.m, column_mask_refresh=s.column_mask_refresh,
-                             backend=s.backend, double_prune=s.double_prune)
+                             backend=s.backend, double_prune=s.double_prune,
+                             keep_compressed=s.keep_compressed)
             if self.adapters.enabled:
                 rank = adapter_rank(in_features, self.adapters.rank_ratio, self.adapters.rank)
         if self.tp_size > 1:

@@ -67,7 +67,8 @@ class SlopeLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, n: int = 2,
                  m: int = 4, column_mask_refresh: int = 100, backend: str = "reference",
                  adapter_rank: Optional[int] = None, init_method: Optional[InitFn] = None,
-                 device=None, dtype=None, double_prune: bool = True):
+                 device=None, dtype=None, double_prune: bool = True,
+                 keep_compressed: bool = True):
         super().__init__()
         check_nm(n, m)
         for name, dim in (("in_features", in_features), ("out_features", out_features)):
@@ -80,6 +81,7 @@ class SlopeLinear(nn.Module):
         self.n, self.m = n, m
         self.column_mask_refresh = column_mask_refresh
         self.double_prune = bool(double_prune)
+        self.keep_compressed = bool(keep_compressed)  # cusparselt: operands kept or per call
         self.backend_name = backend
         self.backend = get_backend(backend)
 
@@ -206,9 +208,10 @@ class SlopeLinear(nn.Module):
         """Recompute the double-pruned mask from the current weights (without double
         pruning: copy the static mask)."""
         if self.double_prune:
-            dense = dense_from_values(self.weight.detach(), self.mask)
+            mask = unpack_bits(self.mask_bits, self.in_features)  # transient: not kept
+            dense = dense_from_values(self.weight.detach(), mask)
             self.column_mask_bits.copy_(pack_bits(
-                double_prune_mask(dense, self.n, self.m, row_mask=self.mask)))
+                double_prune_mask(dense, self.n, self.m, row_mask=mask)))
         else:
             self.column_mask_bits.copy_(self.mask_bits)
         self.column_mask_step = self.optimizer_steps
@@ -289,6 +292,7 @@ class SlopeLinear(nn.Module):
     def extra_repr(self) -> str:
         adapter = f", adapter_rank={self.adapter_rank}" if self.adapter_rank else ""
         single = "" if self.double_prune else ", double_prune=False"
+        single += "" if self.keep_compressed else ", keep_compressed=False"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, sparsity={self.n}:{self.m}{single}, "
                 f"backend={self.backend.name}{adapter}")

@@ -22,10 +22,10 @@ def rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def make_pair(inn, out, bias, refresh=1, seed=0):
+def make_pair(inn, out, bias, refresh=1, seed=0, keep=True):
     torch.manual_seed(seed)
     fast = SlopeLinear(inn, out, bias=bias, backend="cusparselt", column_mask_refresh=refresh,
-                       device="cuda", dtype=torch.bfloat16)
+                       device="cuda", dtype=torch.bfloat16, keep_compressed=keep)
     if bias:
         with torch.no_grad():
             fast.bias.normal_()
@@ -82,15 +82,44 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "per-call"])
 @pytest.mark.parametrize("inn,out,bias,shape", CASES)
-def test_matches_reference_across_steps(inn, out, bias, shape):
-    fast, ref = make_pair(inn, out, bias, refresh=2)
+def test_matches_reference_across_steps(inn, out, bias, shape, keep):
+    fast, ref = make_pair(inn, out, bias, refresh=2, keep=keep)
     for step in range(4):  # column mask recomputed at steps 0 and 2, gathered at 1 and 3
         got, want = run_both(fast, ref, shape, inn)
         assert_match(got, want, f"{inn}x{out} step {step}")
+        assert fast._unpacked == {}  # the sparse path never keeps bool masks
         assert torch.equal(fast.column_mask, ref.column_mask)
+        fast.release_unpacked_masks()
         sgd_step(fast, ref)
-    assert fast.__dict__["_cslt_cache"].wt_row_major  # the gather path really ran
+    cache = fast.__dict__["_cslt_cache"]
+    assert cache.wt_row_major  # the gather path really ran
+    assert cache.keep is keep
+    if not keep:  # only metadata is owned; the operands live in the shared scratch
+        owned = cache.fwd_meta.numel() + cache.wt_meta.numel() + cache.wt_codes.numel()
+        assert owned <= 0.75 * inn * out, owned
+
+
+def test_per_call_layers_share_scratch_and_stay_correct():
+    """Two per-call layers of different shapes in a chain: each GEMM sees its own operand
+    although both use the same scratch buffers (filled right before each GEMM)."""
+    torch.manual_seed(3)
+    pairs = [make_pair(512, 1024, True, seed=1, keep=False),
+             make_pair(1024, 512, False, seed=2, keep=False)]
+    for step in range(3):
+        x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        xr = x.detach().clone().requires_grad_()
+        y, yr = x, xr
+        for fast, ref in pairs:
+            y, yr = fast(y), ref(yr)
+        dy = torch.randn_like(yr)
+        y.backward(dy)
+        yr.backward(dy)
+        assert_match({"y": y, "dx": x.grad}, {"y": yr, "dx": xr.grad}, f"chain step {step}")
+        for i, (fast, ref) in enumerate(pairs):
+            assert_match({"dw": fast.weight.grad}, {"dw": ref.weight.grad}, f"layer {i}")
+            sgd_step(fast, ref)
 
 
 def test_no_grad_forward_builds_no_wt_buffer():

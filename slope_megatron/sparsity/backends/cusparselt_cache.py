@@ -8,6 +8,16 @@ when its column mask changes; in between, its values block is refreshed by a gat
 (`kernels.nm_triton.gather_wt_values`). Every buffer records the (data_ptr, version) of the
 tensor it was made from, so a re-pointed (ZeRO) or externally modified weight is noticed.
 
+Two ways to hold the operands (`SlopeLinear.keep_compressed`, config
+`sparsity.keep_compressed`):
+- kept (default): each layer owns both compressed buffers (2.25 bytes per weight entry in
+  bf16), refreshed once after every optimizer step.
+- per call: each layer keeps only the metadata blocks (0.25 bytes per entry) and the W^T
+  gather codes; the values are copied/gathered from the kept-values parameter into one
+  scratch buffer per device and role right before each GEMM. The GEMMs of one stream run in
+  issue order, so layers can share the scratch. Costs a copy (forward) and a gather (dX) per
+  call instead of both per optimizer step.
+
 The cache is a plain attribute, not a buffer: state_dict and checkpoints never see it.
 """
 from __future__ import annotations
@@ -29,17 +39,22 @@ class LayerKernelCache:
     """Compressed W and W_RC^T of one SlopeLinear plus the codes for its gathers."""
 
     def __init__(self, rt, layer):
-        from kernels.nm_triton import group_codes_2to4
-        self._group_codes = group_codes_2to4
         w = layer.weight
         self.rt = rt
         self.out, self.inp = layer.out_features, layer.in_features
         self.dtype, self.device = w.dtype, w.device
         self.n_val = self.out * self.inp // 2
+        self.val_bytes = self.n_val * torch.finfo(self.dtype).bits // 8
         self.row_major = rt.values_row_major(self.device, self.dtype)
+        self.keep = bool(getattr(layer, "keep_compressed", True))
+        if not self.keep and not self.row_major:
+            log.warning("sparsity.keep_compressed=false needs cuSPARSELt's row-major values "
+                        "layout, which this library version does not have: keeping them")
+            self.keep = True
         self.bias_fused = layer.bias is not None and rt.bias_epilogue_ok(self.device, self.dtype)
         self.fwd_buf = rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
         self.fwd_vals = self._values(self.fwd_buf, self.out)  # views made once (host time)
+        self.fwd_meta = self.wt_meta = None  # metadata blocks (per-call mode)
         self.wt_buf = self.wt_codes = self.wt_vals = None
         self.wt_row_major = self.row_major
         self.mask_key = self.fwd_key = self.wt_mask_key = self.wt_values_key = None
@@ -56,25 +71,36 @@ class LayerKernelCache:
     def matches(self, layer) -> bool:
         w = layer.weight
         return (w.dtype == self.dtype and w.device == self.device
-                and (layer.out_features, layer.in_features) == (self.out, self.inp))
+                and (layer.out_features, layer.in_features) == (self.out, self.inp)
+                and (self.keep or not getattr(layer, "keep_compressed", True)))
 
     def _values(self, buf: torch.Tensor, rows: int) -> torch.Tensor:
         """The values block of a compressed buffer, as a (rows, cols/2) view."""
-        nbytes = self.n_val * torch.finfo(self.dtype).bits // 8
-        return buf[:nbytes].view(self.dtype).view(rows, -1)
+        return buf[:self.val_bytes].view(self.dtype).view(rows, -1)
+
+    def _scratch(self, role: str, meta: torch.Tensor, rows: int) -> tuple:
+        """(buffer, values view) of the shared scratch for `role`, metadata block filled in."""
+        buf = self.rt.scratch(role, self.val_bytes + meta.numel(), self.device)
+        buf[self.val_bytes:].copy_(meta)
+        return buf, self._values(buf, rows)
 
     # ---- forward operand W ------------------------------------------------------------
     def _build_forward(self, layer) -> None:
-        mask = layer.mask
-        self.rt.ext.compress(mask.to(self.dtype), self.fwd_buf)  # metadata from the pattern
-        self.dw_codes = self._group_codes(mask)
+        if self.fwd_buf is None:  # per-call mode dropped it after the last build
+            self.fwd_buf = self.rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
+        self.rt.ext.compress(layer.mask.to(self.dtype), self.fwd_buf)  # metadata from the pattern
         self.mask_key = _key(layer.mask_bits)
         self.wt_mask_key = None  # the W^T metadata depends on the mask too
+        if not self.keep:
+            self.fwd_meta = self.fwd_buf[self.val_bytes:].clone()
+            self.fwd_buf = self.fwd_vals = None
         self.refresh_forward(layer)
         layer.release_unpacked_masks()  # the GEMMs never read the bool masks
 
     def refresh_forward(self, layer) -> None:
         w = layer.weight.detach()
+        if not self.keep:
+            self.fwd_buf, self.fwd_vals = self._scratch("fwd", self.fwd_meta, self.out)
         if self.row_major:
             self.fwd_vals.copy_(w.view(self.out, -1))
         else:
@@ -82,18 +108,19 @@ class LayerKernelCache:
         self.fwd_key = _key(layer.weight)
 
     def sync_forward(self, layer) -> None:
-        """Make the forward operand match layer.mask and layer.weight (cheap if it does)."""
+        """Make the forward operand match layer.mask and layer.weight (cheap if it does; in
+        per-call mode it is built now, for the GEMM that follows)."""
         if _key(layer.mask_bits) != self.mask_key:
             self._build_forward(layer)
-        elif _key(layer.weight) != self.fwd_key:
+        elif not self.keep or _key(layer.weight) != self.fwd_key:
             self.refresh_forward(layer)
 
     # ---- input-gradient operand W_RC^T ---------------------------------------------------
     def _build_wt(self, layer) -> None:
         from kernels.nm_triton import wt_tag_matrix
         rc = layer.column_mask
-        buf = self.wt_buf if self.wt_buf is not None else self.rt.compressed_buffer(
-            self.inp, self.out, self.dtype, self.device)
+        buf = self.wt_buf if self.keep and self.wt_buf is not None else \
+            self.rt.compressed_buffer(self.inp, self.out, self.dtype, self.device)
         if self.wt_row_major:
             self.rt.ext.compress(wt_tag_matrix(layer.mask, rc, self.dtype), buf)
             codes = self._values(buf, self.inp).to(torch.uint8)
@@ -109,11 +136,18 @@ class LayerKernelCache:
         self.wt_buf = buf
         self.wt_vals = self._values(buf, self.inp)
         self.wt_mask_key = _key(layer.column_mask_bits)
+        if not self.keep:
+            if self.wt_row_major:
+                self.wt_meta = buf[self.val_bytes:].clone()
+            else:  # (not reached: per-call mode needs the row-major layout, see __init__)
+                raise RuntimeError("per-call compressed operands need the row-major layout")
         self.refresh_wt(layer)
         layer.release_unpacked_masks()
 
     def refresh_wt(self, layer) -> None:
         w = layer.weight.detach()
+        if not self.keep:
+            self.wt_buf, self.wt_vals = self._scratch("wt", self.wt_meta, self.inp)
         if self.wt_row_major:
             from kernels.nm_triton import gather_wt_values
             gather_wt_values(w, self.wt_codes, self.wt_vals)
@@ -123,10 +157,10 @@ class LayerKernelCache:
         self.wt_values_key = _key(layer.weight)
 
     def sync_backward(self, layer) -> None:
-        """Make W_RC^T match layer.column_mask and layer.weight."""
+        """Make W_RC^T match layer.column_mask and layer.weight (per-call mode: build it now)."""
         if self.wt_buf is None or _key(layer.column_mask_bits) != self.wt_mask_key:
             self._build_wt(layer)
-        elif _key(layer.weight) != self.wt_values_key:
+        elif not self.keep or _key(layer.weight) != self.wt_values_key:
             self.refresh_wt(layer)
 
     def invalidate_wt(self) -> None:
@@ -134,7 +168,10 @@ class LayerKernelCache:
 
     def after_step(self, layer, column_mask_will_change: bool) -> None:
         """Refresh after an optimizer step (the weights changed): copy for W, gather for W^T
-        (skipped when the column mask is about to be recomputed, which rebuilds W^T anyway)."""
+        (skipped when the column mask is about to be recomputed, which rebuilds W^T anyway).
+        Per-call mode has nothing to refresh: the next call builds from the new weights."""
+        if not self.keep:
+            return
         self.refresh_forward(layer)
         if self.wt_buf is not None and not column_mask_will_change:
             if _key(layer.column_mask_bits) != self.wt_mask_key:
@@ -158,7 +195,8 @@ class LayerKernelCache:
         """dX (T, in) = dY (T, out) @ W_RC."""
         return self.rt.plans.matmul(self.wt_buf, self.inp, self.out, gy2)
 
-    def grad_weight(self, gy2: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """d(kept values) (out, in/2) = (dY^T X) at the mask's positions."""
+    def grad_weight(self, gy2: torch.Tensor, x2: torch.Tensor, mask_bits: torch.Tensor
+                    ) -> torch.Tensor:
+        """d(kept values) (out, in/2) = (dY^T X) at the mask's positions (the packed mask)."""
         from kernels.nm_triton import gather_kept_2to4
-        return gather_kept_2to4(torch.mm(gy2.t(), x2), self.dw_codes)
+        return gather_kept_2to4(torch.mm(gy2.t(), x2), mask_bits)

@@ -43,7 +43,7 @@ class CsltSlopeLinearFunction(torch.autograd.Function):
             ctx.cache.sync_backward(ctx.layer)
             grad_x = ctx.cache.grad_input(gy2).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_w = ctx.cache.grad_weight(gy2, x2)
+            grad_w = ctx.cache.grad_weight(gy2, x2, ctx.layer.mask_bits)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy2.sum(0)
         grad_add = grad_out if ctx.needs_input_grad[3] else None

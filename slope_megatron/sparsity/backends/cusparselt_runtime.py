@@ -25,6 +25,18 @@ class Runtime:
         self.ext, self.plans = ext, plans
         self._layout: dict[tuple[int, torch.dtype], bool] = {}
         self._bias: dict[tuple[int, torch.dtype], bool] = {}
+        self._scratch: dict[tuple[str, int], torch.Tensor] = {}
+
+    def scratch(self, role: str, nbytes: int, device: torch.device) -> torch.Tensor:
+        """The first `nbytes` of the per-device scratch for `role` ("fwd": compressed W, "wt":
+        compressed W_RC^T), grown to the largest request. Layers share it in per-call mode:
+        each fills it right before its GEMM on the same stream, so no GEMM sees another's
+        operand (a replaced buffer is reused only after the work queued on it)."""
+        key = (role, device.index)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._scratch[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return buf[:nbytes]
 
     def compressed_buffer(self, rows: int, cols: int, dtype: torch.dtype,
                           device: torch.device) -> torch.Tensor:
