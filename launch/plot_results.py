@@ -20,7 +20,8 @@ from pathlib import Path
 
 DPI = 110
 COLORS = {"dense": "black", "static-2to4": "tab:red", "slope": "tab:blue",
-          "slope-adapters": "tab:green", "slope-reference": "tab:purple"}
+          "slope-adapters": "tab:green", "slope-reference": "tab:purple",
+          "slope-kept": "tab:cyan", "slope-per-call": "tab:orange"}
 
 
 def pyplot():
@@ -84,17 +85,28 @@ def plot_bench_train(report: dict, out: Path) -> None:
     for i, v in enumerate(speed):
         ax_speed.text(i, v or 0.0, f"{v:.2f}x" if v else "n/a", ha="center", va="bottom",
                       fontsize=8)
-    mem = [r.get("max_mem_gb") for r in results]
-    ax_mem.bar(names, [m or 0.0 for m in mem], color=colors)
-    for i, m in enumerate(mem):
-        ax_mem.text(i, m or 0.0, f"{m:.1f}" if m else "n/a", ha="center", va="bottom",
-                    fontsize=8)
-    ax_mem.set(ylabel="GiB", title="peak GPU memory")
+    width = 0.4
+    for shift, key, label, alpha in ((-width / 2, "max_mem_gb", "peak", 0.45),
+                                      (width / 2, "resident_mem_gb", "model state", 1.0)):
+        mem = [r.get(key) for r in results]
+        xs = [i + shift for i in range(len(results))]
+        ax_mem.bar(xs, [m or 0.0 for m in mem], width, color=colors, alpha=alpha, label=label)
+        dense = next((r.get(key) for r in results if r["arm"] == "dense"), None)
+        for x, m in zip(xs, mem):
+            text = "n/a" if not m else f"{m:.1f}" + (f"\n{m / dense:.2f}x" if dense else "")
+            ax_mem.text(x, m or 0.0, text, ha="center", va="bottom", fontsize=7)
+    ax_mem.set_xticks(range(len(results)), names)
+    top = max([r.get("max_mem_gb") or 0.0 for r in results] + [1.0])
+    ax_mem.set_ylim(0, top * 1.18)
+    ax_mem.legend(fontsize=7, loc="lower right")
+    ax_mem.set(ylabel="GiB", title="GPU memory: peak (light), model state (dark)")
     for ax in (ax_speed, ax_mem):
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     gpu = (report.get("environment") or {}).get("gpu") or "no GPU"
-    fig.suptitle(f"{Path(report.get('config', '')).name} on {gpu}", fontsize=10)
+    shape = " ".join(o.split(".", 1)[1] for o in report.get("overrides") or []
+                     if o.startswith(("model.", "zero.stage", "train.micro_batch_size")))
+    fig.suptitle(f"{Path(report.get('config', '')).name} on {gpu}\n{shape}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=DPI)
     plt.close(fig)

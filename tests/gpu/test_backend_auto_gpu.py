@@ -95,6 +95,7 @@ def test_cache_not_stale_after_reference_routed_steps():
     from slope_megatron.sparsity.backends.cusparselt_cache import _key
     be = AutoBackend(min_speedup=1e9)  # everything timed goes to the reference
     lay, ref = make_pair(512, 1024, True, be)
+    lay.keep_compressed = True  # kept operands can go stale; per-call ones are built each call
     for step in range(3):  # optimizer steps change the weights; no eager refresh
         step_both(lay, ref, 256, 512, f"reference-routed step {step}")
     (decision,) = be.decisions.values()
