@@ -46,8 +46,19 @@ def test_unknown_value_is_refused():
 def test_identity_records_the_resolved_dtype():
     cfg = load_config(None, ["zero.stage=1"])
     ident = run_identity(cfg, dp_size=1)
-    assert ident["grad_accum_dtype"] == "model"  # fp32 training on this CPU
+    assert ident["zero.grad_accum_dtype"] == "model"  # fp32 training on this CPU
     # a checkpoint saved before the key existed ran DeepSpeed's default ("model")
-    old = {k: v for k, v in ident.items() if k != "grad_accum_dtype"}
+    old = {k: v for k, v in ident.items() if k != "zero.grad_accum_dtype"}
     assert identity_diff(old, ident) == []
-    assert identity_diff(old, {**ident, "grad_accum_dtype": "fp32"}) == ["grad_accum_dtype"]
+    assert identity_diff(old, {**ident, "zero.grad_accum_dtype": "fp32"}) == [
+        "zero.grad_accum_dtype"]
+    # the kernel-side operand layout is not part of a run's identity
+    assert not any("keep_compressed" in k for k in ident)
+
+
+def test_user_json_cannot_pick_the_accumulation_dtype(tmp_path):
+    import json
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32", "other": 1}}))
+    ds = _ds("zero.stage=0", f"zero.deepspeed_json={path}")
+    assert ds["data_types"] == {"other": 1}

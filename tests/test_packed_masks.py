@@ -83,3 +83,30 @@ def test_keep_compressed_reaches_every_sparse_layer_from_the_config():
     assert layers and all(m.keep_compressed for m in layers)
     assert "keep_compressed=True" in repr(layers[0])
     assert not SlopeLinear(8, 8).keep_compressed  # the default builds them per call
+
+
+def test_state_dict_masks_are_unpacked_on_the_cpu():
+    layer = _layer()
+    assert all(v.device.type == "cpu" for k, v in layer.state_dict().items() if "mask" in k)
+
+
+def test_inference_mode_never_keeps_an_inference_tensor():
+    layer = _layer()
+    x = torch.randn(3, 24)
+    with torch.inference_mode():
+        layer(x)
+    assert layer._unpacked == {}
+    layer(x.requires_grad_()).sum().backward()  # training afterwards still works
+    with torch.inference_mode():
+        built = SlopeLinear(8, 8)  # bits are inference tensors: no version counter
+        built(torch.randn(2, 8))
+
+
+def test_a_refused_load_leaves_the_masks_alone():
+    layer = _layer()
+    before = layer.mask_bits.clone()
+    torch.manual_seed(7)
+    other = SlopeLinear(24, 16, n=1, m=4)
+    with pytest.raises(ValueError, match="1:4 sparsity"):
+        layer.load_state_dict(other.state_dict(), strict=False)
+    assert torch.equal(layer.mask_bits, before)

@@ -106,7 +106,7 @@ class InferenceModel(nn.Module):
         load_slope_state_dict(model, {k: v for k, v in state_dict.items()
                                       if not k.endswith(".column_mask")})
         model.to(device)
-        for p in model.parameters():  # buffers keep theirs: bool masks, fp32 rotary tables
+        for p in model.parameters():  # buffers keep theirs: packed masks, fp32 rotary tables
             p.requires_grad_(False)
             p.data = p.data.to(self.dtype)
         self.model = model.eval()

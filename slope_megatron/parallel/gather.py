@@ -16,10 +16,13 @@ from torch import nn
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
-def _all_gather(t: torch.Tensor, group, tp: int) -> list[torch.Tensor]:
-    parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
+def _all_gather(t: torch.Tensor, group, tp: int, device: torch.device) -> list[torch.Tensor]:
+    """All TP ranks' `t`, gathered on `device` (NCCL needs GPU tensors; state dicts hold
+    SlopeLinear masks on the CPU) and returned on `t`'s device."""
+    work = t.to(device).contiguous()
+    parts = [torch.empty_like(work) for _ in range(tp)]
+    dist.all_gather(parts, work, group=group)
+    return [p.to(t.device) for p in parts]
 
 
 def _column_full(parts: list[torch.Tensor], chunks: int) -> torch.Tensor:
@@ -37,6 +40,7 @@ def gather_full_state_dict(model: nn.Module) -> dict:
         prefix = f"{name}." if name else ""
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
             tp, group = module.tp, module.group
+            dev = next(module.parameters()).device
             for key, value in module.local.state_dict().items():
                 src = f"{prefix}local.{key}"
                 handled.add(src)
@@ -48,21 +52,25 @@ def gather_full_state_dict(model: nn.Module) -> dict:
                         full[f"{prefix}{key}"] = value
                     elif key == "adapter_b":
                         full[f"{prefix}{key}"] = _column_full(
-                            [p.t() for p in _all_gather(value, group, tp)], module.chunks).t()
+                            [p.t() for p in _all_gather(value, group, tp, dev)],
+                            module.chunks).t()
                     else:
-                        full[f"{prefix}{key}"] = _column_full(_all_gather(value, group, tp),
-                                                              module.chunks)
+                        full[f"{prefix}{key}"] = _column_full(
+                            _all_gather(value, group, tp, dev), module.chunks)
                 else:
                     if key == "adapter_b":  # replicated
                         full[f"{prefix}{key}"] = value
                     elif key == "adapter_a":
-                        full[f"{prefix}{key}"] = torch.cat(_all_gather(value, group, tp), dim=0)
+                        full[f"{prefix}{key}"] = torch.cat(_all_gather(value, group, tp, dev),
+                                                           dim=0)
                     else:
-                        full[f"{prefix}{key}"] = torch.cat(_all_gather(value, group, tp), dim=1)
+                        full[f"{prefix}{key}"] = torch.cat(_all_gather(value, group, tp, dev),
+                                                           dim=1)
         elif isinstance(module, VocabParallelEmbedding):
             handled.add(f"{prefix}weight")
             tp = dist.get_world_size(module.group)
-            full[f"{prefix}weight"] = torch.cat(_all_gather(module.weight, module.group, tp))
+            full[f"{prefix}weight"] = torch.cat(_all_gather(module.weight, module.group, tp,
+                                                            module.weight.device))
     for key, value in state.items():
         if key not in handled:
             full[key] = value

@@ -113,6 +113,8 @@ class SlopeLinear(nn.Module):
     # ---- masks --------------------------------------------------------------------------
     def _unpack(self, name: str) -> torch.Tensor:
         bits = getattr(self, name + "_bits")
+        if torch.is_inference_mode_enabled() or bits.is_inference():
+            return unpack_bits(bits, self.in_features)  # no version counter; not kept
         key = (bits.data_ptr(), bits._version, bits.device)
         hit = self._unpacked.get(name)
         if hit is not None and hit[0] == key:
@@ -146,10 +148,16 @@ class SlopeLinear(nn.Module):
         for name in ("mask", "column_mask"):  # bool, like every checkpoint before packing
             bits = getattr(self, name + "_bits")
             if bits.numel():  # inference models drop what they never use
-                destination[prefix + name] = unpack_bits(bits, self.in_features)
+                # unpacked on the CPU: a state dict of every layer's bool masks on the GPU
+                # would hold 2 bytes per weight entry at once while it is saved
+                destination[prefix + name] = unpack_bits(bits.cpu(), self.in_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # parameters and extra state first: its n:m check refuses a foreign layer before the
+        # masks are overwritten
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         for name in ("mask", "column_mask"):
             key, bits = prefix + name, getattr(self, name + "_bits")
             if key not in state_dict:
@@ -168,8 +176,6 @@ class SlopeLinear(nn.Module):
                     bits.copy_(packed)
                 else:  # e.g. an inference model that had emptied it
                     setattr(self, name + "_bits", packed)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
         ours = {prefix + "mask", prefix + "column_mask"}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in ours]
         self.backend.on_column_mask_change(self)  # caches follow the loaded weights and masks

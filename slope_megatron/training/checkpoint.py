@@ -56,7 +56,7 @@ class CheckpointError(SlopeError):
 # Identity keys added after runs were already being saved, with the value every older run
 # had: a run_config.yaml or manifest written before the key existed reads as holding it.
 ADDED_IDENTITY_KEYS = {"sparsity.double_prune": True,
-                       "grad_accum_dtype": "model"}  # DeepSpeed's default before it was a key
+                       "zero.grad_accum_dtype": "model"}  # DeepSpeed's default before the key
 
 
 def identity_diff(old: dict, new: dict) -> list[str]:

@@ -71,6 +71,9 @@ def deepspeed_config(cfg: Config, dp_size: int, dtype: str | None = None) -> dic
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
                 "gradient_accumulation_steps", "bf16", "fp16", "optimizer", "scheduler"):
         user.pop(key, None)  # owned by our config
+    user_types = {k: v for k, v in user.pop("data_types", {}).items() if k != "grad_accum_dtype"}
+    if user_types:  # grad_accum_dtype is zero.grad_accum_dtype's (it picks the optimizer wrapper)
+        ds["data_types"] = user_types
     ds = {**user, **ds}
     if cfg.zero.stage == 3:
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True

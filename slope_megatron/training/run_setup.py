@@ -26,6 +26,8 @@ RUN_CONFIG = "run_config.yaml"
 # sections/keys that must match for a rerun to resume the same run
 IDENTITY_KEYS = ("model", "sparsity", "adapters", "data", "parallel", "zero.stage",
                  "train.seed", "train.global_batch_size")  # a layout change is refused, not converted
+# ... except these, which change neither the math nor the files (kernel-side memory only)
+NOT_IDENTITY_KEYS = ("sparsity.keep_compressed",)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -38,8 +40,8 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _identity(cfg_dict: dict) -> dict:
     flat = _flatten(cfg_dict)
-    return {k: v for k, v in flat.items() if any(k == i or k.startswith(i + ".")
-                                                 for i in IDENTITY_KEYS)}
+    return {k: v for k, v in flat.items() if k not in NOT_IDENTITY_KEYS
+            and any(k == i or k.startswith(i + ".") for i in IDENTITY_KEYS)}
 
 
 def check_output_dir(cfg: Config, out: Path) -> dict:

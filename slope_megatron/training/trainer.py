@@ -57,7 +57,7 @@ def run_identity(cfg: Config, dp_size: int) -> dict:
     files are partitioned by it; without ZeRO a different DP size resumes fine)."""
     ident = _identity(cfg.to_dict())
     ident["zero.stage"] = cfg.zero.stage
-    ident["grad_accum_dtype"] = grad_accum_dtype(cfg, resolve_dtype(cfg)) or "model"
+    ident["zero.grad_accum_dtype"] = grad_accum_dtype(cfg, resolve_dtype(cfg)) or "model"
     if cfg.zero.stage > 0:
         ident["data_parallel_size"] = dp_size
     return ident

@@ -118,6 +118,8 @@ class CusparseltBackend(SparseLinearBackend):
                                     layer.column_mask_for_backward(), layer.bias)
             cache = self.cache(layer)
             cache.accepted_tokens.add(x.numel() // x.shape[-1])
+        if layer._unpacked:  # left by a reference-path call (fallback, auto, evaluation)
+            layer.release_unpacked_masks()
         cache.sync_forward(layer)
         from .cusparselt_function import CsltSlopeLinearFunction
         return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache, layer)

@@ -46,14 +46,17 @@ class LayerKernelCache:
         self.n_val = self.out * self.inp // 2
         self.val_bytes = self.n_val * torch.finfo(self.dtype).bits // 8
         self.row_major = rt.values_row_major(self.device, self.dtype)
-        self.keep = bool(getattr(layer, "keep_compressed", False))
+        self.requested_keep = bool(getattr(layer, "keep_compressed", False))
+        self.keep = self.requested_keep
         if not self.keep and not self.row_major:
             log.warning("sparsity.keep_compressed=false needs cuSPARSELt's row-major values "
                         "layout, which this library version does not have: keeping them")
             self.keep = True
         self.bias_fused = layer.bias is not None and rt.bias_epilogue_ok(self.device, self.dtype)
-        self.fwd_buf = rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
-        self.fwd_vals = self._values(self.fwd_buf, self.out)  # views made once (host time)
+        self.fwd_buf = self.fwd_vals = None  # per-call mode: views into the scratch
+        if self.keep:
+            self.fwd_buf = rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
+            self.fwd_vals = self._values(self.fwd_buf, self.out)  # views made once (host time)
         self.fwd_meta = self.wt_meta = None  # metadata blocks (per-call mode)
         self.wt_buf = self.wt_codes = self.wt_vals = None
         self.wt_row_major = self.row_major
@@ -72,11 +75,18 @@ class LayerKernelCache:
         w = layer.weight
         return (w.dtype == self.dtype and w.device == self.device
                 and (layer.out_features, layer.in_features) == (self.out, self.inp)
-                and (self.keep or not getattr(layer, "keep_compressed", False)))
+                and bool(getattr(layer, "keep_compressed", False)) == self.requested_keep)
 
     def _values(self, buf: torch.Tensor, rows: int) -> torch.Tensor:
         """The values block of a compressed buffer, as a (rows, cols/2) view."""
         return buf[:self.val_bytes].view(self.dtype).view(rows, -1)
+
+    def _scratch_for_build(self, role: str, rows: int, cols: int) -> tuple:
+        """(buffer, values view) of the scratch for `role`, sized for compressing a (rows,
+        cols) operand into it (the metadata is then cloned out)."""
+        size = self.rt.compressed_buffer_size(rows, cols, self.dtype, self.device)
+        buf = self.rt.scratch(role, size, self.device)
+        return buf, self._values(buf, rows)
 
     def _scratch(self, role: str, meta: torch.Tensor, rows: int) -> tuple:
         """(buffer, values view) of the shared scratch for `role`, metadata block filled in."""
@@ -86,14 +96,13 @@ class LayerKernelCache:
 
     # ---- forward operand W ------------------------------------------------------------
     def _build_forward(self, layer) -> None:
-        if self.fwd_buf is None:  # per-call mode dropped it after the last build
-            self.fwd_buf = self.rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
+        if not self.keep:  # per-call: compress into the scratch, keep the metadata only
+            self.fwd_buf, self.fwd_vals = self._scratch_for_build("fwd", self.out, self.inp)
         self.rt.ext.compress(layer.mask.to(self.dtype), self.fwd_buf)  # metadata from the pattern
         self.mask_key = _key(layer.mask_bits)
         self.wt_mask_key = None  # the W^T metadata depends on the mask too
         if not self.keep:
-            self.fwd_meta = self.fwd_buf[self.val_bytes:].clone()
-            self.fwd_buf = self.fwd_vals = None
+            self.fwd_meta = self.fwd_buf[self.val_bytes:].clone()  # refresh fills the scratch
         self.refresh_forward(layer)
         layer.release_unpacked_masks()  # the GEMMs never read the bool masks
 
@@ -119,8 +128,12 @@ class LayerKernelCache:
     def _build_wt(self, layer) -> None:
         from kernels.nm_triton import wt_tag_matrix
         rc = layer.column_mask
-        buf = self.wt_buf if self.keep and self.wt_buf is not None else \
-            self.rt.compressed_buffer(self.inp, self.out, self.dtype, self.device)
+        in_scratch = not self._wt_owned()
+        if in_scratch:  # per-call: compress into the scratch, keep metadata and codes only
+            buf, _ = self._scratch_for_build("wt", self.inp, self.out)
+        else:
+            buf = self.wt_buf if self.wt_buf is not None else self.rt.compressed_buffer(
+                self.inp, self.out, self.dtype, self.device)
         if self.wt_row_major:
             self.rt.ext.compress(wt_tag_matrix(layer.mask, rc, self.dtype), buf)
             codes = self._values(buf, self.inp).to(torch.uint8)
@@ -129,24 +142,28 @@ class LayerKernelCache:
             if kept != int(rc.sum()) or empty != 0:
                 log.warning("cuSPARSELt W^T layout check failed (%d coded slots for %d kept "
                             "entries, %d empty slots): this layer compresses W^T on every "
-                            "refresh", kept, int(rc.sum()), empty)
+                            "refresh, in a buffer of its own", kept, int(rc.sum()), empty)
                 self.wt_row_major = False
             else:
                 self.wt_codes = codes
-        self.wt_buf = buf
-        self.wt_vals = self._values(buf, self.inp)
+        if not self._wt_owned():
+            self.wt_meta = buf[self.val_bytes:].clone()  # refresh_wt fills the scratch
+        else:
+            if in_scratch:  # the layout check just failed: own the buffer from now on
+                buf = self.rt.compressed_buffer(self.inp, self.out, self.dtype, self.device)
+            self.wt_buf, self.wt_vals = buf, self._values(buf, self.inp)
         self.wt_mask_key = _key(layer.column_mask_bits)
-        if not self.keep:
-            if self.wt_row_major:
-                self.wt_meta = buf[self.val_bytes:].clone()
-            else:  # (not reached: per-call mode needs the row-major layout, see __init__)
-                raise RuntimeError("per-call compressed operands need the row-major layout")
         self.refresh_wt(layer)
         layer.release_unpacked_masks()
 
+    def _wt_owned(self) -> bool:
+        """Whether W_RC^T lives in this layer's own buffer: kept mode, or a failed layout
+        check (then it is compressed at each refresh, which needs the whole buffer)."""
+        return self.keep or not self.wt_row_major
+
     def refresh_wt(self, layer) -> None:
         w = layer.weight.detach()
-        if not self.keep:
+        if not self._wt_owned():
             self.wt_buf, self.wt_vals = self._scratch("wt", self.wt_meta, self.inp)
         if self.wt_row_major:
             from kernels.nm_triton import gather_wt_values
@@ -160,7 +177,7 @@ class LayerKernelCache:
         """Make W_RC^T match layer.column_mask and layer.weight (per-call mode: build it now)."""
         if self.wt_buf is None or _key(layer.column_mask_bits) != self.wt_mask_key:
             self._build_wt(layer)
-        elif not self.keep or _key(layer.weight) != self.wt_values_key:
+        elif not self._wt_owned() or _key(layer.weight) != self.wt_values_key:
             self.refresh_wt(layer)
 
     def invalidate_wt(self) -> None:

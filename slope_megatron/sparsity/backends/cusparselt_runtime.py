@@ -38,11 +38,16 @@ class Runtime:
             buf = self._scratch[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return buf[:nbytes]
 
-    def compressed_buffer(self, rows: int, cols: int, dtype: torch.dtype,
-                          device: torch.device) -> torch.Tensor:
+    def compressed_buffer_size(self, rows: int, cols: int, dtype: torch.dtype,
+                               device: torch.device) -> int:
         from kernels.cslt_plans import dtype_name
         size, _ = self.ext.compressed_size(rows, cols, dtype_name(dtype), device.index)
-        return torch.empty(size, dtype=torch.uint8, device=device)
+        return size
+
+    def compressed_buffer(self, rows: int, cols: int, dtype: torch.dtype,
+                          device: torch.device) -> torch.Tensor:
+        return torch.empty(self.compressed_buffer_size(rows, cols, dtype, device),
+                           dtype=torch.uint8, device=device)
 
     def values_row_major(self, device: torch.device, dtype: torch.dtype) -> bool:
         """True if compressed values == kept values in row-major order (checked once)."""
