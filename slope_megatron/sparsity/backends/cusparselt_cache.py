@@ -58,6 +58,7 @@ class LayerKernelCache:
             self.fwd_buf = rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
             self.fwd_vals = self._values(self.fwd_buf, self.out)  # views made once (host time)
         self.fwd_meta = self.wt_meta = None  # metadata blocks (per-call mode)
+        self._scratch_views: dict = {}  # role -> (scratch tensor, buffer, values, metadata)
         self.wt_buf = self.wt_codes = self.wt_vals = None
         self.wt_row_major = self.row_major
         self.mask_key = self.fwd_key = self.wt_mask_key = self.wt_values_key = None
@@ -89,10 +90,16 @@ class LayerKernelCache:
         return buf, self._values(buf, rows)
 
     def _scratch(self, role: str, meta: torch.Tensor, rows: int) -> tuple:
-        """(buffer, values view) of the shared scratch for `role`, metadata block filled in."""
-        buf = self.rt.scratch(role, self.val_bytes + meta.numel(), self.device)
-        buf[self.val_bytes:].copy_(meta)
-        return buf, self._values(buf, rows)
+        """(buffer, values view) of the shared scratch for `role`, metadata block filled in.
+        The views are made once per scratch tensor (host time: this runs at every call)."""
+        base = self.rt.scratch_base(role, self.val_bytes + meta.numel(), self.device)
+        views = self._scratch_views.get(role)
+        if views is None or views[0] is not base:
+            buf = base[:self.val_bytes + meta.numel()]
+            views = self._scratch_views[role] = (base, buf, self._values(buf, rows),
+                                                 buf[self.val_bytes:])
+        views[3].copy_(meta)
+        return views[1], views[2]
 
     # ---- forward operand W ------------------------------------------------------------
     def _build_forward(self, layer) -> None:

@@ -32,11 +32,16 @@ class Runtime:
         compressed W_RC^T), grown to the largest request. Layers share it in per-call mode:
         each fills it right before its GEMM on the same stream, so no GEMM sees another's
         operand (a replaced buffer is reused only after the work queued on it)."""
+        return self.scratch_base(role, nbytes, device)[:nbytes]
+
+    def scratch_base(self, role: str, nbytes: int, device: torch.device) -> torch.Tensor:
+        """The whole scratch tensor for `role` (at least `nbytes`); the same object until it
+        has to grow, so callers may keep views into it while it is."""
         key = (role, device.index)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < nbytes:
             buf = self._scratch[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return buf[:nbytes]
+        return buf
 
     def compressed_buffer_size(self, rows: int, cols: int, dtype: torch.dtype,
                                device: torch.device) -> int:
