@@ -26,9 +26,9 @@ ARMS = {
     "dense": ["sparsity.enabled=false"],
     "slope": ["sparsity.enabled=true", "sparsity.backend=auto"],
     "slope-reference": ["sparsity.enabled=true", "sparsity.backend=reference"],
-    # compressed operands kept between steps instead of built per GEMM call (the default)
-    "slope-kept": ["sparsity.enabled=true", "sparsity.backend=auto",
-                   "sparsity.keep_compressed=true"],
+    # compressed operands built per GEMM call instead of kept between steps: less model state
+    "slope-per-call": ["sparsity.enabled=true", "sparsity.backend=auto",
+                       "sparsity.keep_compressed=false"],
     # adapters on from the middle of the run, so the measured (last) window has them active
     "slope-adapters": ["sparsity.enabled=true", "sparsity.backend=auto", "adapters.enabled=true",
                        "adapters.fraction=0.5"],

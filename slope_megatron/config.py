@@ -66,12 +66,13 @@ class SparsityConfig:
     backend: str = _f("auto", "'reference' (masked dense math, runs anywhere), 'cusparselt' "
                               "(sparse tensor cores, CUDA) or 'auto' (cusparselt where it "
                               "applies and is faster, else reference).")
-    keep_compressed: bool = _f(False, "cusparselt: keep each layer's compressed W and W_RC^T "
-                                      "between steps (+2.25 bytes per weight entry in bf16, "
-                                      "refreshed after each optimizer step) instead of building "
-                                      "them at each GEMM call into one scratch buffer per device "
-                                      "(the default: 1.3B model state 0.65x vs 0.74x of dense, "
-                                      "same speed at micro-batch 16; docs/RESULTS.md).")
+    keep_compressed: bool = _f(True, "cusparselt: keep each layer's compressed W and W_RC^T "
+                                     "between steps (2.25 bytes per weight entry in bf16, "
+                                     "refreshed after each optimizer step). False builds them "
+                                     "at each GEMM call into one scratch buffer per device: 1.3B "
+                                     "model state 0.65x instead of 0.74x of dense at the same "
+                                     "speed, but host-bound small models run slower "
+                                     "(docs/RESULTS.md).")
     dense_first_qkv: bool = _f(True, "Keep the first block's QKV projection dense (as the paper).")
     sparse_lm_head: bool = _f(False, "Make the LM head N:M sparse too (needs untied embeddings).")
     modules: list = _f(["qkv", "proj", "fc1", "fc2"], "Which block linears are sparse: any of "

@@ -78,11 +78,11 @@ def test_unpacked_masks_are_kept_until_released_and_follow_changes():
 def test_keep_compressed_reaches_every_sparse_layer_from_the_config():
     from slope_megatron.config import load_config
     from slope_megatron.model import GPTModel
-    cfg = load_config(None, ["sparsity.keep_compressed=true", "model.vocab_size=64"])
+    cfg = load_config(None, ["sparsity.keep_compressed=false", "model.vocab_size=64"])
     layers = [m for m in GPTModel.from_config(cfg).modules() if isinstance(m, SlopeLinear)]
-    assert layers and all(m.keep_compressed for m in layers)
-    assert "keep_compressed=True" in repr(layers[0])
-    assert not SlopeLinear(8, 8).keep_compressed  # the default builds them per call
+    assert layers and all(not m.keep_compressed for m in layers)
+    assert "keep_compressed=False" in repr(layers[0])
+    assert SlopeLinear(8, 8).keep_compressed  # the default keeps them
 
 
 def test_state_dict_masks_are_unpacked_on_the_cpu():

@@ -68,7 +68,7 @@ class SlopeLinear(nn.Module):
                  m: int = 4, column_mask_refresh: int = 100, backend: str = "reference",
                  adapter_rank: Optional[int] = None, init_method: Optional[InitFn] = None,
                  device=None, dtype=None, double_prune: bool = True,
-                 keep_compressed: bool = False):
+                 keep_compressed: bool = True):
         super().__init__()
         check_nm(n, m)
         for name, dim in (("in_features", in_features), ("out_features", out_features)):
@@ -298,7 +298,7 @@ class SlopeLinear(nn.Module):
     def extra_repr(self) -> str:
         adapter = f", adapter_rank={self.adapter_rank}" if self.adapter_rank else ""
         single = "" if self.double_prune else ", double_prune=False"
-        single += ", keep_compressed=True" if self.keep_compressed else ""
+        single += "" if self.keep_compressed else ", keep_compressed=False"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, sparsity={self.n}:{self.m}{single}, "
                 f"backend={self.backend.name}{adapter}")

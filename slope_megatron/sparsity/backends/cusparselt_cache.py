@@ -10,9 +10,9 @@ tensor it was made from, so a re-pointed (ZeRO) or externally modified weight is
 
 Two ways to hold the operands (`SlopeLinear.keep_compressed`, config
 `sparsity.keep_compressed`):
-- kept: each layer owns both compressed buffers (2.25 bytes per weight entry in bf16),
-  refreshed once after every optimizer step.
-- per call (default): each layer keeps only the metadata blocks (0.25 bytes per entry) and the W^T
+- kept (default): each layer owns both compressed buffers (2.25 bytes per weight entry in
+  bf16), refreshed once after every optimizer step.
+- per call: each layer keeps only the metadata blocks (0.25 bytes per entry) and the W^T
   gather codes; the values are copied/gathered from the kept-values parameter into one
   scratch buffer per device and role right before each GEMM. The GEMMs of one stream run in
   issue order, so layers can share the scratch. Costs a copy (forward) and a gather (dX) per
@@ -46,7 +46,7 @@ class LayerKernelCache:
         self.n_val = self.out * self.inp // 2
         self.val_bytes = self.n_val * torch.finfo(self.dtype).bits // 8
         self.row_major = rt.values_row_major(self.device, self.dtype)
-        self.requested_keep = bool(getattr(layer, "keep_compressed", False))
+        self.requested_keep = bool(getattr(layer, "keep_compressed", True))
         self.keep = self.requested_keep
         if not self.keep and not self.row_major:
             log.warning("sparsity.keep_compressed=false needs cuSPARSELt's row-major values "
@@ -76,7 +76,7 @@ class LayerKernelCache:
         w = layer.weight
         return (w.dtype == self.dtype and w.device == self.device
                 and (layer.out_features, layer.in_features) == (self.out, self.inp)
-                and bool(getattr(layer, "keep_compressed", False)) == self.requested_keep)
+                and bool(getattr(layer, "keep_compressed", True)) == self.requested_keep)
 
     def _values(self, buf: torch.Tensor, rows: int) -> torch.Tensor:
         """The values block of a compressed buffer, as a (rows, cols/2) view."""
