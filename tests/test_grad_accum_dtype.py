@@ -16,7 +16,8 @@ def _ds(*overrides, dtype="bf16"):
 def test_bf16_at_stage_1_accumulates_in_fp32():
     # DeepSpeed 0.19.8 selects BF16_Optimizer for exactly this combination
     assert _ds("zero.stage=1")["data_types"] == {"grad_accum_dtype": "fp32"}
-    assert _ds("zero.stage=1", "zero.grad_accum_dtype=fp32")["data_types"]["grad_accum_dtype"] == "fp32"
+    explicit = _ds("zero.stage=1", "zero.grad_accum_dtype=fp32")
+    assert explicit["data_types"]["grad_accum_dtype"] == "fp32"
 
 
 @pytest.mark.parametrize("overrides,dtype", [

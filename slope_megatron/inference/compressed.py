@@ -85,7 +85,8 @@ class CompressedBackend(SparseLinearBackend):
         values = buf[: w.numel() * w.element_size()].view(w.dtype).view(out, -1)
         values.copy_(w)  # the values block is the kept values, row-major (checked at start)
         layer.weight = torch.nn.Parameter(values, requires_grad=False)
-        layer.mask_bits = torch.zeros(0, 0, dtype=torch.uint8, device=w.device)  # in the metadata now
+        # the pattern is in the metadata now
+        layer.mask_bits = torch.zeros(0, 0, dtype=torch.uint8, device=w.device)
         layer.release_unpacked_masks()
         state = _Compressed(buf, out, inp, layer.bias is not None
                             and self.rt.bias_epilogue_ok(w.device, w.dtype))

@@ -101,7 +101,8 @@ class InferenceModel(nn.Module):
             model = GPTModel.from_config(cfg)
         self._backend = InferenceBackend()
         for layer in slope_layers(model):
-            layer.column_mask_bits = torch.zeros(0, 0, dtype=torch.uint8)  # training-only, not loaded
+            # training-only, not loaded
+            layer.column_mask_bits = torch.zeros(0, 0, dtype=torch.uint8)
             layer.backend = self._backend  # forward-only: never touches the column mask
         load_slope_state_dict(model, {k: v for k, v in state_dict.items()
                                       if not k.endswith(".column_mask")})

@@ -149,8 +149,6 @@ class AutoBackend(SparseLinearBackend):
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return self.dense  # never time inside a CUDA graph capture; decide later
             decision = self.decisions[key] = self._decide(layer, x, key)
-            if decision.backend == "cusparselt":
-                layer.release_unpacked_masks()  # the timing's reference run unpacked them
         if decision.backend == "cusparselt":
             layer.__dict__["_auto_sparse"] = True  # this layer's hooks must reach the cache
             return self.sparse
