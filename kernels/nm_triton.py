@@ -6,6 +6,9 @@ express with int64 index tensors (16 bytes of index per 2-byte value) or boolean
 
 - `gather_kept_2to4(dense, mask_bits)`: dW = (dY^T X)[mask] -> (out, in/2), row-major mask
   order, reading the layer's packed mask (4 bits per group: no codes of its own).
+- `scatter_kept_2to4(values, mask_bits, column_bits)`: its inverse, W * M (or W * M * M_C) as
+  a dense (out, in) tensor from the kept values, for the dense-GEMM (`cublas`) backend; one
+  pass at memory bandwidth where `masked_scatter` needs a scan of the mask.
 - `gather_wt_values(weight, codes, out)`: the values block of the compressed double-pruned
   W^T (in, out/2) gathered from the kept-values parameter (out, in/2).
   codes[j, s] = 0 or 9 (FILLER) for an empty slot, else 1 + p + 4 * r: slot s of row j holds
@@ -55,6 +58,58 @@ def gather_kept_2to4(dense: torch.Tensor, mask_bits: torch.Tensor,
     block = 1024
     _gather_kept_kernel[(triton.cdiv(n_groups, block),)](
         dense, mask_bits, out, n_groups, cols // 4, mask_bits.shape[1], BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _scatter_kept_kernel(values_ptr, bits_ptr, col_bits_ptr, out_ptr, n_groups, groups_per_row,
+                         bytes_per_row, HAS_COL: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    g = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = g < n_groups
+    row = g // groups_per_row
+    col_group = g % groups_per_row
+    byte_off = row * bytes_per_row + col_group // 2
+    shift = ((col_group % 2) * 4).to(tl.int32)
+    nib = (tl.load(bits_ptr + byte_off, mask=ok, other=0).to(tl.int32) >> shift) & 15
+    p0 = tl.where((nib & 1) != 0, 0, tl.where((nib & 2) != 0, 1, tl.where((nib & 4) != 0, 2, 3)))
+    p1 = tl.where((nib & 8) != 0, 3, tl.where((nib & 4) != 0, 2, tl.where((nib & 2) != 0, 1, 0)))
+    keep = nib
+    if HAS_COL:  # the double-pruned mask is a subset of the row mask: drop what it prunes
+        keep = keep & ((tl.load(col_bits_ptr + byte_off, mask=ok, other=0).to(tl.int32)
+                        >> shift) & 15)
+    v0 = tl.load(values_ptr + g * 2, mask=ok, other=0.0)
+    v1 = tl.load(values_ptr + g * 2 + 1, mask=ok, other=0.0)
+    c4 = tl.arange(0, 4)
+    tile = tl.where(c4[None, :] == p0[:, None], v0[:, None],
+                    tl.where(c4[None, :] == p1[:, None], v1[:, None], 0.0))
+    tile = tl.where(((keep[:, None] >> c4[None, :]) & 1) != 0, tile, 0.0)
+    tl.store(out_ptr + g[:, None] * 4 + c4[None, :], tile.to(out_ptr.dtype.element_ty),
+             mask=ok[:, None])
+
+
+def scatter_kept_2to4(values: torch.Tensor, mask_bits: torch.Tensor,
+                      column_bits: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense (rows, 2 * values.shape[1]) tensor holding `values` (rows, cols / 2; kept entries
+    in row-major mask order) at the 2:4 mask's positions and zero elsewhere; with
+    `column_bits` (packed like `mask_bits`, a subset of it) also zero where that is 0."""
+    rows, half = values.shape
+    cols = 2 * half
+    assert values.is_contiguous() and mask_bits.is_contiguous() and mask_bits.dtype == torch.uint8
+    assert mask_bits.shape == (rows, (cols + 7) // 8) and cols % 4 == 0, (mask_bits.shape,
+                                                                          values.shape)
+    if column_bits is not None:
+        assert column_bits.shape == mask_bits.shape and column_bits.dtype == torch.uint8
+        assert column_bits.is_contiguous()
+    if out is None:
+        out = torch.empty(rows, cols, dtype=values.dtype, device=values.device)
+    n_groups = rows * cols // 4
+    block = 1024
+    _scatter_kept_kernel[(triton.cdiv(n_groups, block),)](
+        values, mask_bits, mask_bits if column_bits is None else column_bits, out, n_groups,
+        cols // 4, mask_bits.shape[1], HAS_COL=column_bits is not None, BLOCK=block,
+        num_warps=4)
     return out
 
 

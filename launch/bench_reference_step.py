@@ -1,7 +1,14 @@
-"""GPU microbench: where the reference (masked-dense) SLoPe layer step loses to F.linear.
+"""GPU microbench: the dense-GEMM SLoPe layer step (reference and cublas backends) vs F.linear.
 
-    python launch/bench_reference_step.py   (one CUDA GPU; results in docs/KERNELS.md)
+    python launch/bench_reference_step.py [--json out.json]   (one CUDA GPU; docs/KERNELS.md)
+
+Times with `triton.testing.do_bench` (median) one bf16 layer step (forward + dX + dW + db
+through autograd) of `F.linear` on the dense W*M ("plain"), of the reference SlopeLinear and
+of the cublas one, plus the pieces that separate them: building W*M by `masked_scatter` vs the
+Triton scatter, and the dW gather by index vs the Triton gather.
 """
+import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -10,32 +17,70 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4  # noqa: E402
 from slope_megatron.sparsity import SlopeLinear  # noqa: E402
 from slope_megatron.sparsity.functional import dense_from_values, values_from_dense  # noqa: E402
 
-torch.manual_seed(0)
-dev = "cuda"
-for inn, out, T in [(768, 768, 1024), (768, 3072, 16384), (4096, 11008, 8192)]:
-    layer = SlopeLinear(inn, out, bias=True, backend="reference").to(dev, torch.bfloat16)
-    x = torch.randn(T, inn, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(T, out, device=dev, dtype=torch.bfloat16)
-    w = layer.dense_weight().detach().clone().requires_grad_(True)
-    b = layer.bias.detach().clone().requires_grad_(True)
-    def dense_step():
+SHAPES = [(768, 768, 1024), (768, 3072, 16384), (2048, 2048, 16384), (4096, 11008, 8192)]
+
+
+def bench_shape(inn: int, out: int, tokens: int) -> dict:
+    dev = "cuda"
+    ref = SlopeLinear(inn, out, bias=True, backend="reference").to(dev, torch.bfloat16)
+    fast = SlopeLinear(inn, out, bias=True, backend="cublas").to(dev, torch.bfloat16)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(tokens, inn, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(tokens, out, device=dev, dtype=torch.bfloat16)
+    w = ref.dense_weight().detach().clone().requires_grad_(True)
+    b = ref.bias.detach().clone().requires_grad_(True)
+    mask, vals, bits = ref.mask, ref.weight.detach(), ref.mask_bits
+
+    def plain_step():
         torch.autograd.grad(F.linear(x, w, b), (x, w, b), gy)
+
     def ref_step():
-        torch.autograd.grad(layer(x), (x, layer.weight, layer.bias), gy)
-    mask, vals = layer.mask, layer.weight.detach()
-    k = vals.shape[1]
-    flat = mask.view(-1).nonzero_static(size=out * k).view(-1)
-    def scatter_ms():
+        torch.autograd.grad(ref(x), (x, ref.weight, ref.bias), gy)
+
+    def cublas_step():
+        torch.autograd.grad(fast(x), (x, fast.weight, fast.bias), gy)
+
+    def scatter_masked():
         dense_from_values(vals, mask)
-    def gather_bool():
-        values_from_dense(w.detach(), mask)
-    def gather_static():
-        w.detach().view(-1)[mask.view(-1).nonzero_static(size=out * k).view(-1)].view(out, k)
-    def gather_cached():
-        w.detach().view(-1).index_select(0, flat).view(out, k)
-    res = {f.__name__: do_bench(f, warmup=20, rep=100, return_mode="median")
-           for f in (dense_step, ref_step, scatter_ms, gather_bool, gather_static, gather_cached)}
-    print(f"{inn}x{out} T={T}: " + ", ".join(f"{n} {v:.3f}ms" for n, v in res.items()), flush=True)
+
+    def scatter_triton():
+        scatter_kept_2to4(vals, bits)
+
+    def gather_index():
+        values_from_dense(w.detach(), mask, vals.shape[1])
+
+    def gather_triton():
+        gather_kept_2to4(w.detach(), bits)
+
+    fns = (plain_step, ref_step, cublas_step, scatter_masked, scatter_triton, gather_index,
+           gather_triton)
+    ms = {f.__name__: do_bench(f, warmup=20, rep=100, return_mode="median") for f in fns}
+    return {"in": inn, "out": out, "tokens": tokens, "ms": ms,
+            "cublas_vs_plain": ms["plain_step"] / ms["cublas_step"],
+            "reference_vs_plain": ms["plain_step"] / ms["ref_step"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for inn, out, tokens in SHAPES:
+        row = bench_shape(inn, out, tokens)
+        rows.append(row)
+        print(f"{inn}x{out} T={tokens}: " + ", ".join(f"{n} {v:.3f}ms" for n, v in
+                                                      row["ms"].items())
+              + f"; cublas {row['cublas_vs_plain']:.2f}x plain, reference "
+                f"{row['reference_vs_plain']:.2f}x plain", flush=True)
+    if args.json:
+        meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,6 +26,8 @@ ARMS = {
     "dense": ["sparsity.enabled=false"],
     "slope": ["sparsity.enabled=true", "sparsity.backend=auto"],
     "slope-reference": ["sparsity.enabled=true", "sparsity.backend=reference"],
+    # SLoPe's math with every GEMM dense (what the sparse kernels are worth in the whole step)
+    "slope-cublas": ["sparsity.enabled=true", "sparsity.backend=cublas"],
     # compressed operands built per GEMM call instead of kept between steps: less model state
     "slope-per-call": ["sparsity.enabled=true", "sparsity.backend=auto",
                        "sparsity.keep_compressed=false"],

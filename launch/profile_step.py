@@ -38,7 +38,8 @@ CATEGORIES = [
     ("communication", ("nccl",)),
     ("sparse_gemm", ("cusparselt", "sparse", "spmma", "_sp_")),
     ("attention", ("flash", "fmha", "attention", "attn")),
-    ("triton_slope", ("_gather_kept_kernel", "_gather_wt_kernel", "_lowrank_add_kernel")),
+    ("triton_slope", ("_gather_kept_kernel", "_gather_wt_kernel", "_scatter_kept_kernel",
+                      "_lowrank_add_kernel")),
     ("dense_gemm", ("gemm", "nvjet", "cutlass", "cublas", "xmma", "matmul", "splitk")),
     # Inductor's fused kernels of the compiled regions (norms, adds, activations, loss together)
     ("inductor_fused", ("triton_poi_", "triton_per_", "triton_red_", "triton_tem_")),

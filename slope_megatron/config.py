@@ -64,8 +64,10 @@ class SparsityConfig:
     column_mask_refresh: int = _f(100, "Recompute the double-pruned (input-gradient) column mask "
                                        "from the current weights every this many optimizer steps.")
     backend: str = _f("auto", "'reference' (masked dense math, runs anywhere), 'cusparselt' "
-                              "(sparse tensor cores, CUDA) or 'auto' (cusparselt where it "
-                              "applies and is faster, else reference).")
+                              "(sparse tensor cores, CUDA), 'cublas' (the same math on dense "
+                              "cuBLAS GEMMs with Triton-built operands, CUDA) or 'auto' "
+                              "(cusparselt where it applies and is faster, else cublas; "
+                              "reference without CUDA).")
     keep_compressed: bool = _f(True, "cusparselt: keep each layer's compressed W and W_RC^T "
                                      "between steps (2.25 bytes per weight entry in bf16, "
                                      "refreshed after each optimizer step). False builds them "
@@ -307,8 +309,8 @@ def validate(cfg: Config) -> None:
     _require(1 <= s.n < s.m, "sparsity.n", s.n, f"need 1 <= n < m (m = {s.m})")
     _require(s.column_mask_refresh >= 1, "sparsity.column_mask_refresh", s.column_mask_refresh,
              "must be >= 1")
-    _require(s.backend in ("auto", "reference", "cusparselt"), "sparsity.backend", s.backend,
-             "use 'auto', 'reference' or 'cusparselt'")
+    _require(s.backend in ("auto", "reference", "cusparselt", "cublas"), "sparsity.backend",
+             s.backend, "use 'auto', 'reference', 'cusparselt' or 'cublas'")
     bad = [x for x in s.modules if x not in ("qkv", "proj", "fc1", "fc2")]
     _require(not bad, "sparsity.modules", s.modules, f"unknown entries {bad}; "
              "use any of qkv, proj, fc1, fc2")

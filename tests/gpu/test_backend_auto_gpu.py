@@ -2,9 +2,10 @@
 
 docs/KERNELS.md measured a GPT-2-small 768x768 layer at T=1024 at 0.45x dense through
 cusparselt and a LLaMA MLP-up 4096x11008 layer at T=8192 at 1.37x, so `auto` must pick the
-reference for the first and cusparselt for the second; either way outputs and gradients must
-match the reference backend across optimizer steps. Also: a layer whose shape was routed to
-the reference (its kernel cache built by the timing, then not refreshed after steps) computes
+dense path (the cublas backend) for the first and cusparselt for the second; either way
+outputs and gradients must match the reference backend across optimizer steps. Also: a layer
+whose shape was routed to cublas (its kernel cache built by the timing, then not refreshed
+after steps) computes
 the right result when that shape is later routed sparse (the cache re-syncs from the weight's
 (data_ptr, version)).
 """
@@ -70,7 +71,7 @@ def test_get_backend_auto_is_the_per_shape_backend():
 
 
 @pytest.mark.parametrize("inn,out,bias,tokens,expect", [
-    (768, 768, True, 1024, "reference"),
+    (768, 768, True, 1024, "cublas"),
     (4096, 11008, False, 8192, "cusparselt"),
     # recorded, not asserted (near the break-even point in docs/KERNELS.md)
     (768, 3072, True, 16384, None),
@@ -88,21 +89,21 @@ def test_auto_picks_the_faster_path_and_matches_reference(inn, out, bias, tokens
           f"{d.dense_s * 1e3:.3f} ms ({d.speedup:.2f}x)")
     if expect is not None:
         assert d.backend == expect, d
-    assert (d.backend == "cusparselt") == bool(lay.__dict__.get("_auto_sparse"))
+    assert d.sparse == (d.backend == "cusparselt") == bool(lay.__dict__.get("_auto_sparse"))
 
 
-def test_cache_not_stale_after_reference_routed_steps():
+def test_cache_not_stale_after_dense_routed_steps():
     from slope_megatron.sparsity.backends.cusparselt_cache import _key
-    be = AutoBackend(min_speedup=1e9)  # everything timed goes to the reference
+    be = AutoBackend(min_speedup=1e9)  # everything timed goes to the dense path
     lay, ref = make_pair(512, 1024, True, be)
     lay.keep_compressed = True  # kept operands can go stale; per-call ones are built each call
     for step in range(3):  # optimizer steps change the weights; no eager refresh
-        step_both(lay, ref, 256, 512, f"reference-routed step {step}")
+        step_both(lay, ref, 256, 512, f"dense-routed step {step}")
     (decision,) = be.decisions.values()
-    assert decision.backend == "reference"
+    assert decision.backend == "cublas"
     cache = lay.__dict__["_cslt_cache"]  # built by the timing
     assert cache.fwd_key != _key(lay.weight)  # stale now: the weights moved since
-    decision.backend = "cusparselt"  # route the same shape sparse from here on
+    decision.backend, decision.sparse = "cusparselt", True  # route it sparse from here on
     for step in range(3):
         step_both(lay, ref, 256, 512, f"sparse-routed step {step}")
     assert cache.fwd_key == _key(lay.weight) and lay.__dict__["_cslt_cache"] is cache

@@ -1,12 +1,15 @@
-"""Backend dispatch: `reference` (masked dense math) | `cusparselt` (sparse tensor cores).
+"""Backend dispatch: `reference` (masked dense math, the definition) | `cusparselt` (sparse
+tensor cores) | `cublas` (the reference's dense GEMMs on Triton-built operands: plain-dense
+speed on a GPU).
 
 Backends are imported lazily so that nothing CUDA-only is touched on a CPU machine.
 `auto` is the `AutoBackend` (auto.py) when CUDA and the cusparselt kernels are available: it
-times the cusparselt and the reference layer step once per (layer shape, token count, dtype,
+times the cusparselt and the cublas layer step once per (layer shape, token count, dtype,
 device) and routes each such key to the faster one, so `auto` is never much slower than dense.
-Without CUDA or kernels, `auto` is simply `reference`. The explicit `cusparselt` backend runs
-every shape it can take sparse (always, for benchmarking) and falls back per layer (with a
-one-time log line) only for shapes its kernels cannot take.
+Where cusparselt cannot run, `auto` is `cublas` on a CUDA machine with Triton and `reference`
+elsewhere. The explicit `cusparselt` backend runs every shape it can take sparse (always, for
+benchmarking) and hands the calls its kernels cannot take to `cublas` (with a one-time log
+line), which runs the reference where it cannot take them either.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 _REGISTRY = {
     "reference": ("slope_megatron.sparsity.backends.reference", "ReferenceBackend"),
     "cusparselt": ("slope_megatron.sparsity.backends.cusparselt", "CusparseltBackend"),
+    "cublas": ("slope_megatron.sparsity.backends.cublas", "CublasBackend"),
     "auto": ("slope_megatron.sparsity.backends.auto", "AutoBackend"),
 }
 _INSTANCES: dict[str, SparseLinearBackend] = {}
@@ -29,7 +33,7 @@ _INSTANCES: dict[str, SparseLinearBackend] = {}
 
 def get_backend(name: str) -> SparseLinearBackend:
     """Return the (shared) backend instance called `name`; 'auto' resolves first (to the
-    per-shape AutoBackend where cusparselt can run, else to the reference backend)."""
+    per-shape AutoBackend where cusparselt can run, else to cublas or the reference)."""
     if name == "auto":
         name = resolve_auto()
     if name not in _REGISTRY:
@@ -53,10 +57,14 @@ def cusparselt_unavailable_reason() -> str | None:
 
 
 def resolve_auto() -> str:
-    """'auto' (per-shape choice between cusparselt and reference) if cusparselt can run here,
-    else 'reference'."""
+    """'auto' (per-shape choice between cusparselt and cublas) if cusparselt can run here,
+    else 'cublas' if its Triton kernels can, else 'reference'."""
     reason = cusparselt_unavailable_reason()
     if reason is None:
         return "auto"
+    from .cublas import unavailable_reason
+    if unavailable_reason() is None:
+        log.info("sparse backend 'auto' -> 'cublas': cusparselt unavailable (%s)", reason)
+        return "cublas"
     log.info("sparse backend 'auto' -> 'reference': cusparselt unavailable (%s)", reason)
     return "reference"

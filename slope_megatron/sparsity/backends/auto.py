@@ -6,16 +6,18 @@ Why: the cusparselt backend's layer step is 1.2-1.5x dense for large layers at T
 with a new key (out, in, tokens, dtypes, device, bias, double pruning, grad mode) arrives, it
 times the whole SLoPe layer step on the real operands -- forward + backward (dX and the dW
 gather) + the after-step refresh of the compressed copies, as `launch/bench.py kernels` does
--- for the cusparselt path and for the reference path (masked dense cuBLAS): 2 warm-up reps,
-then the median of 5 interleaved, CUDA-event-timed reps each (a few ms per shape). The key is
-routed to cusparselt only if its step is at least `min_speedup` (default 1.05, env
-SLOPE_AUTO_MIN_SPEEDUP) times faster, else to the reference. One INFO line per decision:
-"auto: 768x3072 T=16384 -> reference (sparse step 0.31x dense)". Calls without gradients
+-- for the cusparselt path and for the cublas path (the reference's dense cuBLAS GEMMs on
+operands built by Triton, about plain `F.linear` speed): 2 warm-up reps, then the median of 5
+interleaved, CUDA-event-timed reps each (a few ms per shape). The key is routed to cusparselt
+only if its step is at least `min_speedup` (default 1.05, env SLOPE_AUTO_MIN_SPEEDUP) times
+faster, else to cublas. One INFO line per decision:
+"auto: 768x3072 T=16384 -> cublas (sparse step 0.91x dense)". Calls without gradients
 (evaluation) are keyed and timed separately, forward only. Layers trained without double
-pruning go to the reference untimed (the kernels need W_RC to be N:M along `out`).
+pruning, and calls cusparselt cannot take, go to cublas untimed (the kernels need W_RC to be
+N:M along `out`); cublas runs the reference where it cannot take them either.
 
 Semantics are those of the reference backend either way: both paths compute the same function
-(the cusparselt backend is tested against the reference). Different ranks of a data- or
+(both backends are tested against the reference). Different ranks of a data- or
 tensor-parallel job time independently and may route the same shape differently; their
 results then differ only within bf16 rounding, which is accepted (no collective is added to
 make the decision agree).
@@ -24,7 +26,7 @@ Decisions live in memory for the life of the process (not persisted: a decision 
 ms per shape, and a stored one could outlive a change of kernels, driver or clocks). The
 explicit `cusparselt` backend never consults any of this: it stays always-sparse (benchmarks).
 
-Staleness: while a layer's shapes are routed to the reference, its kernel cache
+Staleness: while a layer's shapes are routed to cublas, its kernel cache
 (`layer._cslt_cache`, built by the timing) is not refreshed after optimizer steps. That is
 safe: every compressed buffer records the (data_ptr, version) of the weight / mask / column
 mask it came from, and `sync_forward` / `sync_backward` re-copy or rebuild at the next sparse
@@ -90,11 +92,12 @@ def _min_speedup() -> float:
 class Decision:
     """Where one key runs, and why (for logs and tests)."""
 
-    __slots__ = ("backend", "sparse_s", "dense_s", "reason")
+    __slots__ = ("backend", "sparse", "sparse_s", "dense_s", "reason")
 
-    def __init__(self, backend: str, sparse_s: Optional[float] = None,
+    def __init__(self, backend: str, sparse: bool = False, sparse_s: Optional[float] = None,
                  dense_s: Optional[float] = None, reason: str = ""):
-        self.backend, self.sparse_s, self.dense_s, self.reason = backend, sparse_s, dense_s, reason
+        self.backend, self.sparse = backend, sparse  # backend's name; whether it is the sparse one
+        self.sparse_s, self.dense_s, self.reason = sparse_s, dense_s, reason
 
     @property
     def speedup(self) -> Optional[float]:
@@ -108,7 +111,7 @@ class Decision:
 
 
 class AutoBackend(SparseLinearBackend):
-    """Delegates each call to the cusparselt or the reference backend, chosen per key by timing.
+    """Delegates each call to the cusparselt or the cublas backend, chosen per key by timing.
 
     `sparse`, `dense`, `measure` and `eligible` are injectable for tests: `measure(sparse_step,
     dense_step) -> (sparse_s, dense_s)`; `eligible(layer, x) -> reason or None` says whether the
@@ -125,7 +128,7 @@ class AutoBackend(SparseLinearBackend):
         if sparse is None or dense is None:
             from . import get_backend
             sparse = get_backend("cusparselt") if sparse is None else sparse
-            dense = get_backend("reference") if dense is None else dense
+            dense = get_backend("cublas") if dense is None else dense
         self.sparse, self.dense = sparse, dense
         self.measure = measure if measure is not None else cuda_event_measure
         self.eligible = eligible if eligible is not None else self._cusparselt_eligible
@@ -149,7 +152,7 @@ class AutoBackend(SparseLinearBackend):
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 return self.dense  # never time inside a CUDA graph capture; decide later
             decision = self.decisions[key] = self._decide(layer, x, key)
-        if decision.backend == "cusparselt":
+        if decision.sparse:
             layer.__dict__["_auto_sparse"] = True  # this layer's hooks must reach the cache
             return self.sparse
         return self.dense
@@ -183,8 +186,8 @@ class AutoBackend(SparseLinearBackend):
         reason = NO_DOUBLE_PRUNING if not getattr(layer, "double_prune", True) \
             else self.eligible(layer, x)
         if reason is not None:
-            decision = Decision("reference", reason=f"cusparselt cannot take it: {reason}")
-            log.info("auto: %s -> reference (%s)", shape, decision.reason)
+            decision = Decision(self.dense.name, reason=f"cusparselt cannot take it: {reason}")
+            log.info("auto: %s -> %s (%s)", shape, decision.backend, decision.reason)
             return decision
         with_grad = torch.is_grad_enabled()
         sparse_step = self._step(self.sparse, layer, x, with_grad, refresh=True)
@@ -195,10 +198,10 @@ class AutoBackend(SparseLinearBackend):
     def decide_from_times(self, shape: str, sparse_s: float, dense_s: float,
                           with_grad: bool = True) -> Decision:
         """The rule: sparse iff dense_s / sparse_s >= min_speedup (one log line)."""
-        decision = Decision("reference", sparse_s, dense_s)
+        decision = Decision(self.dense.name, sparse_s=sparse_s, dense_s=dense_s)
         speedup = decision.speedup
         if speedup is not None and speedup >= self.min_speedup:
-            decision.backend = "cusparselt"
+            decision.backend, decision.sparse = self.sparse.name, True
         what = "step" if with_grad else "forward"
         decision.reason = f"sparse {what} {speedup if speedup is not None else 0:.2f}x dense"
         log.info("auto: %s -> %s (%s; %.3f vs %.3f ms)", shape, decision.backend,

@@ -6,8 +6,8 @@ uses `kernels/` (a native binding with cached plans and searched algorithms, Tri
 and keeps the compressed operands in the layer's cache, refreshed by copy/gather after each
 optimizer step instead of compressing.
 
-What it cannot take it hands to the reference backend, logging the reason once per layer
-shape: no CUDA / CPU tensors, sparsity other than 2:4, dtypes other than bfloat16, feature
+What it cannot take it hands to the cublas backend (dense GEMMs; it runs the reference where it
+cannot run either), logging the reason once per layer shape: no CUDA / CPU tensors, sparsity other than 2:4, dtypes other than bfloat16, feature
 sizes not multiples of 32, token counts not multiples of 16, shapes cuSPARSELt rejects, and
 layers trained without double pruning (`sparsity.double_prune: false`: their dX operand W*M
 is not N:M along `out`).
@@ -20,7 +20,6 @@ import logging
 
 import torch
 
-from ..functional import slope_linear
 from .base import SparseLinearBackend
 
 log = logging.getLogger(__name__)
@@ -91,12 +90,13 @@ def input_unsupported_reason(layer, x: torch.Tensor) -> str | None:
 
 
 def log_fallback(layer, reason: str) -> None:
-    """Log once per (layer shape, reason) that the reference backend runs instead."""
+    """Log once per (layer shape, reason) that dense GEMMs run instead."""
     key = (layer.out_features, layer.in_features, reason)
     if key not in _logged:
         _logged.add(key)
-        log.warning("cusparselt backend: SlopeLinear(out=%d, in=%d) falls back to the reference "
-                    "backend: %s", layer.out_features, layer.in_features, reason)
+        log.warning("cusparselt backend: SlopeLinear(out=%d, in=%d) falls back to dense GEMMs "
+                    "(the cublas backend, or the reference where that cannot run): %s",
+                    layer.out_features, layer.in_features, reason)
 
 
 class CusparseltBackend(SparseLinearBackend):
@@ -114,8 +114,8 @@ class CusparseltBackend(SparseLinearBackend):
                 reason = self._plans_reason(layer, x)
             if reason is not None:
                 log_fallback(layer, reason)
-                return slope_linear(x, layer.weight, layer.mask,
-                                    layer.column_mask_for_backward(), layer.bias)
+                from . import get_backend
+                return get_backend("cublas").linear(layer, x)
             cache = self.cache(layer)
             cache.accepted_tokens.add(x.numel() // x.shape[-1])
         if layer._unpacked:  # left by a reference-path call (fallback, auto, evaluation)
@@ -125,26 +125,9 @@ class CusparseltBackend(SparseLinearBackend):
         return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache, layer)
 
     def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """Sparse part + the active adapter's (X A)(B / r), i.e. SlopeLinear.forward's result.
-
-        The rank is padded to a multiple of 8 (cuBLAS runs unaligned leading dimensions such as
-        r = 82 on slow kernels) and (X A)(B / r) is added to Y by one Triton pass over Y
-        (`LowRankAddFunction`) instead of the three passes of matmul, scale and add. Adding it
-        in the sparse GEMM's epilogue (cuSPARSELt's C, `addend`) or by cuBLAS addmm measured
-        slower on an H100 (docs/KERNELS.md).
-        """
-        a, b, scale = layer.adapter_a, layer.adapter_b, layer.adapter_scale
-        pad = -a.shape[1] % 8
-        if pad:
-            a = torch.nn.functional.pad(a, (0, pad))
-            b = torch.nn.functional.pad(b, (0, 0, 0, pad))
-        y = self.linear(layer, x)
-        xa = x.reshape(-1, x.shape[-1]) @ a
-        if not (y.is_cuda and y.dtype in SUPPORTED_DTYPES):  # e.g. the fp32 reference ran
-            return y + (xa @ (b * scale)).view(y.shape)
-        from .cusparselt_function import LowRankAddFunction
-        y2 = LowRankAddFunction.apply(y.reshape(-1, y.shape[-1]), xa, (b * scale).contiguous())
-        return y2.view(y.shape)
+        """Sparse part + the active adapter's (X A)(B / r) (`lowrank.add_adapter`)."""
+        from .lowrank import add_adapter
+        return add_adapter(layer, x, self.linear(layer, x))
 
     def cache(self, layer):
         """The layer's kernel cache, (re)built when missing or made for another shape/device."""

@@ -48,20 +48,3 @@ class CsltSlopeLinearFunction(torch.autograd.Function):
             grad_b = gy2.sum(0)
         grad_add = grad_out if ctx.needs_input_grad[3] else None
         return grad_x, grad_w, grad_b, grad_add, None, None
-
-
-class LowRankAddFunction(torch.autograd.Function):
-    """Y + (X A) B, computed by one Triton pass over Y (`kernels.lowrank_triton`)."""
-
-    @staticmethod
-    def forward(ctx, y, xa, b):
-        from kernels.lowrank_triton import lowrank_add
-        ctx.save_for_backward(xa, b)
-        return lowrank_add(y, xa, b)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xa, b = ctx.saved_tensors
-        grad_xa = grad_out @ b.t() if ctx.needs_input_grad[1] else None
-        grad_b = xa.t() @ grad_out if ctx.needs_input_grad[2] else None
-        return grad_out, grad_xa, grad_b

@@ -1,0 +1,102 @@
+"""The `cublas` backend: SLoPe's semantics with dense cuBLAS GEMMs, at plain-dense speed.
+
+Why: where 2:4 sparse tensor cores do not win (small layers, small token counts, the 2048x2048
+projection of a 1.3B model), `auto` must run what is fastest without them, and the reference
+backend is not that: it rebuilds W*M by `masked_scatter` (a scan of the mask) in forward and
+again in backward, and gathers dW by index, ~1.1-4x the time of a plain `F.linear` step
+(docs/KERNELS.md). Here the same three GEMMs as the reference run on operands built by one
+Triton pass each from the packed masks:
+  forward  Y  = X (W*M)^T + b     W*M     scattered from the kept values (`scatter_kept_2to4`)
+  dX          = dY (W*M*M_C)      W*M*M_C scattered with the column mask applied
+  dW          = (dY^T X)[M]       dense GEMM, gathered at the mask (`gather_kept_2to4`)
+  db          = sum of dY
+The GEMMs are the reference's own torch calls on the same operands, so results equal the
+reference's bit for bit on the same device. Nothing is kept between calls (the dense operand
+is transient), so the model state is that of the reference.
+
+Calls it cannot take (CPU tensors, sparsity other than 2:4, mixed dtypes, no Triton) run the
+reference. Importing this module touches no CUDA and no Triton.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import slope_linear
+from .base import SparseLinearBackend
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason() -> str | None:
+    """Why this backend's kernels cannot run on this machine, or None if they can."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    try:
+        import kernels.nm_triton  # noqa: F401  (imports triton)
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return None
+
+
+def call_unsupported_reason(layer, x: torch.Tensor) -> str | None:
+    """Why this call must run the reference instead, or None."""
+    if not (x.is_cuda and layer.weight.is_cuda):
+        return "tensors are not on a CUDA device"
+    if (layer.n, layer.m) != (2, 4):
+        return f"sparsity {layer.n}:{layer.m} (the Triton scatter/gather handle 2:4)"
+    if x.dtype != layer.weight.dtype:
+        return f"input dtype {x.dtype} differs from weight dtype {layer.weight.dtype}"
+    return unavailable_reason()
+
+
+class CublasSlopeLinearFunction(torch.autograd.Function):
+    """The reference's GEMMs on operands scattered by Triton from the packed masks."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask_bits, column_bits):
+        from kernels.nm_triton import scatter_kept_2to4
+        values = weight if weight.is_contiguous() else weight.contiguous()
+        y = F.linear(x, scatter_kept_2to4(values, mask_bits), bias)
+        ctx.save_for_backward(x, weight, mask_bits, column_bits)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
+        x, weight, mask_bits, column_bits = ctx.saved_tensors
+        values = weight if weight.is_contiguous() else weight.contiguous()
+        grad_x = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ scatter_kept_2to4(values, mask_bits, column_bits)
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_dense = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            grad_values = gather_kept_2to4(grad_dense, mask_bits)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_values, grad_bias, None, None
+
+
+class CublasBackend(SparseLinearBackend):
+    """Dense cuBLAS GEMMs on W*M / W*M*M_C built per call by Triton from the packed masks."""
+
+    name = "cublas"
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if call_unsupported_reason(layer, x) is not None:
+            return slope_linear(x, layer.weight, layer.mask, layer.column_mask_for_backward(),
+                                layer.bias)
+        if torch.is_grad_enabled():
+            layer.refresh_column_mask_if_stale()  # the dX operand's mask, as the reference
+        if layer._unpacked:  # left by a reference-path call; this path reads the bits
+            layer.release_unpacked_masks()
+        return CublasSlopeLinearFunction.apply(x, layer.weight, layer.bias, layer.mask_bits,
+                                               layer.column_mask_bits)
+
+    def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """Sparse part + the active adapter's (X A)(B / r) (`lowrank.add_adapter`)."""
+        from .lowrank import add_adapter
+        return add_adapter(layer, x, self.linear(layer, x))

@@ -1,0 +1,124 @@
+"""The `cublas` backend (dense GEMMs on Triton-built operands) on a CPU-only machine.
+
+Its kernels need a GPU, but Triton's CPU interpreter runs them on CPU tensors, so the whole
+autograd function is compared here with the reference, in fp32, bit for bit (the GEMMs are
+the reference's own torch calls on the same operands): forward, dX with the double-pruned
+operand, dW at the mask, db, 3-D input, with and without double pruning. Also: a `cublas`
+layer on CPU tensors computes the reference result, the scatter kernel against
+`masked_scatter` on odd shapes, and the config accepts the name.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slope_megatron.config import Config, validate
+from slope_megatron.sparsity import SlopeLinear
+from slope_megatron.sparsity.backends import get_backend, resolve_auto
+from slope_megatron.sparsity.backends import cublas
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+
+
+def run_interpreted(code: str) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
+def test_scatter_kernel_matches_masked_scatter_in_interpreter():
+    pytest.importorskip("triton")
+    run_interpreted(r'''
+import torch
+from kernels.nm_triton import scatter_kept_2to4
+from slope_megatron.sparsity.masks import nm_mask, double_prune_mask, pack_bits
+from slope_megatron.sparsity.functional import dense_from_values
+torch.manual_seed(0)
+for o, i in [(64, 96), (8, 12), (4, 2052)]:  # rows of 1.5 bytes; more groups than a block
+    w = torch.randn(o, i); m = nm_mask(w); vals = w[m].view(o, -1).contiguous()
+    dense = dense_from_values(vals, m)
+    assert torch.equal(scatter_kept_2to4(vals, pack_bits(m)), dense)
+    prod = double_prune_mask(dense, 2, 4, row_mask=m)
+    assert torch.equal(scatter_kept_2to4(vals, pack_bits(m), pack_bits(prod)), dense * prod)
+    out = torch.full((o, i), float("nan"))
+    scatter_kept_2to4(vals, pack_bits(m), out=out)
+    assert torch.equal(out, dense)  # every entry written, zeros included
+print("ok")
+''')
+
+
+def test_cublas_function_equals_reference_in_interpreter():
+    pytest.importorskip("triton")
+    run_interpreted(r'''
+import torch
+from slope_megatron.sparsity import SlopeLinear
+from slope_megatron.sparsity.backends.cublas import CublasSlopeLinearFunction
+torch.manual_seed(0)
+for bias, double_prune, shape in [(True, True, (3, 5, 64)), (False, True, (16, 64)),
+                                  (True, False, (7, 64))]:
+    ref = SlopeLinear(64, 32, bias=bias, double_prune=double_prune, column_mask_refresh=1)
+    if bias:
+        torch.nn.init.normal_(ref.bias)
+    for step in range(2):  # the column mask is recomputed at each step
+        x = torch.randn(*shape, requires_grad=True)
+        xc = x.detach().clone().requires_grad_()
+        y = ref(x)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        grads = [x.grad, ref.weight.grad] + ([ref.bias.grad] if bias else [])
+        params = [xc, ref.weight] + ([ref.bias] if bias else [])
+        yc = CublasSlopeLinearFunction.apply(xc, ref.weight, ref.bias, ref.mask_bits,
+                                             ref.column_mask_bits)
+        mine = torch.autograd.grad(yc, params, dy)
+        assert torch.equal(yc, y), (bias, double_prune, step)
+        for a, b in zip(mine, grads):
+            assert torch.equal(a, b), (bias, double_prune, step)
+        with torch.no_grad():
+            ref.weight.sub_(0.1 * ref.weight.grad.sign())
+        ref.zero_grad(set_to_none=True)
+        ref.after_optimizer_step()
+print("ok")
+''')
+
+
+@no_cuda
+def test_cublas_layer_on_cpu_runs_the_reference():
+    assert cublas.unavailable_reason() == "CUDA is not available"
+    lay = SlopeLinear(64, 32, backend="cublas")
+    ref = SlopeLinear(64, 32, backend="reference")
+    ref.load_state_dict(lay.state_dict())
+    x = torch.randn(4, 64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = lay(x), ref(xr)
+    y.sum().backward()
+    yr.sum().backward()
+    assert lay.backend is get_backend("cublas") and torch.equal(y, yr)
+    assert torch.equal(x.grad, xr.grad) and torch.equal(lay.weight.grad, ref.weight.grad)
+
+
+def test_call_reasons_name_the_problem():
+    lay = SlopeLinear(64, 32, n=1, m=4, backend="cublas")
+    x = torch.randn(2, 64)
+    assert "not on a CUDA device" in cublas.call_unsupported_reason(lay, x)
+
+
+@no_cuda
+def test_auto_without_cuda_stays_reference():
+    assert resolve_auto() == "reference"
+
+
+def test_auto_is_cublas_where_only_triton_can_run(monkeypatch):
+    from slope_megatron.sparsity import backends
+    monkeypatch.setattr(backends, "cusparselt_unavailable_reason", lambda: "compute 7.5")
+    monkeypatch.setattr(cublas, "unavailable_reason", lambda: None)
+    assert resolve_auto() == "cublas"
+
+
+def test_config_accepts_cublas():
+    cfg = Config()
+    cfg.sparsity.backend = "cublas"
+    validate(cfg)
