@@ -28,6 +28,8 @@ ARMS = {
     "slope-reference": ["sparsity.enabled=true", "sparsity.backend=reference"],
     # SLoPe's math with every GEMM dense (what the sparse kernels are worth in the whole step)
     "slope-cublas": ["sparsity.enabled=true", "sparsity.backend=cublas"],
+    # every shape cuSPARSELt can take runs sparse, whether or not it wins (no `auto` timing)
+    "slope-cusparselt": ["sparsity.enabled=true", "sparsity.backend=cusparselt"],
     # compressed operands built per GEMM call instead of kept between steps: less model state
     "slope-per-call": ["sparsity.enabled=true", "sparsity.backend=auto",
                        "sparsity.keep_compressed=false"],
