@@ -150,7 +150,9 @@ class TrainConfig:
                                  "iteration always evaluates).")
     eval_iters: int = _f(10, "Global batches of validation windows per evaluation (the same "
                               "windows every time and in every layout).")
-    save_interval: int = _f(100, "Iterations between checkpoints (the last one always saves).")
+    save_interval: int = _f(100, "Iterations between checkpoints (the last one always saves). "
+                                 "0 writes none: for benchmarks and throwaway runs, which then "
+                                 "cannot be resumed.")
     keep_checkpoints: int = _f(2, "Newest complete checkpoints to keep (>= 1).")
     seed: int = _f(1234, "Seed for init, data order and dropout.")
     dtype: str = _f("auto", "'auto' (bf16 on GPUs that support it, else fp32), 'bf16', 'fp16' "
@@ -366,9 +368,10 @@ def validate(cfg: Config) -> None:
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
     _require(t.global_batch_size >= t.micro_batch_size, "train.global_batch_size",
              t.global_batch_size, f"must be >= train.micro_batch_size ({t.micro_batch_size})")
-    for key in ("log_interval", "save_interval", "eval_iters", "keep_checkpoints",
-                "max_skipped_steps"):
+    for key in ("log_interval", "eval_iters", "keep_checkpoints", "max_skipped_steps"):
         _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    _require(t.save_interval >= 0, "train.save_interval", t.save_interval,
+             "must be >= 0 (0: no checkpoints)")
     _require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
     _require(t.dtype in ("auto", "bf16", "fp16", "fp32"), "train.dtype", t.dtype,
              "use 'auto', 'bf16', 'fp16' or 'fp32'")

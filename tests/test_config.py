@@ -34,6 +34,7 @@ def test_yaml_file_and_overrides(tmp_path):
     ("train.dtype=fp8", "'train.dtype'"),
     ("train.global_batch_size=2", "must be >= train.micro_batch_size"),
     ("sparsity.modules=[qkv,mlp]", "unknown entries \\['mlp'\\]"),
+    ("train.save_interval=-1", "must be >= 0 \\(0: no checkpoints\\)"),
 ])
 def test_bad_values_are_named(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -75,3 +76,8 @@ def test_reference_lists_every_key():
     for key in ("sparsity.column_mask_refresh", "adapters.rank_ratio", "train.global_batch_size",
                 "zero.stage", "parallel.pipeline"):
         assert f"`{key}`" in ref
+
+
+def test_save_interval_zero_means_no_checkpoints():
+    assert load_config(None, ["train.save_interval=0"]).train.save_interval == 0
+    assert "0 writes none" in config_reference()

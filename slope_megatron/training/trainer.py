@@ -190,6 +190,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     start = client["iteration"] if client else 0
     skipped_total = client.get("skipped_total", 0) if client else 0
     consecutive = client.get("consecutive_skips", 0) if client else 0
+    if not cfg.train.save_interval:
+        say("train.save_interval=0: no checkpoints are written; this run cannot be resumed")
     if client:
         say(f"resumed from {ckpt_dir / checkpoint.tag_for(start)} (iteration {start})")
         if adapters_active(model):
@@ -269,7 +271,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
             metrics.write({"iter": done, "val_loss": val_loss,
                            "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf")})
             say(f"iter {done:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 700)):.2f}")
-        if done % cfg.train.save_interval == 0 or done == cfg.train.iters:
+        if cfg.train.save_interval and (done % cfg.train.save_interval == 0
+                                        or done == cfg.train.iters):
             state = {"iteration": done, "skipped_total": skipped_total,
                      "consecutive_skips": consecutive}
             path = checkpoint.save(engine, ckpt_dir, done, state, dist.rank, save_artifact,
@@ -280,7 +283,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     if start >= cfg.train.iters:
         say(f"nothing to do: {out} already holds a checkpoint at iteration {start} "
             f"(train.iters = {cfg.train.iters})")
-    elif main:
+    elif main and cfg.train.save_interval:
         last = ckpt_dir / checkpoint.tag_for(cfg.train.iters)
         say(f"sample from {last}:\n" + sample_from_checkpoint(last))
         say(f"generate more: python launch/generate.py --checkpoint {out} --prompt \"...\"")
