@@ -3,12 +3,16 @@
 
     python launch/plot_results.py quality.json [--out quality.png]
     python launch/plot_results.py bench_train.json [--out bench_train.png]
+    python launch/plot_results.py small.json medium.json 1p3b.json --out scaling.png [--arm slope]
 
 - a quality-study JSON (`launch/quality_study.py --json`): validation loss against iteration
   for every arm, and each sparse arm's gap to dense at the same iteration; the title gives
   issue 10's ratio gap(slope-adapters) / gap(static-2to4) when all its arms are present.
 - a bench-train JSON (`launch/bench.py train --json`): training throughput relative to dense
   and peak GPU memory per arm, as bars.
+- several bench-train JSONs (one model size each): an arm's throughput and model-state memory
+  relative to dense against the dense model's size (GEMM parameters, from each JSON's config
+  and overrides), with the dense arm's MFU at each point.
 """
 from __future__ import annotations
 
@@ -112,14 +116,82 @@ def plot_bench_train(report: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def model_label(report: dict) -> tuple[float, str]:
+    """(dense GEMM parameters, 'h2048 L24') of a bench-train JSON's model (its config file
+    with its overrides, as the run resolved them)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+    from slope_megatron.config import ffn_hidden_size, load_config
+    cfg = load_config(report["config"], [o for o in report.get("overrides") or []
+                                         if o.startswith("model.")])
+    m = cfg.model
+    ffn = ffn_hidden_size(m)
+    mlp = 3 * m.hidden_size * ffn if m.arch == "llama" else 2 * m.hidden_size * ffn
+    vocab = m.vocab_size or cfg.data.tokenizer_vocab_size  # unset: the tokenizer's
+    params = m.num_layers * (4 * m.hidden_size ** 2 + mlp) + m.hidden_size * vocab
+    return float(params), f"h{m.hidden_size} L{m.num_layers}"
+
+
+def plot_scaling(reports: list[dict], out: Path, arm: str = "slope") -> None:
+    """`arm` vs dense across model sizes: throughput and model state, dense MFU annotated."""
+    plt = pyplot()
+    points = []
+    for report in reports:
+        by_arm = {r["arm"]: r for r in report["results"]}
+        if arm not in by_arm or "dense" not in by_arm:
+            raise SystemExit(f"error: a bench-train JSON ({report.get('config')}, "
+                             f"{report.get('overrides')}) lacks the dense or the {arm!r} arm")
+        params, label = model_label(report)
+        dense, sparse = by_arm["dense"], by_arm[arm]
+        state = (sparse.get("resident_mem_gb") or 0) / (dense.get("resident_mem_gb") or 1)
+        points.append((params, label, sparse.get("vs_dense") or 0.0, state, dense.get("mfu")))
+    points.sort()
+    xs = [p[0] / 1e9 for p in points]
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax_speed.plot(xs, [p[2] for p in points], marker="o", color=COLORS.get(arm, "tab:blue"))
+    ax_speed.axhline(1.0, color="black", linewidth=0.8)
+    for i, (x, p) in enumerate(zip(xs, points)):
+        mfu = f"\ndense MFU {100 * p[4]:.0f}%" if _finite(p[4]) else ""
+        ax_speed.annotate(f"{p[2]:.2f}x {p[1]}{mfu}", (x, p[2]), fontsize=7,
+                          textcoords="offset points", xytext=(-20, -26 if i % 2 else 8))
+    ax_speed.set(xscale="log", xlabel="dense GEMM parameters (billions)",
+                 ylabel="tokens/s vs dense", title=f"{arm}: training throughput")
+    ax_mem.plot(xs, [p[3] for p in points], marker="o", color=COLORS.get(arm, "tab:blue"))
+    for x, p in zip(xs, points):
+        ax_mem.annotate(f"{p[3]:.2f}x", (x, p[3]), fontsize=7, textcoords="offset points",
+                        xytext=(4, 4))
+    ax_mem.set(xscale="log", xlabel="dense GEMM parameters (billions)",
+               ylabel="model state vs dense", title=f"{arm}: model-state memory")
+    for ax in (ax_speed, ax_mem):
+        ax.grid(alpha=0.3)
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 2.2)
+    lo = min([p[2] for p in points] + [p[3] for p in points] + [0.5])
+    ax_speed.set_ylim(min(lo, 0.9) - 0.15, max([p[2] for p in points] + [1.0]) + 0.2)
+    ax_mem.set_ylim(0, 1.1)
+    gpu = (reports[0].get("environment") or {}).get("gpu") or "no GPU"
+    fig.suptitle(f"{arm} vs dense by model size on {gpu}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", help="quality-study or bench-train JSON")
+    p.add_argument("json", nargs="+", help="quality-study or bench-train JSON; several "
+                                           "bench-train JSONs give the by-model-size plot")
     p.add_argument("--out", default=None, help="PNG to write (default: the JSON's name, .png)")
+    p.add_argument("--arm", default="slope", help="the arm the by-model-size plot compares "
+                                                  "with dense (default: slope)")
     args = p.parse_args(argv)
-    src = Path(args.json)
-    data = json.loads(src.read_text())
+    src = Path(args.json[0])
     out = Path(args.out) if args.out else src.with_suffix(".png")
+    if len(args.json) > 1:
+        reports = [json.loads(Path(f).read_text()) for f in args.json]
+        if not all(isinstance(r.get("results"), list) for r in reports):
+            raise SystemExit("error: the by-model-size plot takes bench-train JSONs only")
+        plot_scaling(reports, out, args.arm)
+        print(f"wrote {out}")
+        return 0
+    data = json.loads(src.read_text())
     if isinstance(data.get("arms"), dict):
         plot_quality(data, out)
     elif isinstance(data.get("results"), list):

@@ -141,3 +141,23 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     src.write_text("{}")
     with pytest.raises(SystemExit, match="neither a quality-study JSON"):
         plot.main([str(src)])
+
+
+def test_scaling_plot_from_several_bench_jsons(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = load_launch("plot_results")
+    files = []
+    for h, speed in ((768, 0.8), (2048, 1.1)):
+        report = dict(BENCH, config=str(ROOT / "configs" / "gpt2-small.yaml"),
+                      overrides=[f"model.hidden_size={h}", "model.num_heads=4", "zero.stage=1"],
+                      results=[{"arm": "dense", "vs_dense": 1.0, "resident_mem_gb": 2.0,
+                                "mfu": 0.4},
+                               {"arm": "slope", "vs_dense": speed, "resident_mem_gb": 1.4}])
+        files.append(tmp_path / f"h{h}.json")
+        files[-1].write_text(json.dumps(report))
+    assert plot.model_label(json.loads(files[1].read_text()))[1] == "h2048 L12"
+    out = tmp_path / "scaling.png"
+    assert plot.main([*map(str, files), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="lacks the dense or the 'slope-adapters' arm"):
+        plot.main([*map(str, files), "--out", str(out), "--arm", "slope-adapters"])
