@@ -29,6 +29,8 @@ ARMS = {
     "slope-cublas": ["sparsity.enabled=true", "sparsity.backend=cublas"],
     # every shape cuSPARSELt can take runs sparse, whether or not it wins (no `auto` timing)
     "slope-cusparselt": ["sparsity.enabled=true", "sparsity.backend=cusparselt"],
+    # the peer: the same math on PyTorch's built-in 2:4 path (the paper's released code's API)
+    "slope-torch-semi": ["sparsity.enabled=true", "sparsity.backend=torch-semi"],
     # compressed operands built per GEMM call instead of kept between steps: less model state
     "slope-per-call": ["sparsity.enabled=true", "sparsity.backend=auto",
                        "sparsity.keep_compressed=false"],

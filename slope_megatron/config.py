@@ -65,9 +65,10 @@ class SparsityConfig:
                                        "from the current weights every this many optimizer steps.")
     backend: str = _f("auto", "'reference' (masked dense math, runs anywhere), 'cusparselt' "
                               "(sparse tensor cores, CUDA), 'cublas' (the same math on dense "
-                              "cuBLAS GEMMs with Triton-built operands, CUDA) or 'auto' "
+                              "cuBLAS GEMMs with Triton-built operands, CUDA), 'auto' "
                               "(cusparselt where it applies and is faster, else cublas; "
-                              "reference without CUDA).")
+                              "reference without CUDA) or 'torch-semi' (PyTorch's built-in "
+                              "2:4 path, compressed per call: a peer for benchmarks).")
     keep_compressed: bool = _f(True, "cusparselt: keep each layer's compressed W and W_RC^T "
                                      "between steps (2.25 bytes per weight entry in bf16, "
                                      "refreshed after each optimizer step). False builds them "
@@ -311,8 +312,9 @@ def validate(cfg: Config) -> None:
     _require(1 <= s.n < s.m, "sparsity.n", s.n, f"need 1 <= n < m (m = {s.m})")
     _require(s.column_mask_refresh >= 1, "sparsity.column_mask_refresh", s.column_mask_refresh,
              "must be >= 1")
-    _require(s.backend in ("auto", "reference", "cusparselt", "cublas"), "sparsity.backend",
-             s.backend, "use 'auto', 'reference', 'cusparselt' or 'cublas'")
+    _require(s.backend in ("auto", "reference", "cusparselt", "cublas", "torch-semi"),
+             "sparsity.backend", s.backend,
+             "use 'auto', 'reference', 'cusparselt', 'cublas' or 'torch-semi'")
     bad = [x for x in s.modules if x not in ("qkv", "proj", "fc1", "fc2")]
     _require(not bad, "sparsity.modules", s.modules, f"unknown entries {bad}; "
              "use any of qkv, proj, fc1, fc2")

@@ -30,7 +30,7 @@ def test_yaml_file_and_overrides(tmp_path):
     ("model.ffn_hidden_size=130", "ffn size' = 130 is invalid: must be divisible by sparsity.m"),
     ("adapters.fraction=1.5", "'adapters.fraction' = 1.5 is invalid"),
     ("adapters.fraction=0", "must be in \\(0, 1\\)"),
-    ("sparsity.backend=cuda", "use 'auto', 'reference', 'cusparselt' or 'cublas'"),
+    ("sparsity.backend=cuda", "use 'auto', 'reference', 'cusparselt', 'cublas' or 'torch-semi'"),
     ("train.dtype=fp8", "'train.dtype'"),
     ("train.global_batch_size=2", "must be >= train.micro_batch_size"),
     ("sparsity.modules=[qkv,mlp]", "unknown entries \\['mlp'\\]"),

@@ -1,6 +1,6 @@
 """Backend dispatch: `reference` (masked dense math, the definition) | `cusparselt` (sparse
 tensor cores) | `cublas` (the reference's dense GEMMs on Triton-built operands: plain-dense
-speed on a GPU).
+speed on a GPU) | `torch-semi` (PyTorch's built-in 2:4 path: a peer to benchmark against).
 
 Backends are imported lazily so that nothing CUDA-only is touched on a CPU machine.
 `auto` is the `AutoBackend` (auto.py) when CUDA and the cusparselt kernels are available: it
@@ -26,6 +26,8 @@ _REGISTRY = {
     "reference": ("slope_megatron.sparsity.backends.reference", "ReferenceBackend"),
     "cusparselt": ("slope_megatron.sparsity.backends.cusparselt", "CusparseltBackend"),
     "cublas": ("slope_megatron.sparsity.backends.cublas", "CublasBackend"),
+    # a peer for benchmarks: PyTorch's built-in 2:4 path (what the paper's released code uses)
+    "torch-semi": ("slope_megatron.sparsity.backends.torch_semi", "TorchSemiBackend"),
     "auto": ("slope_megatron.sparsity.backends.auto", "AutoBackend"),
 }
 _INSTANCES: dict[str, SparseLinearBackend] = {}
