@@ -5,7 +5,7 @@ gather come from Triton kernels, so on one device every output and gradient must
 reference's exactly, across optimizer steps that change the weights and the column mask.
 Also: no-grad forwards, plain static N:M (no double pruning), the adapter path, the explicit
 cusparselt backend's fallback for token counts its kernels cannot take, and that the path is
-not slower than the reference it replaces in `auto`.
+not slower than the reference it replaces in `auto` (GPU time).
 """
 import pytest
 import torch
@@ -115,13 +115,28 @@ def test_cusparselt_fallback_runs_cublas(monkeypatch):
     assert calls == [1]
 
 
-def test_cublas_step_not_slower_than_reference():
-    """The point of the backend: at a GPT-2-small shape the reference step is ~1.5-4x a plain
-    F.linear step (docs/KERNELS.md); cublas must beat the reference and be near F.linear."""
-    from triton.testing import do_bench
-    lay, ref = make_pair(768, 3072, True)
-    x = torch.randn(16384, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(16384, 3072, device="cuda", dtype=torch.bfloat16)
+def gpu_ms_per_step(fn, n=20) -> float:
+    """GPU time of one step with the host queued ahead (a sleep kernel first), so the number
+    is the kernels' time, not the host's time to issue them (docs/KERNELS.md has both)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(1e9))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def test_cublas_step_gpu_time_near_plain_dense():
+    """The point of the backend: the reference step's GPU time is ~1.3x a plain F.linear step
+    (masked_scatter twice, index gather); cublas must beat it and be near F.linear."""
+    lay, ref = make_pair(2048, 2048, True)
+    x = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16)
     w = ref.dense_weight().detach().clone().requires_grad_()
     b = ref.bias.detach().clone().requires_grad_()
 
@@ -131,8 +146,8 @@ def test_cublas_step_not_slower_than_reference():
     def plain():
         torch.autograd.grad(F.linear(x, w, b), (x, w, b), gy)
 
-    ms = {name: do_bench(fn, warmup=20, rep=100, return_mode="median")
+    ms = {name: gpu_ms_per_step(fn)
           for name, fn in (("cublas", step(lay)), ("reference", step(ref)), ("plain", plain))}
-    print(f"768x3072 T=16384 step ms: {ms}")
+    print(f"2048x2048 T=16384 GPU ms per step: {ms}")
     assert ms["cublas"] < ms["reference"], ms
-    assert ms["cublas"] < 1.25 * ms["plain"], ms
+    assert ms["cublas"] < 1.2 * ms["plain"], ms
