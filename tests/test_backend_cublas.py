@@ -3,8 +3,8 @@
 Its kernels need a GPU, but Triton's CPU interpreter runs them on CPU tensors, so the whole
 autograd function is compared here with the reference, in fp32, bit for bit (the GEMMs are
 the reference's own torch calls on the same operands): forward, dX with the double-pruned
-operand, dW at the mask, db, 3-D input, with and without double pruning. Also: a `cublas`
-layer on CPU tensors computes the reference result, the scatter kernel against
+operand, dW at the mask, db, 3-D input, with and without double pruning. Also: `cublas` and
+`torch-semi` layers on CPU tensors compute the reference result, the scatter kernel against
 `masked_scatter` on odd shapes, and the config accepts the name.
 """
 import os
@@ -86,9 +86,10 @@ print("ok")
 
 
 @no_cuda
-def test_cublas_layer_on_cpu_runs_the_reference():
+@pytest.mark.parametrize("name", ["cublas", "torch-semi"])
+def test_layer_on_cpu_runs_the_reference(name):
     assert cublas.unavailable_reason() == "CUDA is not available"
-    lay = SlopeLinear(64, 32, backend="cublas")
+    lay = SlopeLinear(64, 32, backend=name)
     ref = SlopeLinear(64, 32, backend="reference")
     ref.load_state_dict(lay.state_dict())
     x = torch.randn(4, 64, requires_grad=True)
@@ -96,7 +97,7 @@ def test_cublas_layer_on_cpu_runs_the_reference():
     y, yr = lay(x), ref(xr)
     y.sum().backward()
     yr.sum().backward()
-    assert lay.backend is get_backend("cublas") and torch.equal(y, yr)
+    assert lay.backend is get_backend(name) and torch.equal(y, yr)
     assert torch.equal(x.grad, xr.grad) and torch.equal(lay.weight.grad, ref.weight.grad)
 
 

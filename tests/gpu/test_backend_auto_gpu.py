@@ -10,9 +10,8 @@ the right result when that shape is later routed sparse (the cache re-syncs from
 (data_ptr, version)).
 """
 import pytest
-import torch
 
-from slope_megatron.sparsity import SlopeLinear
+from layer_helpers import compare_step, make_pair
 from slope_megatron.sparsity.backends import get_backend
 from slope_megatron.sparsity.backends.auto import AutoBackend
 
@@ -21,47 +20,8 @@ pytestmark = pytest.mark.gpu
 TOL = 1e-2
 
 
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def make_pair(inn, out, bias, be, seed=0):
-    torch.manual_seed(seed)
-    lay = SlopeLinear(inn, out, bias=bias, backend="auto", column_mask_refresh=2,
-                      device="cuda", dtype=torch.bfloat16)
-    lay.backend = be  # a fresh AutoBackend: decisions independent of other tests
-    if bias:
-        with torch.no_grad():
-            lay.bias.normal_()
-    ref = SlopeLinear(inn, out, bias=bias, backend="reference", column_mask_refresh=2,
-                      device="cuda", dtype=torch.bfloat16)
-    ref.load_state_dict(lay.state_dict())
-    return lay, ref
-
-
 def step_both(lay, ref, tokens, inn, what):
-    x = torch.randn(tokens, inn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    xr = x.detach().clone().requires_grad_()
-    y, yr = lay(x), ref(xr)
-    dy = torch.randn_like(yr)
-    y.backward(dy)
-    yr.backward(dy)
-    pairs = {"y": (y, yr), "dx": (x.grad, xr.grad), "dw": (lay.weight.grad, ref.weight.grad)}
-    if lay.bias is not None:
-        pairs["db"] = (lay.bias.grad, ref.bias.grad)
-    for k, (a, b) in pairs.items():
-        assert a is not None and torch.isfinite(a).all(), (what, k)
-        err = rel_err(a, b)
-        assert err < TOL, f"{what} {k}: rel err {err:.2e}"
-    with torch.no_grad():  # the same update on both, then the hooks
-        for pa, pb in zip(lay.parameters(), ref.parameters()):
-            if pb.grad is not None:
-                upd = pb.grad.float().sign().to(pb.dtype) * 0.05
-                pa.sub_(upd)
-                pb.sub_(upd)
-            pa.grad = pb.grad = None
-    lay.after_optimizer_step()
-    ref.after_optimizer_step()
+    compare_step(lay, ref, (tokens, inn), what, tol=TOL)
 
 
 def test_get_backend_auto_is_the_per_shape_backend():

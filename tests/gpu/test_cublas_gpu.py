@@ -11,46 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slope_megatron.sparsity import SlopeLinear
+from layer_helpers import compare_step, make_pair
+from launch_helpers import load_launch
 
 pytestmark = pytest.mark.gpu
 
 
-def make_pair(inn, out, bias, backend="cublas", **kw):
-    torch.manual_seed(0)
-    lay = SlopeLinear(inn, out, bias=bias, backend=backend, column_mask_refresh=2,
-                      device="cuda", dtype=torch.bfloat16, **kw)
-    if bias:
-        with torch.no_grad():
-            lay.bias.normal_()
-    ref = SlopeLinear(inn, out, bias=bias, backend="reference", column_mask_refresh=2,
-                      device="cuda", dtype=torch.bfloat16, **kw)
-    ref.load_state_dict(lay.state_dict())
-    return lay, ref
-
-
 def step_exact(lay, ref, shape, what):
-    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    xr = x.detach().clone().requires_grad_()
-    y, yr = lay(x), ref(xr)
-    dy = torch.randn_like(yr)
-    y.backward(dy)
-    yr.backward(dy)
-    pairs = {"y": (y, yr), "dx": (x.grad, xr.grad), "dw": (lay.weight.grad, ref.weight.grad)}
-    if lay.bias is not None:
-        pairs["db"] = (lay.bias.grad, ref.bias.grad)
-    for k, (a, b) in pairs.items():
-        assert a is not None and torch.isfinite(a).all(), (what, k)
-        assert torch.equal(a, b), f"{what} {k}: max diff {(a.float() - b.float()).abs().max()}"
-    with torch.no_grad():  # the same update on both, then the hooks
-        for pa, pb in zip(lay.parameters(), ref.parameters()):
-            if pb.grad is not None:
-                upd = pb.grad.float().sign().to(pb.dtype) * 0.05
-                pa.sub_(upd)
-                pb.sub_(upd)
-            pa.grad = pb.grad = None
-    lay.after_optimizer_step()
-    ref.after_optimizer_step()
+    compare_step(lay, ref, shape, what)  # bit for bit
 
 
 @pytest.mark.parametrize("inn,out,bias,shape", [
@@ -62,20 +30,20 @@ def step_exact(lay, ref, shape, what):
     (96, 64, True, (24, 96)),  # rows of 12 mask bytes; an odd token count
 ])
 def test_cublas_equals_reference_over_steps(inn, out, bias, shape):
-    lay, ref = make_pair(inn, out, bias)
+    lay, ref = make_pair(inn, out, bias, "cublas")
     for step in range(4):  # column mask recomputed at steps 0 and 2
         step_exact(lay, ref, shape, f"{inn}x{out} step {step}")
     assert not lay._unpacked  # this path reads the packed masks only
 
 
 def test_cublas_without_double_pruning_equals_reference():
-    lay, ref = make_pair(512, 256, True, double_prune=False)
+    lay, ref = make_pair(512, 256, True, "cublas", double_prune=False)
     for step in range(2):
         step_exact(lay, ref, (128, 512), f"static 2:4 step {step}")
 
 
 def test_cublas_no_grad_forward_equals_reference():
-    lay, ref = make_pair(1024, 512, True)
+    lay, ref = make_pair(1024, 512, True, "cublas")
     x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(lay(x), ref(x))
@@ -84,7 +52,7 @@ def test_cublas_no_grad_forward_equals_reference():
 
 
 def test_cublas_with_adapter_matches_reference():
-    lay, ref = make_pair(1024, 512, True)
+    lay, ref = make_pair(1024, 512, True, "cublas")
     lay.enable_adapter(24)
     ref.enable_adapter(24)
     with torch.no_grad():
@@ -106,7 +74,7 @@ def test_cublas_with_adapter_matches_reference():
 def test_cusparselt_fallback_runs_cublas(monkeypatch):
     """24 tokens is not a multiple of 16: the cusparselt backend hands the call to cublas."""
     from slope_megatron.sparsity.backends import cublas
-    lay, ref = make_pair(512, 256, True, backend="cusparselt")
+    lay, ref = make_pair(512, 256, True, "cusparselt")
     calls = []
     real = cublas.CublasSlopeLinearFunction.apply
     monkeypatch.setattr(cublas.CublasSlopeLinearFunction, "apply",
@@ -115,26 +83,16 @@ def test_cusparselt_fallback_runs_cublas(monkeypatch):
     assert calls == [1]
 
 
-def gpu_ms_per_step(fn, n=20) -> float:
-    """GPU time of one step with the host queued ahead (a sleep kernel first), so the number
+def gpu_ms_per_step(fn) -> float:
+    """GPU time of one step with the host queued ahead (launch/layer_host_gpu.py), so the number
     is the kernels' time, not the host's time to issue them (docs/KERNELS.md has both)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(1e9))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
+    return load_launch("layer_host_gpu").host_and_gpu_us(fn, n=20)[1] / 1e3
 
 
 def test_cublas_step_gpu_time_near_plain_dense():
     """The point of the backend: the reference step's GPU time is ~1.3x a plain F.linear step
     (masked_scatter twice, index gather); cublas must beat it and be near F.linear."""
-    lay, ref = make_pair(2048, 2048, True)
+    lay, ref = make_pair(2048, 2048, True, "cublas")
     x = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16)
     w = ref.dense_weight().detach().clone().requires_grad_()

@@ -81,20 +81,30 @@ class CublasSlopeLinearFunction(torch.autograd.Function):
 
 
 class CublasBackend(SparseLinearBackend):
-    """Dense cuBLAS GEMMs on W*M / W*M*M_C built per call by Triton from the packed masks."""
+    """Dense cuBLAS GEMMs on W*M / W*M*M_C built per call by Triton from the packed masks.
+
+    Subclasses run other kernels on the same packed-mask operands (`torch_semi`): they set
+    `function` and override `unsupported_reason` / `fallback`."""
 
     name = "cublas"
+    function = CublasSlopeLinearFunction
+
+    def unsupported_reason(self, layer, x: torch.Tensor) -> str | None:
+        return call_unsupported_reason(layer, x)
+
+    def fallback(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return slope_linear(x, layer.weight, layer.mask, layer.column_mask_for_backward(),
+                            layer.bias)
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if call_unsupported_reason(layer, x) is not None:
-            return slope_linear(x, layer.weight, layer.mask, layer.column_mask_for_backward(),
-                                layer.bias)
+        if self.unsupported_reason(layer, x) is not None:
+            return self.fallback(layer, x)
         if torch.is_grad_enabled():
             layer.refresh_column_mask_if_stale()  # the dX operand's mask, as the reference
         if layer._unpacked:  # left by a reference-path call; this path reads the bits
             layer.release_unpacked_masks()
-        return CublasSlopeLinearFunction.apply(x, layer.weight, layer.bias, layer.mask_bits,
-                                               layer.column_mask_bits)
+        return self.function.apply(x, layer.weight, layer.bias, layer.mask_bits,
+                                   layer.column_mask_bits)
 
     def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
         """Sparse part + the active adapter's (X A)(B / r) (`lowrank.add_adapter`)."""

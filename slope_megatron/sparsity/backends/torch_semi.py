@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import SparseLinearBackend
+from .cublas import CublasBackend
 
 DTYPES = (torch.bfloat16, torch.float16)
 WIDTH_MULTIPLE = 64  # torch's cuSPARSELt layout wants both weight dims in multiples of 64
@@ -29,8 +29,8 @@ WIDTH_MULTIPLE = 64  # torch's cuSPARSELt layout wants both weight dims in multi
 
 def call_unsupported_reason(layer, x: torch.Tensor) -> str | None:
     """Why torch's 2:4 path cannot take this call, or None."""
-    from . import cublas
-    reason = cublas.call_unsupported_reason(layer, x)
+    from .cublas import call_unsupported_reason as dense_reason
+    reason = dense_reason(layer, x)
     if reason is not None:
         return reason
     if layer.weight.dtype not in DTYPES:
@@ -78,18 +78,15 @@ class TorchSemiSlopeLinearFunction(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None, None
 
 
-class TorchSemiBackend(SparseLinearBackend):
+class TorchSemiBackend(CublasBackend):
     """PyTorch's `to_sparse_semi_structured` for forward and dX, compressed per call."""
 
     name = "torch-semi"
+    function = TorchSemiSlopeLinearFunction
 
-    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def unsupported_reason(self, layer, x: torch.Tensor) -> str | None:
+        return call_unsupported_reason(layer, x)
+
+    def fallback(self, layer, x: torch.Tensor) -> torch.Tensor:
         from . import get_backend
-        if call_unsupported_reason(layer, x) is not None:
-            return get_backend("cublas").linear(layer, x)
-        if torch.is_grad_enabled():
-            layer.refresh_column_mask_if_stale()
-        if layer._unpacked:
-            layer.release_unpacked_masks()
-        return TorchSemiSlopeLinearFunction.apply(x, layer.weight, layer.bias, layer.mask_bits,
-                                                  layer.column_mask_bits)
+        return get_backend("cublas").linear(layer, x)

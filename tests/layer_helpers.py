@@ -1,0 +1,60 @@
+"""Shared by the GPU backend tests: a (layer, reference) pair and one compared training step.
+
+Every fast backend is checked the same way: the same random input and output gradient through
+the layer and through a reference-backend copy of it, outputs and gradients compared, then the
+same update applied to both and the optimizer-step hooks run (which refresh compressed
+operands and, on schedule, the double-pruned column mask).
+"""
+import torch
+
+from slope_megatron.sparsity import SlopeLinear
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def make_pair(inn, out, bias, backend, seed=0, **kw):
+    """(layer on `backend` (a name or a backend object), reference copy), bf16 on CUDA, with a
+    random bias and the column mask recomputed every 2 steps."""
+    torch.manual_seed(seed)
+    kw = dict(bias=bias, column_mask_refresh=2, device="cuda", dtype=torch.bfloat16, **kw)
+    lay = SlopeLinear(inn, out, backend=backend if isinstance(backend, str) else "reference",
+                      **kw)
+    if not isinstance(backend, str):
+        lay.backend = backend  # e.g. a fresh AutoBackend: decisions independent of other tests
+    if bias:
+        with torch.no_grad():
+            lay.bias.normal_()
+    ref = SlopeLinear(inn, out, backend="reference", **kw)
+    ref.load_state_dict(lay.state_dict())
+    return lay, ref
+
+
+def compare_step(lay, ref, shape, what, tol=None):
+    """One step on both; tol=None: every output and gradient equal bit for bit, else rel. err
+    below tol. Then the same sign-SGD update on both and `after_optimizer_step`."""
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = lay(x), ref(xr)
+    dy = torch.randn_like(yr)
+    y.backward(dy)
+    yr.backward(dy)
+    pairs = {"y": (y, yr), "dx": (x.grad, xr.grad), "dw": (lay.weight.grad, ref.weight.grad)}
+    if lay.bias is not None:
+        pairs["db"] = (lay.bias.grad, ref.bias.grad)
+    for k, (a, b) in pairs.items():
+        assert a is not None and torch.isfinite(a).all(), (what, k)
+        if tol is None:
+            assert torch.equal(a, b), f"{what} {k}: max diff {(a.float() - b.float()).abs().max()}"
+        else:
+            assert rel_err(a, b) < tol, f"{what} {k}: rel err {rel_err(a, b):.2e}"
+    with torch.no_grad():
+        for pa, pb in zip(lay.parameters(), ref.parameters()):
+            if pb.grad is not None:
+                upd = pb.grad.float().sign().to(pb.dtype) * 0.05
+                pa.sub_(upd)
+                pb.sub_(upd)
+            pa.grad = pb.grad = None
+    lay.after_optimizer_step()
+    ref.after_optimizer_step()
