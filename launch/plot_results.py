@@ -121,8 +121,11 @@ def model_label(report: dict) -> tuple[float, str]:
     with its overrides, as the run resolved them)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
     from slope_megatron.config import ffn_hidden_size, load_config
-    cfg = load_config(report["config"], [o for o in report.get("overrides") or []
-                                         if o.startswith("model.")])
+    config = Path(report["config"])
+    if not config.is_absolute() and not config.exists():  # recorded relative to the checkout
+        config = Path(__file__).resolve().parent.parent / config
+    cfg = load_config(config, [o for o in report.get("overrides") or []
+                               if o.startswith("model.")])
     m = cfg.model
     ffn = ffn_hidden_size(m)
     mlp = 3 * m.hidden_size * ffn if m.arch == "llama" else 2 * m.hidden_size * ffn

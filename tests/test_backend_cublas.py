@@ -10,6 +10,7 @@ operand, dW at the mask, db, 3-D input, with and without double pruning. Also: `
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,10 +102,33 @@ def test_layer_on_cpu_runs_the_reference(name):
     assert torch.equal(x.grad, xr.grad) and torch.equal(lay.weight.grad, ref.weight.grad)
 
 
-def test_call_reasons_name_the_problem():
-    lay = SlopeLinear(64, 32, n=1, m=4, backend="cublas")
-    x = torch.randn(2, 64)
-    assert "not on a CUDA device" in cublas.call_unsupported_reason(lay, x)
+def fake_call(n=2, m=4, dtype=torch.bfloat16, x_dtype=None, inn=128, out=64):
+    """A layer and input that claim to live on a GPU, to reach the checks after that one."""
+    weight = SimpleNamespace(is_cuda=True, dtype=dtype)
+    layer = SimpleNamespace(n=n, m=m, weight=weight, in_features=inn, out_features=out)
+    return layer, SimpleNamespace(is_cuda=True, dtype=x_dtype or dtype)
+
+
+def test_call_reasons_name_the_problem(monkeypatch):
+    lay = SlopeLinear(64, 32, backend="cublas")
+    assert "not on a CUDA device" in cublas.call_unsupported_reason(lay, torch.randn(2, 64))
+    monkeypatch.setattr(cublas, "unavailable_reason", lambda: None)
+    assert cublas.call_unsupported_reason(*fake_call()) is None
+    assert "sparsity 1:4" in cublas.call_unsupported_reason(*fake_call(n=1))
+    assert "input dtype torch.float32 differs" in cublas.call_unsupported_reason(
+        *fake_call(x_dtype=torch.float32))
+    monkeypatch.setattr(cublas, "unavailable_reason", lambda: "no compiler")
+    assert cublas.call_unsupported_reason(*fake_call()) == "no compiler"
+
+
+def test_torch_semi_reasons_name_the_problem(monkeypatch):
+    from slope_megatron.sparsity.backends import torch_semi
+    monkeypatch.setattr(cublas, "unavailable_reason", lambda: None)
+    assert torch_semi.call_unsupported_reason(*fake_call()) is None
+    assert "takes bf16 and fp16" in torch_semi.call_unsupported_reason(
+        *fake_call(dtype=torch.float32))
+    assert "in_features=96 is not a multiple of 64" in torch_semi.call_unsupported_reason(
+        *fake_call(inn=96))
 
 
 @no_cuda

@@ -1,12 +1,11 @@
-"""The `torch-semi` peer backend on a CPU-only machine: the names and reasons are right (that its
-calls give the reference's results without CUDA is in test_backend_cublas.py)."""
-import pytest
+"""The `torch-semi` peer backend on a CPU-only machine: the name is accepted by the config and
+calls off the GPU name the reason (its checks on GPU-side inputs are in test_backend_cublas.py,
+and that its CPU calls give the reference's results too)."""
 import torch
 
 from slope_megatron.config import Config, validate
 from slope_megatron.sparsity import SlopeLinear
 from slope_megatron.sparsity.backends import torch_semi
-
 
 
 def test_unsupported_reasons_name_the_problem():

@@ -110,3 +110,17 @@ def test_a_refused_load_leaves_the_masks_alone():
     with pytest.raises(ValueError, match="1:4 sparsity"):
         layer.load_state_dict(other.state_dict(), strict=False)
     assert torch.equal(layer.mask_bits, before)
+
+
+def test_a_mask_that_is_not_n_m_is_refused_on_load():
+    """The kernels assume exactly n kept per group; a foreign mask must not load silently."""
+    lay = SlopeLinear(16, 8)
+    state = lay.state_dict()
+    bad = state["mask"].clone()
+    bad[0, :4] = torch.tensor([True, True, True, False])
+    with pytest.raises(RuntimeError, match="does not keep exactly 2 of every 4"):
+        lay.load_state_dict({**state, "mask": bad})
+    outside = state["column_mask"].clone() | ~state["mask"]
+    with pytest.raises(RuntimeError, match="keeps entries the row mask prunes"):
+        lay.load_state_dict({**state, "column_mask": outside})
+    lay.load_state_dict(state)  # the layer's own state still loads

@@ -170,6 +170,11 @@ class SlopeLinear(nn.Module):
                                   f"{tuple(value.shape)} from checkpoint, the shape in current "
                                   f"model is {(self.out_features, self.in_features)}.")
                 continue
+            bad = self._mask_problem(name, value, state_dict.get(prefix + "mask"))
+            if bad:
+                error_msgs.append(f"{key} {bad}; it does not come from a "
+                                  f"{self.n}:{self.m} SlopeLinear of this shape")
+                continue
             with torch.no_grad():
                 packed = pack_bits(value.to(device=bits.device, dtype=torch.bool))
                 if bits.shape == packed.shape:
@@ -179,6 +184,20 @@ class SlopeLinear(nn.Module):
         ours = {prefix + "mask", prefix + "column_mask"}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in ours]
         self.backend.on_column_mask_change(self)  # caches follow the loaded weights and masks
+
+    def _mask_problem(self, name: str, value: torch.Tensor, mask) -> Optional[str]:
+        """Why a loaded mask cannot be this layer's, or None. The kernels read the packed
+        masks assuming exactly n kept entries per group (and a column mask inside the row
+        mask); anything else would be silently misplaced, so it is refused here."""
+        value = value.to(torch.bool)
+        if name == "mask":
+            per_group = value.reshape(self.out_features, -1, self.m).sum(-1)
+            if not bool((per_group == self.n).all()):
+                return f"does not keep exactly {self.n} of every {self.m} entries along `in`"
+        elif mask is not None and tuple(mask.shape) == tuple(value.shape) \
+                and bool((value & ~mask.to(device=value.device, dtype=torch.bool)).any()):
+            return "keeps entries the row mask prunes"
+        return None
 
     # ---- weights ----------------------------------------------------------------------
     @classmethod

@@ -45,13 +45,20 @@ def _identity(cfg_dict: dict) -> dict:
 
 
 def check_output_dir(cfg: Config, out: Path) -> dict:
-    """Refuse an unwritable dir or one holding a different run (writes nothing).
+    """Refuse an unwritable dir, one holding a different run, or the finished metrics of a
+    run without checkpoints when this one writes none either (writes nothing).
 
     Returns the config as given (before derived values such as the vocabulary size) for
     `record_run_config` once the run's inputs are known to be good."""
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"train.output_dir '{out}' is not writable; choose another directory")
+    if not cfg.train.save_interval and (out / "metrics.jsonl").is_file() \
+            and not (out / "checkpoints").is_dir():
+        raise ConfigError(f"train.output_dir '{out}' holds the metrics of a run without "
+                          f"checkpoints (train.save_interval=0), which cannot be resumed; "
+                          f"rerunning there would overwrite them - use a new "
+                          f"train.output_dir or delete that one")
     saved = out / RUN_CONFIG
     if saved.is_file():
         old = _identity(yaml.safe_load(saved.read_text()) or {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -42,6 +43,16 @@ from .run_setup import (
     sample_from_checkpoint,
 )
 from .steps import eval_indices, eval_loss, is_pipelined, make_batch, train_step
+
+
+def rerun_advice(cfg: Config, how: str, ckpt_dir: Optional[Path] = None) -> str:
+    """How to continue after a stop: from the newest checkpoint, or from scratch when the run
+    writes none (train.save_interval=0)."""
+    if not cfg.train.save_interval:
+        return ("rerun from scratch in a new train.output_dir (train.save_interval=0: no "
+                "checkpoints were written)" + (f" {how}" if how else ""))
+    where = f" (the newest one in {ckpt_dir} is intact)" if ckpt_dir is not None else ""
+    return f"resume from the last checkpoint{where}" + (f" {how}" if how else "")
 
 
 class TrainingStopped(SlopeError):
@@ -191,7 +202,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     skipped_total = client.get("skipped_total", 0) if client else 0
     consecutive = client.get("consecutive_skips", 0) if client else 0
     if not cfg.train.save_interval:
-        say("train.save_interval=0: no checkpoints are written; this run cannot be resumed")
+        say("train.save_interval=0: this run writes no checkpoints; if it stops, it cannot be "
+            "resumed from where it stopped")
     if client:
         say(f"resumed from {ckpt_dir / checkpoint.tag_for(start)} (iteration {start})")
         if adapters_active(model):
@@ -227,7 +239,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
         if applied and not math.isfinite(loss):
             raise TrainingStopped(f"iteration {it + 1}: the loss is {loss} but the optimizer "
                                   f"step was applied; the model is no longer trustworthy - "
-                                  f"resume from the last checkpoint with a lower optimizer.lr")
+                                  f"{rerun_advice(cfg, 'with a lower optimizer.lr')}")
         faults.point("after_step", it)
         done = it + 1
         bar.update(1)
@@ -247,9 +259,9 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
                 raise TrainingStopped(
                     f"stopping at iteration {done}: {consecutive} consecutive optimizer steps "
                     f"were skipped for a non-finite loss or gradient (train.max_skipped_steps "
-                    f"= {cfg.train.max_skipped_steps}); the newest checkpoint in {ckpt_dir} is "
-                    f"intact - lower optimizer.lr, raise optimizer.warmup_iters or check the "
-                    f"data, then rerun")
+                    f"= {cfg.train.max_skipped_steps}); lower optimizer.lr, raise "
+                    f"optimizer.warmup_iters or check the data, then "
+                    f"{rerun_advice(cfg, '', ckpt_dir)}")
         if done % cfg.train.log_interval == 0 or done == cfg.train.iters:
             now = time.time()
             train_loss = all_reduce_mean(loss_sum / window) if window else float("nan")

@@ -1,6 +1,6 @@
 """Backend dispatch: `reference` (masked dense math, the definition) | `cusparselt` (sparse
-tensor cores) | `cublas` (the reference's dense GEMMs on Triton-built operands: plain-dense
-speed on a GPU) | `torch-semi` (PyTorch's built-in 2:4 path: a peer to benchmark against).
+tensor cores) | `cublas` (the reference's dense GEMMs on Triton-built operands: near
+plain-dense GPU time) | `torch-semi` (PyTorch's built-in 2:4 path: a peer to benchmark against).
 
 Backends are imported lazily so that nothing CUDA-only is touched on a CPU machine.
 `auto` is the `AutoBackend` (auto.py) when CUDA and the cusparselt kernels are available: it

@@ -107,7 +107,8 @@ class Decision:
         return self.dense_s / self.sparse_s
 
     def __repr__(self) -> str:
-        return f"Decision({self.backend!r}, speedup={self.speedup}, reason={self.reason!r})"
+        return (f"Decision({self.backend!r}, sparse={self.sparse}, speedup={self.speedup}, "
+                f"reason={self.reason!r})")
 
 
 class AutoBackend(SparseLinearBackend):

@@ -10,9 +10,13 @@ Triton pass each from the packed masks:
   dX          = dY (W*M*M_C)      W*M*M_C scattered with the column mask applied
   dW          = (dY^T X)[M]       dense GEMM, gathered at the mask (`gather_kept_2to4`)
   db          = sum of dY
-The GEMMs are the reference's own torch calls on the same operands, so results equal the
-reference's bit for bit on the same device. Nothing is kept between calls (the dense operand
-is transient), so the model state is that of the reference.
+The GEMMs are the reference's own torch calls on the same operands, so for finite weights
+results equal the reference's bit for bit on the same device (a NaN weight gives NaN at pruned
+positions in the reference's W*M*M_C, 0 here). Nothing is kept between calls (the dense operand
+is transient), so the model state is that of the reference. The packed masks themselves are
+saved for backward, so changing them between a forward and its backward (refresh_column_mask,
+load_state_dict) makes autograd raise; training never does (the column mask is recomputed only
+in the first forward after an optimizer step).
 
 Calls it cannot take (CPU tensors, sparsity other than 2:4, mixed dtypes, no Triton) run the
 reference. Importing this module touches no CUDA and no Triton.
@@ -34,9 +38,14 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available"
     try:
-        import kernels.nm_triton  # noqa: F401  (imports triton)
+        from kernels.nm_triton import scatter_kept_2to4
     except ImportError as e:
         return f"triton is not installed ({e})"
+    try:  # Triton imports without a C compiler but fails at its first launch: launch one now
+        values = torch.zeros(4, 2, device="cuda", dtype=torch.bfloat16)
+        scatter_kept_2to4(values, torch.zeros(4, 1, device="cuda", dtype=torch.uint8))
+    except Exception as e:  # compiler, driver or PTX problem: say it, run the reference
+        return f"a Triton kernel failed to build or launch ({type(e).__name__}: {e})"[:300]
     return None
 
 

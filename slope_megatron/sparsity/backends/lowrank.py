@@ -41,5 +41,6 @@ def add_adapter(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     xa = x.reshape(-1, x.shape[-1]) @ a
     if not (y.is_cuda and y.dtype in TRITON_DTYPES):  # e.g. the fp32 reference ran
         return y + (xa @ (b * scale)).view(y.shape)
-    y2 = LowRankAddFunction.apply(y.reshape(-1, y.shape[-1]), xa, (b * scale).contiguous())
+    y2d = y.reshape(-1, y.shape[-1]).contiguous()  # torch-semi's F.linear may give a view
+    y2 = LowRankAddFunction.apply(y2d, xa, (b * scale).contiguous())
     return y2.view(y.shape)
