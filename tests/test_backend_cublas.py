@@ -147,3 +147,20 @@ def test_config_accepts_cublas():
     cfg = Config()
     cfg.sparsity.backend = "cublas"
     validate(cfg)
+
+
+def test_a_fallback_on_the_gpu_is_logged_once(monkeypatch, caplog):
+    """A CUDA call cublas cannot take says why, once per (shape, reason)."""
+    import logging
+    from slope_megatron.sparsity.backends import base
+    be = get_backend("cublas")
+    monkeypatch.setattr(be, "unsupported_reason", lambda layer, x: "no compiler")
+    monkeypatch.setattr(be, "fallback", lambda layer, x: "ran the reference")
+    layer, x = fake_call()
+    base.LOGGED_FALLBACKS.clear()
+    with caplog.at_level(logging.WARNING):
+        assert be.linear(layer, x) == "ran the reference"
+        be.linear(layer, x)
+    lines = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert lines == ["cublas backend: SlopeLinear(out=64, in=128) falls back to the reference "
+                     "backend: no compiler"]

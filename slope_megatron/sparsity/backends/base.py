@@ -8,8 +8,23 @@ must match it within their dtype's tolerance (tests compare them on random input
 from __future__ import annotations
 
 import abc
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
+LOGGED_FALLBACKS: set = set()  # (backend, out, in, reason) already reported
+
+
+def log_fallback_once(backend: str, layer, reason: str, instead: str,
+                      logger: logging.Logger = log) -> None:
+    """One WARNING per (backend, layer shape, reason) on `logger`: that `instead` runs this
+    layer, and why."""
+    key = (backend, layer.out_features, layer.in_features, reason)
+    if key not in LOGGED_FALLBACKS:
+        LOGGED_FALLBACKS.add(key)
+        logger.warning("%s backend: SlopeLinear(out=%d, in=%d) falls back to %s: %s", backend,
+                    layer.out_features, layer.in_features, instead, reason)
 
 
 class SparseLinearBackend(abc.ABC):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import slope_linear
-from .base import SparseLinearBackend
+from .base import SparseLinearBackend, log_fallback_once
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,8 +105,13 @@ class CublasBackend(SparseLinearBackend):
         return slope_linear(x, layer.weight, layer.mask, layer.column_mask_for_backward(),
                             layer.bias)
 
+    fallback_name = "the reference backend"
+
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if self.unsupported_reason(layer, x) is not None:
+        reason = self.unsupported_reason(layer, x)
+        if reason is not None:
+            if x.is_cuda:  # on a GPU a fallback is news (a CPU run is the reference's anyway)
+                log_fallback_once(self.name, layer, reason, self.fallback_name)
             return self.fallback(layer, x)
         if torch.is_grad_enabled():
             layer.refresh_column_mask_if_stale()  # the dX operand's mask, as the reference

@@ -20,14 +20,14 @@ import logging
 
 import torch
 
-from .base import SparseLinearBackend
+from .base import LOGGED_FALLBACKS, SparseLinearBackend, log_fallback_once
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = (torch.bfloat16,)
 FEATURE_MULTIPLE = 32
 TOKEN_MULTIPLE = 16
-_logged: set = set()
+_logged = LOGGED_FALLBACKS  # shared with the other backends' fallback log
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,12 +91,8 @@ def input_unsupported_reason(layer, x: torch.Tensor) -> str | None:
 
 def log_fallback(layer, reason: str) -> None:
     """Log once per (layer shape, reason) that dense GEMMs run instead."""
-    key = (layer.out_features, layer.in_features, reason)
-    if key not in _logged:
-        _logged.add(key)
-        log.warning("cusparselt backend: SlopeLinear(out=%d, in=%d) falls back to dense GEMMs "
-                    "(the cublas backend, or the reference where that cannot run): %s",
-                    layer.out_features, layer.in_features, reason)
+    log_fallback_once("cusparselt", layer, reason, "dense GEMMs (the cublas backend, or the "
+                      "reference where that cannot run)", log)
 
 
 class CusparseltBackend(SparseLinearBackend):

@@ -84,6 +84,7 @@ class TorchSemiBackend(CublasBackend):
 
     name = "torch-semi"
     function = TorchSemiSlopeLinearFunction
+    fallback_name = "the cublas backend"
 
     def unsupported_reason(self, layer, x: torch.Tensor) -> str | None:
         return call_unsupported_reason(layer, x)
