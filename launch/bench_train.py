@@ -95,7 +95,25 @@ def environment() -> dict:
     return env
 
 
+def machine_check() -> dict | None:
+    """launch/gpu_check.py's matmul and copy speed (None without CUDA), printed before the arms
+    run: a degraded machine shows here, not as odd ratios afterwards."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    from gpu_check import measure  # launch/ sibling
+    try:
+        check = measure()
+    except Exception as e:  # record it; the arms may still run
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+    print(f"gpu check: bf16 matmul {check['matmul_tflops']:.0f} TFLOP/s, copy "
+          f"{check['copy_gbps']:.0f} GB/s (a healthy H100 80GB: ~700-800 and ~3000)", flush=True)
+    torch.cuda.empty_cache()
+    return check
+
+
 def run_train(args) -> int:
+    check = machine_check()
     results = [_run_arm(args, arm) for arm in args.arms]
     base = next((r for r in results if r["arm"] == "dense"), None)
     print(f"{'arm':16s} {'tokens/s':>12s} {'vs dense':>9s} {'MFU':>7s} {'loss':>8s} "
@@ -114,7 +132,7 @@ def run_train(args) -> int:
               f"{(f'{ratio:.2f}x' if ratio else 'n/a'):>9s} {mfu:>7s} {r['loss']:8.4f} {mem:>9s} "
               f"{state:>10s}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": environment(), "config": args.config,
-                                               "overrides": args.set, "results": results},
-                                              indent=2))
+        report = {"environment": {**environment(), "gpu_check": check},
+                  "config": args.config, "overrides": args.set, "results": results}
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

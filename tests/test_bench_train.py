@@ -24,6 +24,7 @@ def test_bench_train_reports_each_arm_against_dense(tmp_path):
     results = json.loads(report.read_text())["results"]
     assert [r["arm"] for r in results] == ["dense", "slope-reference"]
     assert results[0]["vs_dense"] == 1.0 and results[1]["vs_dense"] > 0
+    assert "gpu_check" in json.loads(report.read_text())["environment"]  # None without CUDA
     assert all(r["tokens_per_s"] > 0 and r["iter"] == 2 for r in results)
     assert "slope-reference" in done.stdout and "vs dense" in done.stdout
     for arm in ("dense", "slope-reference"):  # metrics and log stay, checkpoints do not
