@@ -7,7 +7,7 @@ with a new key (out, in, tokens, dtypes, device, bias, double pruning, grad mode
 times the whole SLoPe layer step on the real operands -- forward + backward (dX and the dW
 gather) + the after-step refresh of the compressed copies, as `launch/bench.py kernels` does
 -- for the cusparselt path and for the cublas path (the reference's dense cuBLAS GEMMs on
-operands built by Triton, about plain `F.linear` speed): 2 warm-up reps, then the median of 5
+operands built by Triton, near plain `F.linear` GPU time): 2 warm-up reps, then the median of 5
 interleaved, CUDA-event-timed reps each (a few ms per shape). The key is routed to cusparselt
 only if its step is at least `min_speedup` (default 1.05, env SLOPE_AUTO_MIN_SPEEDUP) times
 faster, else to cublas. One INFO line per decision:

@@ -7,10 +7,10 @@ and keeps the compressed operands in the layer's cache, refreshed by copy/gather
 optimizer step instead of compressing.
 
 What it cannot take it hands to the cublas backend (dense GEMMs; it runs the reference where it
-cannot run either), logging the reason once per layer shape: no CUDA / CPU tensors, sparsity other than 2:4, dtypes other than bfloat16, feature
-sizes not multiples of 32, token counts not multiples of 16, shapes cuSPARSELt rejects, and
-layers trained without double pruning (`sparsity.double_prune: false`: their dX operand W*M
-is not N:M along `out`).
+cannot run either), logging the reason once per layer shape: no CUDA / CPU tensors, sparsity
+other than 2:4, dtypes other than bfloat16, feature sizes not multiples of 32, token counts not
+multiples of 16, shapes cuSPARSELt rejects, and layers trained without double pruning
+(`sparsity.double_prune: false`: their dX operand W*M is not N:M along `out`).
 Importing this module touches no CUDA: the binding is built on first use.
 """
 from __future__ import annotations
