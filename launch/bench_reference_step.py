@@ -68,6 +68,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench_reference_step.py needs a CUDA GPU")
     torch.manual_seed(0)
     rows = []
     for inn, out, tokens in SHAPES:

@@ -50,6 +50,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench_torchao.py needs a CUDA GPU")
     try:
         import torchao
     except ImportError as e:

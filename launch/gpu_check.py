@@ -24,6 +24,8 @@ def measure() -> dict:
 
 
 def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("error: gpu_check.py needs a CUDA GPU")
     r = measure()
     print(f"gpu_check: {r['gpu']}: bf16 8192^3 matmul {r['matmul_tflops']:.0f} TFLOP/s, "
           f"copy {r['copy_gbps']:.0f} GB/s")

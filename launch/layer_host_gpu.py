@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=["768x3072", "2048x2048"], help="INxOUT")
     p.add_argument("--tokens", type=int, default=16384)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: layer_host_gpu.py needs a CUDA GPU")
     torch.manual_seed(0)
     for shape in args.shapes:
         inn, out = map(int, shape.split("x"))

@@ -1,0 +1,20 @@
+"""The GPU-only measurement scripts say so in one line on a machine without CUDA, instead of a
+traceback from deep inside torch."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+@pytest.mark.parametrize("script", ["gpu_check.py", "layer_host_gpu.py",
+                                    "bench_reference_step.py", "bench_torchao.py"])
+def test_gpu_script_refuses_cleanly_without_cuda(script):
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / script)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1] == f"error: {script} needs a CUDA GPU"
