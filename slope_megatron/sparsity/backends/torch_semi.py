@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cublas
 from .cublas import CublasBackend
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -30,8 +31,7 @@ WIDTH_MULTIPLE = 64  # torch's cuSPARSELt layout wants both weight dims in multi
 
 def call_unsupported_reason(layer, x: torch.Tensor) -> str | None:
     """Why torch's 2:4 path cannot take this call, or None."""
-    from .cublas import call_unsupported_reason as dense_reason
-    reason = dense_reason(layer, x)
+    reason = cublas.call_unsupported_reason(layer, x)
     if reason is not None:
         return reason
     if layer.weight.dtype not in DTYPES:
