@@ -12,7 +12,10 @@ import functools
 import glob
 import os
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cslt_binding.cpp")
+_DIR = os.path.dirname(os.path.abspath(__file__))
+# the binding, the native layer step (C++ autograd functions) and its CUDA gather/scatter
+_SOURCES = [os.path.join(_DIR, name) for name in ("cslt_binding.cpp", "slope_step.cpp",
+                                                   "nm_cuda.cu")]
 
 
 class CusparseltUnavailable(RuntimeError):
@@ -50,9 +53,10 @@ def load_extension():
     try:
         return load(
             name="slope_cslt_binding",
-            sources=[_SRC],
+            sources=_SOURCES,
             extra_include_paths=[inc],
             extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3"],
             extra_ldflags=[f"-L{lib}", f"-l:{os.path.basename(so)}", f"-Wl,-rpath,{lib}"],
             with_cuda=True,
             verbose=bool(os.environ.get("SLOPE_KERNELS_VERBOSE")),

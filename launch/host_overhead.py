@@ -3,8 +3,8 @@
 Why: at ~1.3B the sparse model's GPU kernels take less time than dense's, yet its step is
 slower, because the host cannot issue them fast enough (docs/RESULTS.md). This times, on a
 CUDA machine, the host side of one layer step (forward + backward through autograd) for
-dense `nn.Linear`, the reference backend and the cusparselt backend, then the pieces of the
-cusparselt call, at a small token count so the GPU never makes the host wait. A cProfile of
+dense `nn.Linear`, the reference, cublas and cusparselt backends (native step, and again
+through the Python autograd functions), then the pieces of the cusparselt call, at a small token count so the GPU never makes the host wait. A cProfile of
 the cusparselt steps lists the Python functions that cost the most.
 
     python launch/host_overhead.py [--features 2048] [--tokens 64] [--reps 300]
@@ -69,11 +69,17 @@ def main(argv=None) -> int:
 
     dense = nn.Linear(f, f, device=dev, dtype=bf16)
     layers = {name: SlopeLinear(f, f, backend=name, device=dev, dtype=bf16)
-              for name in ("reference", "cusparselt")}
+              for name in ("reference", "cublas", "cusparselt")}
     rows = {"dense nn.Linear step": host_us(layer_step(dense), args.reps)}
     for name, layer in layers.items():
         rows[f"{name} step"] = host_us(layer_step(layer), args.reps)
         rows[f"{name} after_optimizer_step"] = host_us(layer.after_optimizer_step, args.reps)
+    from slope_megatron.sparsity.backends import cublas, cusparselt
+    native = (cublas.native_ops, cusparselt.native_ops)
+    cublas.native_ops = cusparselt.native_ops = lambda: None  # the Python autograd functions
+    for name in ("cublas", "cusparselt"):
+        rows[f"{name} step, Python function"] = host_us(layer_step(layers[name]), args.reps)
+    cublas.native_ops, cusparselt.native_ops = native
     rows["dense forward (no grad)"] = host_us(lambda: dense(x.detach()), args.reps)
 
     # pieces of the cusparselt call
@@ -101,6 +107,9 @@ def main(argv=None) -> int:
         dw = torch.mm(g.t(), x2)
         rows["  gather_kept_2to4 (Triton launch)"] = host_us(
             lambda: gather_kept_2to4(dw, layer.mask_bits), args.reps)
+        ext = cache.rt.ext
+        rows["  gather_kept_2to4 (native CUDA)"] = host_us(
+            lambda: ext.gather_kept_2to4(dw, layer.mask_bits), args.reps)
         rows["  bias grad gy.sum(0)"] = host_us(lambda: g.sum(0), args.reps)
     rows["  CsltSlopeLinearFunction fwd+bwd"] = host_us(
         lambda: CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache,

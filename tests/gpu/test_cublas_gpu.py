@@ -1,7 +1,7 @@
 """The `cublas` backend on a GPU: bit for bit the reference's results, in bf16.
 
 Its GEMMs are the reference's own torch calls; only the operands (W*M, W*M*M_C) and the dW
-gather come from Triton kernels, so on one device every output and gradient must equal the
+gather come from its own kernels (Triton, or CUDA in the native step), so on one device every output and gradient must equal the
 reference's exactly, across optimizer steps that change the weights and the column mask.
 Also: no-grad forwards, plain static N:M (no double pruning), the adapter path, the explicit
 cusparselt backend's fallback for token counts its kernels cannot take, and that the path is
@@ -76,11 +76,11 @@ def test_cusparselt_fallback_runs_cublas(monkeypatch):
     from slope_megatron.sparsity.backends import cublas
     lay, ref = make_pair(512, 256, True, "cusparselt")
     calls = []
-    real = cublas.CublasSlopeLinearFunction.apply
-    monkeypatch.setattr(cublas.CublasSlopeLinearFunction, "apply",
-                        lambda *a: calls.append(1) or real(*a))
+    real = cublas.CublasBackend.linear
+    monkeypatch.setattr(cublas.CublasBackend, "linear",
+                        lambda self, *a: calls.append(self.name) or real(self, *a))
     step_exact(lay, ref, (24, 512), "fallback")
-    assert calls == [1]
+    assert calls == ["cublas"]
 
 
 def gpu_ms_per_step(fn) -> float:

@@ -18,7 +18,9 @@ saved for backward, so changing them between a forward and its backward (refresh
 load_state_dict) makes autograd raise; training never does (the column mask is recomputed only
 in the first forward after an optimizer step).
 
-Calls it cannot take (CPU tensors, sparsity other than 2:4, mixed dtypes, no Triton) run the
+Where it can (bf16/fp16, in_features a multiple of 8, the native extension built), the step
+runs as one C++ autograd function with CUDA scatter/gather kernels (`backends.native`): the same
+ATen calls, so the same bits, at a fraction of the host time. Calls it cannot take (CPU tensors, sparsity other than 2:4, mixed dtypes, no Triton) run the
 reference. Importing this module touches no CUDA and no Triton.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 from ..functional import slope_linear
 from .base import SparseLinearBackend, log_fallback_once
+from .native import native_ops, native_takes
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,6 +100,7 @@ class CublasBackend(SparseLinearBackend):
 
     name = "cublas"
     function = CublasSlopeLinearFunction
+    native = True  # the same step as one C++ autograd function where it can (backends.native)
 
     def unsupported_reason(self, layer, x: torch.Tensor) -> str | None:
         return call_unsupported_reason(layer, x)
@@ -117,6 +121,10 @@ class CublasBackend(SparseLinearBackend):
             layer.refresh_column_mask_if_stale()  # the dX operand's mask, as the reference
         if layer._unpacked:  # left by a reference-path call; this path reads the bits
             layer.release_unpacked_masks()
+        ext = native_ops() if self.native and native_takes(layer, x) else None
+        if ext is not None:
+            return ext.dense_slope_linear(x, layer.weight, layer.bias, layer.mask_bits,
+                                          layer.column_mask_bits)
         return self.function.apply(x, layer.weight, layer.bias, layer.mask_bits,
                                    layer.column_mask_bits)
 

@@ -63,6 +63,7 @@ class LayerKernelCache:
         self.wt_row_major = self.row_major
         self.mask_key = self.fwd_key = self.wt_mask_key = self.wt_values_key = None
         self.accepted_tokens: set[int] = set()  # token counts that passed the full checks
+        self._native_plans: dict[tuple[int, bool], tuple] = {}  # (tokens, bias) -> plans
         self._build_forward(layer)
 
     def accepts(self, layer, x: torch.Tensor) -> bool:
@@ -202,6 +203,22 @@ class LayerKernelCache:
                 self._build_wt(layer)
             else:
                 self.refresh_wt(layer)
+
+    # ---- the native step ---------------------------------------------------------------
+    def native_plans(self, tokens: int, has_bias: bool) -> tuple | None:
+        """(forward plan, dX plan) for the native layer step (`backends.native`) at this token
+        count, once both are tuned; None before that and in per-call mode. The first call of a
+        token count runs the Python function, whose GEMMs search the algorithms; per-call mode
+        shares scratch operands between layers, which a backward issued later cannot."""
+        hit = self._native_plans.get((tokens, has_bias))
+        if hit is None and self.keep:
+            plans, dev = self.rt.plans, self.device.index
+            fwd = plans.get(self.out, self.inp, tokens, self.dtype, dev,
+                            has_bias and self.bias_fused)
+            wt = plans.get(self.inp, self.out, tokens, self.dtype, dev)
+            if fwd.tuned and wt.tuned:
+                hit = self._native_plans[(tokens, has_bias)] = (fwd.plan, wt.plan)
+        return hit
 
     # ---- the three GEMMs ------------------------------------------------------------------
     def forward(self, x2: torch.Tensor, addend: torch.Tensor | None = None,

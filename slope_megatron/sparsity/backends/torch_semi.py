@@ -84,6 +84,7 @@ class TorchSemiBackend(CublasBackend):
 
     name = "torch-semi"
     function = TorchSemiSlopeLinearFunction
+    native = False  # the native step is cublas's GEMMs, not torch's sparse path
     fallback_name = "the cublas backend"
 
     def unsupported_reason(self, layer, x: torch.Tensor) -> str | None:

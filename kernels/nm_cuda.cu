@@ -1,0 +1,192 @@
+// 2:4 gather and scatter at a packed mask's positions, for 16-bit elements (bf16, fp16).
+//
+// Why CUDA here when kernels/nm_triton.py has the same two operations: these are launched from
+// the native layer step (slope_step.cpp), whose backward runs on autograd's device thread with
+// no Python at all; a Triton kernel can only be launched from Python. The results are the Triton
+// kernels' exactly (both only move bits).
+//
+// A mask is packed 8 entries per byte along a row (bit i of byte j is column 8 j + i), so with
+// cols % 8 == 0 byte i covers dense entries 8 i .. 8 i + 7 (two groups of four) and kept values
+// 4 i .. 4 i + 3. One thread per mask byte: a 16-byte load and an 8-byte store when the
+// pointers are aligned for them, element by element otherwise (a parameter view into a
+// DeepSpeed flat buffer need not be).
+#include "nm_cuda.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstdint>
+
+namespace slope {
+namespace {
+
+constexpr int kThreads = 256;
+
+// A group's two kept positions from its 4 mask bits: lowest and highest set bit (3 and 0 for an
+// empty group, as the Triton kernels; a valid 2:4 mask has none).
+__device__ __forceinline__ int low_bit(unsigned nib) { return nib ? __ffs(nib) - 1 : 3; }
+__device__ __forceinline__ int high_bit(unsigned nib) { return nib ? 31 - __clz(nib) : 0; }
+
+// A group of four 16-bit entries is one 64-bit word: entry p in bits [16 p, 16 p + 16).
+__device__ __forceinline__ uint32_t pick_pair(uint64_t group, unsigned nib) {
+  uint32_t v0 = static_cast<uint32_t>(group >> (16 * low_bit(nib))) & 0xffffu;
+  uint32_t v1 = static_cast<uint32_t>(group >> (16 * high_bit(nib))) & 0xffffu;
+  return v0 | (v1 << 16);
+}
+
+// The group holding `pair` at its mask's two positions (the first value wins if they coincide)
+// and zero wherever `keep` has no bit.
+__device__ __forceinline__ uint64_t place_pair(uint32_t pair, unsigned nib, unsigned keep) {
+  const int p0 = low_bit(nib), p1 = high_bit(nib);
+  uint64_t g = static_cast<uint64_t>(pair >> 16) << (16 * p1);
+  g = (g & ~(0xffffull << (16 * p0))) | (static_cast<uint64_t>(pair & 0xffffu) << (16 * p0));
+  uint64_t lanes = 0;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if ((keep >> k) & 1u) lanes |= 0xffffull << (16 * k);
+  }
+  return g & lanes;
+}
+
+template <bool kVector>
+__global__ void gather_kernel(const uint16_t* __restrict__ dense, const uint8_t* __restrict__ bits,
+                              uint16_t* __restrict__ out, int64_t n_bytes) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n_bytes) return;
+  const unsigned b = bits[i];
+  uint64_t g0 = 0, g1 = 0;
+  if (kVector) {
+    const uint4 v = reinterpret_cast<const uint4*>(dense)[i];
+    g0 = v.x | (static_cast<uint64_t>(v.y) << 32);
+    g1 = v.z | (static_cast<uint64_t>(v.w) << 32);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      g0 |= static_cast<uint64_t>(dense[8 * i + k]) << (16 * k);
+      g1 |= static_cast<uint64_t>(dense[8 * i + 4 + k]) << (16 * k);
+    }
+  }
+  const uint32_t o0 = pick_pair(g0, b & 15u), o1 = pick_pair(g1, b >> 4);
+  if (kVector) {
+    reinterpret_cast<uint2*>(out)[i] = make_uint2(o0, o1);
+  } else {
+    out[4 * i] = o0 & 0xffffu;
+    out[4 * i + 1] = o0 >> 16;
+    out[4 * i + 2] = o1 & 0xffffu;
+    out[4 * i + 3] = o1 >> 16;
+  }
+}
+
+template <bool kVector, bool kColumn>
+__global__ void scatter_kernel(const uint16_t* __restrict__ values,
+                               const uint8_t* __restrict__ bits,
+                               const uint8_t* __restrict__ column_bits,
+                               uint16_t* __restrict__ out, int64_t n_bytes) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n_bytes) return;
+  const unsigned b = bits[i];
+  const unsigned keep = kColumn ? (b & column_bits[i]) : b;
+  uint32_t q0, q1;
+  if (kVector) {
+    const uint2 v = reinterpret_cast<const uint2*>(values)[i];
+    q0 = v.x;
+    q1 = v.y;
+  } else {
+    q0 = values[4 * i] | (static_cast<uint32_t>(values[4 * i + 1]) << 16);
+    q1 = values[4 * i + 2] | (static_cast<uint32_t>(values[4 * i + 3]) << 16);
+  }
+  const uint64_t g0 = place_pair(q0, b & 15u, keep & 15u);
+  const uint64_t g1 = place_pair(q1, b >> 4, keep >> 4);
+  if (kVector) {
+    reinterpret_cast<uint4*>(out)[i] =
+        make_uint4(static_cast<uint32_t>(g0), static_cast<uint32_t>(g0 >> 32),
+                   static_cast<uint32_t>(g1), static_cast<uint32_t>(g1 >> 32));
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      out[8 * i + k] = static_cast<uint16_t>(g0 >> (16 * k));
+      out[8 * i + 4 + k] = static_cast<uint16_t>(g1 >> (16 * k));
+    }
+  }
+}
+
+bool aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+void check_bits(const at::Tensor& bits, const at::Tensor& like, int64_t rows, int64_t cols,
+                const char* fn, const char* name) {
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.dim() == 2 &&
+                  bits.size(0) == rows && bits.size(1) == cols / 8,
+              fn, ": ", name, " must be a contiguous (", rows, ", ", cols / 8,
+              ") uint8 packed mask, got ", bits.sizes(), " ", bits.scalar_type());
+  TORCH_CHECK(bits.device() == like.device(), fn, ": ", name, " is on ", bits.device(),
+              ", the data on ", like.device());
+}
+
+void check_data(const at::Tensor& t, const char* fn, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.is_contiguous() && t.element_size() == 2, fn,
+              ": ", name, " must be a contiguous 2-D CUDA tensor of a 16-bit dtype, got ",
+              t.sizes(), " ", t.scalar_type(), " on ", t.device());
+}
+
+int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+
+}  // namespace
+
+at::Tensor gather_kept_2to4(const at::Tensor& dense, const at::Tensor& mask_bits) {
+  check_data(dense, "gather_kept_2to4", "dense");
+  const int64_t rows = dense.size(0), cols = dense.size(1);
+  TORCH_CHECK(cols % 8 == 0, "gather_kept_2to4: cols=", cols, " is not a multiple of 8");
+  check_bits(mask_bits, dense, rows, cols, "gather_kept_2to4", "mask_bits");
+  auto out = at::empty({rows, cols / 2}, dense.options());
+  const int64_t n = rows * cols / 8;
+  if (n == 0) return out;
+  c10::cuda::CUDAGuard guard(dense.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto* src = static_cast<const uint16_t*>(dense.data_ptr());
+  auto* dst = static_cast<uint16_t*>(out.data_ptr());
+  auto* b = mask_bits.data_ptr<uint8_t>();
+  if (aligned(src, 16) && aligned(dst, 8)) {
+    gather_kernel<true><<<blocks_for(n), kThreads, 0, stream>>>(src, b, dst, n);
+  } else {
+    gather_kernel<false><<<blocks_for(n), kThreads, 0, stream>>>(src, b, dst, n);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor scatter_kept_2to4(const at::Tensor& values, const at::Tensor& mask_bits,
+                                const c10::optional<at::Tensor>& column_bits) {
+  check_data(values, "scatter_kept_2to4", "values");
+  const int64_t rows = values.size(0), cols = 2 * values.size(1);
+  TORCH_CHECK(cols % 8 == 0, "scatter_kept_2to4: cols=", cols, " is not a multiple of 8");
+  check_bits(mask_bits, values, rows, cols, "scatter_kept_2to4", "mask_bits");
+  const bool has_col = column_bits.has_value() && column_bits->defined();
+  if (has_col) check_bits(*column_bits, values, rows, cols, "scatter_kept_2to4", "column_bits");
+  auto out = at::empty({rows, cols}, values.options());
+  const int64_t n = rows * cols / 8;
+  if (n == 0) return out;
+  c10::cuda::CUDAGuard guard(values.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto* src = static_cast<const uint16_t*>(values.data_ptr());
+  auto* dst = static_cast<uint16_t*>(out.data_ptr());
+  auto* b = mask_bits.data_ptr<uint8_t>();
+  auto* cb = has_col ? column_bits->data_ptr<uint8_t>() : b;
+  const bool vec = aligned(src, 8) && aligned(dst, 16);
+  const int g = blocks_for(n);
+  if (vec && has_col) {
+    scatter_kernel<true, true><<<g, kThreads, 0, stream>>>(src, b, cb, dst, n);
+  } else if (vec) {
+    scatter_kernel<true, false><<<g, kThreads, 0, stream>>>(src, b, cb, dst, n);
+  } else if (has_col) {
+    scatter_kernel<false, true><<<g, kThreads, 0, stream>>>(src, b, cb, dst, n);
+  } else {
+    scatter_kernel<false, false><<<g, kThreads, 0, stream>>>(src, b, cb, dst, n);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace slope

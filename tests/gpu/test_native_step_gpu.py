@@ -1,0 +1,153 @@
+"""The native layer step (C++ autograd functions, CUDA gather/scatter) on a GPU.
+
+It must compute exactly what the Python autograd functions compute - the same GEMMs on the same
+operands - so every output and gradient is compared bit for bit with them (and, through
+layer_helpers, with the reference for cublas), across optimizer steps that change the weights
+and the column mask. Its CUDA gather/scatter must equal the Triton kernels, at aligned and at
+misaligned addresses. And it must be what runs once a token count is tuned, at less host time
+than the Python function (the reason it exists).
+"""
+import time
+
+import pytest
+import torch
+
+from layer_helpers import compare_step, make_pair
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ext():
+    from slope_megatron.sparsity.backends.native import native_ops
+    ops = native_ops()
+    assert ops is not None, "the native extension did not build (see the log above)"
+    return ops
+
+
+def random_mask_bits(rows, cols, col_subset=False):
+    from slope_megatron.sparsity.masks import double_prune_mask, nm_mask, pack_bits
+    w = torch.randn(rows, cols, device="cuda")
+    mask = nm_mask(w, 2, 4)
+    bits = pack_bits(mask)
+    if not col_subset:
+        return bits, None
+    return bits, pack_bits(double_prune_mask(w * mask, 2, 4, row_mask=mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0, 1, 3])  # element offsets: 16-byte aligned or not
+def test_cuda_gather_scatter_equal_triton(ext, dtype, offset):
+    from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
+    rows, cols = 96, 200
+    bits, col_bits = random_mask_bits(rows, cols, col_subset=True)
+    dense = torch.randn(rows * cols + offset, device="cuda", dtype=dtype)[offset:].view(rows, cols)
+    assert torch.equal(ext.gather_kept_2to4(dense, bits), gather_kept_2to4(dense, bits))
+    values = torch.randn(rows * cols // 2 + offset, device="cuda",
+                         dtype=dtype)[offset:].view(rows, cols // 2)
+    assert torch.equal(ext.scatter_kept_2to4(values, bits),
+                       scatter_kept_2to4(values, bits))
+    assert torch.equal(ext.scatter_kept_2to4(values, bits, col_bits),
+                       scatter_kept_2to4(values, bits, col_bits))
+
+
+def test_cuda_gather_refuses_bad_input(ext):
+    bits, _ = random_mask_bits(8, 16)
+    with pytest.raises(RuntimeError, match="16-bit dtype"):
+        ext.gather_kept_2to4(torch.randn(8, 16, device="cuda"), bits)
+    with pytest.raises(RuntimeError, match="packed mask"):
+        ext.gather_kept_2to4(torch.randn(8, 24, device="cuda", dtype=torch.bfloat16), bits)
+
+
+@pytest.mark.parametrize("inn,out,bias,shape", [
+    (768, 768, True, (1024, 768)),
+    (768, 3072, False, (4, 256, 768)),
+    (2048, 2048, True, (8, 512, 2048)),
+    (96, 64, True, (24, 96)),
+])
+def test_native_cublas_step_equals_reference(ext, inn, out, bias, shape):
+    lay, ref = make_pair(inn, out, bias, "cublas")
+    for step in range(4):  # column mask recomputed at steps 0 and 2
+        compare_step(lay, ref, shape, f"{inn}x{out} step {step}")
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        assert "DenseStep" in lay(x).grad_fn.name()  # the native step ran
+
+
+@pytest.mark.parametrize("inn,out,bias,shape", [
+    (768, 3072, True, (2048, 768)),
+    (3072, 768, False, (4, 512, 3072)),
+    (2048, 2048, True, (1024, 2048)),
+])
+def test_native_sparse_step_equals_python_function(ext, monkeypatch, inn, out, bias, shape):
+    from slope_megatron.sparsity.backends import cusparselt
+    lay, twin = make_pair(inn, out, bias, "cusparselt")
+    twin.load_state_dict(lay.state_dict())
+    for step in range(4):  # the first call of a token count tunes its plans in Python
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        xt = x.detach().clone().requires_grad_()
+        y = lay(x)
+        with monkeypatch.context() as m:
+            m.setattr(cusparselt, "native_ops", lambda: None)  # the twin: Python function
+            yt = twin(xt)
+        if step > 0:  # step 0 may run either way (plans tuned by an earlier test or not)
+            assert "SparseStep" in y.grad_fn.name(), y.grad_fn.name()
+        assert "SparseStep" not in yt.grad_fn.name()
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        yt.backward(dy)
+        pairs = [(y, yt), (x.grad, xt.grad), (lay.weight.grad, twin.weight.grad)]
+        if bias:
+            pairs.append((lay.bias.grad, twin.bias.grad))
+        for a, b in pairs:
+            assert torch.equal(a, b), (step, (a.float() - b.float()).abs().max())
+        with torch.no_grad():
+            for pa, pb in zip(lay.parameters(), twin.parameters()):
+                upd = pb.grad.float().sign().to(pb.dtype) * 0.05
+                pa.sub_(upd)
+                pb.sub_(upd)
+                pa.grad = pb.grad = None
+        lay.after_optimizer_step()
+        twin.after_optimizer_step()
+
+
+def test_native_sparse_no_grad_and_column_refresh(ext):
+    """No-grad forwards run natively without W^T; a column-mask refresh before a native
+    forward rebuilds W^T before the C++ backward reads it (checked against the reference)."""
+    lay, ref = make_pair(1024, 2048, True, "cusparselt")
+    for step in range(5):  # refresh every 2 steps
+        compare_step(lay, ref, (512, 1024), f"step {step}", tol=1e-2)
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = lay(x)
+    assert torch.allclose(y.float(), ref(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def host_us(fn, reps=200) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    us = (time.perf_counter() - t0) / reps * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+@pytest.mark.parametrize("backend", ["cublas", "cusparselt"])
+def test_native_step_takes_less_host_time(ext, monkeypatch, backend):
+    """The point of the native step: a layer step (forward + backward) issues its kernels in
+    clearly less host time than through the Python function (tiny T: host-bound)."""
+    from slope_megatron.sparsity.backends import cublas, cusparselt
+    lay, _ = make_pair(768, 768, True, backend)
+    x = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        lay(x).backward(g)
+    native = host_us(step)
+    monkeypatch.setattr(cublas, "native_ops", lambda: None)
+    monkeypatch.setattr(cusparselt, "native_ops", lambda: None)
+    python = host_us(step)
+    print(f"{backend} host us per step: native {native:.1f}, python {python:.1f}")
+    assert native < 0.8 * python, (native, python)
