@@ -75,7 +75,9 @@ struct SparseStep : public torch::autograd::Function<SparseStep> {
       gw = gather_kept_2to4(at::mm(gy2.t(), x2), ctx->saved_data["mask_bits"].toTensor());
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) gb = gy2.sum(0);
-    return {gx, gw, gb, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    // one entry per forward argument, tensors or not (the plans and the flag get none)
+    return {gx, gw, gb, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
+            torch::Tensor(), torch::Tensor()};
   }
 };
 
