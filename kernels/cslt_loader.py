@@ -15,7 +15,7 @@ import os
 _DIR = os.path.dirname(os.path.abspath(__file__))
 # the binding, the native layer step (C++ autograd functions) and its CUDA gather/scatter
 _SOURCES = [os.path.join(_DIR, name) for name in ("cslt_binding.cpp", "slope_step.cpp",
-                                                   "nm_cuda.cu")]
+                                                   "nm_ops.cpp", "nm_cuda.cu")]
 
 
 class CusparseltUnavailable(RuntimeError):

@@ -9,14 +9,8 @@
 // cols % 8 == 0 byte i covers dense entries 8 i .. 8 i + 7 (two groups of four) and kept values
 // 4 i .. 4 i + 3. One thread per mask byte: a 16-byte load and an 8-byte store when the
 // pointers are aligned for them, element by element otherwise (a parameter view into a
-// DeepSpeed flat buffer need not be).
+// DeepSpeed flat buffer need not be). Argument checks: nm_ops.cpp.
 #include "nm_cuda.h"
-
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include <cstdint>
 
 namespace slope {
 namespace {
@@ -115,78 +109,42 @@ bool aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
-void check_bits(const at::Tensor& bits, const at::Tensor& like, int64_t rows, int64_t cols,
-                const char* fn, const char* name) {
-  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.dim() == 2 &&
-                  bits.size(0) == rows && bits.size(1) == cols / 8,
-              fn, ": ", name, " must be a contiguous (", rows, ", ", cols / 8,
-              ") uint8 packed mask, got ", bits.sizes(), " ", bits.scalar_type());
-  TORCH_CHECK(bits.device() == like.device(), fn, ": ", name, " is on ", bits.device(),
-              ", the data on ", like.device());
-}
-
-void check_data(const at::Tensor& t, const char* fn, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.is_contiguous() && t.element_size() == 2, fn,
-              ": ", name, " must be a contiguous 2-D CUDA tensor of a 16-bit dtype, got ",
-              t.sizes(), " ", t.scalar_type(), " on ", t.device());
-}
-
-int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 }  // namespace
 
-at::Tensor gather_kept_2to4(const at::Tensor& dense, const at::Tensor& mask_bits) {
-  check_data(dense, "gather_kept_2to4", "dense");
-  const int64_t rows = dense.size(0), cols = dense.size(1);
-  TORCH_CHECK(cols % 8 == 0, "gather_kept_2to4: cols=", cols, " is not a multiple of 8");
-  check_bits(mask_bits, dense, rows, cols, "gather_kept_2to4", "mask_bits");
-  auto out = at::empty({rows, cols / 2}, dense.options());
-  const int64_t n = rows * cols / 8;
-  if (n == 0) return out;
-  c10::cuda::CUDAGuard guard(dense.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
-  auto* src = static_cast<const uint16_t*>(dense.data_ptr());
-  auto* dst = static_cast<uint16_t*>(out.data_ptr());
-  auto* b = mask_bits.data_ptr<uint8_t>();
+cudaError_t launch_gather_kept_2to4(const void* dense, const uint8_t* bits, void* out,
+                                    int64_t n_bytes, cudaStream_t stream) {
+  if (n_bytes == 0) return cudaSuccess;
+  auto* src = static_cast<const uint16_t*>(dense);
+  auto* dst = static_cast<uint16_t*>(out);
   if (aligned(src, 16) && aligned(dst, 8)) {
-    gather_kernel<true><<<blocks_for(n), kThreads, 0, stream>>>(src, b, dst, n);
+    gather_kernel<true><<<blocks_for(n_bytes), kThreads, 0, stream>>>(src, bits, dst, n_bytes);
   } else {
-    gather_kernel<false><<<blocks_for(n), kThreads, 0, stream>>>(src, b, dst, n);
+    gather_kernel<false><<<blocks_for(n_bytes), kThreads, 0, stream>>>(src, bits, dst, n_bytes);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return cudaGetLastError();
 }
 
-at::Tensor scatter_kept_2to4(const at::Tensor& values, const at::Tensor& mask_bits,
-                                const c10::optional<at::Tensor>& column_bits) {
-  check_data(values, "scatter_kept_2to4", "values");
-  const int64_t rows = values.size(0), cols = 2 * values.size(1);
-  TORCH_CHECK(cols % 8 == 0, "scatter_kept_2to4: cols=", cols, " is not a multiple of 8");
-  check_bits(mask_bits, values, rows, cols, "scatter_kept_2to4", "mask_bits");
-  const bool has_col = column_bits.has_value() && column_bits->defined();
-  if (has_col) check_bits(*column_bits, values, rows, cols, "scatter_kept_2to4", "column_bits");
-  auto out = at::empty({rows, cols}, values.options());
-  const int64_t n = rows * cols / 8;
-  if (n == 0) return out;
-  c10::cuda::CUDAGuard guard(values.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
-  auto* src = static_cast<const uint16_t*>(values.data_ptr());
-  auto* dst = static_cast<uint16_t*>(out.data_ptr());
-  auto* b = mask_bits.data_ptr<uint8_t>();
-  auto* cb = has_col ? column_bits->data_ptr<uint8_t>() : b;
-  const bool vec = aligned(src, 8) && aligned(dst, 16);
-  const int g = blocks_for(n);
-  if (vec && has_col) {
-    scatter_kernel<true, true><<<g, kThreads, 0, stream>>>(src, b, cb, dst, n);
+cudaError_t launch_scatter_kept_2to4(const void* values, const uint8_t* bits,
+                                     const uint8_t* column_bits, void* out, int64_t n_bytes,
+                                     cudaStream_t stream) {
+  if (n_bytes == 0) return cudaSuccess;
+  auto* src = static_cast<const uint16_t*>(values);
+  auto* dst = static_cast<uint16_t*>(out);
+  const bool vec = aligned(src, 8) && aligned(dst, 16), col = column_bits != nullptr;
+  const uint8_t* cb = col ? column_bits : bits;
+  const unsigned g = blocks_for(n_bytes);
+  if (vec && col) {
+    scatter_kernel<true, true><<<g, kThreads, 0, stream>>>(src, bits, cb, dst, n_bytes);
   } else if (vec) {
-    scatter_kernel<true, false><<<g, kThreads, 0, stream>>>(src, b, cb, dst, n);
-  } else if (has_col) {
-    scatter_kernel<false, true><<<g, kThreads, 0, stream>>>(src, b, cb, dst, n);
+    scatter_kernel<true, false><<<g, kThreads, 0, stream>>>(src, bits, cb, dst, n_bytes);
+  } else if (col) {
+    scatter_kernel<false, true><<<g, kThreads, 0, stream>>>(src, bits, cb, dst, n_bytes);
   } else {
-    scatter_kernel<false, false><<<g, kThreads, 0, stream>>>(src, b, cb, dst, n);
+    scatter_kernel<false, false><<<g, kThreads, 0, stream>>>(src, bits, cb, dst, n_bytes);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return cudaGetLastError();
 }
 
 }  // namespace slope

@@ -1,18 +1,26 @@
-// 2:4 gather and scatter at a packed mask's positions (nm_cuda.cu), for the native layer step.
-// ATen only (no pybind, no autograd headers): nvcc compiles this translation unit fastest so.
+// 2:4 gather and scatter kernels at a packed mask's positions (nm_cuda.cu), for the native step.
+//
+// Plain CUDA, no ATen or iostream: the tensor-level checks live in nm_ops.cpp, compiled by the
+// host compiler. An nvcc translation unit that pulls in ATen's headers emits its own copies of
+// libstdc++'s stream templates, and with them every error message the extension formatted
+// crashed instead of raising (seen on the H100 image).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
 
 namespace slope {
 
-// Kept entries (rows, cols/2), in row-major mask order, of a contiguous 16-bit (rows, cols)
-// tensor under a 2:4 mask packed 8 entries per byte (rows, cols/8); cols % 8 == 0.
-at::Tensor gather_kept_2to4(const at::Tensor& dense, const at::Tensor& mask_bits);
+// Kept values (n_bytes * 4 of them) of a row-major 16-bit dense tensor (n_bytes * 8 entries,
+// rows a multiple of 8 long) under its packed 2:4 mask (n_bytes bytes). Returns the launch status.
+cudaError_t launch_gather_kept_2to4(const void* dense, const uint8_t* bits, void* out,
+                                    int64_t n_bytes, cudaStream_t stream);
 
-// Inverse of gather_kept_2to4: the dense (rows, 2*half) tensor holding `values` at the mask's
-// positions and 0 elsewhere; with column_bits (a subset of the mask) also 0 where it is 0.
-at::Tensor scatter_kept_2to4(const at::Tensor& values, const at::Tensor& mask_bits,
-                             const c10::optional<at::Tensor>& column_bits);
+// Inverse: the dense tensor from its kept values, zero elsewhere and, with column_bits (may be
+// null), also where that mask is 0.
+cudaError_t launch_scatter_kept_2to4(const void* values, const uint8_t* bits,
+                                     const uint8_t* column_bits, void* out, int64_t n_bytes,
+                                     cudaStream_t stream);
 
 }  // namespace slope

@@ -1,13 +1,21 @@
-// The native SLoPe layer step (slope_step.cpp): declarations for the binding.
+// The native SLoPe layer step (slope_step.cpp) and its 2:4 gather/scatter (nm_ops.cpp):
+// declarations for the binding.
 #pragma once
 
 #include <torch/extension.h>
 
-#include "nm_cuda.h"
-
 namespace slope {
 
 class Plan;
+
+// Kept entries (rows, cols/2), in row-major mask order, of a contiguous 16-bit (rows, cols)
+// tensor under a 2:4 mask packed 8 entries per byte (rows, cols/8); cols % 8 == 0 (nm_ops.cpp).
+at::Tensor gather_kept_2to4(const at::Tensor& dense, const at::Tensor& mask_bits);
+
+// Inverse of gather_kept_2to4: the dense (rows, 2*half) tensor holding `values` at the mask's
+// positions and 0 elsewhere; with column_bits (a subset of the mask) also 0 where it is 0.
+at::Tensor scatter_kept_2to4(const at::Tensor& values, const at::Tensor& mask_bits,
+                             const c10::optional<at::Tensor>& column_bits);
 
 // Y = X (W*M)^T + b on the compressed W, with a C++ backward: dX on the compressed W_RC^T,
 // dW = (dY^T X)[M] by cuBLAS + gather, db = sum dY. The plans must be tuned already.

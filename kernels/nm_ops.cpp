@@ -1,0 +1,61 @@
+// Tensor-level 2:4 gather and scatter for the native step: argument checks, output allocation,
+// stream, then the CUDA kernels of nm_cuda.cu (which see raw pointers only).
+#include "slope_step.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "nm_cuda.h"
+
+namespace slope {
+namespace {
+
+void check_data(const at::Tensor& t, const char* fn, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.is_contiguous() && t.element_size() == 2, fn,
+              ": ", name, " must be a contiguous 2-D CUDA tensor of a 16-bit dtype, got ",
+              t.sizes(), " ", t.scalar_type(), " on ", t.device());
+}
+
+void check_bits(const at::Tensor& bits, const at::Tensor& like, int64_t rows, int64_t cols,
+                const char* fn, const char* name) {
+  TORCH_CHECK(cols % 8 == 0, fn, ": ", cols, " columns is not a multiple of 8");
+  TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.dim() == 2 &&
+                  bits.size(0) == rows && bits.size(1) == cols / 8,
+              fn, ": ", name, " must be a contiguous (", rows, ", ", cols / 8,
+              ") uint8 packed mask, got ", bits.sizes(), " ", bits.scalar_type());
+  TORCH_CHECK(bits.device() == like.device(), fn, ": ", name, " is on ", bits.device(),
+              ", the data on ", like.device());
+}
+
+}  // namespace
+
+at::Tensor gather_kept_2to4(const at::Tensor& dense, const at::Tensor& mask_bits) {
+  check_data(dense, "gather_kept_2to4", "dense");
+  const int64_t rows = dense.size(0), cols = dense.size(1);
+  check_bits(mask_bits, dense, rows, cols, "gather_kept_2to4", "mask_bits");
+  auto out = at::empty({rows, cols / 2}, dense.options());
+  c10::cuda::CUDAGuard guard(dense.device());
+  C10_CUDA_CHECK(launch_gather_kept_2to4(dense.data_ptr(), mask_bits.data_ptr<uint8_t>(),
+                                         out.data_ptr(), rows * cols / 8,
+                                         at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor scatter_kept_2to4(const at::Tensor& values, const at::Tensor& mask_bits,
+                             const c10::optional<at::Tensor>& column_bits) {
+  check_data(values, "scatter_kept_2to4", "values");
+  const int64_t rows = values.size(0), cols = 2 * values.size(1);
+  check_bits(mask_bits, values, rows, cols, "scatter_kept_2to4", "mask_bits");
+  const bool has_col = column_bits.has_value() && column_bits->defined();
+  if (has_col) check_bits(*column_bits, values, rows, cols, "scatter_kept_2to4", "column_bits");
+  auto out = at::empty({rows, cols}, values.options());
+  c10::cuda::CUDAGuard guard(values.device());
+  C10_CUDA_CHECK(launch_scatter_kept_2to4(
+      values.data_ptr(), mask_bits.data_ptr<uint8_t>(),
+      has_col ? column_bits->data_ptr<uint8_t>() : nullptr, out.data_ptr(), rows * cols / 8,
+      at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace slope
