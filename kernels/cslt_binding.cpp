@@ -43,8 +43,8 @@ void compress(torch::Tensor dense, torch::Tensor out) {
   structured_desc(h, &d, dense.size(0), dense.size(1), dense.scalar_type());
   size_t size = 0, bufsize = 0;
   CSLT_CHECK(cusparseLtSpMMACompressedSize2(h, &d, &size, &bufsize));
-  TORCH_CHECK(out.numel() >= static_cast<int64_t>(size), "compress: out has ", out.numel(),
-              " bytes, needs ", size);
+  TORCH_CHECK(out.numel() >= static_cast<int64_t>(size), "compress: out has ", slope::num(out.numel()),
+              " bytes, needs ", slope::num(static_cast<int64_t>(size)));
   auto tmp = torch::empty({static_cast<int64_t>(bufsize) + 16}, out.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
   cusparseStatus_t st = cusparseLtSpMMACompress2(h, &d, 1, CUSPARSE_OPERATION_NON_TRANSPOSE,

@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cusparseLt.h>
 
+#include "check_text.h"
+
 #include <map>
 #include <memory>
 #include <mutex>
@@ -25,7 +27,7 @@ namespace slope {
   do {                                                                                       \
     cusparseStatus_t st_ = (call);                                                           \
     TORCH_CHECK(st_ == CUSPARSE_STATUS_SUCCESS, "cuSPARSELt call ", #call, " failed: ",      \
-                cusparseLtGetErrorName(st_), " (", static_cast<int>(st_), "): ",             \
+                cusparseLtGetErrorName(st_), " (", std::to_string(static_cast<int>(st_)), "): ", \
                 cusparseLtGetErrorString(st_));                                              \
   } while (0)
 
@@ -57,7 +59,8 @@ inline cudaDataType cuda_type(at::ScalarType t) {
   switch (t) {
     case at::kBFloat16: return CUDA_R_16BF;
     case at::kHalf: return CUDA_R_16F;
-    default: TORCH_CHECK(false, "cuSPARSELt binding supports bfloat16 and float16, got ", t);
+    default: TORCH_CHECK(false, "cuSPARSELt binding supports bfloat16 and float16, got ",
+                          c10::toString(t));
   }
   return CUDA_R_16BF;
 }
@@ -74,8 +77,8 @@ inline void structured_desc(cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* d,
 
 inline void check_cuda_tensor(const torch::Tensor& t, const char* name, int device) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.get_device() == device, name, " is on cuda:", t.get_device(),
-              " but the plan was made for cuda:", device);
+  TORCH_CHECK(t.get_device() == device, name, " is on cuda:", num(t.get_device()),
+              " but the plan was made for cuda:", num(device));
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % kAlign == 0, name,
               " must be 16-byte aligned");
@@ -148,7 +151,7 @@ class Plan {
     if (bias.has_value()) {
       TORCH_CHECK(with_bias_, "this plan was created without a bias epilogue");
       check_cuda_tensor(*bias, "bias", device_);
-      TORCH_CHECK(bias->numel() == m_ && bias->scalar_type() == dtype_, "bias must have ", m_,
+      TORCH_CHECK(bias->numel() == m_ && bias->scalar_type() == dtype_, "bias must have ", num(m_),
                   " elements of the plan's dtype");
       set_bias(bias->data_ptr());
     } else if (with_bias_) {
@@ -160,7 +163,7 @@ class Plan {
     if (c.has_value()) {
       check_cuda_tensor(*c, "C", device_);
       TORCH_CHECK(c->size(0) == n_ && c->size(1) == m_ && c->scalar_type() == dtype_,
-                  "C must be (", n_, ", ", m_, ") of the plan's dtype");
+                  "C must be (", num(n_), ", ", num(m_), ") of the plan's dtype");
       cptr = c->data_ptr();
       fbeta = static_cast<float>(beta);
     }
@@ -215,12 +218,12 @@ class Plan {
     check_cuda_tensor(a_comp, "compressed A", device_);
     check_cuda_tensor(b, "B", device_);
     TORCH_CHECK(a_comp.scalar_type() == at::kByte, "compressed A must be uint8");
-    TORCH_CHECK(a_comp.numel() >= compressed_bytes_, "compressed A has ", a_comp.numel(),
-                " bytes; this plan needs ", compressed_bytes_);
-    TORCH_CHECK(b.dim() == 2 && b.size(0) == n_ && b.size(1) == k_, "B must be (", n_, ", ", k_,
-                "), got ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == dtype_, "B has dtype ", b.scalar_type(), ", plan has ",
-                dtype_);
+    TORCH_CHECK(a_comp.numel() >= compressed_bytes_, "compressed A has ", num(a_comp.numel()),
+                " bytes; this plan needs ", num(compressed_bytes_));
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == n_ && b.size(1) == k_, "B must be (", num(n_), ", ",
+                num(k_), "), got ", dims(b.sizes()));
+    TORCH_CHECK(b.scalar_type() == dtype_, "B has dtype ", c10::toString(b.scalar_type()),
+                ", plan has ", c10::toString(dtype_));
   }
 
   template <typename F>

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "check_text.h"
 #include "nm_cuda.h"
 
 namespace slope {
@@ -14,18 +15,18 @@ namespace {
 void check_data(const at::Tensor& t, const char* fn, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.is_contiguous() && t.element_size() == 2, fn,
               ": ", name, " must be a contiguous 2-D CUDA tensor of a 16-bit dtype, got ",
-              t.sizes(), " ", t.scalar_type(), " on ", t.device());
+              describe(t));
 }
 
 void check_bits(const at::Tensor& bits, const at::Tensor& like, int64_t rows, int64_t cols,
                 const char* fn, const char* name) {
-  TORCH_CHECK(cols % 8 == 0, fn, ": ", cols, " columns is not a multiple of 8");
+  TORCH_CHECK(cols % 8 == 0, fn, ": ", num(cols), " columns is not a multiple of 8");
   TORCH_CHECK(bits.scalar_type() == at::kByte && bits.is_contiguous() && bits.dim() == 2 &&
                   bits.size(0) == rows && bits.size(1) == cols / 8,
-              fn, ": ", name, " must be a contiguous (", rows, ", ", cols / 8,
-              ") uint8 packed mask, got ", bits.sizes(), " ", bits.scalar_type());
-  TORCH_CHECK(bits.device() == like.device(), fn, ": ", name, " is on ", bits.device(),
-              ", the data on ", like.device());
+              fn, ": ", name, " must be a contiguous (", num(rows), ", ", num(cols / 8),
+              ") uint8 packed mask, got ", describe(bits));
+  TORCH_CHECK(bits.device() == like.device(), fn, ": ", name, " is on ", bits.device().str(),
+              ", the data on ", like.device().str());
 }
 
 }  // namespace

@@ -62,7 +62,7 @@ def test_native_sources_are_built_and_packaged():
     names = {os.path.basename(s) for s in loader._SOURCES}
     assert {"cslt_binding.cpp", "slope_step.cpp", "nm_ops.cpp", "nm_cuda.cu"} <= names
     kernel_dir = os.path.dirname(loader.__file__)
-    for header in ("cslt_plan.h", "slope_step.h", "nm_cuda.h"):
+    for header in ("cslt_plan.h", "slope_step.h", "nm_cuda.h", "check_text.h"):
         assert os.path.isfile(os.path.join(kernel_dir, header)), header
 
 

@@ -51,12 +51,21 @@ def test_cuda_gather_scatter_equal_triton(ext, dtype, offset):
                        scatter_kept_2to4(values, bits, col_bits))
 
 
-def test_cuda_gather_refuses_bad_input(ext):
+def test_extension_errors_raise_with_numbers_in_them(ext):
+    """Messages with numbers, shapes and dtypes raise (kernels/check_text.h says why this is
+    tested: formatted through an ostream they crashed the process on the GPU image)."""
     bits, _ = random_mask_bits(8, 16)
-    with pytest.raises(RuntimeError, match="16-bit dtype"):
+    with pytest.raises(RuntimeError, match=r"16-bit dtype, got \(8, 16\) Float on cuda"):
         ext.gather_kept_2to4(torch.randn(8, 16, device="cuda"), bits)
-    with pytest.raises(RuntimeError, match="packed mask"):
+    with pytest.raises(RuntimeError, match=r"must be a contiguous \(8, 3\) uint8 packed mask"):
         ext.gather_kept_2to4(torch.randn(8, 24, device="cuda", dtype=torch.bfloat16), bits)
+    plan = ext.Plan(64, 64, 16, "bfloat16", 0)
+    big = torch.zeros(1 << 16, dtype=torch.uint8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"B must be \(16, 64\), got \(16, 32\)"):
+        plan.matmul(big, torch.zeros(16, 32, dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(RuntimeError, match=r"compress: out has 4 bytes, needs \d+"):
+        ext.compress(torch.zeros(64, 64, dtype=torch.bfloat16, device="cuda"),
+                     torch.zeros(4, dtype=torch.uint8, device="cuda"))
 
 
 @pytest.mark.parametrize("inn,out,bias,shape", [
