@@ -89,7 +89,8 @@ def test_native_cublas_step_equals_reference(ext, inn, out, bias, shape):
 ])
 def test_native_sparse_step_equals_python_function(ext, monkeypatch, inn, out, bias, shape):
     from slope_megatron.sparsity.backends import cusparselt
-    lay, twin = make_pair(inn, out, bias, "cusparselt")
+    lay, _ = make_pair(inn, out, bias, "cusparselt")
+    twin, _ = make_pair(inn, out, bias, "cusparselt")
     twin.load_state_dict(lay.state_dict())
     for step in range(4):  # the first call of a token count tunes its plans in Python
         x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
