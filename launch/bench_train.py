@@ -37,9 +37,13 @@ ARMS = {
     # adapters on from the middle of the run, so the measured (last) window has them active
     "slope-adapters": ["sparsity.enabled=true", "sparsity.backend=auto", "adapters.enabled=true",
                        "adapters.fraction=0.5"],
+    # the layer steps through the Python autograd functions instead of the native (C++) step
+    "slope-python": ["sparsity.enabled=true", "sparsity.backend=auto"],
 }
+ARM_ENV = {"slope-python": {"SLOPE_NATIVE_STEP": "0"}}  # environment of an arm's process
 # the same without torch.compile of the block regions (on by default on a GPU): before/after
 ARMS.update({f"{arm}-eager": [*ARMS[arm], "train.compile=false"] for arm in list(ARMS)})
+ARM_ENV.update({f"{arm}-eager": env for arm, env in list(ARM_ENV.items())})
 
 
 def add_arguments(p) -> None:
@@ -68,7 +72,7 @@ def _run_arm(args, arm: str) -> dict:
                  *args.set, *ARMS[arm], f"train.output_dir={out}"]
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config,
            "--set", *overrides]
-    env = checkout_env()
+    env = {**checkout_env(), **ARM_ENV.get(arm, {})}
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, text=True, capture_output=True)
     wall_s = round(time.perf_counter() - start, 1)  # whole run: start-up, compile, steps

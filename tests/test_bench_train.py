@@ -3,8 +3,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 from corpus_helpers import write_corpus
+from launch_helpers import load_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,21 @@ def test_bench_train_reports_each_arm_against_dense(tmp_path):
     # a second run into the same directory is refused instead of mixing results
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+def test_python_arm_turns_the_native_step_off(tmp_path, monkeypatch):
+    """`slope-python` is `slope` with SLOPE_NATIVE_STEP=0 in its process (and only there)."""
+    bench_train = load_launch("bench_train")
+    seen = {}
+
+    def fake_run(cmd, env, **kw):
+        seen[cmd[cmd.index("--set") + 1:][-1]] = env.get("SLOPE_NATIVE_STEP")
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(bench_train.subprocess, "run", fake_run)
+    args = SimpleNamespace(out=str(tmp_path), iters=2, log_interval=1, keep_checkpoints=False,
+                           set=[], config="configs/gpt2-small.yaml")
+    for arm in ("slope", "slope-python", "slope-python-eager"):
+        with pytest.raises(RuntimeError, match="stop here"):
+            bench_train._run_arm(args, arm)
+    assert bench_train.ARMS["slope-python"] == bench_train.ARMS["slope"]
+    assert list(seen.values()) == [None, "0", "0"]
