@@ -84,7 +84,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
           pybind11::arg("fwd_buf"), pybind11::arg("wt_buf"), pybind11::arg("mask_bits"),
           pybind11::arg("fwd_plan"), pybind11::arg("wt_plan"),
-          pybind11::arg("bias_in_epilogue"));
+          pybind11::arg("bias_in_epilogue"), pybind11::arg("wt_codes") = pybind11::none(),
+          pybind11::arg("wt_meta") = pybind11::none());
+  mod.def("gather_wt_values", &slope::gather_wt_values,
+          "W_RC^T's compressed values (into out) from the kept values by per-slot codes",
+          pybind11::arg("weight"), pybind11::arg("codes"), pybind11::arg("out"));
   mod.def("dense_slope_linear", &slope::dense_slope_linear,
           "SLoPe linear on dense GEMMs with scattered operands (forward + native backward)",
           pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),

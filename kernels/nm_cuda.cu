@@ -105,6 +105,24 @@ __global__ void scatter_kernel(const uint16_t* __restrict__ values,
   }
 }
 
+// W_RC^T's compressed values from the kept-values weight (out, k_w), one thread per slot:
+// code 1 + p + 4 r (1..8) = weight[4 (s / 2) + p, (j / 4) * 2 + r]; 0 or 9 (filler) = 0.
+// The layout and codes are those of kernels/nm_triton.py's gather_wt_values.
+__global__ void gather_wt_kernel(const uint16_t* __restrict__ w, const uint8_t* __restrict__ codes,
+                                 uint16_t* __restrict__ out, int64_t n_rows, int64_t n_slots,
+                                 int64_t k_w) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n_rows * n_slots) return;
+  const int64_t j = i / n_slots, s = i % n_slots;
+  const int code = codes[i];
+  uint16_t v = 0;
+  if (code >= 1 && code <= 8) {
+    const int c = code - 1, p = c & 3, r = (c >> 2) & 1;
+    v = w[(4 * (s / 2) + p) * k_w + (j / 4) * 2 + r];
+  }
+  out[i] = v;
+}
+
 bool aligned(const void* p, uintptr_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
@@ -144,6 +162,17 @@ cudaError_t launch_scatter_kept_2to4(const void* values, const uint8_t* bits,
   } else {
     scatter_kernel<false, false><<<g, kThreads, 0, stream>>>(src, bits, cb, dst, n_bytes);
   }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gather_wt_values(const void* weight, const uint8_t* codes, void* out,
+                                    int64_t n_rows, int64_t n_slots, int64_t k_w,
+                                    cudaStream_t stream) {
+  const int64_t n = n_rows * n_slots;
+  if (n == 0) return cudaSuccess;
+  gather_wt_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
+      static_cast<const uint16_t*>(weight), codes, static_cast<uint16_t*>(out), n_rows, n_slots,
+      k_w);
   return cudaGetLastError();
 }
 

@@ -23,4 +23,10 @@ cudaError_t launch_scatter_kept_2to4(const void* values, const uint8_t* bits,
                                      const uint8_t* column_bits, void* out, int64_t n_bytes,
                                      cudaStream_t stream);
 
+// The values block (n_rows = in, n_slots = out / 2) of the compressed double-pruned W_RC^T,
+// gathered from the kept-values weight (out, k_w = in / 2) by per-slot codes (nm_triton.py).
+cudaError_t launch_gather_wt_values(const void* weight, const uint8_t* codes, void* out,
+                                    int64_t n_rows, int64_t n_slots, int64_t k_w,
+                                    cudaStream_t stream);
+
 }  // namespace slope

@@ -59,4 +59,25 @@ at::Tensor scatter_kept_2to4(const at::Tensor& values, const at::Tensor& mask_bi
   return out;
 }
 
+void gather_wt_values(const at::Tensor& weight, const at::Tensor& codes, const at::Tensor& out) {
+  check_data(weight, "gather_wt_values", "weight");
+  check_data(out, "gather_wt_values", "out");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous() &&
+                  codes.device() == weight.device(),
+              "gather_wt_values: codes must be contiguous 2-D uint8 on ", weight.device().str(),
+              ", got ", describe(codes));
+  const int64_t n_rows = codes.size(0), n_slots = codes.size(1);
+  TORCH_CHECK(out.sizes() == codes.sizes() && out.scalar_type() == weight.scalar_type() &&
+                  out.device() == weight.device(),
+              "gather_wt_values: out must be ", dims(codes.sizes()), " like the codes, of the "
+              "weight's dtype and device, got ", describe(out));
+  TORCH_CHECK(weight.size(0) == 2 * n_slots && weight.size(1) * 2 == n_rows,
+              "gather_wt_values: weight must be (", num(2 * n_slots), ", ", num(n_rows / 2),
+              ") for codes ", dims(codes.sizes()), ", got ", dims(weight.sizes()));
+  c10::cuda::CUDAGuard guard(weight.device());
+  C10_CUDA_CHECK(launch_gather_wt_values(weight.data_ptr(), codes.data_ptr<uint8_t>(),
+                                         out.data_ptr(), n_rows, n_slots, weight.size(1),
+                                         at::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace slope

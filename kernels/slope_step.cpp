@@ -11,6 +11,7 @@
 
 #include <torch/autograd.h>
 
+#include "check_text.h"
 #include "cslt_plan.h"
 
 namespace slope {
@@ -29,7 +30,21 @@ std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
-// cusparselt backend, operands kept: forward on the compressed W, dX on the compressed W_RC^T.
+// Per-call operands: W_RC^T built in the shared scratch (uint8) right before its GEMM, values
+// gathered from the kept-values weight by the layer's codes, then its metadata block; returns
+// the compressed operand (a view of the scratch).
+torch::Tensor fill_wt_scratch(const torch::Tensor& scratch, const torch::Tensor& weight,
+                              const torch::Tensor& codes, const torch::Tensor& meta) {
+  const int64_t val_bytes = codes.numel() * weight.element_size();
+  TORCH_CHECK(scratch.numel() >= val_bytes + meta.numel(), "sparse_slope_linear: the W^T scratch "
+              "has ", num(scratch.numel()), " bytes, needs ", num(val_bytes + meta.numel()));
+  auto values = scratch.narrow(0, 0, val_bytes).view(weight.scalar_type()).view(codes.sizes());
+  gather_wt_values(weight.contiguous(), codes, values);
+  scratch.narrow(0, val_bytes, meta.numel()).copy_(meta);
+  return scratch.narrow(0, 0, val_bytes + meta.numel());
+}
+
+// cusparselt backend (operands kept, or per call with the W^T scratch filled in backward): forward on the compressed W, dX on the compressed W_RC^T.
 // The compressed buffers and plans are the layer cache's (cusparselt_cache.py); the plans live
 // as long as the process (the plan cache never drops one), so raw pointers are safe to keep.
 struct SparseStep : public torch::autograd::Function<SparseStep> {
@@ -39,7 +54,9 @@ struct SparseStep : public torch::autograd::Function<SparseStep> {
                                const torch::Tensor& fwd_buf,
                                const c10::optional<torch::Tensor>& wt_buf,
                                const torch::Tensor& mask_bits, Plan* fwd_plan, Plan* wt_plan,
-                               bool bias_in_epilogue) {
+                               bool bias_in_epilogue,
+                               const c10::optional<torch::Tensor>& wt_codes,
+                               const c10::optional<torch::Tensor>& wt_meta) {
     auto x2 = as_rows(x);
     const bool has_bias = bias.has_value() && bias->defined();
     torch::Tensor y;
@@ -51,6 +68,8 @@ struct SparseStep : public torch::autograd::Function<SparseStep> {
     }
     ctx->save_for_backward({x2, weight});  // weight: autograd checks it is not changed in place
     ctx->saved_data["wt_buf"] = wt_buf.has_value() ? *wt_buf : torch::Tensor();
+    ctx->saved_data["wt_codes"] = wt_codes.has_value() ? *wt_codes : torch::Tensor();
+    ctx->saved_data["wt_meta"] = wt_meta.has_value() ? *wt_meta : torch::Tensor();
     ctx->saved_data["mask_bits"] = mask_bits;
     ctx->saved_data["wt_plan"] = static_cast<int64_t>(reinterpret_cast<intptr_t>(wt_plan));
     ctx->saved_data["has_bias"] = has_bias;
@@ -67,7 +86,11 @@ struct SparseStep : public torch::autograd::Function<SparseStep> {
       auto wt_buf = ctx->saved_data["wt_buf"].toTensor();
       TORCH_CHECK(wt_buf.defined(), "sparse_slope_linear: the input gradient needs W_RC^T, but "
                   "the forward ran without it (call it with wt_buf when gradients are on)");
-      auto* wt_plan = reinterpret_cast<Plan*>(static_cast<intptr_t>(ctx->saved_data["wt_plan"].toInt()));
+      auto codes = ctx->saved_data["wt_codes"].toTensor();
+      if (codes.defined()) wt_buf = fill_wt_scratch(wt_buf, saved[1], codes,
+                                                    ctx->saved_data["wt_meta"].toTensor());
+      auto* wt_plan =
+          reinterpret_cast<Plan*>(static_cast<intptr_t>(ctx->saved_data["wt_plan"].toInt()));
       gx = wt_plan->matmul(wt_buf, gy2, c10::nullopt, 0.0, c10::nullopt)
                .view(ctx->saved_data["x_sizes"].toIntVector());
     }
@@ -76,8 +99,11 @@ struct SparseStep : public torch::autograd::Function<SparseStep> {
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) gb = gy2.sum(0);
     // one entry per forward argument, tensors or not (the plans and the flag get none)
-    return {gx, gw, gb, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor()};
+    variable_list grads_out(11);
+    grads_out[0] = gx;
+    grads_out[1] = gw;
+    grads_out[2] = gb;
+    return grads_out;
   }
 };
 
@@ -119,9 +145,11 @@ torch::Tensor sparse_slope_linear(const torch::Tensor& x, const torch::Tensor& w
                                   const torch::Tensor& fwd_buf,
                                   const c10::optional<torch::Tensor>& wt_buf,
                                   const torch::Tensor& mask_bits, Plan& fwd_plan, Plan& wt_plan,
-                                  bool bias_in_epilogue) {
+                                  bool bias_in_epilogue,
+                                  const c10::optional<torch::Tensor>& wt_codes,
+                                  const c10::optional<torch::Tensor>& wt_meta) {
   return SparseStep::apply(x, weight, bias, fwd_buf, wt_buf, mask_bits, &fwd_plan, &wt_plan,
-                           bias_in_epilogue);
+                           bias_in_epilogue, wt_codes, wt_meta);
 }
 
 torch::Tensor dense_slope_linear(const torch::Tensor& x, const torch::Tensor& weight,

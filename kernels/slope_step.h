@@ -17,14 +17,23 @@ at::Tensor gather_kept_2to4(const at::Tensor& dense, const at::Tensor& mask_bits
 at::Tensor scatter_kept_2to4(const at::Tensor& values, const at::Tensor& mask_bits,
                              const c10::optional<at::Tensor>& column_bits);
 
+// Fill `out` (in, out_features/2) with W_RC^T's compressed values from the kept-values weight
+// (out_features, in/2) by the per-slot codes (in, out_features/2) of nm_triton.py.
+void gather_wt_values(const at::Tensor& weight, const at::Tensor& codes, const at::Tensor& out);
+
 // Y = X (W*M)^T + b on the compressed W, with a C++ backward: dX on the compressed W_RC^T,
 // dW = (dY^T X)[M] by cuBLAS + gather, db = sum dY. The plans must be tuned already.
+// Operands kept: wt_buf is the layer's compressed W_RC^T. Operands per call: wt_buf is the
+// shared scratch, and the backward fills it first (values gathered by wt_codes, then
+// wt_meta), since other layers' calls reuse it between this forward and this backward.
 torch::Tensor sparse_slope_linear(const torch::Tensor& x, const torch::Tensor& weight,
                                   const c10::optional<torch::Tensor>& bias,
                                   const torch::Tensor& fwd_buf,
                                   const c10::optional<torch::Tensor>& wt_buf,
                                   const torch::Tensor& mask_bits, Plan& fwd_plan, Plan& wt_plan,
-                                  bool bias_in_epilogue);
+                                  bool bias_in_epilogue,
+                                  const c10::optional<torch::Tensor>& wt_codes,
+                                  const c10::optional<torch::Tensor>& wt_meta);
 
 // The reference's three GEMMs on cuBLAS, W*M and W*M*M_C scattered from the kept values: the
 // `cublas` backend's step with a C++ backward.

@@ -82,15 +82,16 @@ def test_native_cublas_step_equals_reference(ext, inn, out, bias, shape):
         assert "DenseStep" in lay(x).grad_fn.name()  # the native step ran
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "per-call"])
 @pytest.mark.parametrize("inn,out,bias,shape", [
     (768, 3072, True, (2048, 768)),
     (3072, 768, False, (4, 512, 3072)),
     (2048, 2048, True, (1024, 2048)),
 ])
-def test_native_sparse_step_equals_python_function(ext, monkeypatch, inn, out, bias, shape):
+def test_native_sparse_step_equals_python_function(ext, monkeypatch, inn, out, bias, shape, keep):
     from slope_megatron.sparsity.backends import cusparselt
-    lay, _ = make_pair(inn, out, bias, "cusparselt")
-    twin, _ = make_pair(inn, out, bias, "cusparselt")
+    lay, _ = make_pair(inn, out, bias, "cusparselt", keep_compressed=keep)
+    twin, _ = make_pair(inn, out, bias, "cusparselt", keep_compressed=keep)
     twin.load_state_dict(lay.state_dict())
     for step in range(4):  # the first call of a token count tunes its plans in Python
         x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -118,6 +119,43 @@ def test_native_sparse_step_equals_python_function(ext, monkeypatch, inn, out, b
                 pa.grad = pb.grad = None
         lay.after_optimizer_step()
         twin.after_optimizer_step()
+
+
+def test_native_per_call_layers_share_the_scratch(ext, monkeypatch):
+    """Per-call operands: two layers' forwards run before either backward, so each C++ backward
+    must refill the shared W^T scratch itself; the chain must equal the Python functions'."""
+    from slope_megatron.sparsity.backends import cusparselt
+    chains = []
+    for native in (True, False):
+        with monkeypatch.context() as m:
+            if not native:
+                m.setattr(cusparselt, "native_ops", lambda: None)
+            a, _ = make_pair(1024, 2048, True, "cusparselt", keep_compressed=False)
+            b, _ = make_pair(2048, 1024, False, "cusparselt", keep_compressed=False, seed=1)
+            torch.manual_seed(5)
+            for _ in range(2):  # the first call of the token count runs Python either way
+                x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16,
+                                requires_grad=True)
+                y = b(a(x))
+                if native:
+                    assert "SparseStep" in y.grad_fn.name()
+                y.backward(torch.ones_like(y))
+            chains.append((y.detach(), x.grad, a.weight.grad, b.weight.grad, a.bias.grad))
+    for got, want in zip(*chains):
+        assert torch.equal(got, want), (got.float() - want.float()).abs().max()
+
+
+def test_native_wt_gather_equals_triton(ext):
+    from kernels.nm_triton import gather_wt_values
+    lay, _ = make_pair(1024, 2048, False, "cusparselt", keep_compressed=False)
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lay(x).sum().backward()  # builds the W^T codes
+    codes = lay._cslt_cache.wt_codes
+    want = torch.empty(codes.shape, device="cuda", dtype=torch.bfloat16)
+    got = torch.full_like(want, float("nan"))
+    gather_wt_values(lay.weight.detach(), codes, want)
+    ext.gather_wt_values(lay.weight.detach(), codes, got)
+    assert torch.equal(got, want)
 
 
 def test_native_sparse_no_grad_and_column_refresh(ext):

@@ -5,8 +5,8 @@ an algorithm, which leaves it slower than dense on Hopper (DESIGN.md section 3).
 uses `kernels/` (a native binding with cached plans and searched algorithms, Triton gathers)
 and keeps the compressed operands in the layer's cache, refreshed by copy/gather after each
 optimizer step instead of compressing. Once a token count's plans are tuned (its first call),
-the layer step runs as one C++ autograd function (`backends.native`); the Python function
-(`cusparselt_function.py`) runs the first call and the per-call operand mode.
+the layer step runs as one C++ autograd function (`backends.native`), in both operand modes;
+the Python function (`cusparselt_function.py`) runs the first call.
 
 What it cannot take it hands to the cublas backend (dense GEMMs; it runs the reference where it
 cannot run either), logging the reason once per layer shape: no CUDA / CPU tensors, sparsity
@@ -123,12 +123,12 @@ class CusparseltBackend(SparseLinearBackend):
         plans = cache.native_plans(x.numel() // x.shape[-1], layer.bias is not None)
         ext = native_ops() if plans is not None else None
         if ext is not None:
-            grad = torch.is_grad_enabled()
-            if grad:  # the backward runs in C++: W_RC^T is made current now, not there
-                cache.sync_backward(layer)
-            return ext.sparse_slope_linear(x, layer.weight, layer.bias, cache.fwd_buf,
-                                           cache.wt_buf if grad else None, layer.mask_bits,
-                                           *plans, cache.bias_fused)
+            wt = codes = meta = None
+            if torch.is_grad_enabled():  # the backward runs in C++: its W^T inputs, now
+                wt, codes, meta = cache.native_wt(layer)
+            return ext.sparse_slope_linear(x, layer.weight, layer.bias, cache.fwd_buf, wt,
+                                           layer.mask_bits, *plans, cache.bias_fused, codes,
+                                           meta)
         from .cusparselt_function import CsltSlopeLinearFunction
         return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache, layer)
 

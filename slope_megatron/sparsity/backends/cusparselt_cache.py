@@ -207,11 +207,10 @@ class LayerKernelCache:
     # ---- the native step ---------------------------------------------------------------
     def native_plans(self, tokens: int, has_bias: bool) -> tuple | None:
         """(forward plan, dX plan) for the native layer step (`backends.native`) at this token
-        count, once both are tuned; None before that and in per-call mode. The first call of a
-        token count runs the Python function, whose GEMMs search the algorithms; per-call mode
-        shares scratch operands between layers, which a backward issued later cannot."""
+        count, once both are tuned; None before that. The first call of a token count runs the
+        Python function, whose GEMMs search the algorithms."""
         hit = self._native_plans.get((tokens, has_bias))
-        if hit is None and self.keep:
+        if hit is None:
             plans, dev = self.rt.plans, self.device.index
             fwd = plans.get(self.out, self.inp, tokens, self.dtype, dev,
                             has_bias and self.bias_fused)
@@ -219,6 +218,21 @@ class LayerKernelCache:
             if fwd.tuned and wt.tuned:
                 hit = self._native_plans[(tokens, has_bias)] = (fwd.plan, wt.plan)
         return hit
+
+    def native_wt(self, layer) -> tuple:
+        """(W_RC^T operand, codes, metadata) for a native step about to run with gradients (its
+        backward runs in C++, so nothing can be prepared there from Python). Operands kept: the
+        layer's own buffer, made current now. Per call: the codes and metadata made current
+        now, and the shared scratch, which the C++ backward fills right before its GEMM (other
+        layers' calls reuse it in between)."""
+        if not self._wt_owned() and (self.wt_meta is None
+                                     or _key(layer.column_mask_bits) != self.wt_mask_key):
+            self._build_wt(layer)  # may find the layout check failing: then owned from now on
+        if self._wt_owned():
+            self.sync_backward(layer)
+            return self.wt_buf, None, None
+        scratch = self.rt.scratch_base("wt", self.val_bytes + self.wt_meta.numel(), self.device)
+        return scratch, self.wt_codes, self.wt_meta
 
     # ---- the three GEMMs ------------------------------------------------------------------
     def forward(self, x2: torch.Tensor, addend: torch.Tensor | None = None,
