@@ -133,11 +133,11 @@ def test_native_per_call_layers_share_the_scratch(ext, monkeypatch):
             a, _ = make_pair(1024, 2048, True, "cusparselt", keep_compressed=False)
             b, _ = make_pair(2048, 1024, False, "cusparselt", keep_compressed=False, seed=1)
             torch.manual_seed(5)
-            for _ in range(2):  # the first call of the token count runs Python either way
+            for it in range(2):  # the first call of the token count may run Python
                 x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16,
                                 requires_grad=True)
                 y = b(a(x))
-                if native:
+                if native and it == 1:
                     assert "SparseStep" in y.grad_fn.name()
                 y.backward(torch.ones_like(y))
             chains.append((y.detach(), x.grad, a.weight.grad, b.weight.grad, a.bias.grad))
