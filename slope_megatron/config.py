@@ -74,8 +74,8 @@ class SparsityConfig:
                                      "refreshed after each optimizer step). False builds them "
                                      "at each GEMM call into one scratch buffer per device: 1.3B "
                                      "model state 0.65x instead of 0.74x of dense at the same "
-                                     "speed, but host-bound small models run slower "
-                                     "(docs/RESULTS.md).")
+                                     "speed (Python step; not yet measured at 1.3B with the "
+                                     "native step; docs/RESULTS.md).")
     dense_first_qkv: bool = _f(True, "Keep the first block's QKV projection dense (as the paper).")
     sparse_lm_head: bool = _f(False, "Make the LM head N:M sparse too (needs untied embeddings).")
     modules: list = _f(["qkv", "proj", "fc1", "fc2"], "Which block linears are sparse: any of "
