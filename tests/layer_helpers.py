@@ -49,6 +49,12 @@ def compare_step(lay, ref, shape, what, tol=None):
             assert torch.equal(a, b), f"{what} {k}: max diff {(a.float() - b.float()).abs().max()}"
         else:
             assert rel_err(a, b) < tol, f"{what} {k}: rel err {rel_err(a, b):.2e}"
+    same_update(lay, ref)
+
+
+def same_update(lay, ref):
+    """The same sign-SGD step (from ref's gradients) on both layers, then their optimizer-step
+    hooks (compressed-operand refresh, column-mask schedule)."""
     with torch.no_grad():
         for pa, pb in zip(lay.parameters(), ref.parameters()):
             if pb.grad is not None:

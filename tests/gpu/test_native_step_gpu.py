@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from layer_helpers import compare_step, make_pair
+from layer_helpers import compare_step, make_pair, same_update
 
 pytestmark = pytest.mark.gpu
 
@@ -111,14 +111,7 @@ def test_native_sparse_step_equals_python_function(ext, monkeypatch, inn, out, b
             pairs.append((lay.bias.grad, twin.bias.grad))
         for a, b in pairs:
             assert torch.equal(a, b), (step, (a.float() - b.float()).abs().max())
-        with torch.no_grad():
-            for pa, pb in zip(lay.parameters(), twin.parameters()):
-                upd = pb.grad.float().sign().to(pb.dtype) * 0.05
-                pa.sub_(upd)
-                pb.sub_(upd)
-                pa.grad = pb.grad = None
-        lay.after_optimizer_step()
-        twin.after_optimizer_step()
+        same_update(lay, twin)
 
 
 def test_native_per_call_layers_share_the_scratch(ext, monkeypatch):
