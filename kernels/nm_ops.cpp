@@ -29,12 +29,19 @@ void check_bits(const at::Tensor& bits, const at::Tensor& like, int64_t rows, in
               ", the data on ", like.device().str());
 }
 
+// One thread per item in blocks of 256, and a grid's x dimension holds at most 2^31 - 1 blocks.
+void check_grid(int64_t items, const char* fn) {
+  TORCH_CHECK(items / 256 < (int64_t{1} << 31) - 1, fn, ": ", num(items),
+              " items is more than one kernel launch covers; split the tensor");
+}
+
 }  // namespace
 
 at::Tensor gather_kept_2to4(const at::Tensor& dense, const at::Tensor& mask_bits) {
   check_data(dense, "gather_kept_2to4", "dense");
   const int64_t rows = dense.size(0), cols = dense.size(1);
   check_bits(mask_bits, dense, rows, cols, "gather_kept_2to4", "mask_bits");
+  check_grid(rows * cols / 8, "gather_kept_2to4");
   auto out = at::empty({rows, cols / 2}, dense.options());
   c10::cuda::CUDAGuard guard(dense.device());
   C10_CUDA_CHECK(launch_gather_kept_2to4(dense.data_ptr(), mask_bits.data_ptr<uint8_t>(),
@@ -50,6 +57,7 @@ at::Tensor scatter_kept_2to4(const at::Tensor& values, const at::Tensor& mask_bi
   check_bits(mask_bits, values, rows, cols, "scatter_kept_2to4", "mask_bits");
   const bool has_col = column_bits.has_value() && column_bits->defined();
   if (has_col) check_bits(*column_bits, values, rows, cols, "scatter_kept_2to4", "column_bits");
+  check_grid(rows * cols / 8, "scatter_kept_2to4");
   auto out = at::empty({rows, cols}, values.options());
   c10::cuda::CUDAGuard guard(values.device());
   C10_CUDA_CHECK(launch_scatter_kept_2to4(
@@ -74,6 +82,7 @@ void gather_wt_values(const at::Tensor& weight, const at::Tensor& codes, const a
   TORCH_CHECK(weight.size(0) == 2 * n_slots && weight.size(1) * 2 == n_rows,
               "gather_wt_values: weight must be (", num(2 * n_slots), ", ", num(n_rows / 2),
               ") for codes ", dims(codes.sizes()), ", got ", dims(weight.sizes()));
+  check_grid(n_rows * n_slots, "gather_wt_values");
   c10::cuda::CUDAGuard guard(weight.device());
   C10_CUDA_CHECK(launch_gather_wt_values(weight.data_ptr(), codes.data_ptr<uint8_t>(),
                                          out.data_ptr(), n_rows, n_slots, weight.size(1),

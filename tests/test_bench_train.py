@@ -42,6 +42,7 @@ def test_bench_train_reports_each_arm_against_dense(tmp_path):
 def test_python_arm_turns_the_native_step_off(tmp_path, monkeypatch):
     """`slope-python` is `slope` with SLOPE_NATIVE_STEP=0 in its process (and only there)."""
     bench_train = load_launch("bench_train")
+    monkeypatch.delenv("SLOPE_NATIVE_STEP", raising=False)  # the caller's must not leak in
     seen = {}
 
     def fake_run(cmd, env, **kw):

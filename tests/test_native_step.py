@@ -28,8 +28,11 @@ def test_native_off_by_environment(fresh_native, monkeypatch, caplog):
 
 
 def test_native_needs_cuda(fresh_native, monkeypatch):
+    """Without CUDA nothing is even built (a build attempt would fail the test)."""
+    import kernels.cslt_loader as loader
     monkeypatch.delenv("SLOPE_NATIVE_STEP", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(loader, "load_extension", lambda: pytest.fail("built without CUDA"))
     assert fresh_native.native_ops() is None
 
 

@@ -29,7 +29,11 @@ def step_exact(lay, ref, shape, what):
     (4096, 11008, False, (2048, 4096)),
     (96, 64, True, (24, 96)),  # rows of 12 mask bytes; an odd token count
 ])
-def test_cublas_equals_reference_over_steps(inn, out, bias, shape):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_cublas_equals_reference_over_steps(inn, out, bias, shape, native, monkeypatch):
+    from slope_megatron.sparsity.backends import cublas
+    if not native:  # the Python autograd function (what runs where the extension cannot build)
+        monkeypatch.setattr(cublas, "native_ops", lambda: None)
     lay, ref = make_pair(inn, out, bias, "cublas")
     for step in range(4):  # column mask recomputed at steps 0 and 2
         step_exact(lay, ref, shape, f"{inn}x{out} step {step}")

@@ -51,6 +51,19 @@ def test_cuda_gather_scatter_equal_triton(ext, dtype, offset):
                        scatter_kept_2to4(values, bits, col_bits))
 
 
+def test_cuda_gather_scatter_equal_triton_on_any_mask_byte(ext):
+    """Groups with 0, 1, 3 or 4 bits (not 2:4 masks, but the kernels must agree anyway)."""
+    from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
+    rows, cols = 64, 256
+    bits = torch.randint(0, 256, (rows, cols // 8), device="cuda", dtype=torch.uint8)
+    col = torch.randint(0, 256, (rows, cols // 8), device="cuda", dtype=torch.uint8)
+    dense = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(rows, cols // 2, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(ext.gather_kept_2to4(dense, bits), gather_kept_2to4(dense, bits))
+    assert torch.equal(ext.scatter_kept_2to4(values, bits, col),
+                       scatter_kept_2to4(values, bits, col))
+
+
 def test_extension_errors_raise_with_numbers_in_them(ext):
     """Messages with numbers, shapes and dtypes raise (kernels/check_text.h says why this is
     tested: formatted through an ostream they crashed the process on the GPU image)."""

@@ -120,11 +120,12 @@ class CusparseltBackend(SparseLinearBackend):
         if layer._unpacked:  # left by a reference-path call (fallback, auto, evaluation)
             layer.release_unpacked_masks()
         cache.sync_forward(layer)
-        plans = cache.native_plans(x.numel() // x.shape[-1], layer.bias is not None)
+        grad = torch.is_grad_enabled()
+        plans = cache.native_plans(x.numel() // x.shape[-1], layer.bias is not None, grad)
         ext = native_ops() if plans is not None else None
         if ext is not None:
             wt = codes = meta = None
-            if torch.is_grad_enabled():  # the backward runs in C++: its W^T inputs, now
+            if grad:  # the backward runs in C++: its W^T inputs, now
                 wt, codes, meta = cache.native_wt(layer)
             return ext.sparse_slope_linear(x, layer.weight, layer.bias, cache.fwd_buf, wt,
                                            layer.mask_bits, *plans, cache.bias_fused, codes,

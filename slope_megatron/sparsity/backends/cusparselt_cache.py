@@ -63,7 +63,7 @@ class LayerKernelCache:
         self.wt_row_major = self.row_major
         self.mask_key = self.fwd_key = self.wt_mask_key = self.wt_values_key = None
         self.accepted_tokens: set[int] = set()  # token counts that passed the full checks
-        self._native_plans: dict[tuple[int, bool], tuple] = {}  # (tokens, bias) -> plans
+        self._native_plans: dict[tuple, tuple] = {}  # (tokens, bias, grad) -> plans
         self._build_forward(layer)
 
     def accepts(self, layer, x: torch.Tensor) -> bool:
@@ -205,18 +205,21 @@ class LayerKernelCache:
                 self.refresh_wt(layer)
 
     # ---- the native step ---------------------------------------------------------------
-    def native_plans(self, tokens: int, has_bias: bool) -> tuple | None:
+    def native_plans(self, tokens: int, has_bias: bool, with_grad: bool) -> tuple | None:
         """(forward plan, dX plan) for the native layer step (`backends.native`) at this token
-        count, once both are tuned; None before that. The first call of a token count runs the
-        Python function, whose GEMMs search the algorithms."""
-        hit = self._native_plans.get((tokens, has_bias))
+        count, once the ones the call uses are tuned (both with gradients, the forward's
+        without); None before that. The first call of a token count runs the Python function,
+        whose GEMMs search the algorithms. The plan cache never drops a plan, so the raw
+        pointers the C++ step keeps for its backward stay valid."""
+        key = (tokens, has_bias, with_grad)
+        hit = self._native_plans.get(key)
         if hit is None:
             plans, dev = self.rt.plans, self.device.index
             fwd = plans.get(self.out, self.inp, tokens, self.dtype, dev,
                             has_bias and self.bias_fused)
             wt = plans.get(self.inp, self.out, tokens, self.dtype, dev)
-            if fwd.tuned and wt.tuned:
-                hit = self._native_plans[(tokens, has_bias)] = (fwd.plan, wt.plan)
+            if fwd.tuned and (wt.tuned or not with_grad):
+                hit = self._native_plans[key] = (fwd.plan, wt.plan)
         return hit
 
     def native_wt(self, layer) -> tuple:

@@ -9,7 +9,8 @@ cusparselt backend (operands kept or per call), `dense_slope_linear` for the cub
 the same GEMMs as the Python functions, which stay for what the native step does not take (the
 first call of a token count, whose GEMMs search their algorithms; fp32; feature sizes not
 multiples of 8) and as the comparison path: `SLOPE_NATIVE_STEP=0` turns the
-native step off for a whole process.
+native step off for a whole process. The native step shares its extension with the cuSPARSELt
+binding: where that extension cannot build, both are off (docs/KERNELS.md, "The native step").
 """
 from __future__ import annotations
 
