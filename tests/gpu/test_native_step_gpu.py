@@ -7,12 +7,11 @@ and the column mask. Its CUDA gather/scatter must equal the Triton kernels, at a
 misaligned addresses. And it must be what runs once a token count is tuned, at less host time
 than the Python function (the reason it exists).
 """
-import time
-
 import pytest
 import torch
 
 from layer_helpers import compare_step, make_pair, same_update
+from launch_helpers import load_launch
 
 pytestmark = pytest.mark.gpu
 
@@ -176,18 +175,6 @@ def test_native_sparse_no_grad_and_column_refresh(ext):
     assert torch.allclose(y.float(), ref(x).float(), rtol=2e-2, atol=2e-2)
 
 
-def host_us(fn, reps=200) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    us = (time.perf_counter() - t0) / reps * 1e6
-    torch.cuda.synchronize()
-    return us
-
-
 @pytest.mark.parametrize("backend", ["cublas", "cusparselt"])
 def test_native_step_takes_less_host_time(ext, monkeypatch, backend):
     """The point of the native step: a layer step (forward + backward) issues its kernels in
@@ -199,9 +186,10 @@ def test_native_step_takes_less_host_time(ext, monkeypatch, backend):
 
     def step():
         lay(x).backward(g)
-    native = host_us(step)
+    host_us = load_launch("host_overhead").host_us  # median host us per call, batches of 10
+    native = host_us(step, 200)
     monkeypatch.setattr(cublas, "native_ops", lambda: None)
     monkeypatch.setattr(cusparselt, "native_ops", lambda: None)
-    python = host_us(step)
+    python = host_us(step, 200)
     print(f"{backend} host us per step: native {native:.1f}, python {python:.1f}")
     assert native < 0.8 * python, (native, python)
