@@ -43,7 +43,8 @@ void compress(torch::Tensor dense, torch::Tensor out) {
   structured_desc(h, &d, dense.size(0), dense.size(1), dense.scalar_type());
   size_t size = 0, bufsize = 0;
   CSLT_CHECK(cusparseLtSpMMACompressedSize2(h, &d, &size, &bufsize));
-  TORCH_CHECK(out.numel() >= static_cast<int64_t>(size), "compress: out has ", slope::num(out.numel()),
+  TORCH_CHECK(out.numel() >= static_cast<int64_t>(size), "compress: out has ",
+              slope::num(out.numel()),
               " bytes, needs ", slope::num(static_cast<int64_t>(size)));
   auto tmp = torch::empty({static_cast<int64_t>(bufsize) + 16}, out.options());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device);
@@ -94,7 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
           pybind11::arg("mask_bits"), pybind11::arg("column_bits"));
   mod.def("gather_kept_2to4", &slope::gather_kept_2to4,
-          "kept entries (rows, cols/2) of a dense 16-bit (rows, cols) tensor under a packed 2:4 mask",
+          "kept entries (rows, cols/2) of a dense 16-bit (rows, cols) tensor, packed 2:4 mask",
           pybind11::arg("dense"), pybind11::arg("mask_bits"));
   mod.def("scatter_kept_2to4", &slope::scatter_kept_2to4,
           "dense (rows, 2*half) tensor from 16-bit kept values (rows, half) under packed masks",

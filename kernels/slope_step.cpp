@@ -44,7 +44,8 @@ torch::Tensor fill_wt_scratch(const torch::Tensor& scratch, const torch::Tensor&
   return scratch.narrow(0, 0, val_bytes + meta.numel());
 }
 
-// cusparselt backend (operands kept, or per call with the W^T scratch filled in backward): forward on the compressed W, dX on the compressed W_RC^T.
+// cusparselt backend (operands kept, or per call with the W^T scratch filled in backward):
+// forward on the compressed W, dX on the compressed W_RC^T.
 // The compressed buffers and plans are the layer cache's (cusparselt_cache.py); the plans live
 // as long as the process (the plan cache never drops one), so raw pointers are safe to keep.
 struct SparseStep : public torch::autograd::Function<SparseStep> {

@@ -4,8 +4,9 @@ Why: at ~1.3B the sparse model's GPU kernels take less time than dense's, yet it
 slower, because the host cannot issue them fast enough (docs/RESULTS.md). This times, on a
 CUDA machine, the host side of one layer step (forward + backward through autograd) for
 dense `nn.Linear`, the reference, cublas and cusparselt backends (native step, and again
-through the Python autograd functions), then the pieces of the cusparselt call, at a small token count so the GPU never makes the host wait. A cProfile of
-the cusparselt steps lists the Python functions that cost the most.
+through the Python autograd functions), then the pieces of the cusparselt call, at a small
+token count so the GPU never makes the host wait. A cProfile of the cusparselt steps lists the
+Python functions that cost the most.
 
     python launch/host_overhead.py [--features 2048] [--tokens 64] [--reps 300]
 """

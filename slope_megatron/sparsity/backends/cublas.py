@@ -20,8 +20,9 @@ in the first forward after an optimizer step).
 
 Where it can (bf16/fp16, in_features a multiple of 8, the native extension built), the step
 runs as one C++ autograd function with CUDA scatter/gather kernels (`backends.native`): the same
-ATen calls, so the same bits, at a fraction of the host time. Calls it cannot take (CPU tensors, sparsity other than 2:4, mixed dtypes, no Triton) run the
-reference. Importing this module touches no CUDA and no Triton.
+ATen calls, so the same bits, at a fraction of the host time. Calls it cannot take (CPU
+tensors, sparsity other than 2:4, mixed dtypes, no Triton) run the reference. Importing this
+module touches no CUDA and no Triton.
 """
 from __future__ import annotations
 

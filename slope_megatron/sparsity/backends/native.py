@@ -5,12 +5,12 @@ Why: a SLoPe layer step through a Python autograd function takes 2-3x the host t
 tens of microseconds), which leaves small and medium models host-bound (docs/KERNELS.md). The
 native extension (`kernels/slope_step.cpp`, built with the cuSPARSELt binding) holds the same
 steps as C++ autograd functions with CUDA gather/scatter kernels: `sparse_slope_linear` for the
-cusparselt backend (operands kept or per call), `dense_slope_linear` for the cublas backend. They call
-the same GEMMs as the Python functions, which stay for what the native step does not take (the
-first call of a token count, whose GEMMs search their algorithms; fp32; feature sizes not
-multiples of 8) and as the comparison path: `SLOPE_NATIVE_STEP=0` turns the
-native step off for a whole process. The native step shares its extension with the cuSPARSELt
-binding: where that extension cannot build, both are off (docs/KERNELS.md, "The native step").
+cusparselt backend (operands kept or per call), `dense_slope_linear` for the cublas backend.
+They call the same GEMMs as the Python functions, which stay for what the native step does not
+take (the first call of a token count, whose GEMMs search their algorithms; fp32; feature sizes
+not multiples of 8) and as the comparison path: `SLOPE_NATIVE_STEP=0` turns the native step off
+for a whole process. The native step shares its extension with the cuSPARSELt binding: where
+that extension cannot build, both are off (docs/KERNELS.md, "The native step").
 """
 from __future__ import annotations
 
