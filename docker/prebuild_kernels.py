@@ -3,8 +3,9 @@
 
 `kernels.cslt_loader.load_extension()` builds the binding on first use and refuses to when
 CUDA is not available, so that a CPU process never compiles it. At `docker build` time there
-is a CUDA toolkit but no GPU, and the build itself needs none (one C++ file compiled against
-the CUDA and cuSPARSELt headers, then linked). This runs the loader's own build with that one
+is a CUDA toolkit but no GPU, and the build itself needs none (the binding and the native layer
+step: three C++ files and one CUDA file compiled against the CUDA and cuSPARSELt headers for
+TORCH_CUDA_ARCH_LIST, then linked). This runs the loader's own build with that one
 check lifted, so the sources, flags and extension cache entry are exactly the loader's: the
 first training step on a GPU then finds the binding built and only re-checks it (ninja: no
 work to do).
