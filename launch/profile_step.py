@@ -204,7 +204,9 @@ def auto_decisions() -> list:
     if auto is None:
         return []
     return [{"out_in_tokens": list(key[:3]), "grad": key[-1], "backend": d.backend,
-             "speedup": d.speedup} for key, d in auto.decisions.items()]
+             "speedup": d.speedup, "final": d.final,
+             "first_speedup": None if d.first is None else d.first.speedup}
+            for key, d in auto.decisions.items()]
 
 
 def run(args) -> int:

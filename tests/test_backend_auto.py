@@ -4,7 +4,8 @@ What is pinned down without a GPU: the rule (sparse iff dense/sparse time >= min
 timing and one log line per key, separate keys per token count and grad mode, the timing leaves
 the parameters' .grad alone, outputs equal the reference, the optimizer-step hook reaches the
 sparse path only for layers routed to it, an ineligible call goes to the reference untimed,
-the explicit 'cusparselt' backend never consults the timer, and 'auto' on CPU is the reference.
+the explicit 'cusparselt' backend never consults the timer, 'auto' on CPU is the reference, and
+a decision taken before the layer's second optimizer step is timed once more after it.
 """
 import logging
 
@@ -51,7 +52,8 @@ class FakeMeasure:
         dense_step()
         layer_key = self.current
         self.calls.append(layer_key)
-        return self.times[layer_key]
+        times = self.times[layer_key]
+        return times.pop(0) if isinstance(times, list) else times  # a list: one per timing
 
 
 def make_auto(times, min_speedup=1.05):
@@ -125,6 +127,56 @@ def test_optimizer_hook_reaches_sparse_only_for_sparse_routed_layers():
     assert ("after_step", 64) in sparse.calls and ("after_step", 32) not in sparse.calls
     be.on_column_mask_change(small)  # always forwarded (marks a kernel cache's W^T stale)
     assert ("mask_change", 32) in sparse.calls
+
+
+def run_step(lay, tokens=16):
+    lay(torch.randn(tokens, lay.in_features)).sum().backward()
+    lay.after_optimizer_step()
+
+
+def test_provisional_decision_is_timed_again_once_the_layer_settled(caplog):
+    # first timing (step 0): sparse looks slow; after two optimizer steps it is 1.2x
+    be, sparse, _, measure = make_auto({(32, 16): [(2.0e-3, 1.0e-3), (1.0e-3, 1.2e-3)]})
+    lay, _ = layer_pair(64, 32, be)
+    measure.current = (32, 16)
+    with caplog.at_level(logging.INFO, logger=auto_mod.__name__):
+        run_step(lay)
+        (first,) = be.decisions.values()
+        assert first.backend == "reference" and not first.final
+        run_step(lay)  # step 1: still the provisional decision, not timed again
+        assert measure.calls == [(32, 16)]
+        sparse.calls.clear()
+        run_step(lay)  # step 2: timed again, and this call already runs on the new choice
+    assert measure.calls == [(32, 16), (32, 16)]
+    (second,) = be.decisions.values()
+    assert second.backend == "cusparselt" and second.final and second.first is first
+    assert ("linear", 32, 16) in sparse.calls[1:]  # after the timing's own call
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto:")]
+    assert lines[0].endswith("ms; provisional: timed again after 2 optimizer steps)"), lines
+    assert lines[1].startswith("auto: 64x32 T=16 -> cusparselt (sparse step 1.20x dense")
+    assert lines[1].endswith("re-timed after 2 optimizer steps; first timing 0.50x)"), lines
+    for _ in range(3):
+        run_step(lay)
+    assert len(measure.calls) == 2  # final: never timed again
+
+
+def test_decisions_after_the_settling_steps_and_untimed_ones_are_final():
+    be, _, _, measure = make_auto({(32, 16): (1.0e-3, 2.0e-3)})
+    lay, _ = layer_pair(64, 32, be)
+    lay.optimizer_steps = auto_mod.SETTLE_STEPS  # e.g. a key first seen later in the run
+    measure.current = (32, 16)
+    for _ in range(3):
+        run_step(lay)
+    assert measure.calls == [(32, 16)] and all(d.final for d in be.decisions.values())
+
+    def refuse(*a):
+        raise AssertionError("must not time an ineligible call")
+    be = AutoBackend(sparse=Counting("cusparselt"), dense=Counting("reference"), measure=refuse)
+    lay, _ = layer_pair(64, 32, be)  # CPU tensors: cusparselt cannot take them
+    for _ in range(4):
+        run_step(lay)
+    (decision,) = be.decisions.values()
+    assert decision.final and decision.backend == "reference"
 
 
 def test_no_grad_is_a_separate_forward_only_key(caplog):

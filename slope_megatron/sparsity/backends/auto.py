@@ -22,6 +22,15 @@ tensor-parallel job time independently and may route the same shape differently;
 results then differ only within bf16 rounding, which is accepted (no collective is added to
 make the decision agree).
 
+A decision taken before the layer's `SETTLE_STEPS`-th optimizer step is provisional: the first
+call of that key once the layer has taken `SETTLE_STEPS` (2) steps times both paths again, and
+that second timing decides for good (logged as "re-timed"). Why: the first timing runs in the
+first training step, while torch.compile is compiling the regions and the allocator is still
+growing, and it misjudged shapes there that a quiet process times consistently (1.3B fc1,
+2048x8192 at T=16384: 0.91x in one training run's first step, 1.19-1.21x in eight timings in
+a quiet process on the same kind of H100; docs/RESULTS.md). Decisions taken later (evaluation
+forwards, keys first seen after step 2) are final at once; so are untimed ones.
+
 Decisions live in memory for the life of the process (not persisted: a decision costs a few
 ms per shape, and a stored one could outlive a change of kernels, driver or clocks). The
 explicit `cusparselt` backend never consults any of this: it stays always-sparse (benchmarks).
@@ -48,6 +57,7 @@ log = logging.getLogger(__name__)
 WARMUP = 2
 REPS = 5
 DEFAULT_MIN_SPEEDUP = 1.05
+SETTLE_STEPS = 2  # optimizer steps after which a provisional decision is timed again
 
 Step = Callable[[], None]
 Measure = Callable[[Step, Step], "tuple[float, float]"]
@@ -92,12 +102,14 @@ def _min_speedup() -> float:
 class Decision:
     """Where one key runs, and why (for logs and tests)."""
 
-    __slots__ = ("backend", "sparse", "sparse_s", "dense_s", "reason")
+    __slots__ = ("backend", "sparse", "sparse_s", "dense_s", "reason", "final", "first")
 
     def __init__(self, backend: str, sparse: bool = False, sparse_s: Optional[float] = None,
-                 dense_s: Optional[float] = None, reason: str = ""):
+                 dense_s: Optional[float] = None, reason: str = "", final: bool = True):
         self.backend, self.sparse = backend, sparse  # backend's name; whether it is the sparse one
         self.sparse_s, self.dense_s, self.reason = sparse_s, dense_s, reason
+        self.final = final                    # False: to be timed again once the run settles
+        self.first: Optional[Decision] = None  # the provisional decision a re-timing replaced
 
     @property
     def speedup(self) -> Optional[float]:
@@ -108,7 +120,7 @@ class Decision:
 
     def __repr__(self) -> str:
         return (f"Decision({self.backend!r}, sparse={self.sparse}, speedup={self.speedup}, "
-                f"reason={self.reason!r})")
+                f"reason={self.reason!r}, final={self.final})")
 
 
 class AutoBackend(SparseLinearBackend):
@@ -146,15 +158,24 @@ class AutoBackend(SparseLinearBackend):
                 getattr(layer, "double_prune", True), torch.is_grad_enabled())
 
     def choose(self, layer, x: torch.Tensor) -> SparseLinearBackend:
-        """The backend for this call (timing both on the first call with a new key)."""
+        """The backend for this call: both paths are timed on the first call with a new key,
+        and once more on the first call after a provisional decision's layer has settled."""
         key = self.key(layer, x)
         decision = self.decisions.get(key)
-        if decision is None:
+        if decision is None or (not decision.final and _steps(layer) >= SETTLE_STEPS):
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                return self.dense  # never time inside a CUDA graph capture; decide later
-            decision = self.decisions[key] = self._decide(layer, x, key)
+                # never time inside a CUDA graph capture; decide (or re-time) later
+                return self.dense if decision is None else self._route(layer, decision)
+            new = self._decide(layer, x, key, first=decision)
+            new.first = decision
+            decision = self.decisions[key] = new
+        return self._route(layer, decision)
+
+    def _route(self, layer, decision: Decision) -> SparseLinearBackend:
         if decision.sparse:
-            layer.__dict__["_auto_sparse"] = True  # this layer's hooks must reach the cache
+            # this layer's hooks must reach the cache; never cleared (another key of the
+            # layer may still run sparse after one is re-timed to the dense path)
+            layer.__dict__["_auto_sparse"] = True
             return self.sparse
         return self.dense
 
@@ -181,7 +202,10 @@ class AutoBackend(SparseLinearBackend):
             reason = self.sparse._plans_reason(layer, x)
         return reason
 
-    def _decide(self, layer, x: torch.Tensor, key: tuple) -> Decision:
+    def _decide(self, layer, x: torch.Tensor, key: tuple,
+                first: Optional[Decision] = None) -> Decision:
+        """Time both paths (or refuse untimed); `first` is the provisional decision being
+        re-timed, if any. Before `SETTLE_STEPS` optimizer steps the result is provisional."""
         shape = f"{layer.in_features}x{layer.out_features} T={key[2]}"
         from .cusparselt import NO_DOUBLE_PRUNING
         reason = NO_DOUBLE_PRUNING if not getattr(layer, "double_prune", True) \
@@ -194,19 +218,29 @@ class AutoBackend(SparseLinearBackend):
         sparse_step = self._step(self.sparse, layer, x, with_grad, refresh=True)
         dense_step = self._step(self.dense, layer, x, with_grad, refresh=False)
         sparse_s, dense_s = self.measure(sparse_step, dense_step)
-        return self.decide_from_times(shape, sparse_s, dense_s, with_grad)
+        steps = _steps(layer)
+        if first is not None:
+            was = first.speedup
+            note = (f"re-timed after {steps} optimizer steps; first timing "
+                    f"{was if was is not None else 0:.2f}x")
+        else:
+            note = "" if steps >= SETTLE_STEPS else \
+                f"provisional: timed again after {SETTLE_STEPS} optimizer steps"
+        return self.decide_from_times(shape, sparse_s, dense_s, with_grad,
+                                      final=steps >= SETTLE_STEPS, note=note)
 
     def decide_from_times(self, shape: str, sparse_s: float, dense_s: float,
-                          with_grad: bool = True) -> Decision:
+                          with_grad: bool = True, final: bool = True,
+                          note: str = "") -> Decision:
         """The rule: sparse iff dense_s / sparse_s >= min_speedup (one log line)."""
-        decision = Decision(self.dense.name, sparse_s=sparse_s, dense_s=dense_s)
+        decision = Decision(self.dense.name, sparse_s=sparse_s, dense_s=dense_s, final=final)
         speedup = decision.speedup
         if speedup is not None and speedup >= self.min_speedup:
             decision.backend, decision.sparse = self.sparse.name, True
         what = "step" if with_grad else "forward"
         decision.reason = f"sparse {what} {speedup if speedup is not None else 0:.2f}x dense"
-        log.info("auto: %s -> %s (%s; %.3f vs %.3f ms)", shape, decision.backend,
-                 decision.reason, sparse_s * 1e3, dense_s * 1e3)
+        log.info("auto: %s -> %s (%s; %.3f vs %.3f ms%s)", shape, decision.backend,
+                 decision.reason, sparse_s * 1e3, dense_s * 1e3, f"; {note}" if note else "")
         return decision
 
     @staticmethod
@@ -236,3 +270,7 @@ class AutoBackend(SparseLinearBackend):
                     backend.after_optimizer_step(layer)
         return step
 
+
+def _steps(layer) -> int:
+    """Optimizer steps the layer has taken (SlopeLinear counts them; 0 for anything else)."""
+    return int(getattr(layer, "optimizer_steps", 0))
