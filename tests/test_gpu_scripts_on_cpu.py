@@ -12,9 +12,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 @pytest.mark.parametrize("script", ["gpu_check.py", "layer_host_gpu.py",
-                                    "bench_reference_step.py", "bench_torchao.py"])
+                                    "bench_reference_step.py", "bench_torchao.py",
+                                    "auto_timing_spread.py"])
 def test_gpu_script_refuses_cleanly_without_cuda(script):
     done = subprocess.run([sys.executable, str(ROOT / "launch" / script)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1] == f"error: {script} needs a CUDA GPU"
+
+
+def test_auto_timing_spread_refuses_a_bad_shape_before_any_work():
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "auto_timing_spread.py"),
+                           "--shapes", "2048"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert "--shapes takes IN x OUT pairs such as 2048x8192" in done.stderr

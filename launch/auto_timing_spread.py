@@ -1,0 +1,88 @@
+"""How much `auto`'s per-shape timing varies when nothing else runs: repeated decisions.
+
+Why: `sparsity.backend: auto` routes each layer shape by one short timing (2 warm-up reps,
+median of 5). In training runs the same shape was timed 0.91x in one run's first step and
+1.2x in another, which flips it between the sparse and the dense path (docs/RESULTS.md). This
+repeats exactly that timing (`AutoBackend._step` + `cuda_event_measure`) several times per
+shape in a quiet process, for operands kept and per call, and once more with many reps, so a
+decision's spread can be told from a disturbed measurement.
+
+    python launch/auto_timing_spread.py [--shapes 2048x8192 2048x2048] [--tokens 16384]
+        [--repeats 8] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+DEFAULT_SHAPES = ["2048x8192", "2048x2048", "2048x6144", "8192x2048"]  # ~1.3B: fc1 proj qkv fc2
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, metavar="INxOUT")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--repeats", type=int, default=8, help="decisions' timings per shape")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    try:
+        args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+    except ValueError:
+        p.error("--shapes takes IN x OUT pairs such as 2048x8192")
+    if any(len(s) != 2 for s in args.shapes):
+        p.error("--shapes takes IN x OUT pairs such as 2048x8192")
+    return args
+
+
+def spread(inn: int, out: int, tokens: int, keep: bool, repeats: int) -> dict:
+    import torch
+
+    from slope_megatron.sparsity import SlopeLinear
+    from slope_megatron.sparsity.backends.auto import AutoBackend, cuda_event_measure
+
+    torch.manual_seed(0)
+    layer = SlopeLinear(inn, out, bias=True, column_mask_refresh=100, device="cuda",
+                        dtype=torch.bfloat16, keep_compressed=keep)
+    auto = AutoBackend()
+    layer.backend = auto
+    x = torch.randn(tokens, inn, device="cuda", dtype=torch.bfloat16)
+    sparse = auto._step(auto.sparse, layer, x, True, refresh=True)
+    dense = auto._step(auto.dense, layer, x, True, refresh=False)
+    speedups = []
+    for _ in range(repeats):
+        sparse_s, dense_s = cuda_event_measure(sparse, dense)
+        speedups.append(dense_s / sparse_s)
+    long_sparse, long_dense = cuda_event_measure(sparse, dense, warmup=3, reps=41)
+    return {"in": inn, "out": out, "tokens": tokens, "keep_compressed": keep,
+            "speedups": speedups, "long_speedup": long_dense / long_sparse,
+            "long_ms": [long_sparse * 1e3, long_dense * 1e3]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    if not torch.cuda.is_available():
+        print("error: auto_timing_spread.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for inn, out in args.shapes:
+        for keep in (True, False):
+            r = spread(inn, out, args.tokens, keep, args.repeats)
+            rows.append(r)
+            print(f"{inn}x{out} T={args.tokens} {'kept' if keep else 'per call'}: "
+                  f"{min(r['speedups']):.2f}-{max(r['speedups']):.2f}x over {args.repeats} "
+                  f"timings; 41 reps {r['long_speedup']:.3f}x ({r['long_ms'][0]:.3f} vs "
+                  f"{r['long_ms'][1]:.3f} ms)", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"gpu": torch.cuda.get_device_name(),
+                                               "torch": torch.__version__, "rows": rows},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
