@@ -46,12 +46,14 @@ class FakeMeasure:
     def __init__(self, times):
         self.times = times  # {(out, tokens): (sparse_s, dense_s)}
         self.calls = []
+        self.reps = []
 
-    def __call__(self, sparse_step, dense_step):
+    def __call__(self, sparse_step, dense_step, reps=auto_mod.REPS):
         sparse_step()
         dense_step()
         layer_key = self.current
         self.calls.append(layer_key)
+        self.reps.append(reps)
         times = self.times[layer_key]
         return times.pop(0) if isinstance(times, list) else times  # a list: one per timing
 
@@ -148,6 +150,7 @@ def test_provisional_decision_is_timed_again_once_the_layer_settled(caplog):
         sparse.calls.clear()
         run_step(lay)  # step 2: timed again, and this call already runs on the new choice
     assert measure.calls == [(32, 16), (32, 16)]
+    assert measure.reps == [auto_mod.REPS, auto_mod.SETTLED_REPS]  # the decisive one is longer
     (second,) = be.decisions.values()
     assert second.backend == "cusparselt" and second.final and second.first is first
     assert ("linear", 32, 16) in sparse.calls[1:]  # after the timing's own call

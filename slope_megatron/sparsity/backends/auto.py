@@ -8,7 +8,8 @@ times the whole SLoPe layer step on the real operands -- forward + backward (dX 
 gather) + the after-step refresh of the compressed copies, as `launch/bench.py kernels` does
 -- for the cusparselt path and for the cublas path (the reference's dense cuBLAS GEMMs on
 operands built by Triton, near plain `F.linear` GPU time): 2 warm-up reps, then the median of 5
-interleaved, CUDA-event-timed reps each (a few ms per shape). The key is routed to cusparselt
+interleaved, CUDA-event-timed reps each (a few ms per shape; 15 for the re-timing below, which
+decides for good). The key is routed to cusparselt
 only if its step is at least `min_speedup` (default 1.05, env SLOPE_AUTO_MIN_SPEEDUP) times
 faster, else to cublas. One INFO line per decision:
 "auto: 768x3072 T=16384 -> cublas (sparse step 0.91x dense)". Calls without gradients
@@ -29,7 +30,9 @@ first training step, while torch.compile is compiling the regions and the alloca
 growing, and it misjudged shapes there that a quiet process times consistently (1.3B fc1,
 2048x8192 at T=16384: 0.91x in one training run's first step, 1.19-1.21x in eight timings in
 a quiet process on the same kind of H100; docs/RESULTS.md). Decisions taken later (evaluation
-forwards, keys first seen after step 2) are final at once; so are untimed ones.
+forwards, keys first seen after step 2) are final at once; so are untimed ones. Single
+timings stray even in a quiet process (fc1 above: one of eight timings 0.80x, the other seven
+1.19-1.22x; 41 reps 1.199x), hence the longer median of the decisive timing.
 
 Decisions live in memory for the life of the process (not persisted: a decision costs a few
 ms per shape, and a stored one could outlive a change of kernels, driver or clocks). The
@@ -56,11 +59,12 @@ log = logging.getLogger(__name__)
 
 WARMUP = 2
 REPS = 5
+SETTLED_REPS = 15  # the re-timing that decides for good: a median over three times as many
 DEFAULT_MIN_SPEEDUP = 1.05
 SETTLE_STEPS = 2  # optimizer steps after which a provisional decision is timed again
 
 Step = Callable[[], None]
-Measure = Callable[[Step, Step], "tuple[float, float]"]
+Measure = Callable[..., "tuple[float, float]"]  # (sparse_step, dense_step, reps=) -> seconds
 
 
 def cuda_event_measure(sparse_step: Callable[[], None], dense_step: Callable[[], None],
@@ -217,8 +221,9 @@ class AutoBackend(SparseLinearBackend):
         with_grad = torch.is_grad_enabled()
         sparse_step = self._step(self.sparse, layer, x, with_grad, refresh=True)
         dense_step = self._step(self.dense, layer, x, with_grad, refresh=False)
-        sparse_s, dense_s = self.measure(sparse_step, dense_step)
         steps = _steps(layer)
+        reps = SETTLED_REPS if first is not None else REPS
+        sparse_s, dense_s = self.measure(sparse_step, dense_step, reps=reps)
         if first is not None:
             was = first.speedup
             note = (f"re-timed after {steps} optimizer steps; first timing "
