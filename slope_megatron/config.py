@@ -73,9 +73,8 @@ class SparsityConfig:
                                      "between steps (2.25 bytes per weight entry in bf16, "
                                      "refreshed after each optimizer step). False builds them "
                                      "at each GEMM call into one scratch buffer per device: 1.3B "
-                                     "model state 0.65x instead of 0.74x of dense at the same "
-                                     "speed (Python step; not yet measured at 1.3B with the "
-                                     "native step; docs/RESULTS.md).")
+                                     "model state 0.64x instead of 0.74x of dense, at 1.10-1.12x "
+                                     "instead of 1.14-1.15x dense speed (H100; docs/RESULTS.md).")
     dense_first_qkv: bool = _f(True, "Keep the first block's QKV projection dense (as the paper).")
     sparse_lm_head: bool = _f(False, "Make the LM head N:M sparse too (needs untied embeddings).")
     modules: list = _f(["qkv", "proj", "fc1", "fc2"], "Which block linears are sparse: any of "
