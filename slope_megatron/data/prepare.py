@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from .builtin_corpora import CORPORA
-from .default_corpus import collect_default_corpus, read_manifest
+from .builtin_corpora import builtin_corpus, corpus_with_version
+from .default_corpus import collect_builtin_corpus, read_manifest
 from .errors import DataError
 from .files import (file_lock, make_cache_dir, publish_dir, remove_stale_staging, sha256_bytes,
                     sha256_file, staging_dir, write_json)
@@ -84,13 +84,13 @@ def cache_key(cfg) -> dict:
         tok["sha256"] = sha256_file(path) if path.is_file() else None
     key = {"format": FORMAT, "source": source, "tokenizer": tok, "val_fraction": cfg.val_fraction}
     if source == "default":  # a built-in corpus ('default' keeps its key from before 'extended')
-        key["corpus"] = CORPORA[cfg.corpus].version
+        key["corpus"] = builtin_corpus(cfg.corpus).version
     return key
 
 
 def cache_name(key: dict) -> str:
     digest = sha256_bytes(json.dumps(key, sort_keys=True).encode())[:12]
-    base = key["corpus"].split("-v")[0] if key["source"] == "default" \
+    base = corpus_with_version(key["corpus"]).name if key["source"] == "default" \
         else Path(key["source"]).name
     tok = key["tokenizer"]["kind"] + str(key["tokenizer"].get("vocab_size", ""))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{base}-{tok}").strip("._")[:60]
@@ -142,11 +142,14 @@ def _build(cfg, key: dict, corpus: Optional[TextCorpus], root: Path, out: Path,
            log: Callable, progress: bool) -> None:
     t0 = time.time()
     if corpus is None:
-        builtin = CORPORA[cfg.corpus]
-        corpus_dir = collect_default_corpus(root / "corpus", log=log, packages=builtin.packages,
-                                            min_bytes=builtin.min_bytes, version=builtin.version)
+        builtin = builtin_corpus(cfg.corpus)
+        corpus_dir = collect_builtin_corpus(root / "corpus", log=log,
+                                            packages=builtin.packages,
+                                            min_bytes=builtin.min_bytes,
+                                            version=builtin.version)
         corpus = TextCorpus(corpus_dir / "corpus.jsonl", label=builtin.label)
-        source = {"kind": "default", "corpus": read_manifest(corpus_dir)}
+        source = {"kind": "default", "name": builtin.name,  # "default": a built-in corpus
+                  "corpus": read_manifest(corpus_dir)}
     else:
         source = {"kind": "path", "path": key["source"]}
     with tqdm(total=len(corpus.files), desc="reading", unit="file",

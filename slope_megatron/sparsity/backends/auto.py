@@ -23,16 +23,18 @@ tensor-parallel job time independently and may route the same shape differently;
 results then differ only within bf16 rounding, which is accepted (no collective is added to
 make the decision agree).
 
-A decision taken before the layer's `SETTLE_STEPS`-th optimizer step is provisional: the first
-call of that key once the layer has taken `SETTLE_STEPS` (2) steps times both paths again, and
-that second timing decides for good (logged as "re-timed"). Why: the first timing runs in the
-first training step, while torch.compile is compiling the regions and the allocator is still
-growing, and it misjudged shapes there that a quiet process times consistently (1.3B fc1,
-2048x8192 at T=16384: 0.91x in one training run's first step, 1.19-1.21x in eight timings in
-a quiet process on the same kind of H100; docs/RESULTS.md). Decisions taken later (evaluation
-forwards, keys first seen after step 2) are final at once; so are untimed ones. Single
-timings stray even in a quiet process (fc1 above: one of eight timings 0.80x, the other seven
-1.19-1.22x; 41 reps 1.199x), hence the longer median of the decisive timing.
+Every timed decision is provisional at first: the first call of its key after the layer has
+taken `SETTLE_STEPS` (2) more optimizer steps times both paths again, with a median of 15 reps,
+and that timing decides for good (logged as "re-timed"). Why: a key is first timed while the
+run is not settled -- the first training step (or the first evaluation) compiles its regions
+and grows the allocator -- and it misjudged shapes there that a quiet process times
+consistently (1.3B fc1, 2048x8192 at T=16384: 0.91x in one training run's first step,
+1.19-1.21x in eight timings in a quiet process on the same kind of H100; docs/RESULTS.md).
+Single 5-rep timings stray even in a quiet process (fc1 again: one of eight 0.80x, the other
+seven 1.19-1.22x; 41 reps 1.199x), hence the longer median of the decisive timing. Counting
+steps from the decision, not from the start, makes resumed runs re-time too. Untimed
+decisions are final, and so are timings of layers that count no optimizer steps (they are
+taken with 15 reps at once).
 
 Decisions live in memory for the life of the process (not persisted: a decision costs a few
 ms per shape, and a stored one could outlive a change of kernels, driver or clocks). The
@@ -61,7 +63,7 @@ WARMUP = 2
 REPS = 5
 SETTLED_REPS = 15  # the re-timing that decides for good: a median over three times as many
 DEFAULT_MIN_SPEEDUP = 1.05
-SETTLE_STEPS = 2  # optimizer steps after which a provisional decision is timed again
+SETTLE_STEPS = 2  # optimizer steps after a provisional decision before it is timed again
 
 Step = Callable[[], None]
 Measure = Callable[..., "tuple[float, float]"]  # (sparse_step, dense_step, reps=) -> seconds
@@ -106,13 +108,15 @@ def _min_speedup() -> float:
 class Decision:
     """Where one key runs, and why (for logs and tests)."""
 
-    __slots__ = ("backend", "sparse", "sparse_s", "dense_s", "reason", "final", "first")
+    __slots__ = ("backend", "sparse", "sparse_s", "dense_s", "reason", "final", "step", "first")
 
     def __init__(self, backend: str, sparse: bool = False, sparse_s: Optional[float] = None,
-                 dense_s: Optional[float] = None, reason: str = "", final: bool = True):
+                 dense_s: Optional[float] = None, reason: str = "", final: bool = True,
+                 step: int = 0):
         self.backend, self.sparse = backend, sparse  # backend's name; whether it is the sparse one
         self.sparse_s, self.dense_s, self.reason = sparse_s, dense_s, reason
         self.final = final                    # False: to be timed again once the run settles
+        self.step = step                      # the layer's optimizer steps when it was taken
         self.first: Optional[Decision] = None  # the provisional decision a re-timing replaced
 
     @property
@@ -131,9 +135,9 @@ class AutoBackend(SparseLinearBackend):
     """Delegates each call to the cusparselt or the cublas backend, chosen per key by timing.
 
     `sparse`, `dense`, `measure` and `eligible` are injectable for tests: `measure(sparse_step,
-    dense_step) -> (sparse_s, dense_s)`; `eligible(layer, x) -> reason or None` says whether the
-    sparse backend can take the call at all (default: the cusparselt backend's own checks).
-    """
+    dense_step, reps=n) -> (sparse_s, dense_s)`; `eligible(layer, x) -> reason or None` says
+    whether the sparse backend can take the call at all (default: the cusparselt backend's own
+    checks)."""
 
     name = "auto"
 
@@ -163,25 +167,28 @@ class AutoBackend(SparseLinearBackend):
 
     def choose(self, layer, x: torch.Tensor) -> SparseLinearBackend:
         """The backend for this call: both paths are timed on the first call with a new key,
-        and once more on the first call after a provisional decision's layer has settled."""
+        and once more on its first call `SETTLE_STEPS` optimizer steps later."""
         key = self.key(layer, x)
         decision = self.decisions.get(key)
-        if decision is None or (not decision.final and _steps(layer) >= SETTLE_STEPS):
+        if decision is None or (not decision.final
+                                and _steps(layer) - decision.step >= SETTLE_STEPS):
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 # never time inside a CUDA graph capture; decide (or re-time) later
-                return self.dense if decision is None else self._route(layer, decision)
+                return self.dense if decision is None else self._route(layer, key, decision)
             new = self._decide(layer, x, key, first=decision)
             new.first = decision
             decision = self.decisions[key] = new
-        return self._route(layer, decision)
+        return self._route(layer, key, decision)
 
-    def _route(self, layer, decision: Decision) -> SparseLinearBackend:
-        if decision.sparse:
-            # this layer's hooks must reach the cache; never cleared (another key of the
-            # layer may still run sparse after one is re-timed to the dense path)
-            layer.__dict__["_auto_sparse"] = True
-            return self.sparse
-        return self.dense
+    def _route(self, layer, key: tuple, decision: Decision) -> SparseLinearBackend:
+        # The training keys this layer now runs sparse: while there are any, its optimizer-step
+        # hook refreshes the kernel cache eagerly (no-grad keys re-sync it lazily instead).
+        sparse_keys = layer.__dict__.setdefault("_auto_sparse_keys", set())
+        if decision.sparse and key[-1]:
+            sparse_keys.add(key)
+        else:
+            sparse_keys.discard(key)
+        return self.sparse if decision.sparse else self.dense
 
     def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
         return self.choose(layer, x).linear(layer, x)
@@ -190,9 +197,10 @@ class AutoBackend(SparseLinearBackend):
         return self.choose(layer, x).linear_with_adapter(layer, x)
 
     def after_optimizer_step(self, layer) -> None:
-        # Layers never routed sparse skip the eager refresh; their cache (if the timing built
-        # one) re-syncs from the weight's (data_ptr, version) at the next sparse call.
-        if layer.__dict__.get("_auto_sparse"):
+        # Layers whose training calls do not run sparse now skip the eager refresh; their
+        # cache (if the timing built one) re-syncs from the weight's (data_ptr, version) at
+        # the next sparse call.
+        if routes_sparse(layer):
             self.sparse.after_optimizer_step(layer)
 
     def on_column_mask_change(self, layer) -> None:
@@ -209,7 +217,7 @@ class AutoBackend(SparseLinearBackend):
     def _decide(self, layer, x: torch.Tensor, key: tuple,
                 first: Optional[Decision] = None) -> Decision:
         """Time both paths (or refuse untimed); `first` is the provisional decision being
-        re-timed, if any. Before `SETTLE_STEPS` optimizer steps the result is provisional."""
+        re-timed, if any (the result is then final)."""
         shape = f"{layer.in_features}x{layer.out_features} T={key[2]}"
         from .cusparselt import NO_DOUBLE_PRUNING
         reason = NO_DOUBLE_PRUNING if not getattr(layer, "double_prune", True) \
@@ -221,18 +229,21 @@ class AutoBackend(SparseLinearBackend):
         with_grad = torch.is_grad_enabled()
         sparse_step = self._step(self.sparse, layer, x, with_grad, refresh=True)
         dense_step = self._step(self.dense, layer, x, with_grad, refresh=False)
-        steps = _steps(layer)
-        reps = SETTLED_REPS if first is not None else REPS
-        sparse_s, dense_s = self.measure(sparse_step, dense_step, reps=reps)
+        # provisional unless re-timing, or the layer counts no optimizer steps to wait for
+        final = first is not None or not _counts_steps(layer)
+        sparse_s, dense_s = self.measure(sparse_step, dense_step,
+                                         reps=SETTLED_REPS if final else REPS)
         if first is not None:
             was = first.speedup
-            note = (f"re-timed after {steps} optimizer steps; first timing "
-                    f"{was if was is not None else 0:.2f}x")
+            note = (f"re-timed {_steps(layer) - first.step} optimizer steps later; first "
+                    f"timing {was if was is not None else 0:.2f}x")
         else:
-            note = "" if steps >= SETTLE_STEPS else \
-                f"provisional: timed again after {SETTLE_STEPS} optimizer steps"
-        return self.decide_from_times(shape, sparse_s, dense_s, with_grad,
-                                      final=steps >= SETTLE_STEPS, note=note)
+            note = "" if final else \
+                f"provisional: timed again after {SETTLE_STEPS} more optimizer steps"
+        decision = self.decide_from_times(shape, sparse_s, dense_s, with_grad, final=final,
+                                          note=note)
+        decision.step = _steps(layer)
+        return decision
 
     def decide_from_times(self, shape: str, sparse_s: float, dense_s: float,
                           with_grad: bool = True, final: bool = True,
@@ -276,6 +287,17 @@ class AutoBackend(SparseLinearBackend):
         return step
 
 
+def _counts_steps(layer) -> bool:
+    """Whether the layer counts its optimizer steps (SlopeLinear does), so a provisional
+    decision can wait for some."""
+    return hasattr(layer, "optimizer_steps")
+
+
 def _steps(layer) -> int:
     """Optimizer steps the layer has taken (SlopeLinear counts them; 0 for anything else)."""
     return int(getattr(layer, "optimizer_steps", 0))
+
+
+def routes_sparse(layer) -> bool:
+    """Whether `auto` runs any of this layer's training calls on the sparse path now."""
+    return bool(layer.__dict__.get("_auto_sparse_keys"))
