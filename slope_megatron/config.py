@@ -365,7 +365,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 < cfg.data.val_fraction < 0.5, "data.val_fraction", cfg.data.val_fraction,
              "must be in (0, 0.5)")
     _require(cfg.data.corpus in ("default", "extended"), "data.corpus", cfg.data.corpus,
-             "use 'default' or 'extended'")
+             "use 'default' or 'extended'")  # data/builtin_corpora.py's names (a test checks)
     _require(cfg.data.path is None or cfg.data.corpus == "default", "data.corpus",
              cfg.data.corpus, "a built-in corpus is used only when data.path is unset; "
              "set one of the two")

@@ -89,6 +89,8 @@ def test_config_names_the_corpus_and_the_cache_key_keeps_the_default_one():
     with pytest.raises(ConfigError, match="'data.corpus' = 'wiki' is invalid: use 'default' "
                                           "or 'extended'"):
         load_config(None, ["data.corpus=wiki"])
+    for name in CORPORA:  # the config's list of names (kept light: no data import) is complete
+        assert load_config(None, [f"data.corpus={name}"]).data.corpus == name
     with pytest.raises(ConfigError, match="used only when data.path is unset"):
         load_config(None, ["data.corpus=extended", "data.path=my.txt"])
     with pytest.raises(DataError, match="unknown built-in corpus 'wiki' .* use one of "

@@ -175,9 +175,7 @@ class AutoBackend(SparseLinearBackend):
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 # never time inside a CUDA graph capture; decide (or re-time) later
                 return self.dense if decision is None else self._route(layer, key, decision)
-            new = self._decide(layer, x, key, first=decision)
-            new.first = decision
-            decision = self.decisions[key] = new
+            decision = self.decisions[key] = self._decide(layer, x, key, first=decision)
         return self._route(layer, key, decision)
 
     def _route(self, layer, key: tuple, decision: Decision) -> SparseLinearBackend:
@@ -242,7 +240,7 @@ class AutoBackend(SparseLinearBackend):
                 f"provisional: timed again after {SETTLE_STEPS} more optimizer steps"
         decision = self.decide_from_times(shape, sparse_s, dense_s, with_grad, final=final,
                                           note=note)
-        decision.step = _steps(layer)
+        decision.step, decision.first = _steps(layer), first
         return decision
 
     def decide_from_times(self, shape: str, sparse_s: float, dense_s: float,
