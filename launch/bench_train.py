@@ -2,10 +2,14 @@
 
 Each arm is a separate `launch/pretrain.py` run (a fresh process, so kernels, caches and
 memory peaks do not leak between arms) on the same config, data and seed, differing only
-in `sparsity.*`; the numbers are taken from the last log window of its metrics.jsonl
-(tokens/s, MFU against the dense model's FLOPs, loss, peak GPU memory, and the memory
-resident between steps - model state: weights, master copies, gradients, optimizer state,
-masks - which is what the paper's memory figures count). Ratios are against
+in `sparsity.*`. Speed (tokens/s, MFU against the dense model's FLOPs) is the median over
+the log windows of its metrics.jsonl after the first `--skip-windows` (which hold compilation,
+the GEMM algorithm search and `auto`'s timings) and in the same adapter state as the last one;
+every window's tokens/s is kept in the JSON, so the spread shows. Loss, peak GPU memory and
+the memory resident between steps (model state: weights, master copies, gradients, optimizer
+state, masks - what the paper's memory figures count) come from the last window. Why the
+median: one 10-step window of GPT-2 small lasts ~2 s, and single windows of the same code
+differed by up to 15% (docs/RESULTS.md, seventh session). Ratios are against
 the dense arm of the same invocation. Writes a JSON with the GPU name and versions. Each arm
 keeps its metrics and stderr log; no checkpoint is written unless --keep-checkpoints.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -34,7 +39,7 @@ ARMS = {
     # compressed operands built per GEMM call instead of kept between steps: less model state
     "slope-per-call": ["sparsity.enabled=true", "sparsity.backend=auto",
                        "sparsity.keep_compressed=false"],
-    # adapters on from the middle of the run, so the measured (last) window has them active
+    # adapters on from the middle of the run: the measured windows are those with them active
     "slope-adapters": ["sparsity.enabled=true", "sparsity.backend=auto", "adapters.enabled=true",
                        "adapters.fraction=0.5"],
     # the layer steps through the Python autograd functions instead of the native (C++) step
@@ -50,7 +55,10 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default="configs/gpt2-small.yaml")
     p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS))
     p.add_argument("--iters", type=int, default=40)
-    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--log-interval", type=int, default=5, help="iterations per log window")
+    p.add_argument("--skip-windows", type=int, default=1,
+                   help="first log windows left out of the speed (compilation, algorithm "
+                        "search, auto's timings and re-timings)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for every arm (model size, batch, ZeRO stage, ...)")
     p.add_argument("--out", default="runs/bench_train", help="run directories go here")
@@ -82,11 +90,26 @@ def _run_arm(args, arm: str) -> dict:
         raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}):\n"
                          f"{done.stderr[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in records if "tokens_per_s" in r][-1]
-    keys = ("iter", "loss", "tokens_per_s", "mfu", "max_mem_gb", "resident_mem_gb",
-            "adapters_active")
+    windows = [r for r in records if "tokens_per_s" in r]
+    last = windows[-1]
+    keys = ("iter", "loss", "max_mem_gb", "resident_mem_gb", "adapters_active")
     return {"arm": arm, "command": " ".join(cmd), "wall_s": wall_s,
-            **{k: last.get(k) for k in keys}}
+            **{k: last.get(k) for k in keys}, **speed(windows, args.skip_windows)}
+
+
+def speed(windows: list[dict], skip: int) -> dict:
+    """Median tokens/s (and MFU) over the log windows after the first `skip`, among those in
+    the last window's adapter state; the last window alone if no other qualifies."""
+    last = windows[-1]
+    measured = [w for w in windows[skip:]
+                if w.get("adapters_active") == last.get("adapters_active")] or [last]
+    tps = statistics.median(w["tokens_per_s"] for w in measured)
+    mfu = None if last.get("mfu") is None else last["mfu"] * tps / last["tokens_per_s"]
+    got = [w["tokens_per_s"] for w in measured]
+    return {"tokens_per_s": tps, "mfu": mfu, "speed_windows": len(measured),
+            "tokens_per_s_range": [min(got), max(got)],
+            "tokens_per_s_windows": [w["tokens_per_s"] for w in windows],
+            "tokens_per_s_last": last["tokens_per_s"]}
 
 
 def environment() -> dict:
@@ -117,6 +140,13 @@ def machine_check() -> dict | None:
 
 
 def run_train(args) -> int:
+    if args.log_interval < 1 or args.skip_windows < 0 or args.iters < 1:
+        raise SystemExit("error: --iters and --log-interval must be at least 1 and "
+                         "--skip-windows at least 0")
+    if args.iters // args.log_interval <= args.skip_windows:
+        print(f"warning: {args.iters} iterations make {args.iters // args.log_interval} log "
+              f"windows, not more than --skip-windows {args.skip_windows}: the speed is the "
+              "last window's alone", file=sys.stderr)
     check = machine_check()
     results = [_run_arm(args, arm) for arm in args.arms]
     base = next((r for r in results if r["arm"] == "dense"), None)
@@ -135,6 +165,10 @@ def run_train(args) -> int:
         print(f"{r['arm']:16s} {r['tokens_per_s']:12,.0f} "
               f"{(f'{ratio:.2f}x' if ratio else 'n/a'):>9s} {mfu:>7s} {r['loss']:8.4f} {mem:>9s} "
               f"{state:>10s}")
+    for r in results:  # how much the windows behind each median differ
+        low, high = r["tokens_per_s_range"]
+        print(f"  {r['arm']}: median of {r['speed_windows']} windows, {low:,.0f}-{high:,.0f} "
+              "tokens/s")
     if args.json:
         report = {"environment": {**environment(), "gpu_check": check},
                   "config": args.config, "overrides": args.set, "results": results}

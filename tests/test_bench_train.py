@@ -30,6 +30,9 @@ def test_bench_train_reports_each_arm_against_dense(tmp_path):
     assert results[0]["vs_dense"] == 1.0 and results[1]["vs_dense"] > 0
     assert "gpu_check" in json.loads(report.read_text())["environment"]  # None without CUDA
     assert all(r["tokens_per_s"] > 0 and r["iter"] == 2 for r in results)
+    # --skip-windows 1 of 2 one-iteration windows: the second one is the speed
+    assert all(r["speed_windows"] == 1 and r["tokens_per_s"] == r["tokens_per_s_windows"][1]
+               for r in results)
     assert "slope-reference" in done.stdout and "vs dense" in done.stdout
     for arm in ("dense", "slope-reference"):  # metrics and log stay, checkpoints do not
         assert (out / arm / "metrics.jsonl").is_file() and (out / arm / "stderr.log").is_file()
@@ -56,3 +59,19 @@ def test_python_arm_turns_the_native_step_off(tmp_path, monkeypatch):
             bench_train._run_arm(args, arm)
     assert bench_train.ARMS["slope-python"] == bench_train.ARMS["slope"]
     assert list(seen.values()) == [None, "0", "0"]
+
+
+def test_speed_is_the_median_of_the_settled_windows_in_the_last_adapter_state():
+    speed = load_launch("bench_train").speed
+    windows = [{"tokens_per_s": t, "mfu": t / 1000, "adapters_active": a}
+               for t, a in ((50, False), (300, False), (100, False), (90, False), (80, True),
+                            (70, True), (75, True))]
+    got = speed(windows, skip=1)
+    assert got["tokens_per_s"] == 75 and got["speed_windows"] == 3  # adapters-on windows only
+    assert got["tokens_per_s_range"] == [70, 80] and got["tokens_per_s_last"] == 75
+    assert abs(got["mfu"] - 0.075) < 1e-12
+    got = speed([dict(w, adapters_active=False) for w in windows], skip=1)
+    assert got["tokens_per_s"] == 85 and got["speed_windows"] == 6  # the compile window is out
+    assert got["tokens_per_s_windows"][0] == 50
+    got = speed(windows[:1], skip=1)  # nothing after the skipped window: the last one alone
+    assert got["tokens_per_s"] == 50 and got["speed_windows"] == 1
