@@ -94,7 +94,15 @@ def _run_arm(args, arm: str) -> dict:
     last = windows[-1]
     keys = ("iter", "loss", "max_mem_gb", "resident_mem_gb", "adapters_active")
     return {"arm": arm, "command": " ".join(cmd), "wall_s": wall_s,
-            **{k: last.get(k) for k in keys}, **speed(windows, args.skip_windows)}
+            **{k: last.get(k) for k in keys}, **speed(windows, args.skip_windows),
+            "auto_decisions": auto_decisions(done.stderr)}
+
+
+def auto_decisions(log: str) -> list[str]:
+    """The `auto` backend's decision lines of an arm's log ("2048x8192 T=16384 -> cusparselt
+    (...)"), so the JSON says which path each shape took without the run directory."""
+    return [line.rsplit("auto: ", 1)[1] for line in log.splitlines() if "auto: " in line
+            and " -> " in line]
 
 
 def speed(windows: list[dict], skip: int) -> dict:

@@ -75,3 +75,14 @@ def test_speed_is_the_median_of_the_settled_windows_in_the_last_adapter_state():
     assert got["tokens_per_s_windows"][0] == 50
     got = speed(windows[:1], skip=1)  # nothing after the skipped window: the last one alone
     assert got["tokens_per_s"] == 50 and got["speed_windows"] == 1
+
+
+def test_auto_decision_lines_are_kept_from_the_arm_log():
+    log = ("2026-11-25 01:44:47,824 INFO slope_megatron.sparsity.backends.auto: auto: 2048x2048 "
+           "T=16384 -> cublas (sparse step 0.99x dense; 0.687 vs 0.681 ms)\n"
+           "train:   7%|  | 2/30 [00:03<00:45]2026-11-25 01:44:50,156 INFO slope_megatron."
+           "sparsity.backends.auto: auto: 2048x8192 T=16384 -> cusparselt (sparse step 1.14x "
+           "dense)\nINFO sparse backend 'auto' -> 'reference': cusparselt unavailable\n")
+    assert load_launch("bench_train").auto_decisions(log) == [
+        "2048x2048 T=16384 -> cublas (sparse step 0.99x dense; 0.687 vs 0.681 ms)",
+        "2048x8192 T=16384 -> cusparselt (sparse step 1.14x dense)"]
