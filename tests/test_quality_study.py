@@ -161,3 +161,12 @@ def test_scaling_plot_from_several_bench_jsons(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="lacks the dense or the 'slope-adapters' arm"):
         plot.main([*map(str, files), "--out", str(out), "--arm", "slope-adapters"])
+
+
+def test_the_diagnostic_adapter_arm_runs_only_when_asked_for():
+    assert study_mod.parse_args([]).arms == ["dense", "static-2to4", "slope", "slope-adapters"]
+    extra = study_mod.ARMS["slope-adapters-10pct"]
+    base = study_mod.ARMS["slope-adapters"]
+    assert set(extra) - set(base) == {"adapters.fraction=0.1"}
+    assert set(base) - set(extra) == {"adapters.fraction=0.01"}
+    assert study_mod.parse_args(["--arms", "slope-adapters-10pct"]).arms == ["slope-adapters-10pct"]
