@@ -111,9 +111,9 @@ def speed(windows: list[dict], skip: int) -> dict:
     last = windows[-1]
     measured = [w for w in windows[skip:]
                 if w.get("adapters_active") == last.get("adapters_active")] or [last]
-    tps = statistics.median(w["tokens_per_s"] for w in measured)
-    mfu = None if last.get("mfu") is None else last["mfu"] * tps / last["tokens_per_s"]
     got = [w["tokens_per_s"] for w in measured]
+    tps = statistics.median(got)
+    mfu = None if last.get("mfu") is None else last["mfu"] * tps / last["tokens_per_s"]
     return {"tokens_per_s": tps, "mfu": mfu, "speed_windows": len(measured),
             "tokens_per_s_range": [min(got), max(got)],
             "tokens_per_s_windows": [w["tokens_per_s"] for w in windows],

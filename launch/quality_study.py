@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The four-arm quality study of issue 10: how much of 2:4 sparsity's loss gap SLoPe recovers.
 
-    python launch/quality_study.py --config configs/quality-gpt2-small.yaml \\
+    python launch/quality_study.py --config configs/quality-gpt2-small-extended.yaml \\
         --out runs/quality --json quality.json [--arms dense static-2to4 slope slope-adapters]
 
 Arms (same config, seed, data order and LR schedule; each a fresh `launch/pretrain.py`
@@ -57,7 +57,9 @@ GOAL_RATIO = 0.60  # issue 10: gap(slope-adapters) <= 60% of gap(static-2to4)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/quality-gpt2-small.yaml")
+    p.add_argument("--config", default="configs/quality-gpt2-small-extended.yaml",
+                   help="the default trains on fresh data (the extended corpus); "
+                        "configs/quality-gpt2-small.yaml repeats the default corpus 3 times")
     p.add_argument("--arms", nargs="+", default=STUDY_ARMS, choices=list(ARMS))
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="overrides for every arm (the arms' own sparsity/adapter keys win)")
