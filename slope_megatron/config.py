@@ -91,6 +91,9 @@ class AdaptersConfig:
     rank: Optional[int] = _f(None, "Absolute adapter rank; overrides rank_ratio when set.")
     weight_decay: Optional[float] = _f(None, "Weight decay of adapter parameters. Default: "
                                              "optimizer.weight_decay.")
+    lr_scale: float = _f(1.0, "Adapters' learning rate as a multiple of the scheduled one. 1 "
+                              "(as the paper) gives them the end of the schedule's low rate; "
+                              "at 600 iterations that moved nothing (docs/RESULTS.md).")
 
 
 @dataclass
@@ -334,6 +337,8 @@ def validate(cfg: Config) -> None:
     _require(a.rank is None or a.rank >= 1, "adapters.rank", a.rank, "must be >= 1")
     _require(a.weight_decay is None or (math.isfinite(a.weight_decay) and a.weight_decay >= 0),
              "adapters.weight_decay", a.weight_decay, "must be finite and >= 0")
+    _require(math.isfinite(a.lr_scale) and a.lr_scale > 0, "adapters.lr_scale", a.lr_scale,
+             "must be finite and > 0")
 
     _require(cfg.parallel.tensor >= 1, "parallel.tensor", cfg.parallel.tensor, "must be >= 1")
     _require(cfg.parallel.pipeline >= 1, "parallel.pipeline", cfg.parallel.pipeline,

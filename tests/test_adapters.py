@@ -46,3 +46,32 @@ def test_enable_without_rank_on_layer_without_adapter_errors():
         layer.enable_adapter()
     layer.enable_adapter(rank=2)
     assert layer.adapter_active and layer.adapter_a.shape == (8, 2)
+
+
+def test_adapter_group_learning_rate_follows_the_switch_and_lr_scale():
+    """Before the switch the adapter group's lr is 0; after it, the scheduled lr times
+    adapters.lr_scale (also after a resume, through mark_adapters_active)."""
+    from slope_megatron.config import load_config
+    from slope_megatron.model import GPTModel
+    from slope_megatron.training.optimizer import (adapter_group, build_optimizer,
+                                                   mark_adapters_active, set_lr,
+                                                   switch_on_adapters)
+
+    cfg = load_config(None, ["model.vocab_size=64", "model.hidden_size=32", "model.num_heads=4",
+                             "model.num_layers=1", "model.seq_len=16", "adapters.lr_scale=10"])
+    model = GPTModel(cfg.model, cfg.sparsity, cfg.adapters)
+    opt = build_optimizer(model, cfg)
+    index = adapter_group(opt)
+    assert index is not None
+    set_lr(opt, 1e-3)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, 0.0]
+    switch_on_adapters(model, opt, cfg)
+    set_lr(opt, 1e-3)
+    assert opt.param_groups[index]["lr"] == pytest.approx(1e-2)
+    assert opt.param_groups[0]["lr"] == 1e-3
+    resumed = build_optimizer(model, cfg)  # a fresh optimizer, as after loading a checkpoint
+    mark_adapters_active(resumed, cfg)
+    set_lr(resumed, 2e-4)
+    assert resumed.param_groups[index]["lr"] == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="adapters.lr_scale"):
+        load_config(None, ["adapters.lr_scale=0"])

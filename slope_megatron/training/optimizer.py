@@ -5,7 +5,8 @@ optimizer state exists only for kept entries; (1) biases and norms without decay
 (2) adapters. Adapter parameters exist from the start so that every ZeRO stage partitions
 them with the rest, but before the switch they get no gradient from the model (no
 compute), and their group has lr 0 and no decay, so they do not move. At the switch
-their optimizer state is cleared - they start fresh while the sparse weights keep theirs.
+their optimizer state is cleared - they start fresh while the sparse weights keep theirs - and
+their group's lr becomes the scheduled one times `adapters.lr_scale` (1 by default).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def lr_at(cfg: Config, it: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set lr on every group (adapter group scaled by its switch flag)."""
+    """Set lr on every group (the adapter group's scaled: 0 before the switch, then
+    `adapters.lr_scale`)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("adapter_lr_scale", 1.0)
 
@@ -108,13 +110,14 @@ def switch_on_adapters(model: nn.Module, engine_optimizer, cfg: Config) -> int:
     for opt in {id(o): o for o in (engine_optimizer, base)}.values():
         index = adapter_group(opt)
         if index is not None:
-            opt.param_groups[index].update(adapter_lr_scale=1.0, weight_decay=wd)
+            opt.param_groups[index].update(adapter_lr_scale=cfg.adapters.lr_scale,
+                                           weight_decay=wd)
     return switched
 
 
-def mark_adapters_active(engine_optimizer) -> None:
+def mark_adapters_active(engine_optimizer, cfg: Config) -> None:
     """After loading a checkpoint taken past the switch: keep the adapter group's lr on."""
     for opt in (engine_optimizer, base_optimizer(engine_optimizer)):
         index = adapter_group(opt)
         if index is not None:
-            opt.param_groups[index]["adapter_lr_scale"] = 1.0
+            opt.param_groups[index]["adapter_lr_scale"] = cfg.adapters.lr_scale

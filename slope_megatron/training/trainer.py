@@ -207,7 +207,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     if client:
         say(f"resumed from {ckpt_dir / checkpoint.tag_for(start)} (iteration {start})")
         if adapters_active(model):
-            mark_adapters_active(optimizer)
+            mark_adapters_active(optimizer, cfg)
     guard_client_optimizer(engine)
     metrics = MetricsWriter(out, main, start)
     order = GlobalBatchOrder(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
