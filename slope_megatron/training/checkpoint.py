@@ -56,7 +56,8 @@ class CheckpointError(SlopeError):
 # Identity keys added after runs were already being saved, with the value every older run
 # had: a run_config.yaml or manifest written before the key existed reads as holding it.
 ADDED_IDENTITY_KEYS = {"sparsity.double_prune": True,
-                       "zero.grad_accum_dtype": "model"}  # DeepSpeed's default before the key
+                       "zero.grad_accum_dtype": "model",  # DeepSpeed's default before the key
+                       "data.corpus": "default", "adapters.lr_scale": 1.0}
 
 
 def identity_diff(old: dict, new: dict) -> list[str]:
