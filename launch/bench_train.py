@@ -4,8 +4,9 @@ Each arm is a separate `launch/pretrain.py` run (a fresh process, so kernels, ca
 memory peaks do not leak between arms) on the same config, data and seed, differing only
 in `sparsity.*`. Speed (tokens/s, MFU against the dense model's FLOPs) is the median over
 the log windows of its metrics.jsonl after the first `--skip-windows` (which hold compilation,
-the GEMM algorithm search and `auto`'s timings) and in the same adapter state as the last one;
-every window's tokens/s is kept in the JSON, so the spread shows. Loss, peak GPU memory and
+the GEMM algorithm search and `auto`'s timings), in the last one's adapter state and after
+the window of the switch; every window's tokens/s is kept in the JSON, so the spread
+shows. Loss, peak GPU memory and
 the memory resident between steps (model state: weights, master copies, gradients, optimizer
 state, masks - what the paper's memory figures count) come from the last window. Why the
 median: one 10-step window of GPT-2 small lasts ~2 s, and single windows of the same code
@@ -91,6 +92,9 @@ def _run_arm(args, arm: str) -> dict:
                          f"{done.stderr[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "tokens_per_s" in r]
+    if not windows:
+        raise SystemExit(f"error: arm {arm} logged no training window ({out}/metrics.jsonl); "
+                         "see its stderr.log")
     last = windows[-1]
     keys = ("iter", "loss", "max_mem_gb", "resident_mem_gb", "adapters_active")
     return {"arm": arm, "command": " ".join(cmd), "wall_s": wall_s,
@@ -106,11 +110,16 @@ def auto_decisions(log: str) -> list[str]:
 
 
 def speed(windows: list[dict], skip: int) -> dict:
-    """Median tokens/s (and MFU) over the log windows after the first `skip`, among those in
-    the last window's adapter state; the last window alone if no other qualifies."""
+    """Median tokens/s (and MFU) over the log windows after the first `skip`, among the run
+    of windows in the last one's adapter state, without that run's first window if the state
+    changed (it holds the switch); the last window alone if no other qualifies."""
     last = windows[-1]
-    measured = [w for w in windows[skip:]
-                if w.get("adapters_active") == last.get("adapters_active")] or [last]
+    start = len(windows) - 1
+    while start > 0 and windows[start - 1].get("adapters_active") == last.get("adapters_active"):
+        start -= 1
+    if start > 0:
+        start += 1  # the window in which the adapters switched on
+    measured = windows[max(skip, start):] or [last]
     got = [w["tokens_per_s"] for w in measured]
     tps = statistics.median(got)
     mfu = None if last.get("mfu") is None else last["mfu"] * tps / last["tokens_per_s"]
@@ -151,10 +160,6 @@ def run_train(args) -> int:
     if args.log_interval < 1 or args.skip_windows < 0 or args.iters < 1:
         raise SystemExit("error: --iters and --log-interval must be at least 1 and "
                          "--skip-windows at least 0")
-    if args.iters // args.log_interval <= args.skip_windows:
-        print(f"warning: {args.iters} iterations make {args.iters // args.log_interval} log "
-              f"windows, not more than --skip-windows {args.skip_windows}: the speed is the "
-              "last window's alone", file=sys.stderr)
     check = machine_check()
     results = [_run_arm(args, arm) for arm in args.arms]
     base = next((r for r in results if r["arm"] == "dense"), None)
@@ -177,6 +182,9 @@ def run_train(args) -> int:
         low, high = r["tokens_per_s_range"]
         print(f"  {r['arm']}: median of {r['speed_windows']} windows, {low:,.0f}-{high:,.0f} "
               "tokens/s")
+        if r["speed_windows"] == 1 and len(r["tokens_per_s_windows"]) > 1:
+            print(f"warning: {r['arm']}: one window measured (too few iterations after the "
+                  "first window or the adapter switch); raise --iters", file=sys.stderr)
     if args.json:
         report = {"environment": {**environment(), "gpu_check": check},
                   "config": args.config, "overrides": args.set, "results": results}

@@ -30,13 +30,13 @@ import datetime
 import hashlib
 import json
 import math
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from child_env import checkout_env  # launch/ sibling
+from bench_train import speed  # launch/ siblings
+from child_env import checkout_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -119,7 +119,7 @@ def read_metrics(run_dir: Path) -> dict:
     return {"curve": curve, "final_iter": curve[-1]["iter"],
             "final_val_loss": curve[-1]["val_loss"], "final_val_ppl": curve[-1]["val_ppl"],
             "final_train_loss": train[-1].get("loss"),
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train),
+            "tokens_per_s": speed(train, skip=1)["tokens_per_s"],  # as bench.py train
             "max_mem_gb": max(mem) if mem else None,
             "skipped_steps": train[-1].get("skipped_steps", 0)}
 
@@ -188,11 +188,11 @@ def print_report(study: dict) -> None:
               f"{fmt(r['tokens_per_s'], '10,.0f'):>10s} {fmt(r['max_mem_gb'], '8.1f'):>8s}")
     iters = sorted({p["iter"] for r in arms.values() for p in r["curve"]})
     print(f"\nvalidation loss by iteration\n{'iter':>6s} " +
-          " ".join(f"{name:>15s}" for name in arms))
+          " ".join(f"{name:>20s}" for name in arms))
     for it in iters:
         row = [next((p["val_loss"] for p in r["curve"] if p["iter"] == it), None)
                for r in arms.values()]
-        print(f"{it:6d} " + " ".join(f"{v:15.4f}" if _finite(v) else f"{'-':>15s}" for v in row))
+        print(f"{it:6d} " + " ".join(f"{v:20.4f}" if _finite(v) else f"{'-':>20s}" for v in row))
     if s["gap_ratio"] is not None:
         verdict = "met" if s["goal_met"] else "NOT met"
         ppl = f", {s['ppl_gap_ratio']:.3f} in val ppl" if s["ppl_gap_ratio"] is not None else ""

@@ -81,11 +81,12 @@ def test_runs_saved_before_the_new_keys_still_resume():
     """run_config.yaml / checkpoint manifests written before adapters.lr_scale and data.corpus
     existed read as holding their defaults; other values are a different run."""
     from slope_megatron.config import load_config
-    from slope_megatron.training.checkpoint import identity_diff
+    from slope_megatron.training.checkpoint import identity_diff, with_added_keys
     from slope_megatron.training.trainer import run_identity
 
     ident = run_identity(load_config(None, []), dp_size=1)
     old = {k: v for k, v in ident.items() if k not in ("adapters.lr_scale", "data.corpus")}
     assert len(old) == len(ident) - 2 and identity_diff(old, ident) == []
     assert identity_diff(old, {**ident, "adapters.lr_scale": 10.0}) == ["adapters.lr_scale"]
+    assert with_added_keys(old, ident)["adapters.lr_scale"] == 1.0  # what a refusal shows
     assert identity_diff(old, {**ident, "data.corpus": "extended"}) == ["data.corpus"]

@@ -66,15 +66,17 @@ def test_speed_is_the_median_of_the_settled_windows_in_the_last_adapter_state():
     windows = [{"tokens_per_s": t, "mfu": t / 1000, "adapters_active": a}
                for t, a in ((50, False), (300, False), (100, False), (90, False), (80, True),
                             (70, True), (75, True))]
-    got = speed(windows, skip=1)
-    assert got["tokens_per_s"] == 75 and got["speed_windows"] == 3  # adapters-on windows only
-    assert got["tokens_per_s_range"] == [70, 80] and got["tokens_per_s_last"] == 75
-    assert abs(got["mfu"] - 0.075) < 1e-12
+    got = speed(windows, skip=1)  # adapters-on windows only, without the switch's (80)
+    assert got["tokens_per_s"] == 72.5 and got["speed_windows"] == 2
+    assert got["tokens_per_s_range"] == [70, 75] and got["tokens_per_s_last"] == 75
+    assert abs(got["mfu"] - 0.0725) < 1e-12
     got = speed([dict(w, adapters_active=False) for w in windows], skip=1)
     assert got["tokens_per_s"] == 85 and got["speed_windows"] == 6  # the compile window is out
     assert got["tokens_per_s_windows"][0] == 50
     got = speed(windows[:1], skip=1)  # nothing after the skipped window: the last one alone
     assert got["tokens_per_s"] == 50 and got["speed_windows"] == 1
+    got = speed(windows[:5], skip=1)  # adapters on in the last window only: it alone
+    assert got["tokens_per_s"] == 80 and got["speed_windows"] == 1
 
 
 def test_auto_decision_lines_are_kept_from_the_arm_log():

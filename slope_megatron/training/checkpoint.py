@@ -60,9 +60,15 @@ ADDED_IDENTITY_KEYS = {"sparsity.double_prune": True,
                        "data.corpus": "default", "adapters.lr_scale": 1.0}
 
 
+def with_added_keys(old: dict, new: dict) -> dict:
+    """A saved identity with the keys added since it was written filled in as older runs had
+    them (only those this run's identity has)."""
+    return {**{k: v for k, v in ADDED_IDENTITY_KEYS.items() if k in new}, **old}
+
+
 def identity_diff(old: dict, new: dict) -> list[str]:
     """Sorted keys whose values differ between a saved identity and this run's."""
-    old = {**{k: v for k, v in ADDED_IDENTITY_KEYS.items() if k in new}, **old}
+    old = with_added_keys(old, new)
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
 
 
@@ -174,7 +180,7 @@ def verify(tag_dir: Path, identity: Optional[dict]) -> list[str]:
         manifest, files = None, {}
         problems.append(f"{manifest_file} is unreadable: {e}")
     if manifest is not None and identity is not None:
-        old = manifest.get("identity", {})
+        old = with_added_keys(manifest.get("identity", {}), identity)
         diff = identity_diff(old, identity)
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} (checkpoint) vs {identity.get(k)!r} "

@@ -19,7 +19,7 @@ import yaml
 
 from ..config import Config, ConfigError
 from ..fileio import write_text_atomic
-from .checkpoint import identity_diff
+from .checkpoint import identity_diff, with_added_keys
 from .distributed import barrier
 
 RUN_CONFIG = "run_config.yaml"
@@ -61,8 +61,8 @@ def check_output_dir(cfg: Config, out: Path) -> dict:
                           f"train.output_dir or delete that one")
     saved = out / RUN_CONFIG
     if saved.is_file():
-        old = _identity(yaml.safe_load(saved.read_text()) or {})
         new = _identity(cfg.to_dict())
+        old = with_added_keys(_identity(yaml.safe_load(saved.read_text()) or {}), new)
         diff = identity_diff(old, new)
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
