@@ -190,47 +190,56 @@ def bench_ours(layer, xs, gys, torch):
 
 
 def bench_adapter(layer, xs, torch):
-    """Forward with the lazy adapter (rank 2% of in) vs without: through SlopeLinear.forward
-    (as linear.py computes it) and through backend.linear_with_adapter (rank padded to a
-    multiple of 8, Y + (X A) B by one Triton pass over Y), plus the pieces: X A, (X A) B, the
-    sparse GEMM alone, with the product as its epilogue's C, cuBLAS addmm into Y, and the
-    Triton pass."""
+    """Forward with the lazy adapter (rank 2% of in) vs without. Two ways: the layer's forward
+    (the cusparselt backend puts the adapter inside the sparse GEMM, `cusparselt_adapter`) and
+    the adapter added after the GEMM (`lowrank.add_adapter`: X A, then one Triton pass
+    Y + (X A)(B / r)); plus the pieces: X A by cuBLAS, the widening pass, the plain and the
+    widened sparse GEMM, the Triton pass."""
+    from kernels.lowrank_triton import lowrank_add, widen_with_lowrank
+    from slope_megatron.sparsity.backends.cusparselt_adapter import padded_rank
+    from slope_megatron.sparsity.backends.lowrank import add_adapter
     rank = max(1, round(0.02 * layer.in_features))
 
     def fwd():
         with torch.no_grad():
             return layer(xs())
 
-    def fused():
+    def after():
         with torch.no_grad():
-            return layer.backend.linear_with_adapter(layer, xs())
+            x = xs()
+            return add_adapter(layer, x, layer.backend.linear(layer, x))
 
-    base = bench_ms(fwd)
+    cache = layer.backend.cache(layer)
+    x0 = xs.items[0]
+    base, gemm_ms = bench_ms(fwd), bench_ms(lambda: cache.forward(xs()))
     layer.enable_adapter(rank)
     with torch.no_grad():
         layer.adapter_b.normal_()
-        x0 = xs.items[0]
-        err = rel_err(layer.backend.linear_with_adapter(layer, x0), layer(x0))
-    plain, fused_ms = bench_ms(fwd), bench_ms(fused)
-    # where the fused variant's time goes
-    r8 = rank + (-rank % 8)
-    a = torch.randn(layer.in_features, r8, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(r8, layer.out_features, device="cuda", dtype=torch.bfloat16)
-    cache = layer.backend.cache(layer)
-    xa = torch.mm(x0, a)
-    z = torch.mm(xa, b)
-    parts = {"xa_ms": bench_ms(lambda: torch.mm(xs(), a)),
-             "xab_ms": bench_ms(lambda: torch.mm(xa, b)),
-             "gemm_ms": bench_ms(lambda: cache.forward(xs())),
-             "gemm_plus_c_ms": bench_ms(lambda: cache.forward(xs(), z))}
-    y0 = cache.forward(x0)
-    parts["addmm_ms"] = bench_ms(lambda: torch.addmm(y0, xa, b))
-    from kernels.lowrank_triton import lowrank_add
-    parts["lowrank_add_ms"] = bench_ms(lambda: lowrank_add(y0, xa, b))
+        want = (x0.float() @ layer.dense_weight().float().t()
+                + (x0.float() @ layer.adapter_a.float()) @ layer.adapter_b.float()
+                * layer.adapter_scale)
+        if layer.bias is not None:
+            want += layer.bias.float()
+        err = rel_err(layer(x0), want)
+        err_after = rel_err(after(), want)
+    inside, after_ms = bench_ms(fwd), bench_ms(after)
+    r16 = padded_rank(rank)
+    a = torch.randn(layer.in_features, r16, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(r16, layer.out_features, device="cuda", dtype=torch.bfloat16)
+    op = cache.adapter_operand
+    wide, xa = widen_with_lowrank(x0, a)
+    buf = op.sync(layer, b)
+    y0 = torch.randn(x0.shape[0], layer.out_features, device="cuda", dtype=torch.bfloat16)
+    parts = {"gemm_ms": gemm_ms,
+             "xa_ms": bench_ms(lambda: torch.mm(xs(), a)),
+             "widen_ms": bench_ms(lambda: widen_with_lowrank(xs(), a)),
+             "wide_gemm_ms": bench_ms(lambda: op.matmul(buf, wide, None)),
+             "lowrank_add_ms": bench_ms(lambda: lowrank_add(y0, xa, b))}
     layer.adapter_active = False
-    return {"rank": rank, "fwd_no_adapter": base, "fwd_adapter": plain,
-            "fwd_adapter_fused": fused_ms, "overhead_pct": 100 * (plain / base - 1),
-            "overhead_fused_pct": 100 * (fused_ms / base - 1), "fused_err": err, **parts}
+    return {"rank": rank, "rank_padded": r16, "fwd_no_adapter": base, "fwd_adapter": inside,
+            "fwd_adapter_after": after_ms, "overhead_pct": 100 * (inside / base - 1),
+            "overhead_after_pct": 100 * (after_ms / base - 1), "err": err,
+            "err_after": err_after, **parts}
 
 
 def bench_overhead(torch):
@@ -295,6 +304,27 @@ def bench_overhead(torch):
     return res
 
 
+def bench_layer(model, name, fast, ref, xs, gys, T, torch) -> dict:
+    """One table row: correctness against the reference, then dense / torch's 2:4 path / ours
+    for fwd, dX, dW and the whole step (printed as it is measured)."""
+    inn, out, bias = fast.in_features, fast.out_features, fast.bias is not None
+    errs = check(fast, ref, xs.items[0], gys.items[0])
+    w = fast.dense_weight().detach()
+    b = fast.bias.detach() if bias else None
+    dense = bench_dense(w, b, xs, gys, torch)
+    semi = bench_torch_semi(fast, xs, gys, torch)
+    ours = bench_ours(fast, xs, gys, torch)
+    sp = lambda d, k: (dense[k] / d[k]) if k in d else float("nan")
+    print(f"{model:10s} {name:13s} {inn:5d} {out:5d} {T:5d} | {dense['fwd']:6.3f} "
+          f"{dense['dx']:6.3f} {dense['dw']:6.3f} {dense['step']:6.3f} | "
+          f"{sp(semi, 'fwd'):4.2f} {sp(semi, 'dx'):4.2f} {sp(semi, 'step'):4.2f} | "
+          f"{sp(ours, 'fwd'):4.2f} {sp(ours, 'dx'):4.2f} {sp(ours, 'dw'):4.2f} "
+          f"{sp(ours, 'step'):4.2f} | {100 * ours['refresh'] / dense['step']:5.1f}% | "
+          f"{max(errs.values()):.1e}", flush=True)
+    return {"model": model, "layer": name, "in": inn, "out": out, "T": T, "bias": bias,
+            "err": errs, "dense": dense, "torch_semi": semi, "ours": ours}
+
+
 def run_kernels(args) -> int:
     import torch
     import triton
@@ -334,23 +364,9 @@ def run_kernels(args) -> int:
                            2 * T * (inn + out))
                 gys = Rotor(lambda: torch.randn(T, out, device="cuda", dtype=torch.bfloat16),
                             2 * T * (inn + out))
-                errs = check(fast, ref, xs.items[0], gys.items[0])
-                w = fast.dense_weight().detach()
-                b = fast.bias.detach() if bias else None
-                dense = bench_dense(w, b, xs, gys, torch)
-                semi = bench_torch_semi(fast, xs, gys, torch)
-                ours = bench_ours(fast, xs, gys, torch)
-                row = {"model": model, "layer": name, "in": inn, "out": out, "T": T,
-                       "bias": bias, "err": errs, "dense": dense, "torch_semi": semi,
-                       "ours": ours}
-                results["layers"].append(row)
-                sp = lambda d, k: (dense[k] / d[k]) if k in d else float("nan")
-                print(f"{model:10s} {name:13s} {inn:5d} {out:5d} {T:5d} | {dense['fwd']:6.3f} "
-                      f"{dense['dx']:6.3f} {dense['dw']:6.3f} {dense['step']:6.3f} | "
-                      f"{sp(semi, 'fwd'):4.2f} {sp(semi, 'dx'):4.2f} {sp(semi, 'step'):4.2f} | "
-                      f"{sp(ours, 'fwd'):4.2f} {sp(ours, 'dx'):4.2f} {sp(ours, 'dw'):4.2f} "
-                      f"{sp(ours, 'step'):4.2f} | {100 * ours['refresh'] / dense['step']:5.1f}% | "
-                      f"{max(errs.values()):.1e}", flush=True)
+                if not args.adapters_only:
+                    results["layers"].append(bench_layer(model, name, fast, ref, xs, gys, T,
+                                                         torch))
                 if T >= 4096 and args.adapters:
                     ad = bench_adapter(fast, xs, torch)
                     ad.update(model=model, layer=name, T=T)
@@ -358,14 +374,13 @@ def run_kernels(args) -> int:
                 del fast, ref, xs, gys
                 torch.cuda.empty_cache()
     if results["adapters"]:
-        print("# adapter forward overhead at rank 2% (SlopeLinear.forward / "
-              "backend.linear_with_adapter):")
+        print("# adapter forward overhead at rank 2% (inside the sparse GEMM / added after it):")
         for ad in results["adapters"]:
             print(f"#   {ad['model']:10s} {ad['layer']:13s} T={ad['T']:5d} r={ad['rank']:3d}: "
-                  f"{ad['overhead_pct']:5.1f}% / {ad['overhead_fused_pct']:5.1f}%  "
-                  f"(err {ad['fused_err']:.1e}; ms: gemm {ad['gemm_ms']:.3f} gemm+C "
-                  f"{ad['gemm_plus_c_ms']:.3f} XA {ad['xa_ms']:.3f} (XA)B {ad['xab_ms']:.3f} "
-                  f"addmm {ad['addmm_ms']:.3f} triton {ad['lowrank_add_ms']:.3f})")
+                  f"{ad['overhead_pct']:5.1f}% / {ad['overhead_after_pct']:5.1f}%  "
+                  f"(err {ad['err']:.1e} / {ad['err_after']:.1e}; ms: gemm {ad['gemm_ms']:.3f} "
+                  f"widened {ad['wide_gemm_ms']:.3f} widen {ad['widen_ms']:.3f} "
+                  f"XA {ad['xa_ms']:.3f} triton {ad['lowrank_add_ms']:.3f})")
     results["plans"] = rt.plans.configs()
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -373,6 +388,7 @@ def run_kernels(args) -> int:
             json.dump(results, f, indent=1)
         print(f"# wrote {args.json}")
     bad = [r for r in results["layers"] if not max(r["err"].values()) < 1e-2]
+    bad += [a for a in results["adapters"] if not max(a["err"], a["err_after"]) < 1e-2]
     if bad:
         print(f"# CORRECTNESS FAILED for {len(bad)} rows")
         return 1
@@ -387,6 +403,8 @@ def main(argv=None) -> int:
     k.add_argument("--tokens", nargs="+", type=int, default=[1024, 8192, 16384])
     k.add_argument("--json", default="docs/kernels_bench.json")
     k.add_argument("--no-adapters", dest="adapters", action="store_false")
+    k.add_argument("--adapters-only", action="store_true",
+                   help="only the adapter forward overhead (T >= 4096), no layer table")
     import bench_inference
     import bench_train
 

@@ -193,6 +193,30 @@ print("ok")
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
 
 
+def test_widen_with_lowrank_in_interpreter():
+    """The K-augmentation's input: [X | X A spread 2:4] and X A, vs torch, in Triton's CPU
+    interpreter; ranks above one rank block (128) and ragged rows/columns included."""
+    pytest.importorskip("triton")
+    code = r'''
+import torch
+from kernels.lowrank_triton import widen_with_lowrank
+torch.manual_seed(0)
+for m, k, r in [(70, 96, 24), (64, 256, 16), (33, 128, 200)]:
+    x, a = torch.randn(m, k), torch.randn(k, r)
+    wide, xa = widen_with_lowrank(x, a)
+    torch.testing.assert_close(xa, x @ a, rtol=1e-4, atol=1e-4)
+    assert wide.shape == (m, k + 2 * r) and torch.equal(wide[:, :k], x)
+    groups = wide[:, k:].view(m, r // 2, 4)
+    torch.testing.assert_close(groups[..., :2].reshape(m, r), x @ a, rtol=1e-4, atol=1e-4)
+    assert torch.equal(groups[..., 2:], torch.zeros_like(groups[..., 2:]))
+print("ok")
+'''
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stdout + res.stderr
+
+
 @no_cuda
 def test_linear_with_adapter_on_cpu_matches_layer_forward():
     torch.manual_seed(0)

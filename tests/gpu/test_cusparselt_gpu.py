@@ -184,27 +184,67 @@ def test_state_dict_unaffected_and_reload_resyncs():
     assert_match(got, want, "after load_state_dict")
 
 
-@pytest.mark.parametrize("inn,out,rank,bias", [(512, 1024, 10, True), (1024, 512, 16, False)])
-def test_linear_with_adapter_matches_layer_forward(inn, out, rank, bias):
-    """backend.linear_with_adapter (adapter product added in the GEMM epilogue) vs the
-    reference layer with an active adapter: output and gradients of x, W, A and B."""
-    fast, ref = make_pair(inn, out, bias)
+def adapter_pair(inn, out, rank, bias, keep):
+    fast, ref = make_pair(inn, out, bias, refresh=2, keep=keep)
     for layer in (fast, ref):
         layer.enable_adapter(rank)
     with torch.no_grad():
         ref.adapter_a.copy_(fast.adapter_a)
         fast.adapter_b.normal_()
         ref.adapter_b.copy_(fast.adapter_b)
-    x = torch.randn(256, inn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    xr = x.detach().clone().requires_grad_()
-    y, yr = fast.backend.linear_with_adapter(fast, x), ref(xr)
-    dy = torch.randn_like(yr)
-    y.backward(dy)
-    yr.backward(dy)
-    assert_match({"y": y, "dx": x.grad, "dw": fast.weight.grad, "da": fast.adapter_a.grad,
-                  "db_adapter": fast.adapter_b.grad},
-                 {"y": yr, "dx": xr.grad, "dw": ref.weight.grad, "da": ref.adapter_a.grad,
-                  "db_adapter": ref.adapter_b.grad}, "adapter")
+    return fast, ref
+
+
+def adapter_grads(layer, x):
+    return {"y": None, "dx": x.grad, "dw": layer.weight.grad, "da": layer.adapter_a.grad,
+            "db_adapter": layer.adapter_b.grad}
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "per-call"])
+@pytest.mark.parametrize("inn,out,rank,bias,shape", [
+    (512, 1024, 10, True, (256,)),  # rank padded 10 -> 16
+    (1024, 512, 16, False, (2, 128)),
+    (768, 3072, 15, True, (1024,)),  # GPT-2 small MLP at rank 2%
+    (4096, 1024, 82, False, (512,)),  # LLaMA-like rank 82 -> 96
+])
+def test_adapter_inside_the_sparse_gemm_matches_reference(inn, out, rank, bias, shape, keep):
+    """The active adapter through the cusparselt backend (widened sparse GEMM) vs the
+    reference layer: output and gradients of x, W, A, B and bias, over optimizer steps that
+    change W and B (the widened operand's refresh) and refresh the column mask; then the
+    adapter is switched off and the plain operand comes back."""
+    fast, ref = adapter_pair(inn, out, rank, bias, keep)
+    for step in range(3):
+        x = torch.randn(*shape, inn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        xr = x.detach().clone().requires_grad_()
+        y, yr = fast(x), ref(xr)
+        dy = torch.randn_like(yr)
+        y.backward(dy)
+        yr.backward(dy)
+        got, want = adapter_grads(fast, x), adapter_grads(ref, xr)
+        got["y"], want["y"] = y, yr
+        if bias:
+            got["db"], want["db"] = fast.bias.grad, ref.bias.grad
+        assert_match(got, want, f"{inn}x{out} rank {rank} step {step}")
+        sgd_step(fast, ref)
+    cache = fast.__dict__["_cslt_cache"]
+    assert cache.adapter_operand is not None and not cache.adapter_refused  # it really ran
+    if keep:
+        assert cache.fwd_buf is None  # released while the adapter runs
+    for layer in (fast, ref):
+        layer.adapter_active = False
+    got, want = run_both(fast, ref, shape, inn)
+    assert_match(got, want, "adapter off again")
+
+
+def test_adapter_path_falls_back_when_the_widened_plan_is_refused(monkeypatch):
+    """If cuSPARSELt rejects the widened shape, the adapter is added after the GEMM (one
+    warning) and results still match the reference."""
+    from slope_megatron.sparsity.backends import cusparselt_adapter
+    monkeypatch.setattr(cusparselt_adapter, "plan_refusal", lambda op, t, b: "refused (test)")
+    fast, ref = adapter_pair(512, 512, 8, True, True)
+    x = torch.randn(128, 512, device="cuda", dtype=torch.bfloat16)
+    assert_match({"y": fast(x)}, {"y": ref(x)}, "fallback")
+    assert fast.__dict__["_cslt_cache"].adapter_refused
 
 
 def test_stored_algorithm_is_reused_by_a_new_cache(tmp_path):

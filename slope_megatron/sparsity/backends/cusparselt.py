@@ -103,22 +103,30 @@ class CusparseltBackend(SparseLinearBackend):
 
     name = "cusparselt"
 
-    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def _accepted_cache(self, layer, x: torch.Tensor):
+        """The layer's kernel cache if the kernels can take this call, else None (the reason
+        logged once). Full checks run once per token count."""
         if torch.is_grad_enabled():
             layer.refresh_column_mask_if_stale()  # recomputes (and notifies the cache) when due
         cache = layer.__dict__.get("_cslt_cache")
-        if cache is None or not cache.accepts(layer, x):  # full checks once per token count
+        if cache is None or not cache.accepts(layer, x):
             reason = input_unsupported_reason(layer, x)
             if reason is None:
                 reason = self._plans_reason(layer, x)
             if reason is not None:
                 log_fallback(layer, reason)
-                from . import get_backend
-                return get_backend("cublas").linear(layer, x)
+                return None
             cache = self.cache(layer)
             cache.accepted_tokens.add(x.numel() // x.shape[-1])
         if layer._unpacked:  # left by a reference-path call (fallback, auto, evaluation)
             layer.release_unpacked_masks()
+        return cache
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        cache = self._accepted_cache(layer, x)
+        if cache is None:
+            from . import get_backend
+            return get_backend("cublas").linear(layer, x)
         cache.sync_forward(layer)
         grad = torch.is_grad_enabled()
         plans = cache.native_plans(x.numel() // x.shape[-1], layer.bias is not None, grad)
@@ -134,7 +142,15 @@ class CusparseltBackend(SparseLinearBackend):
         return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache, layer)
 
     def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """Sparse part + the active adapter's (X A)(B / r) (`lowrank.add_adapter`)."""
+        """Sparse part + the active adapter's (X A)(B / r): inside the sparse GEMM
+        (`cusparselt_adapter`), or added after it (`lowrank.add_adapter`) where that cannot
+        run."""
+        cache = self._accepted_cache(layer, x)
+        if cache is not None:
+            from .cusparselt_adapter import augmented_linear
+            y = augmented_linear(cache, layer, x)
+            if y is not None:
+                return y
         from .lowrank import add_adapter
         return add_adapter(layer, x, self.linear(layer, x))
 

@@ -64,6 +64,8 @@ class LayerKernelCache:
         self.mask_key = self.fwd_key = self.wt_mask_key = self.wt_values_key = None
         self.accepted_tokens: set[int] = set()  # token counts that passed the full checks
         self._native_plans: dict[tuple, tuple] = {}  # (tokens, bias, grad) -> plans
+        self.adapter_operand = None  # cusparselt_adapter.AugmentedOperand, once adapters run
+        self.adapter_refused = False  # cuSPARSELt rejected the widened shape: adapter after
         self._build_forward(layer)
 
     def accepts(self, layer, x: torch.Tensor) -> bool:
@@ -104,6 +106,9 @@ class LayerKernelCache:
 
     # ---- forward operand W ------------------------------------------------------------
     def _build_forward(self, layer) -> None:
+        if self.keep and self.fwd_buf is None:  # released while the adapter ran
+            self.fwd_buf = self.rt.compressed_buffer(self.out, self.inp, self.dtype, self.device)
+            self.fwd_vals = self._values(self.fwd_buf, self.out)
         if not self.keep:  # per-call: compress into the scratch, keep the metadata only
             self.fwd_buf, self.fwd_vals = self._scratch_for_build("fwd", self.out, self.inp)
         self.rt.ext.compress(layer.mask.to(self.dtype), self.fwd_buf)  # metadata from the pattern
@@ -113,6 +118,13 @@ class LayerKernelCache:
             self.fwd_meta = self.fwd_buf[self.val_bytes:].clone()  # refresh fills the scratch
         self.refresh_forward(layer)
         layer.release_unpacked_masks()  # the GEMMs never read the bool masks
+
+    def release_forward(self) -> None:
+        """Free the kept forward operand (the adapter phase multiplies by W widened with the
+        adapter instead, `cusparselt_adapter`); the next plain forward rebuilds it."""
+        if self.keep:
+            self.fwd_buf = self.fwd_vals = None
+            self.mask_key = None
 
     def refresh_forward(self, layer) -> None:
         w = layer.weight.detach()
@@ -197,7 +209,8 @@ class LayerKernelCache:
         Per-call mode has nothing to refresh: the next call builds from the new weights."""
         if not self.keep:
             return
-        self.refresh_forward(layer)
+        if self.fwd_buf is not None:  # released while the adapter runs
+            self.refresh_forward(layer)
         if self.wt_buf is not None and not column_mask_will_change:
             if _key(layer.column_mask_bits) != self.wt_mask_key:
                 self._build_wt(layer)

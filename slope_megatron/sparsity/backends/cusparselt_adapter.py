@@ -1,0 +1,195 @@
+"""The lazy adapter inside the sparse GEMM (cusparselt backend): K-augmentation.
+
+Why: adding (X A)(B / r) after the sparse GEMM costs at least one more read and write of the
+T x out output, 29-59% of the layer's forward at rank 2% on an H100 (docs/KERNELS.md). Here the
+adapter becomes extra reduction columns of the one sparse GEMM:
+
+    [X | X A spread 2:4] @ [W*M | (B / r)^T spread 2:4]^T  =  X (W*M)^T + (X A)(B / r)
+
+"Spread 2:4": rank entries 2g and 2g+1 sit in positions 0 and 1 of group g, positions 2 and 3
+are zero, so the adapter's columns are 2:4 like W's and the GEMM stays on sparse tensor cores.
+It costs 2R more of `in` (R: the rank padded to a multiple of 16, so that in + 2R keeps
+cuSPARSELt's alignment) plus one pass over X (`kernels.lowrank_triton.widen_with_lowrank`
+writes the wide input and X A together). The compressed operand is never compressed again
+after its metadata is made from the pattern: its values block is, row by row, W's kept values
+followed by (B / r)^T (the row-major layout `cusparselt_runtime` checks at start-up), so a
+refresh is two copies. The backward is the SLoPe layer's (dX by the double-pruned W_RC^T, dW
+gathered at the mask) plus the adapter's small GEMMs.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .cusparselt_cache import _key
+
+log = logging.getLogger(__name__)
+
+RANK_MULTIPLE = 16  # in + 2R stays a multiple of 32, as cuSPARSELt wants
+
+
+def padded_rank(rank: int) -> int:
+    return rank + (-rank % RANK_MULTIPLE)
+
+
+class AugmentedOperand:
+    """Compressed [W*M | (B / r)^T spread 2:4] of one layer, kept in its kernel cache.
+
+    Operands kept (the cache's mode): a buffer of its own, W's part copied when the weight
+    changes; the layer's plain forward operand is released meanwhile (the adapter phase
+    never uses it). Per call: only the metadata is kept and the values are copied into the
+    shared scratch before each GEMM, as the plain forward does."""
+
+    def __init__(self, cache, layer):
+        self.cache = cache
+        self.rank = padded_rank(layer.adapter_rank)
+        self.k = cache.inp + 2 * self.rank
+        self.row_len = cache.inp // 2 + self.rank  # kept values per row
+        self.val_bytes = cache.out * self.row_len * torch.finfo(cache.dtype).bits // 8
+        self.buf = self.vals = self.meta = None
+        self.mask_key = self.weight_key = None
+        self.tokens_ok: set[int] = set()  # token counts whose widened plan cuSPARSELt took
+
+    def _pattern(self, layer) -> torch.Tensor:
+        c = self.cache
+        tail = torch.zeros(c.out, self.rank // 2, 4, dtype=c.dtype, device=c.device)
+        tail[..., :2] = 1
+        return torch.cat([layer.mask.to(c.dtype), tail.view(c.out, 2 * self.rank)], dim=1)
+
+    def _views(self, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return buf, buf[:self.val_bytes].view(self.cache.dtype).view(self.cache.out, -1)
+
+    def _build(self, layer) -> None:
+        c = self.cache
+        size = c.rt.compressed_buffer_size(c.out, self.k, c.dtype, c.device)
+        if c.keep:
+            buf = torch.empty(size, dtype=torch.uint8, device=c.device)
+            c.release_forward()  # the adapter phase multiplies by this operand only
+        else:
+            buf = c.rt.scratch("aug", size, c.device)
+        c.rt.ext.compress(self._pattern(layer), buf)  # metadata from the pattern
+        if c.keep:
+            self.buf, self.vals = self._views(buf)
+        else:
+            self.meta = buf[self.val_bytes:].clone()
+        layer.release_unpacked_masks()
+        self.mask_key, self.weight_key = _key(layer.mask_bits), None
+
+    def sync(self, layer, b_scaled: torch.Tensor) -> torch.Tensor:
+        """The compressed operand for the current mask, weight and (B / r), shape (R, out)."""
+        if _key(layer.mask_bits) != self.mask_key:
+            self._build(layer)
+        c = self.cache
+        if c.keep:
+            buf, vals = self.buf, self.vals
+        else:
+            base = c.rt.scratch_base("aug", self.val_bytes + self.meta.numel(), c.device)
+            buf, vals = self._views(base[:self.val_bytes + self.meta.numel()])
+            buf[self.val_bytes:].copy_(self.meta)
+        half = c.inp // 2
+        if not c.keep or _key(layer.weight) != self.weight_key:
+            vals[:, :half].copy_(layer.weight.detach().view(c.out, half))
+            self.weight_key = _key(layer.weight) if c.keep else None
+        vals[:, half:].copy_(b_scaled.detach().t())  # small: every call
+        return buf
+
+    def matmul(self, buf: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None):
+        c = self.cache
+        fused = bias is not None and c.bias_fused
+        y = c.rt.plans.matmul(buf, c.out, self.k, wide, None, 0.0, bias if fused else None)
+        if bias is not None and not fused:
+            y.add_(bias)
+        return y
+
+
+class AugmentedAdapterFunction(torch.autograd.Function):
+    """SLoPe layer + adapter with the adapter inside the sparse forward GEMM.
+
+    Inputs a (in, R) and b_scaled (R, out) are the padded A and B / r (autograd maps their
+    gradients back to the adapter's parameters)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b_scaled, operand, layer):
+        from kernels.lowrank_triton import widen_with_lowrank
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        wide, xa = widen_with_lowrank(x2, a)
+        y = operand.matmul(operand.sync(layer, b_scaled), wide, bias)
+        ctx.save_for_backward(x2, xa, a, b_scaled)
+        ctx.operand, ctx.layer = operand, layer
+        ctx.has_bias, ctx.x_shape = bias is not None, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, a, b_scaled = ctx.saved_tensors
+        cache, layer = ctx.operand.cache, ctx.layer
+        gy2 = grad_out.reshape(-1, grad_out.shape[-1])
+        if not gy2.is_contiguous():
+            gy2 = gy2.contiguous()
+        need_x, need_w, need_b, need_a, need_bs = ctx.needs_input_grad[:5]
+        grad_x = grad_w = grad_bias = grad_a = grad_bs = None
+        gxa = gy2 @ b_scaled.t() if (need_x or need_a) else None
+        if need_x:
+            cache.sync_backward(layer)
+            grad_x = cache.grad_input(gy2)
+            grad_x.addmm_(gxa, a.t())
+            grad_x = grad_x.view(ctx.x_shape)
+        if need_w:
+            grad_w = cache.grad_weight(gy2, x2, layer.mask_bits)
+        if ctx.has_bias and need_b:
+            grad_bias = gy2.sum(0)
+        if need_a:
+            grad_a = x2.t() @ gxa
+        if need_bs:
+            grad_bs = xa.t() @ gy2
+        return grad_x, grad_w, grad_bias, grad_a, grad_bs, None, None
+
+
+def augmented_operand(cache, layer) -> AugmentedOperand | None:
+    """The layer's augmented operand (made on first use), or None where it cannot run: the
+    values layout is not row-major (then every refresh compresses), or cuSPARSELt rejected
+    the widened shape before."""
+    op = cache.adapter_operand
+    if op is not None and op.rank == padded_rank(layer.adapter_rank):
+        return op
+    if cache.adapter_refused or not cache.row_major:
+        return None
+    op = cache.adapter_operand = AugmentedOperand(cache, layer)
+    return op
+
+
+def plan_refusal(op: AugmentedOperand, tokens: int, bias: bool) -> str | None:
+    """Create (once per token count) the widened forward plan; the reason if it is rejected."""
+    c = op.cache
+    try:
+        c.rt.plans.get(c.out, op.k, tokens, c.dtype, c.device.index, bias and c.bias_fused)
+    except RuntimeError as e:
+        return f"cuSPARSELt rejected the widened shape {c.out}x{op.k} ({e})"
+    return None
+
+
+def augmented_linear(cache, layer, x: torch.Tensor) -> torch.Tensor | None:
+    """SLoPe layer + active adapter with the adapter inside the sparse GEMM, or None where
+    this cannot run (the caller adds the adapter after the GEMM instead)."""
+    op = augmented_operand(cache, layer)
+    if op is None:
+        return None
+    tokens = x.numel() // x.shape[-1]
+    if tokens not in op.tokens_ok:
+        reason = plan_refusal(op, tokens, layer.bias is not None)
+        if reason is not None:
+            log.warning("adapter added after the sparse GEMM instead of inside it: %s", reason)
+            cache.adapter_refused, cache.adapter_operand = True, None
+            return None
+        op.tokens_ok.add(tokens)
+    pad = op.rank - layer.adapter_rank
+    a, b = layer.adapter_a, layer.adapter_b * layer.adapter_scale
+    if pad:
+        a = F.pad(a, (0, pad))
+        b = F.pad(b, (0, 0, 0, pad))
+    return AugmentedAdapterFunction.apply(x, layer.weight, layer.bias, a.contiguous(),
+                                          b.contiguous(), op, layer)
