@@ -134,3 +134,19 @@ def test_loading_a_different_pattern_is_refused():
 def test_constructor_rejects_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         SlopeLinear(**kw)
+
+
+def test_weight_key_changes_with_an_optimizer_step_even_for_data_writes():
+    """The cusparselt cache identifies weight values by storage, version counter and the
+    layer's optimizer-step count: a write through `.data` (DeepSpeed's bf16 optimizer) leaves
+    the version counter alone, the step count does not."""
+    from slope_megatron.sparsity.backends.cusparselt_cache import weight_key
+    layer = SlopeLinear(32, 16)
+    before = weight_key(layer)
+    layer.weight.data.copy_(torch.randn_like(layer.weight))
+    assert weight_key(layer) == before  # invisible to the version counter alone
+    layer.after_optimizer_step()
+    assert weight_key(layer) != before
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # an in-place update through the parameter is seen at once
+    assert weight_key(layer)[1] != before[1]

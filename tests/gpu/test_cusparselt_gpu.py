@@ -172,6 +172,23 @@ def test_auto_is_per_shape_and_layout_holds():
                                       torch.bfloat16)
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "per-call"])
+def test_weight_written_through_data_is_noticed_after_a_step(keep):
+    """DeepSpeed's bf16 optimizer writes updated weights with `param.data.copy_()`, which
+    leaves the version counter alone. A layer whose operands were not refreshed eagerly (auto
+    routes its training shapes dense, its evaluation shape sparse) must still use the new
+    weights once the layer has counted the optimizer step."""
+    fast, ref = make_pair(512, 512, True, keep=keep)
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast(x)  # operands built from the old weights
+        new = torch.randn_like(fast.weight)
+        fast.weight.data.copy_(new)
+        ref.weight.data.copy_(new)
+        fast.optimizer_steps += 1  # what after_optimizer_step counts, without the refresh
+        assert_match({"y": fast(x)}, {"y": ref(x)}, "after a .data write")
+
+
 def test_state_dict_unaffected_and_reload_resyncs():
     fast, ref = make_pair(512, 512, True)
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16)

@@ -23,7 +23,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .cusparselt_cache import _key
+from .cusparselt_cache import _key, weight_key
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ class AugmentedOperand:
             buf, vals = self._views(base[:self.val_bytes + self.meta.numel()])
             buf[self.val_bytes:].copy_(self.meta)
         half = c.inp // 2
-        if not c.keep or _key(layer.weight) != self.weight_key:
+        if not c.keep or weight_key(layer) != self.weight_key:
             vals[:, :half].copy_(layer.weight.detach().view(c.out, half))
-            self.weight_key = _key(layer.weight) if c.keep else None
+            self.weight_key = weight_key(layer) if c.keep else None
         vals[:, half:].copy_(b_scaled.detach().t())  # small: every call
         return buf
 

@@ -6,7 +6,8 @@ compressing again: its values block IS the kept-values parameter (row-major mask
 refresh is one copy. The double-pruned W_RC^T (in x out, 2:4 along `out`) is compressed only
 when its column mask changes; in between, its values block is refreshed by a gather
 (`kernels.nm_triton.gather_wt_values`). Every buffer records the (data_ptr, version) of the
-tensor it was made from, so a re-pointed (ZeRO) or externally modified weight is noticed.
+tensor it was made from (for the weight also the layer's optimizer-step count:
+`weight_key`), so a re-pointed (ZeRO), updated or externally modified weight is noticed.
 
 Two ways to hold the operands (`SlopeLinear.keep_compressed`, config
 `sparsity.keep_compressed`):
@@ -33,6 +34,15 @@ log = logging.getLogger(__name__)
 
 def _key(t: torch.Tensor) -> tuple[int, int]:
     return (t.data_ptr(), t._version)
+
+
+def weight_key(layer) -> tuple[int, int, int]:
+    """What the layer's weight values are identified by: its storage and version counter,
+    plus the layer's optimizer-step count. The count is needed because optimizers may write
+    through `.data` (DeepSpeed's bf16/fp16 optimizers copy the updated master weights with
+    `param.data.copy_()`), which leaves the version counter unchanged."""
+    w = layer.weight
+    return (w.data_ptr(), w._version, layer.optimizer_steps)
 
 
 class LayerKernelCache:
@@ -134,14 +144,14 @@ class LayerKernelCache:
             self.fwd_vals.copy_(w.view(self.out, -1))
         else:
             self.rt.ext.compress(dense_from_values(w, layer.mask), self.fwd_buf)
-        self.fwd_key = _key(layer.weight)
+        self.fwd_key = weight_key(layer)
 
     def sync_forward(self, layer) -> None:
         """Make the forward operand match layer.mask and layer.weight (cheap if it does; in
         per-call mode it is built now, for the GEMM that follows)."""
         if _key(layer.mask_bits) != self.mask_key:
             self._build_forward(layer)
-        elif not self.keep or _key(layer.weight) != self.fwd_key:
+        elif not self.keep or weight_key(layer) != self.fwd_key:
             self.refresh_forward(layer)
 
     # ---- input-gradient operand W_RC^T ---------------------------------------------------
@@ -191,13 +201,13 @@ class LayerKernelCache:
         else:
             w_rc = dense_from_values(w, layer.mask) * layer.column_mask
             self.rt.ext.compress(w_rc.t().contiguous(), self.wt_buf)
-        self.wt_values_key = _key(layer.weight)
+        self.wt_values_key = weight_key(layer)
 
     def sync_backward(self, layer) -> None:
         """Make W_RC^T match layer.column_mask and layer.weight (per-call mode: build it now)."""
         if self.wt_buf is None or _key(layer.column_mask_bits) != self.wt_mask_key:
             self._build_wt(layer)
-        elif not self._wt_owned() or _key(layer.weight) != self.wt_values_key:
+        elif not self._wt_owned() or weight_key(layer) != self.wt_values_key:
             self.refresh_wt(layer)
 
     def invalidate_wt(self) -> None:
