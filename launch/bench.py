@@ -196,7 +196,8 @@ def bench_adapter(layer, xs, torch):
     Y + (X A)(B / r)); plus the pieces: X A by cuBLAS, the widening pass, the plain and the
     widened sparse GEMM, the Triton pass."""
     from kernels.lowrank_triton import lowrank_add, widen_with_lowrank
-    from slope_megatron.sparsity.backends.cusparselt_adapter import padded_rank
+    from slope_megatron.sparsity.backends.cusparselt_adapter import (augmented_linear,
+                                                                     inside_pays, padded_rank)
     from slope_megatron.sparsity.backends.lowrank import add_adapter
     rank = max(1, round(0.02 * layer.in_features))
 
@@ -204,9 +205,14 @@ def bench_adapter(layer, xs, torch):
         with torch.no_grad():
             return layer(xs())
 
-    def after():
+    def inside():
         with torch.no_grad():
             x = xs()
+            return augmented_linear(layer.backend.cache(layer), layer, x, only_if_it_pays=False)
+
+    def after(x=None):
+        with torch.no_grad():
+            x = xs() if x is None else x
             return add_adapter(layer, x, layer.backend.linear(layer, x))
 
     cache = layer.backend.cache(layer)
@@ -220,9 +226,9 @@ def bench_adapter(layer, xs, torch):
                 * layer.adapter_scale)
         if layer.bias is not None:
             want += layer.bias.float()
-        err = rel_err(layer(x0), want)
-        err_after = rel_err(after(), want)
-    inside, after_ms = bench_ms(fwd), bench_ms(after)
+        err = rel_err(augmented_linear(cache, layer, x0, only_if_it_pays=False), want)
+        err_after = rel_err(after(x0), want)
+    chosen, inside_ms, after_ms = bench_ms(fwd), bench_ms(inside), bench_ms(after)
     r16 = padded_rank(rank)
     a = torch.randn(layer.in_features, r16, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(r16, layer.out_features, device="cuda", dtype=torch.bfloat16)
@@ -236,8 +242,11 @@ def bench_adapter(layer, xs, torch):
              "wide_gemm_ms": bench_ms(lambda: op.matmul(buf, wide, None)),
              "lowrank_add_ms": bench_ms(lambda: lowrank_add(y0, xa, b))}
     layer.adapter_active = False
-    return {"rank": rank, "rank_padded": r16, "fwd_no_adapter": base, "fwd_adapter": inside,
-            "fwd_adapter_after": after_ms, "overhead_pct": 100 * (inside / base - 1),
+    return {"rank": rank, "rank_padded": r16, "fwd_no_adapter": base,
+            "inside_chosen": inside_pays(layer), "fwd_adapter": chosen,
+            "fwd_adapter_inside": inside_ms, "fwd_adapter_after": after_ms,
+            "overhead_pct": 100 * (chosen / base - 1),
+            "overhead_inside_pct": 100 * (inside_ms / base - 1),
             "overhead_after_pct": 100 * (after_ms / base - 1), "err": err,
             "err_after": err_after, **parts}
 
@@ -374,10 +383,12 @@ def run_kernels(args) -> int:
                 del fast, ref, xs, gys
                 torch.cuda.empty_cache()
     if results["adapters"]:
-        print("# adapter forward overhead at rank 2% (inside the sparse GEMM / added after it):")
+        print("# adapter forward overhead at rank 2%: the layer's choice (i: inside the sparse "
+              "GEMM, a: after it) / inside / after:")
         for ad in results["adapters"]:
             print(f"#   {ad['model']:10s} {ad['layer']:13s} T={ad['T']:5d} r={ad['rank']:3d}: "
-                  f"{ad['overhead_pct']:5.1f}% / {ad['overhead_after_pct']:5.1f}%  "
+                  f"{ad['overhead_pct']:5.1f}% ({'i' if ad['inside_chosen'] else 'a'}) / "
+                  f"{ad['overhead_inside_pct']:5.1f}% / {ad['overhead_after_pct']:5.1f}%  "
                   f"(err {ad['err']:.1e} / {ad['err_after']:.1e}; ms: gemm {ad['gemm_ms']:.3f} "
                   f"widened {ad['wide_gemm_ms']:.3f} widen {ad['widen_ms']:.3f} "
                   f"XA {ad['xa_ms']:.3f} triton {ad['lowrank_add_ms']:.3f})")

@@ -54,7 +54,7 @@ def test_auto_picks_the_faster_path_and_matches_reference(inn, out, bias, tokens
 
 
 def test_cache_not_stale_after_dense_routed_steps():
-    from slope_megatron.sparsity.backends.cusparselt_cache import _key
+    from slope_megatron.sparsity.backends.cusparselt_cache import weight_key
     be = AutoBackend(min_speedup=1e9)  # everything timed goes to the dense path
     lay, ref = make_pair(512, 1024, True, be)
     lay.keep_compressed = True  # kept operands can go stale; per-call ones are built each call
@@ -63,8 +63,8 @@ def test_cache_not_stale_after_dense_routed_steps():
     (decision,) = be.decisions.values()
     assert decision.backend == "cublas"
     cache = lay.__dict__["_cslt_cache"]  # built by the timing
-    assert cache.fwd_key != _key(lay.weight)  # stale now: the weights moved since
+    assert cache.fwd_key != weight_key(lay)  # stale now: the weights moved since
     decision.backend, decision.sparse = "cusparselt", True  # route it sparse from here on
     for step in range(3):
         step_both(lay, ref, 256, 512, f"sparse-routed step {step}")
-    assert cache.fwd_key == _key(lay.weight) and lay.__dict__["_cslt_cache"] is cache
+    assert cache.fwd_key == weight_key(lay) and lay.__dict__["_cslt_cache"] is cache

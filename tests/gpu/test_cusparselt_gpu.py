@@ -218,17 +218,19 @@ def adapter_grads(layer, x):
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["kept", "per-call"])
-@pytest.mark.parametrize("inn,out,rank,bias,shape", [
-    (512, 1024, 10, True, (256,)),  # rank padded 10 -> 16
-    (1024, 512, 16, False, (2, 128)),
-    (768, 3072, 15, True, (1024,)),  # GPT-2 small MLP at rank 2%
-    (4096, 1024, 82, False, (512,)),  # LLaMA-like rank 82 -> 96
+@pytest.mark.parametrize("inn,out,rank,bias,shape,inside", [
+    (512, 1024, 10, True, (256,), True),  # rank padded 10 -> 16
+    (1024, 1024, 16, False, (2, 128), True),
+    (768, 3072, 15, True, (1024,), True),  # GPT-2 small MLP-up at rank 2%
+    (4096, 2560, 82, False, (512,), True),  # rank 82 -> 96
+    (1024, 2048, 272, False, (256,), True),  # two rank blocks in the widening pass
+    (3072, 768, 61, True, (512,), False),  # MLP-down: the adapter goes after the GEMM
 ])
-def test_adapter_inside_the_sparse_gemm_matches_reference(inn, out, rank, bias, shape, keep):
-    """The active adapter through the cusparselt backend (widened sparse GEMM) vs the
-    reference layer: output and gradients of x, W, A, B and bias, over optimizer steps that
-    change W and B (the widened operand's refresh) and refresh the column mask; then the
-    adapter is switched off and the plain operand comes back."""
+def test_adapter_through_cusparselt_matches_reference(inn, out, rank, bias, shape, inside, keep):
+    """The active adapter through the cusparselt backend (inside the widened sparse GEMM, or
+    after it for narrowing layers) vs the reference layer: output and gradients of x, W, A, B
+    and bias, over optimizer steps that change W and B (the widened operand's refresh) and
+    refresh the column mask; then the adapter is switched off and the plain operand is back."""
     fast, ref = adapter_pair(inn, out, rank, bias, keep)
     for step in range(3):
         x = torch.randn(*shape, inn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -244,9 +246,9 @@ def test_adapter_inside_the_sparse_gemm_matches_reference(inn, out, rank, bias, 
         assert_match(got, want, f"{inn}x{out} rank {rank} step {step}")
         sgd_step(fast, ref)
     cache = fast.__dict__["_cslt_cache"]
-    assert cache.adapter_operand is not None and not cache.adapter_refused  # it really ran
+    assert (cache.adapter_operand is not None) == inside and not cache.adapter_refused
     if keep:
-        assert cache.fwd_buf is None  # released while the adapter runs
+        assert (cache.fwd_buf is None) == inside  # released while the adapter runs inside
     for layer in (fast, ref):
         layer.adapter_active = False
     got, want = run_both(fast, ref, shape, inn)

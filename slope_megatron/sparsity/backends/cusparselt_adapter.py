@@ -34,6 +34,15 @@ def padded_rank(rank: int) -> int:
     return rank + (-rank % RANK_MULTIPLE)
 
 
+def inside_pays(layer) -> bool:
+    """Whether the adapter is cheaper inside the GEMM than after it, by memory traffic: inside
+    costs a pass that reads and writes X (2 T in, plus 2R/in more GEMM); after it, X A reads X
+    and the Triton pass reads and writes Y (T in + 2 T out). So inside wins when in < 2 out
+    (projections, MLP up), after when the layer narrows (MLP down: in = 2.7-4x out), which
+    the H100 measurements bear out (docs/KERNELS.md)."""
+    return layer.in_features < 2 * layer.out_features
+
+
 class AugmentedOperand:
     """Compressed [W*M | (B / r)^T spread 2:4] of one layer, kept in its kernel cache.
 
@@ -172,9 +181,13 @@ def plan_refusal(op: AugmentedOperand, tokens: int, bias: bool) -> str | None:
     return None
 
 
-def augmented_linear(cache, layer, x: torch.Tensor) -> torch.Tensor | None:
+def augmented_linear(cache, layer, x: torch.Tensor, only_if_it_pays: bool = True
+                     ) -> torch.Tensor | None:
     """SLoPe layer + active adapter with the adapter inside the sparse GEMM, or None where
-    this cannot run (the caller adds the adapter after the GEMM instead)."""
+    this cannot run or does not pay (`inside_pays`; the caller adds the adapter after the
+    GEMM instead). `only_if_it_pays=False` is for benchmarks comparing the two."""
+    if only_if_it_pays and not inside_pays(layer):
+        return None
     op = augmented_operand(cache, layer)
     if op is None:
         return None
