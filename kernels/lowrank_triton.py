@@ -6,8 +6,8 @@ beta = 1 ran at ~1.1 TB/s on an H100). Two ways round that:
 - `lowrank_add` (the cublas backend): each program computes one (BM x BN) tile of (X A) @ B
   with K = r in registers and writes Y_tile + it: one read and one write of Y.
 - `widen_with_lowrank` (the cusparselt backend): no pass over Y at all. It writes
-  [X | X A spread 2:4] in one pass over X, so that one sparse GEMM against [W | B^T] (the
-  adapter columns encoded 2:4, `backends/cusparselt_adapter.py`) computes X W^T + (X A) B.
+  [X | s X A spread 2:4] in one pass over X, so that one sparse GEMM against [W | B^T] (the
+  adapter columns encoded 2:4, `backends/cusparselt_adapter.py`) computes X W^T + s (X A) B.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def lowrank_add(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, bm: int = 64
 
 
 @triton.jit
-def _widen_kernel(x_ptr, a_ptr, wide_ptr, xa_ptr, M, K, R, WIDTH,
+def _widen_kernel(x_ptr, a_ptr, wide_ptr, xa_ptr, M, K, R, WIDTH, scale,
                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # programs (row block, rank block); the rank block 0 also copies X into the wide rows
     pid_m = tl.program_id(0)
@@ -81,18 +81,20 @@ def _widen_kernel(x_ptr, a_ptr, wide_ptr, xa_ptr, M, K, R, WIDTH,
     xa = acc.to(xa_ptr.dtype.element_ty)
     ok = row_ok & r_ok
     tl.store(xa_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], xa, mask=ok)
-    # rank entries 2g, 2g+1 go to wide columns K + 4g, K + 4g + 1; K + 4g + 2, + 3 are zero
+    # scale * (x a): rank entries 2g, 2g+1 go to wide columns K + 4g, K + 4g + 1, zeros to
+    # K + 4g + 2, K + 4g + 3
+    tail = (acc * scale).to(wide_ptr.dtype.element_ty)
     col = K + 4 * (rr // 2) + rr % 2
-    tl.store(wide_rows + col[None, :], xa, mask=ok)
-    tl.store(wide_rows + col[None, :] + 2, tl.zeros_like(xa), mask=ok)
+    tl.store(wide_rows + col[None, :], tail, mask=ok)
+    tl.store(wide_rows + col[None, :] + 2, tl.zeros_like(tail), mask=ok)
 
 
-def widen_with_lowrank(x: torch.Tensor, a: torch.Tensor, bm: int = 64, bk: int = 128,
-                       num_warps: int = 8, br: int | None = None
+def widen_with_lowrank(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, bm: int = 64,
+                       bk: int = 128, num_warps: int = 8, br: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """For x (M, K) and a (K, R), R even: return (wide, xa) with xa = x @ a (M, R) and wide
-    (M, K + 2R) = [x | xa spread 2:4]: rank entries 2g and 2g+1 at columns K + 4g and K + 4g + 1,
-    zeros at K + 4g + 2 and K + 4g + 3. One read of x per rank block of `br` columns (default:
+    (M, K + 2R) = [x | scale * xa spread 2:4]: rank entries 2g and 2g+1 at columns K + 4g and
+    K + 4g + 1, zeros at K + 4g + 2 and K + 4g + 3. One read of x per rank block of `br` columns (default:
     the whole rank, up to 256); the matmul is fp32-accumulated.
 
     Tile default from an H100 sweep (docs/KERNELS.md): 64x128 with 8 warps, 0.062 ms at
@@ -107,6 +109,6 @@ def widen_with_lowrank(x: torch.Tensor, a: torch.Tensor, bm: int = 64, bk: int =
         br = min(256, triton.next_power_of_2(r))
     br = max(16, br)
     grid = (triton.cdiv(m, bm), triton.cdiv(r, br))
-    _widen_kernel[grid](x, a, wide, xa, m, k, r, k + 2 * r, BM=bm, BK=bk, BR=br,
+    _widen_kernel[grid](x, a, wide, xa, m, k, r, k + 2 * r, float(scale), BM=bm, BK=bk, BR=br,
                         num_warps=num_warps, num_stages=3)
     return wide, xa

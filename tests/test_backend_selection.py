@@ -194,20 +194,21 @@ print("ok")
 
 
 def test_widen_with_lowrank_in_interpreter():
-    """The K-augmentation's input: [X | X A spread 2:4] and X A, vs torch, in Triton's CPU
+    """The K-augmentation's input: [X | s X A spread 2:4] and X A, vs torch, in Triton's CPU
     interpreter; ranks above one rank block (128) and ragged rows/columns included."""
     pytest.importorskip("triton")
     code = r'''
 import torch
 from kernels.lowrank_triton import widen_with_lowrank
 torch.manual_seed(0)
-for m, k, r in [(70, 96, 24), (64, 256, 16), (33, 128, 200)]:
+for m, k, r, scale in [(70, 96, 24, 1.0), (64, 256, 16, 0.25), (33, 128, 200, 1 / 3)]:
     x, a = torch.randn(m, k), torch.randn(k, r)
-    wide, xa = widen_with_lowrank(x, a)
+    wide, xa = widen_with_lowrank(x, a, scale)
     torch.testing.assert_close(xa, x @ a, rtol=1e-4, atol=1e-4)
     assert wide.shape == (m, k + 2 * r) and torch.equal(wide[:, :k], x)
     groups = wide[:, k:].view(m, r // 2, 4)
-    torch.testing.assert_close(groups[..., :2].reshape(m, r), x @ a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(groups[..., :2].reshape(m, r), scale * (x @ a), rtol=1e-4,
+                               atol=1e-4)
     assert torch.equal(groups[..., 2:], torch.zeros_like(groups[..., 2:]))
 print("ok")
 '''

@@ -4,7 +4,7 @@ Why: adding (X A)(B / r) after the sparse GEMM costs at least one more read and 
 T x out output, 29-59% of the layer's forward at rank 2% on an H100 (docs/KERNELS.md). Here the
 adapter becomes extra reduction columns of the one sparse GEMM:
 
-    [X | X A spread 2:4] @ [W*M | (B / r)^T spread 2:4]^T  =  X (W*M)^T + (X A)(B / r)
+    [X | (X A) / r spread 2:4] @ [W*M | B^T spread 2:4]^T  =  X (W*M)^T + (X A)(B / r)
 
 "Spread 2:4": rank entries 2g and 2g+1 sit in positions 0 and 1 of group g, positions 2 and 3
 are zero, so the adapter's columns are 2:4 like W's and the GEMM stays on sparse tensor cores.
@@ -13,7 +13,7 @@ cuSPARSELt's alignment) plus one pass over X (`kernels.lowrank_triton.widen_with
 writes the wide input and X A together). The compressed operand is never compressed again
 after its metadata is made from the pattern: its values block is, row by row, W's kept values
 followed by (B / r)^T (the row-major layout `cusparselt_runtime` checks at start-up), so a
-refresh is two copies. The backward is the SLoPe layer's (dX by the double-pruned W_RC^T, dW
+refresh is two copies, needed only after an optimizer step. The backward is the SLoPe layer's (dX by the double-pruned W_RC^T, dW
 gathered at the mask) plus the adapter's small GEMMs.
 """
 from __future__ import annotations
@@ -43,11 +43,30 @@ def inside_pays(layer) -> bool:
     return layer.in_features < 2 * layer.out_features
 
 
-class AugmentedOperand:
-    """Compressed [W*M | (B / r)^T spread 2:4] of one layer, kept in its kernel cache.
+def adapter_key(layer) -> tuple:
+    """What the adapter's values are identified by (as `weight_key`: storage, version
+    counters and the optimizer-step count, since optimizers may write through `.data`)."""
+    a, b = layer.adapter_a, layer.adapter_b
+    return (a.data_ptr(), a._version, b.data_ptr(), b._version, layer.optimizer_steps)
 
-    Operands kept (the cache's mode): a buffer of its own, W's part copied when the weight
-    changes; the layer's plain forward operand is released meanwhile (the adapter phase
+
+def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """t zero-padded along dim to `size` (t itself, detached, if it has that size)."""
+    t = t.detach()
+    pad = size - t.shape[dim]
+    if not pad:
+        return t.contiguous()
+    return F.pad(t, (0, pad) if dim == 1 else (0, 0, 0, pad))
+
+
+class AugmentedOperand:
+    """Compressed [W*M | B^T spread 2:4] of one layer, kept in its kernel cache, plus the
+    adapter's A and B padded to the rank R. The scale 1/r is applied to X A when the
+    widening pass writes it, so the operand holds B as it is and changes only when an
+    optimizer step changes W or B.
+
+    Operands kept (the cache's mode): a buffer of its own, refreshed by copies after W or B
+    changed; the layer's plain forward operand is released meanwhile (the adapter phase
     never uses it). Per call: only the metadata is kept and the values are copied into the
     shared scratch before each GEMM, as the plain forward does."""
 
@@ -58,7 +77,9 @@ class AugmentedOperand:
         self.row_len = cache.inp // 2 + self.rank  # kept values per row
         self.val_bytes = cache.out * self.row_len * torch.finfo(cache.dtype).bits // 8
         self.buf = self.vals = self.meta = None
-        self.mask_key = self.weight_key = None
+        self.a = self.b = None  # A (in, R) and B (R, out), zero-padded
+        self.mask_key = self.weight_key = self.adapter_key = None
+        self.tail_fresh = False  # the kept operand holds the current B
         self.tokens_ok: set[int] = set()  # token counts whose widened plan cuSPARSELt took
 
     def _pattern(self, layer) -> torch.Tensor:
@@ -84,12 +105,18 @@ class AugmentedOperand:
         else:
             self.meta = buf[self.val_bytes:].clone()
         layer.release_unpacked_masks()
-        self.mask_key, self.weight_key = _key(layer.mask_bits), None
+        self.mask_key, self.weight_key, self.tail_fresh = _key(layer.mask_bits), None, False
 
-    def sync(self, layer, b_scaled: torch.Tensor) -> torch.Tensor:
-        """The compressed operand for the current mask, weight and (B / r), shape (R, out)."""
+    def sync(self, layer) -> torch.Tensor:
+        """The compressed operand for the current mask, weight and adapter (cheap if it is
+        current); also makes the padded A and B current."""
         if _key(layer.mask_bits) != self.mask_key:
             self._build(layer)
+        key = adapter_key(layer)
+        if key != self.adapter_key:
+            self.a = _pad_to(layer.adapter_a, 1, self.rank)
+            self.b = _pad_to(layer.adapter_b, 0, self.rank)
+            self.adapter_key, self.tail_fresh = key, False
         c = self.cache
         if c.keep:
             buf, vals = self.buf, self.vals
@@ -101,7 +128,9 @@ class AugmentedOperand:
         if not c.keep or weight_key(layer) != self.weight_key:
             vals[:, :half].copy_(layer.weight.detach().view(c.out, half))
             self.weight_key = weight_key(layer) if c.keep else None
-        vals[:, half:].copy_(b_scaled.detach().t())  # small: every call
+        if not (c.keep and self.tail_fresh):
+            vals[:, half:].copy_(self.b.t())
+            self.tail_fresh = c.keep
         return buf
 
     def matmul(self, buf: torch.Tensor, wide: torch.Tensor, bias: torch.Tensor | None):
@@ -114,48 +143,51 @@ class AugmentedOperand:
 
 
 class AugmentedAdapterFunction(torch.autograd.Function):
-    """SLoPe layer + adapter with the adapter inside the sparse forward GEMM.
-
-    Inputs a (in, R) and b_scaled (R, out) are the padded A and B / r (autograd maps their
-    gradients back to the adapter's parameters)."""
+    """SLoPe layer + adapter with the adapter inside the sparse forward GEMM:
+    Y = X (W*M)^T + b + s (X A) B with s = 1/r. Padding the rank and the scale happen inside
+    (no autograd nodes of their own: host time)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b_scaled, operand, layer):
+    def forward(ctx, x, weight, bias, adapter_a, adapter_b, operand, layer):
         from kernels.lowrank_triton import widen_with_lowrank
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        wide, xa = widen_with_lowrank(x2, a)
-        y = operand.matmul(operand.sync(layer, b_scaled), wide, bias)
-        ctx.save_for_backward(x2, xa, a, b_scaled)
-        ctx.operand, ctx.layer = operand, layer
-        ctx.has_bias, ctx.x_shape = bias is not None, x.shape
+        buf = operand.sync(layer)
+        scale = layer.adapter_scale
+        wide, xa = widen_with_lowrank(x2, operand.a, scale)
+        y = operand.matmul(buf, wide, bias)
+        ctx.save_for_backward(x2, xa)
+        ctx.operand, ctx.layer, ctx.scale = operand, layer, scale
+        ctx.rank, ctx.has_bias, ctx.x_shape = adapter_a.shape[1], bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, a, b_scaled = ctx.saved_tensors
-        cache, layer = ctx.operand.cache, ctx.layer
+        x2, xa = ctx.saved_tensors
+        op, layer, scale, rank = ctx.operand, ctx.layer, ctx.scale, ctx.rank
         gy2 = grad_out.reshape(-1, grad_out.shape[-1])
         if not gy2.is_contiguous():
             gy2 = gy2.contiguous()
-        need_x, need_w, need_b, need_a, need_bs = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_bias = grad_a = grad_bs = None
-        gxa = gy2 @ b_scaled.t() if (need_x or need_a) else None
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        grad_x = grad_w = grad_bias = grad_a = grad_bb = None
+        gxa = None  # d(X A) = s dY B^T, (T, R)
+        if need_x or need_a:
+            gxa = torch.mm(gy2, op.b.t()).mul_(scale)
         if need_x:
-            cache.sync_backward(layer)
-            grad_x = cache.grad_input(gy2)
-            grad_x.addmm_(gxa, a.t())
+            op.cache.sync_backward(layer)
+            grad_x = op.cache.grad_input(gy2)
+            grad_x.addmm_(gxa, op.a.t())
             grad_x = grad_x.view(ctx.x_shape)
         if need_w:
-            grad_w = cache.grad_weight(gy2, x2, layer.mask_bits)
+            grad_w = op.cache.grad_weight(gy2, x2, layer.mask_bits)
         if ctx.has_bias and need_b:
             grad_bias = gy2.sum(0)
         if need_a:
-            grad_a = x2.t() @ gxa
-        if need_bs:
-            grad_bs = xa.t() @ gy2
-        return grad_x, grad_w, grad_bias, grad_a, grad_bs, None, None
+            grad_a = torch.mm(x2.t(), gxa[:, :rank])
+        if need_bb:
+            grad_bb = torch.mm(xa[:, :rank].t(), gy2).mul_(scale)
+        return grad_x, grad_w, grad_bias, grad_a, grad_bb, None, None
 
 
 def augmented_operand(cache, layer) -> AugmentedOperand | None:
@@ -199,10 +231,5 @@ def augmented_linear(cache, layer, x: torch.Tensor, only_if_it_pays: bool = True
             cache.adapter_refused, cache.adapter_operand = True, None
             return None
         op.tokens_ok.add(tokens)
-    pad = op.rank - layer.adapter_rank
-    a, b = layer.adapter_a, layer.adapter_b * layer.adapter_scale
-    if pad:
-        a = F.pad(a, (0, pad))
-        b = F.pad(b, (0, 0, 0, pad))
-    return AugmentedAdapterFunction.apply(x, layer.weight, layer.bias, a.contiguous(),
-                                          b.contiguous(), op, layer)
+    return AugmentedAdapterFunction.apply(x, layer.weight, layer.bias, layer.adapter_a,
+                                          layer.adapter_b, op, layer)
