@@ -95,7 +95,7 @@ def widen_with_lowrank(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, bm:
     """For x (M, K) and a (K, R), R even: return (wide, xa) with xa = x @ a (M, R) and wide
     (M, K + 2R) = [x | scale * xa spread 2:4]: rank entries 2g and 2g+1 at columns K + 4g and
     K + 4g + 1, zeros at K + 4g + 2 and K + 4g + 3. One read of x per rank block of `br` columns (default:
-    the whole rank, up to 256); the matmul is fp32-accumulated.
+    the whole rank, up to 128); the matmul is fp32-accumulated.
 
     Tile default from an H100 sweep (docs/KERNELS.md): 64x128 with 8 warps, 0.062 ms at
     8192 x 4096, R = 96, where a copy of x takes 0.049 ms."""
@@ -105,8 +105,8 @@ def widen_with_lowrank(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, bm:
     assert x.is_contiguous() and a.is_contiguous() and x.dtype == a.dtype
     wide = torch.empty(m, k + 2 * r, dtype=x.dtype, device=x.device)
     xa = torch.empty(m, r, dtype=x.dtype, device=x.device)
-    if br is None:
-        br = min(256, triton.next_power_of_2(r))
+    if br is None:  # 256 computed wrong results on an H100 (rank > 128, triton 3.6)
+        br = min(128, triton.next_power_of_2(r))
     br = max(16, br)
     grid = (triton.cdiv(m, bm), triton.cdiv(r, br))
     _widen_kernel[grid](x, a, wide, xa, m, k, r, k + 2 * r, float(scale), BM=bm, BK=bk, BR=br,

@@ -223,7 +223,7 @@ def adapter_grads(layer, x):
     (1024, 1024, 16, False, (2, 128), True),
     (768, 3072, 15, True, (1024,), True),  # GPT-2 small MLP-up at rank 2%
     (4096, 2560, 82, False, (512,), True),  # rank 82 -> 96
-    (1024, 2048, 272, False, (256,), True),  # two rank blocks in the widening pass
+    (1024, 2048, 272, False, (256,), True),  # three rank blocks in the widening pass
     (3072, 768, 61, True, (512,), False),  # MLP-down: the adapter goes after the GEMM
 ])
 def test_adapter_through_cusparselt_matches_reference(inn, out, rank, bias, shape, inside, keep):
