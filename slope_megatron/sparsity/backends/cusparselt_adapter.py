@@ -51,11 +51,13 @@ def adapter_key(layer) -> tuple:
 
 
 def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """t zero-padded along dim to `size` (t itself, detached, if it has that size)."""
+    """A copy of t zero-padded along dim to `size`. Always a copy: the backward reads it, and
+    a parameter's storage may be re-pointed or reused in between (ZeRO-3 gathers and frees
+    parameters around each forward)."""
     t = t.detach()
     pad = size - t.shape[dim]
     if not pad:
-        return t.contiguous()
+        return t.clone(memory_format=torch.contiguous_format)
     return F.pad(t, (0, pad) if dim == 1 else (0, 0, 0, pad))
 
 
