@@ -43,6 +43,9 @@ def compare_step(lay, ref, shape, what, tol=None):
     pairs = {"y": (y, yr), "dx": (x.grad, xr.grad), "dw": (lay.weight.grad, ref.weight.grad)}
     if lay.bias is not None:
         pairs["db"] = (lay.bias.grad, ref.bias.grad)
+    if lay.adapter_active:
+        pairs["da"] = (lay.adapter_a.grad, ref.adapter_a.grad)
+        pairs["db_adapter"] = (lay.adapter_b.grad, ref.adapter_b.grad)
     for k, (a, b) in pairs.items():
         assert a is not None and torch.isfinite(a).all(), (what, k)
         if tol is None:

@@ -10,8 +10,9 @@ the right result when that shape is later routed sparse (the cache re-syncs from
 (data_ptr, version)).
 """
 import pytest
+import torch
 
-from layer_helpers import compare_step, make_pair
+from layer_helpers import compare_step, make_pair, rel_err
 from slope_megatron.sparsity.backends import get_backend
 from slope_megatron.sparsity.backends.auto import AutoBackend, routes_sparse
 
@@ -68,3 +69,29 @@ def test_cache_not_stale_after_dense_routed_steps():
     for step in range(3):
         step_both(lay, ref, 256, 512, f"sparse-routed step {step}")
     assert cache.fwd_key == weight_key(lay) and lay.__dict__["_cslt_cache"] is cache
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "per-call"])
+def test_auto_with_the_adapter_on(keep):
+    """auto routing sparse with the adapter on: the adapter runs inside the widened GEMM,
+    outputs and all gradients match the reference across steps, evaluation at another token
+    count too; the timings' plain calls rebuild the plain forward operand, which the next
+    adapter call releases again (kept mode: no second copy of W for the rest of the run)."""
+    be = AutoBackend(min_speedup=0.0)  # every timed shape goes sparse
+    lay, ref = make_pair(1024, 2048, True, be, keep_compressed=keep)
+    for layer in (lay, ref):
+        layer.enable_adapter(20)
+    with torch.no_grad():
+        lay.adapter_b.normal_()
+        ref.adapter_b.copy_(lay.adapter_b)
+        ref.adapter_a.copy_(lay.adapter_a)
+    for step in range(4):  # timed at step 0, re-timed at step 2 (plain layer calls)
+        step_both(lay, ref, 256, 1024, f"auto + adapter step {step}")
+    with torch.no_grad():  # evaluation: a new key, timed (plain calls), then the adapter path
+        x = torch.randn(128, 1024, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(lay(x), ref(x)) < TOL
+    cache = lay.__dict__["_cslt_cache"]
+    op = cache.adapter_operand
+    assert op is not None and {128, 256} <= op.tokens_ok and not op.tokens_refused
+    if keep:
+        assert cache.fwd_buf is None

@@ -60,13 +60,15 @@ def assert_match(got, want, what=""):
         assert err < TOL, f"{what} {k}: rel err {err:.2e}"
 
 
-def sgd_step(fast, ref, lr=0.05):
-    """The same update (from the reference's gradients) on both layers, then the hooks."""
+def sgd_step(fast, ref, lr=0.05, through_data=False):
+    """The same update (from the reference's gradients) on both layers, then the hooks.
+    through_data: write through `.data`, as DeepSpeed's bf16 optimizer does (the version
+    counters do not change; only the layers' step count tells)."""
     with torch.no_grad():
         for pf, pr in zip(fast.parameters(), ref.parameters()):
             if pr.grad is not None:
                 upd = pr.grad.float().sign().to(pr.dtype) * lr
-                pf.sub_(upd)
+                (pf.data if through_data else pf).sub_(upd)
                 pr.sub_(upd)
             pf.grad = pr.grad = None
     fast.after_optimizer_step()
@@ -230,13 +232,15 @@ def test_adapter_through_cusparselt_matches_reference(inn, out, rank, bias, shap
     and bias, over optimizer steps that change W and B (the widened operand's refresh) and
     refresh the column mask; then the adapter is switched off and the plain operand is back."""
     fast, ref = adapter_pair(inn, out, rank, bias, keep)
-    for step in range(3):
+    for step in range(4):
         got, want = run_both(fast, ref, shape, inn)  # with the adapter's gradients
         assert {"da", "db_adapter"} <= set(want)
         assert_match(got, want, f"{inn}x{out} rank {rank} step {step}")
-        sgd_step(fast, ref)
+        sgd_step(fast, ref, through_data=step % 2 == 1)
     cache = fast.__dict__["_cslt_cache"]
-    assert (cache.adapter_operand is not None) == inside and not cache.adapter_refused
+    op = cache.adapter_operand
+    assert (op is not None) == inside
+    assert op is None or not op.tokens_refused
     if keep:
         assert (cache.fwd_buf is None) == inside  # released while the adapter runs inside
     for layer in (fast, ref):
@@ -245,15 +249,22 @@ def test_adapter_through_cusparselt_matches_reference(inn, out, rank, bias, shap
     assert_match(got, want, "adapter off again")
 
 
-def test_adapter_path_falls_back_when_the_widened_plan_is_refused(monkeypatch):
-    """If cuSPARSELt rejects the widened shape, the adapter is added after the GEMM (one
-    warning) and results still match the reference."""
+def test_adapter_path_falls_back_when_the_widened_gemm_is_refused(monkeypatch, caplog):
+    """If cuSPARSELt rejects the widened GEMM (plan or algorithm search), that token count adds
+    the adapter after the GEMM from then on (one warning) and results still match."""
     from slope_megatron.sparsity.backends import cusparselt_adapter
-    monkeypatch.setattr(cusparselt_adapter, "plan_refusal", lambda op, t, b: "refused (test)")
+
+    def refuse(self, buf, wide, bias):
+        raise RuntimeError("refused (test)")
+
+    monkeypatch.setattr(cusparselt_adapter.AugmentedOperand, "matmul", refuse)
     fast, ref = adapter_pair(512, 512, 8, True, True)
     x = torch.randn(128, 512, device="cuda", dtype=torch.bfloat16)
-    assert_match({"y": fast(x)}, {"y": ref(x)}, "fallback")
-    assert fast.__dict__["_cslt_cache"].adapter_refused
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert_match({"y": fast(x)}, {"y": ref(x)}, "fallback")
+    assert fast.__dict__["_cslt_cache"].adapter_operand.tokens_refused == {128}
+    assert sum("refused (test)" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_stored_algorithm_is_reused_by_a_new_cache(tmp_path):

@@ -43,8 +43,11 @@ explicit `cusparselt` backend never consults any of this: it stays always-sparse
 Staleness: while a layer's shapes are routed to cublas, its kernel cache
 (`layer._cslt_cache`, built by the timing) is not refreshed after optimizer steps. That is
 safe: every compressed buffer records the (data_ptr, version) of the weight / mask / column
-mask it came from, and `sync_forward` / `sync_backward` re-copy or rebuild at the next sparse
-call when they differ (optimizer updates bump the version; ZeRO re-pointing changes data_ptr).
+mask it came from, for the weight also the layer's optimizer-step count, and `sync_forward` /
+`sync_backward` re-copy or rebuild at the next sparse call when they differ (an optimizer
+step advances the count even where it writes through `.data`, as DeepSpeed's bf16 optimizer
+does; ZeRO re-pointing changes data_ptr). With the adapter on, the timings still compare the
+plain layer steps, without the adapter.
 """
 from __future__ import annotations
 

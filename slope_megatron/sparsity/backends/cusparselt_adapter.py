@@ -12,9 +12,10 @@ It costs 2R more of `in` (R: the rank padded to a multiple of 16, so that in + 2
 cuSPARSELt's alignment) plus one pass over X (`kernels.lowrank_triton.widen_with_lowrank`
 writes the wide input and X A together). The compressed operand is never compressed again
 after its metadata is made from the pattern: its values block is, row by row, W's kept values
-followed by (B / r)^T (the row-major layout `cusparselt_runtime` checks at start-up), so a
-refresh is two copies, needed only after an optimizer step. The backward is the SLoPe layer's (dX by the double-pruned W_RC^T, dW
-gathered at the mask) plus the adapter's small GEMMs.
+followed by B's column (the row-major layout `cusparselt_runtime` checks at start-up; the 1/r
+is applied by the widening pass), so a refresh is two copies, needed only after an optimizer
+step. The backward is the SLoPe layer's (dX by the double-pruned W_RC^T, dW gathered at the
+mask) plus the adapter's small GEMMs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .base import log_fallback_once
 from .cusparselt_cache import _key, weight_key
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ class AugmentedOperand:
         self.a = self.b = None  # A (in, R) and B (R, out), zero-padded
         self.mask_key = self.weight_key = self.adapter_key = None
         self.tail_fresh = False  # the kept operand holds the current B
-        self.tokens_ok: set[int] = set()  # token counts whose widened plan cuSPARSELt took
+        self.tokens_ok: set[int] = set()  # token counts whose widened GEMM ran
+        self.tokens_refused: set[int] = set()  # ... that cuSPARSELt refused: adapter after
 
     def _pattern(self, layer) -> torch.Tensor:
         c = self.cache
@@ -114,6 +117,8 @@ class AugmentedOperand:
         current); also makes the padded A and B current."""
         if _key(layer.mask_bits) != self.mask_key:
             self._build(layer)
+        elif self.cache.keep and self.cache.fwd_buf is not None:
+            self.cache.release_forward()  # a plain call rebuilt it (`auto`'s timing, ...)
         key = adapter_key(layer)
         if key != self.adapter_key:
             self.a = _pad_to(layer.adapter_a, 1, self.rank)
@@ -159,14 +164,16 @@ class AugmentedAdapterFunction(torch.autograd.Function):
         scale = layer.adapter_scale
         wide, xa = widen_with_lowrank(x2, operand.a, scale)
         y = operand.matmul(buf, wide, bias)
-        ctx.save_for_backward(x2, xa)
+        # weight: autograd then refuses a backward after an in-place change, as for the
+        # plain layer; a and b: the padded copies this forward used (replaced, never modified)
+        ctx.save_for_backward(x2, xa, weight, operand.a, operand.b)
         ctx.operand, ctx.layer, ctx.scale = operand, layer, scale
         ctx.rank, ctx.has_bias, ctx.x_shape = adapter_a.shape[1], bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa = ctx.saved_tensors
+        x2, xa, _weight, a, b = ctx.saved_tensors
         op, layer, scale, rank = ctx.operand, ctx.layer, ctx.scale, ctx.rank
         gy2 = grad_out.reshape(-1, grad_out.shape[-1])
         if not gy2.is_contiguous():
@@ -175,11 +182,11 @@ class AugmentedAdapterFunction(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_a = grad_bb = None
         gxa = None  # d(X A) = s dY B^T, (T, R)
         if need_x or need_a:
-            gxa = torch.mm(gy2, op.b.t()).mul_(scale)
+            gxa = torch.mm(gy2, b.t()).mul_(scale)
         if need_x:
             op.cache.sync_backward(layer)
             grad_x = op.cache.grad_input(gy2)
-            grad_x.addmm_(gxa, op.a.t())
+            grad_x.addmm_(gxa, a.t())
             grad_x = grad_x.view(ctx.x_shape)
         if need_w:
             grad_w = op.cache.grad_weight(gy2, x2, layer.mask_bits)
@@ -194,44 +201,46 @@ class AugmentedAdapterFunction(torch.autograd.Function):
 
 def augmented_operand(cache, layer) -> AugmentedOperand | None:
     """The layer's augmented operand (made on first use), or None where it cannot run: the
-    values layout is not row-major (then every refresh compresses), or cuSPARSELt rejected
-    the widened shape before."""
+    values layout is not row-major (then every refresh compresses)."""
     op = cache.adapter_operand
     if op is not None and op.rank == padded_rank(layer.adapter_rank):
         return op
-    if cache.adapter_refused or not cache.row_major:
+    if not cache.row_major:
         return None
     op = cache.adapter_operand = AugmentedOperand(cache, layer)
     return op
 
 
-def plan_refusal(op: AugmentedOperand, tokens: int, bias: bool) -> str | None:
-    """Create (once per token count) the widened forward plan; the reason if it is rejected."""
-    c = op.cache
-    try:
-        c.rt.plans.get(c.out, op.k, tokens, c.dtype, c.device.index, bias and c.bias_fused)
-    except RuntimeError as e:
-        return f"cuSPARSELt rejected the widened shape {c.out}x{op.k} ({e})"
-    return None
+def _refuse(op: AugmentedOperand, layer, tokens: int, reason: str) -> None:
+    op.tokens_refused.add(tokens)
+    log_fallback_once("cusparselt", layer, f"{tokens} tokens: {reason}",
+                      "the adapter added after the sparse GEMM (not inside it)", log)
 
 
 def augmented_linear(cache, layer, x: torch.Tensor, only_if_it_pays: bool = True
                      ) -> torch.Tensor | None:
     """SLoPe layer + active adapter with the adapter inside the sparse GEMM, or None where
     this cannot run or does not pay (`inside_pays`; the caller adds the adapter after the
-    GEMM instead). `only_if_it_pays=False` is for benchmarks comparing the two."""
+    GEMM instead). `only_if_it_pays=False` is for benchmarks comparing the two. A token count
+    whose widened plan or first GEMM (the algorithm search) cuSPARSELt refuses adds the
+    adapter after the GEMM from then on (logged once per layer shape and reason)."""
     if only_if_it_pays and not inside_pays(layer):
         return None
     op = augmented_operand(cache, layer)
     if op is None:
         return None
     tokens = x.numel() // x.shape[-1]
-    if tokens not in op.tokens_ok:
-        reason = plan_refusal(op, tokens, layer.bias is not None)
-        if reason is not None:
-            log.warning("adapter added after the sparse GEMM instead of inside it: %s", reason)
-            cache.adapter_refused, cache.adapter_operand = True, None
-            return None
-        op.tokens_ok.add(tokens)
-    return AugmentedAdapterFunction.apply(x, layer.weight, layer.bias, layer.adapter_a,
-                                          layer.adapter_b, op, layer)
+    if tokens in op.tokens_ok:
+        return AugmentedAdapterFunction.apply(x, layer.weight, layer.bias, layer.adapter_a,
+                                              layer.adapter_b, op, layer)
+    if tokens in op.tokens_refused:
+        return None
+    try:
+        y = AugmentedAdapterFunction.apply(x, layer.weight, layer.bias, layer.adapter_a,
+                                           layer.adapter_b, op, layer)
+    except RuntimeError as e:  # plan creation or the search rejected the widened shape
+        _refuse(op, layer, tokens, f"cuSPARSELt rejected the widened shape "
+                                   f"{cache.out}x{op.k} ({e})")
+        return None
+    op.tokens_ok.add(tokens)
+    return y
