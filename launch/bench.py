@@ -441,9 +441,11 @@ def main(argv=None) -> int:
     k.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     k.add_argument("--tokens", nargs="+", type=int, default=[1024, 8192, 16384])
     k.add_argument("--json", default="docs/kernels_bench.json")
-    k.add_argument("--no-adapters", dest="adapters", action="store_false")
-    k.add_argument("--adapters-only", action="store_true",
-                   help="only the adapter forward overhead (T >= 4096), no layer table")
+    which = k.add_mutually_exclusive_group()
+    which.add_argument("--no-adapters", dest="adapters", action="store_false",
+                       help="only the layer table, no adapter forward overhead")
+    which.add_argument("--adapters-only", action="store_true",
+                       help="only the adapter forward overhead (T >= 4096), no layer table")
     import bench_inference
     import bench_train
 

@@ -27,3 +27,20 @@ def test_auto_timing_spread_refuses_a_bad_shape_before_any_work():
                           timeout=300)
     assert done.returncode == 2
     assert "--shapes takes IN x OUT pairs such as 2048x8192" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_bench_kernels_refuses_cleanly_without_cuda():
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "kernels",
+                           "--adapters-only"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert done.stdout.strip().splitlines()[-1] == "bench kernels needs a CUDA GPU"
+
+
+def test_bench_kernels_adapter_flags_exclude_each_other():
+    done = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "kernels",
+                           "--adapters-only", "--no-adapters"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2
+    assert "not allowed with argument" in done.stderr
