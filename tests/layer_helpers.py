@@ -1,4 +1,4 @@
-"""Shared by the GPU backend tests: a (layer, reference) pair and one compared training step.
+"""Shared by the backend tests: a (layer, reference) pair and one compared training step.
 
 Every fast backend is checked the same way: the same random input and output gradient through
 the layer and through a reference-backend copy of it, outputs and gradients compared, then the
@@ -31,10 +31,11 @@ def make_pair(inn, out, bias, backend, seed=0, **kw):
     return lay, ref
 
 
-def compare_step(lay, ref, shape, what, tol=None):
-    """One step on both; tol=None: every output and gradient equal bit for bit, else rel. err
-    below tol. Then the same sign-SGD update on both and `after_optimizer_step`."""
-    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+def step_pairs(lay, ref, shape, device="cuda", dtype=torch.bfloat16) -> dict:
+    """Forward + backward of both layers on the same random input and output gradient:
+    {name: (layer's, reference's)} for the output and every gradient (the adapter's too when
+    it is active)."""
+    x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
     y, yr = lay(x), ref(xr)
     dy = torch.randn_like(yr)
@@ -46,7 +47,13 @@ def compare_step(lay, ref, shape, what, tol=None):
     if lay.adapter_active:
         pairs["da"] = (lay.adapter_a.grad, ref.adapter_a.grad)
         pairs["db_adapter"] = (lay.adapter_b.grad, ref.adapter_b.grad)
-    for k, (a, b) in pairs.items():
+    return pairs
+
+
+def compare_step(lay, ref, shape, what, tol=None):
+    """One step on both; tol=None: every output and gradient equal bit for bit, else rel. err
+    below tol. Then the same sign-SGD update on both and `after_optimizer_step`."""
+    for k, (a, b) in step_pairs(lay, ref, shape).items():
         assert a is not None and torch.isfinite(a).all(), (what, k)
         if tol is None:
             assert torch.equal(a, b), f"{what} {k}: max diff {(a.float() - b.float()).abs().max()}"
@@ -55,15 +62,16 @@ def compare_step(lay, ref, shape, what, tol=None):
     same_update(lay, ref)
 
 
-def same_update(lay, ref):
+def same_update(lay, ref, through_data=False):
     """The same sign-SGD step (from ref's gradients) on both layers, then their optimizer-step
-    hooks (compressed-operand refresh, column-mask schedule)."""
+    hooks (compressed-operand refresh, column-mask schedule). through_data: write through
+    `.data`, as DeepSpeed's bf16 optimizer does (no version-counter change)."""
     with torch.no_grad():
         for pa, pb in zip(lay.parameters(), ref.parameters()):
             if pb.grad is not None:
                 upd = pb.grad.float().sign().to(pb.dtype) * 0.05
-                pa.sub_(upd)
-                pb.sub_(upd)
+                for p in (pa, pb):
+                    (p.data if through_data else p).sub_(upd)
             pa.grad = pb.grad = None
     lay.after_optimizer_step()
     ref.after_optimizer_step()

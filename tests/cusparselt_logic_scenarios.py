@@ -1,0 +1,159 @@
+"""Scenarios for the cusparselt backend's bookkeeping on the CPU (run by
+test_cusparselt_logic.py in a process with TRITON_INTERPRET=1; see fake_cusparselt.py).
+
+Each scenario trains a cusparselt layer (fake runtime, real caches, real Triton kernels in
+the interpreter, fp32) beside a reference layer and compares outputs and every gradient after
+each change a training run makes: optimizer steps written through `.data` (DeepSpeed's bf16
+optimizer), evaluation at another token count, the adapter switched on and off, a reload, an
+`auto` timing, a refused widened GEMM. Prints "ok <scenario>" per scenario.
+"""
+import copy
+import sys
+
+import torch
+
+import fake_cusparselt
+from layer_helpers import rel_err, same_update, step_pairs
+
+RT = fake_cusparselt.install()
+
+from slope_megatron.sparsity import SlopeLinear  # noqa: E402
+from slope_megatron.sparsity.backends.auto import AutoBackend  # noqa: E402
+
+TOL = 1e-4  # fp32 on both sides
+
+
+def pair(inn, out, bias, keep, rank=None, backend="cusparselt", seed=1):
+    torch.manual_seed(seed)
+    kw = dict(bias=bias, column_mask_refresh=2)
+    fast = SlopeLinear(inn, out, backend=backend if isinstance(backend, str) else "reference",
+                       keep_compressed=keep, **kw)
+    if not isinstance(backend, str):
+        fast.backend = backend  # e.g. a fresh AutoBackend
+    ref = SlopeLinear(inn, out, backend="reference", **kw)
+    with torch.no_grad():
+        if bias:
+            fast.bias.normal_()
+    ref.load_state_dict(fast.state_dict())
+    if rank is not None:
+        for layer in (fast, ref):
+            layer.create_adapter(rank)
+        with torch.no_grad():
+            fast.adapter_b.normal_()
+            ref.adapter_b.copy_(fast.adapter_b)
+            ref.adapter_a.copy_(fast.adapter_a)
+    return fast, ref
+
+
+def check(fast, ref, tokens, what, grad=True):
+    if not grad:
+        x = torch.randn(tokens, fast.in_features)
+        with torch.no_grad():
+            err = rel_err(fast(x), ref(x))
+        assert err < TOL, (what, "y (no grad)", err)
+        return
+    pairs = step_pairs(fast, ref, (tokens, fast.in_features), device="cpu", dtype=torch.float32)
+    bad = {k: rel_err(a, b) for k, (a, b) in pairs.items() if not rel_err(a, b) < TOL}
+    assert not bad, (what, bad)
+
+
+def data_step(fast, ref):
+    """An optimizer step written through `.data` on both, as DeepSpeed's bf16 optimizer
+    writes (no version-counter change), then the step hooks."""
+    same_update(fast, ref, through_data=True)
+
+
+def training_with_adapter(keep):
+    # widening layers take the adapter inside the GEMM (rank 130: two rank blocks of the
+    # widening pass); the narrowing one adds it after
+    for inn, out, rank, bias, inside in [(64, 128, 10, True, True), (128, 128, 40, False, True),
+                                         (64, 256, 130, True, True), (256, 64, 5, True, False)]:
+        fast, ref = pair(inn, out, bias, keep, rank=rank)
+        what = f"{inn}x{out} r{rank} keep={keep}"
+        check(fast, ref, 32, f"{what} plain")
+        data_step(fast, ref)
+        for layer in (fast, ref):
+            layer.enable_adapter()
+        for step in range(4):  # the column mask is recomputed every 2 steps
+            check(fast, ref, 32, f"{what} adapter step {step}")
+            check(fast, ref, 48, f"{what} evaluation {step}", grad=False)
+            data_step(fast, ref)
+        cache = fast.__dict__["_cslt_cache"]
+        assert (cache.adapter_operand is not None) == inside, what
+        if keep:
+            assert (cache.fwd_buf is None) == inside, (what, "plain operand released")
+        for layer in (fast, ref):
+            layer.adapter_active = False
+        check(fast, ref, 32, f"{what} adapter off")
+        data_step(fast, ref)
+        for layer in (fast, ref):
+            layer.adapter_active = True
+        check(fast, ref, 32, f"{what} adapter on again")
+        data_step(fast, ref)
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        fast.load_state_dict(copy.deepcopy(ref.state_dict()))
+        check(fast, ref, 32, f"{what} after load_state_dict")
+    print(f"ok training_with_adapter keep={keep}")
+
+
+def lazy_resync_after_data_write(keep):
+    """A layer whose operands are not refreshed eagerly (what `auto` leaves when it routes the
+    training shapes dense) must notice a `.data` write by the step count alone."""
+    fast, ref = pair(64, 128, True, keep)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        fast(x)
+        new = torch.randn_like(fast.weight)
+        fast.weight.data.copy_(new)
+        ref.weight.data.copy_(new)
+        fast.optimizer_steps += 1  # counted, not refreshed
+        assert rel_err(fast(x), ref(x)) < TOL, "stale operand after a .data write"
+    print(f"ok lazy_resync_after_data_write keep={keep}")
+
+
+def auto_with_adapter():
+    """auto times plain layer steps (they rebuild the plain forward operand); the next
+    adapter call releases it again, and results stay right."""
+    def measure(sparse_step, dense_step, **_):
+        sparse_step()
+        dense_step()
+        return 1.0, 2.0  # sparse "twice as fast": routed sparse
+
+    be = AutoBackend(measure=measure)
+    fast, ref = pair(64, 128, True, True, rank=10, backend=be)
+    for layer in (fast, ref):
+        layer.enable_adapter()
+    for step in range(4):  # timed at step 0, re-timed at step 2
+        check(fast, ref, 32, f"auto step {step}")
+        data_step(fast, ref)
+    check(fast, ref, 48, "auto evaluation key", grad=False)
+    check(fast, ref, 32, "auto after evaluation")
+    cache = fast.__dict__["_cslt_cache"]
+    assert cache.adapter_operand is not None and cache.fwd_buf is None
+    print("ok auto_with_adapter")
+
+
+def refused_widened_gemm():
+    fast, ref = pair(64, 128, True, True, rank=10)
+    for layer in (fast, ref):
+        layer.enable_adapter()
+    RT.plans.refuse.add((128, 64 + 2 * 16))
+    try:
+        for step in range(2):
+            check(fast, ref, 32, f"refused step {step}")
+            data_step(fast, ref)
+    finally:
+        RT.plans.refuse.clear()
+    assert fast.__dict__["_cslt_cache"].adapter_operand.tokens_refused == {32}
+    print("ok refused_widened_gemm")
+
+
+if __name__ == "__main__":
+    for keep in (True, False):
+        training_with_adapter(keep)
+        lazy_resync_after_data_write(keep)
+    auto_with_adapter()
+    refused_widened_gemm()
+    sys.exit(0)
