@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train.py beside this file
+
+from bench_timing import Rotor, bench_ms, rel_err  # noqa: E402 - launch/ sibling
 
 # (model, layer, in_features, out_features, bias)
 MODELS = {
@@ -46,48 +47,6 @@ MODELS = {
     "llama-7b": [("attn-q/k/v/o", 4096, 4096, False), ("mlp-gate/up", 4096, 11008, False),
                  ("mlp-down", 11008, 4096, False)],
 }
-L2_ROTATE_BYTES = 256 << 20
-
-
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-class Rotor:
-    """Cycles through copies of a tensor so that a timed call does not read it from L2."""
-
-    def __init__(self, make, nbytes_each):
-        self.items = [make() for _ in range(max(1, min(8, math.ceil(L2_ROTATE_BYTES /
-                                                                   max(1, nbytes_each)))))]
-        self.i = 0
-
-    def __call__(self):
-        self.i = (self.i + 1) % len(self.items)
-        return self.items[self.i]
-
-
-def bench_ms(fn) -> float:
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-
-
-def loop_ms(fn, calls: int = 16, reps: int = 9) -> float:
-    """Per-call ms of `calls` back-to-back calls (median of `reps` loops, after a warm-up
-    loop), timed by events around the loop: the stream's throughput, where a call's host
-    work overlaps the GPU work queued before it. `bench_ms` times each call alone after an
-    L2 flush, so host work longer than the flush shows there."""
-    import torch
-    times = []
-    for i in range(reps + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        if i:
-            times.append(start.elapsed_time(end) / calls)
-    return float(sorted(times)[len(times) // 2])
 
 
 def layer_pair(inn, out, bias, torch):
@@ -206,75 +165,6 @@ def bench_ours(layer, xs, gys, torch):
 
     out["wt_recompress"] = bench_ms(rebuild)  # cost when the column mask is refreshed
     return out
-
-
-def bench_adapter(layer, xs, torch):
-    """Forward with the lazy adapter (rank 2% of in) vs without. Two ways: the layer's forward
-    (the cusparselt backend puts the adapter inside the sparse GEMM, `cusparselt_adapter`) and
-    the adapter added after the GEMM (`lowrank.add_adapter`: X A, then one Triton pass
-    Y + (X A)(B / r)); plus the pieces: X A by cuBLAS, the widening pass, the plain and the
-    widened sparse GEMM, the Triton pass."""
-    from kernels.lowrank_triton import lowrank_add, widen_with_lowrank
-    from slope_megatron.sparsity.backends.cusparselt_adapter import (augmented_linear,
-                                                                     inside_pays, padded_rank)
-    from slope_megatron.sparsity.backends.lowrank import add_adapter
-    rank = max(1, round(0.02 * layer.in_features))
-
-    def fwd():
-        with torch.no_grad():
-            return layer(xs())
-
-    def inside():
-        with torch.no_grad():
-            x = xs()
-            return augmented_linear(layer.backend.cache(layer), layer, x, only_if_it_pays=False)
-
-    def after(x=None):
-        with torch.no_grad():
-            x = xs() if x is None else x
-            return add_adapter(layer, x, layer.backend.linear(layer, x))
-
-    cache = layer.backend.cache(layer)
-    x0 = xs.items[0]
-    base, gemm_ms = bench_ms(fwd), bench_ms(lambda: cache.forward(xs()))
-    layer.enable_adapter(rank)
-    with torch.no_grad():
-        layer.adapter_b.normal_()
-        want = (x0.float() @ layer.dense_weight().float().t()
-                + (x0.float() @ layer.adapter_a.float()) @ layer.adapter_b.float()
-                * layer.adapter_scale)
-        if layer.bias is not None:
-            want += layer.bias.float()
-        err = rel_err(augmented_linear(cache, layer, x0, only_if_it_pays=False), want)
-        err_after = rel_err(after(x0), want)
-    chosen, inside_ms, after_ms = bench_ms(fwd), bench_ms(inside), bench_ms(after)
-    loops = {"loop_inside_ms": loop_ms(inside), "loop_after_ms": loop_ms(after)}
-    layer.adapter_active = False
-    loops["loop_base_ms"] = loop_ms(fwd)
-    layer.adapter_active = True
-    r16 = padded_rank(rank)
-    a = torch.randn(layer.in_features, r16, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(r16, layer.out_features, device="cuda", dtype=torch.bfloat16)
-    op = cache.adapter_operand
-    wide, xa = widen_with_lowrank(x0, a)
-    buf = op.sync(layer)
-    y0 = torch.randn(x0.shape[0], layer.out_features, device="cuda", dtype=torch.bfloat16)
-    parts = {"gemm_ms": gemm_ms,
-             "xa_ms": bench_ms(lambda: torch.mm(xs(), a)),
-             "widen_ms": bench_ms(lambda: widen_with_lowrank(xs(), a)),
-             "wide_gemm_ms": bench_ms(lambda: op.matmul(buf, wide, None)),
-             "lowrank_add_ms": bench_ms(lambda: lowrank_add(y0, xa, b))}
-    layer.adapter_active = False
-    return {"rank": rank, "rank_padded": r16, "fwd_no_adapter": base,
-            "inside_chosen": inside_pays(layer), "fwd_adapter": chosen,
-            "fwd_adapter_inside": inside_ms, "fwd_adapter_after": after_ms,
-            "overhead_pct": 100 * (chosen / base - 1),
-            "overhead_inside_pct": 100 * (inside_ms / base - 1),
-            "overhead_after_pct": 100 * (after_ms / base - 1), "err": err,
-            "err_after": err_after, **loops,
-            "loop_overhead_inside_pct": 100 * (loops["loop_inside_ms"] / loops["loop_base_ms"] - 1),
-            "loop_overhead_after_pct": 100 * (loops["loop_after_ms"] / loops["loop_base_ms"] - 1),
-            **parts}
 
 
 def bench_overhead(torch):
@@ -403,6 +293,7 @@ def run_kernels(args) -> int:
                     results["layers"].append(bench_layer(model, name, fast, ref, xs, gys, T,
                                                          torch))
                 if T >= 4096 and args.adapters:
+                    from bench_adapters import bench_adapter
                     ad = bench_adapter(fast, xs, torch)
                     ad.update(model=model, layer=name, T=T)
                     results["adapters"].append(ad)
