@@ -94,8 +94,8 @@ def widen_with_lowrank(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, bm:
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """For x (M, K) and a (K, R), R even: return (wide, xa) with xa = x @ a (M, R) and wide
     (M, K + 2R) = [x | scale * xa spread 2:4]: rank entries 2g and 2g+1 at columns K + 4g and
-    K + 4g + 1, zeros at K + 4g + 2 and K + 4g + 3. One read of x per rank block of `br` columns (default:
-    the whole rank, up to 128); the matmul is fp32-accumulated.
+    K + 4g + 1, zeros at K + 4g + 2 and K + 4g + 3. One read of x per rank block of `br`
+    columns (default: the whole rank, up to 128); the matmul is fp32-accumulated.
 
     Tile default from an H100 sweep (docs/KERNELS.md): 64x128 with 8 warps, 0.062 ms at
     8192 x 4096, R = 96, where a copy of x takes 0.049 ms."""

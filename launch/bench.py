@@ -268,7 +268,8 @@ def run_kernels(args) -> int:
     dev = torch.cuda.current_device()
     meta = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cusparselt": rt.ext.library_version(dev),
-            "triton": triton.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "command": " ".join(sys.argv), "build_s": time.time() - t0,
             "values_row_major": rt.values_row_major(torch.device("cuda", dev), torch.bfloat16)}
     print(f"# {meta['gpu']} | torch {meta['torch']} | cuSPARSELt {meta['cusparselt']} | "
