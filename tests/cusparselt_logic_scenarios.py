@@ -150,10 +150,40 @@ def refused_widened_gemm():
     print("ok refused_widened_gemm")
 
 
+def chain_shares_scratch_and_survives_repointing():
+    """Two per-call layers in a chain (one with the adapter inside, one without) fill the same
+    scratch buffers right before their GEMMs; a kept layer after them whose weight is
+    re-pointed to new storage with new values (as ZeRO re-points parameters) is picked up by
+    the new data_ptr."""
+    pairs = [pair(64, 128, True, False, rank=10, seed=2), pair(128, 64, False, False, seed=3),
+             pair(64, 128, True, True, seed=4)]
+    for layer in pairs[0]:
+        layer.enable_adapter()
+    for step in range(3):
+        x = torch.randn(32, 64, requires_grad=True)
+        xr = x.detach().clone().requires_grad_()
+        y, yr = x, xr
+        for fast, ref in pairs:
+            y, yr = fast(y), ref(yr)
+        dy = torch.randn_like(yr)
+        y.backward(dy)
+        yr.backward(dy)
+        for k, (a, b) in {"y": (y, yr), "dx": (x.grad, xr.grad)}.items():
+            assert rel_err(a, b) < TOL, ("chain", step, k, rel_err(a, b))
+        for fast, ref in pairs:
+            data_step(fast, ref)
+        fast, ref = pairs[2]
+        new = torch.randn_like(ref.weight)
+        fast.weight.data = new.clone()  # new storage and values, no step counted
+        ref.weight.data.copy_(new)
+    print("ok chain_shares_scratch_and_survives_repointing")
+
+
 if __name__ == "__main__":
     for keep in (True, False):
         training_with_adapter(keep)
         lazy_resync_after_data_write(keep)
     auto_with_adapter()
     refused_widened_gemm()
+    chain_shares_scratch_and_survives_repointing()
     sys.exit(0)
