@@ -32,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train.py beside this file
 
-from bench_timing import Rotor, bench_ms, rel_err  # noqa: E402 - launch/ sibling
+from bench_timing import Rotor, bench_ms, rel_err  # noqa: E402 - launch/ siblings
+from provenance import source_identity  # noqa: E402
 
 # (model, layer, in_features, out_features, bias)
 MODELS = {
@@ -271,7 +272,8 @@ def run_kernels(args) -> int:
             "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "command": " ".join(sys.argv), "build_s": time.time() - t0,
-            "values_row_major": rt.values_row_major(torch.device("cuda", dev), torch.bfloat16)}
+            "values_row_major": rt.values_row_major(torch.device("cuda", dev), torch.bfloat16),
+            **source_identity()}
     print(f"# {meta['gpu']} | torch {meta['torch']} | cuSPARSELt {meta['cusparselt']} | "
           f"triton {meta['triton']} | build+load {meta['build_s']:.1f}s", flush=True)
     results = {"meta": meta, "overhead_128": bench_overhead(torch), "layers": [], "adapters": []}

@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
+from provenance import source_identity  # noqa: E402 - launch/ sibling
+
 # OPT-shaped models use this project's gpt arch (LayerNorm, GELU, learned positions, biases).
 PRESETS = {
     "opt-2.7b": dict(arch="gpt", hidden=2560, heads=32, layers=32, vocab=50272, ffn=None),
@@ -170,7 +172,7 @@ def run_inference(args) -> int:
             "cusparselt": runtime().ext.library_version(dev),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv), "layers_built": args.layers,
-            "context": args.context}
+            "context": args.context, **source_identity()}
     print(f"# {meta['gpu']} | torch {meta['torch']} | cuSPARSELt {meta['cusparselt']} | "
           f"bf16, CUDA-graph replay, per-block = (t[{args.layers}] - t[1]) / {args.layers - 1}",
           flush=True)

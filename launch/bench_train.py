@@ -16,7 +16,6 @@ keeps its metrics and stderr log; no checkpoint is written unless --keep-checkpo
 """
 from __future__ import annotations
 
-import datetime
 import json
 import statistics
 import subprocess
@@ -24,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from child_env import checkout_env  # launch/ sibling
+from child_env import checkout_env  # launch/ siblings
+from provenance import run_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -129,16 +129,6 @@ def speed(windows: list[dict], skip: int) -> dict:
             "tokens_per_s_last": last["tokens_per_s"]}
 
 
-def environment() -> dict:
-    import torch
-
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "gpu": None}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
 def machine_check() -> dict | None:
     """launch/gpu_check.py's matmul and copy speed (None without CUDA), printed before the arms
     run: a degraded machine shows here, not as odd ratios afterwards."""
@@ -186,7 +176,7 @@ def run_train(args) -> int:
             print(f"warning: {r['arm']}: one window measured (too few iterations after the "
                   "first window or the adapter switch); raise --iters", file=sys.stderr)
     if args.json:
-        report = {"environment": {**environment(), "gpu_check": check},
+        report = {"environment": {**run_environment(), "gpu_check": check},
                   "config": args.config, "overrides": args.set, "results": results}
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -19,7 +19,6 @@ step's wall time with and without the profiler, the `auto` backend's decisions, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench_train import ARMS  # launch/ siblings: the arms are the same as the benchmark's
+from provenance import run_environment
 from child_env import checkout_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,10 +242,7 @@ def run(args) -> int:
     print(f"{'tokens/s unprofiled':20s}" + "".join(f"{r['unprofiled_tokens_per_s']:18,.0f}"
                                                    for r in results))
     if args.json:
-        import torch
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        meta = {"date": now, "torch": torch.__version__, "command": " ".join(sys.argv),
-                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+        meta = {**run_environment(), "command": " ".join(sys.argv)}
         Path(args.json).write_text(json.dumps({"meta": meta, "config": args.config,
                                                "overrides": args.set, "results": results},
                                               indent=1))

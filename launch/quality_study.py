@@ -26,7 +26,6 @@ directory (<out>/<arm>) exists or the JSON already holds it: runs are never reus
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import math
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from bench_train import speed  # launch/ siblings
 from child_env import checkout_env
+from provenance import run_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -67,16 +67,6 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None,
                    help="write (or merge into) this study JSON after every arm")
     return p.parse_args(argv)
-
-
-def environment() -> dict:
-    import torch
-
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": None}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
 
 
 def study_identity(args) -> dict:
@@ -140,7 +130,7 @@ def run_arm(args, arm: str) -> dict:
         tail = log_file.read_text()[-3000:]
         raise SystemExit(f"error: arm {arm} failed (exit {code}); the end of {log_file}:\n{tail}")
     result = {"arm": arm, "overrides": ARMS[arm], "command": " ".join(cmd),
-              "environment": environment(), "wall_s": wall, **read_metrics(out)}
+              "environment": run_environment(), "wall_s": wall, **read_metrics(out)}
     print(f"[{arm}] done in {wall:.0f} s: final val loss {result['final_val_loss']:.4f} "
           f"(ppl {result['final_val_ppl']:.2f}), {result['tokens_per_s']:,.0f} tokens/s",
           flush=True)
@@ -220,7 +210,7 @@ def main(argv=None) -> int:
     json_path = Path(args.json) if args.json else None
     study = load_study(json_path, study_identity(args), arms)  # checked before any run
     given = sys.argv[1:] if argv is None else list(argv)
-    study["invocations"].append({"date": environment()["date"], "arms": arms, "command": " ".join(
+    study["invocations"].append({"date": run_environment()["date"], "arms": arms, "command": " ".join(
         [sys.executable, str(Path(__file__).resolve().relative_to(ROOT)), *given])})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for arm in arms:
