@@ -13,7 +13,7 @@ import sys
 import torch
 
 import fake_cusparselt
-from layer_helpers import rel_err, same_update, step_pairs
+from layer_helpers import chain_pairs, rel_err, same_update, step_pairs
 
 RT = fake_cusparselt.install()
 
@@ -160,15 +160,8 @@ def chain_shares_scratch_and_survives_repointing():
     for layer in pairs[0]:
         layer.enable_adapter()
     for step in range(3):
-        x = torch.randn(32, 64, requires_grad=True)
-        xr = x.detach().clone().requires_grad_()
-        y, yr = x, xr
-        for fast, ref in pairs:
-            y, yr = fast(y), ref(yr)
-        dy = torch.randn_like(yr)
-        y.backward(dy)
-        yr.backward(dy)
-        for k, (a, b) in {"y": (y, yr), "dx": (x.grad, xr.grad)}.items():
+        got = chain_pairs(pairs, (32, 64), device="cpu", dtype=torch.float32)
+        for k, (a, b) in got.items():
             assert rel_err(a, b) < TOL, ("chain", step, k, rel_err(a, b))
         for fast, ref in pairs:
             data_step(fast, ref)

@@ -50,6 +50,20 @@ def step_pairs(lay, ref, shape, device="cuda", dtype=torch.bfloat16) -> dict:
     return pairs
 
 
+def chain_pairs(pairs, shape, device="cuda", dtype=torch.bfloat16) -> dict:
+    """Forward + backward through a chain of (layer, reference) pairs on the same input and
+    output gradient: {"y": (chain's, reference chain's), "dx": (...)}."""
+    x = torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = x, xr
+    for lay, ref in pairs:
+        y, yr = lay(y), ref(yr)
+    dy = torch.randn_like(yr)
+    y.backward(dy)
+    yr.backward(dy)
+    return {"y": (y, yr), "dx": (x.grad, xr.grad)}
+
+
 def compare_step(lay, ref, shape, what, tol=None):
     """One step on both; tol=None: every output and gradient equal bit for bit, else rel. err
     below tol. Then the same sign-SGD update on both and `after_optimizer_step`."""

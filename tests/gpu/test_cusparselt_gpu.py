@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 
+from layer_helpers import chain_pairs
 from slope_megatron.sparsity import SlopeLinear
 
 pytestmark = pytest.mark.gpu
@@ -113,15 +114,9 @@ def test_per_call_layers_share_scratch_and_stay_correct():
     pairs = [make_pair(512, 1024, True, seed=1, keep=False),
              make_pair(1024, 512, False, seed=2, keep=False)]
     for step in range(3):
-        x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        xr = x.detach().clone().requires_grad_()
-        y, yr = x, xr
-        for fast, ref in pairs:
-            y, yr = fast(y), ref(yr)
-        dy = torch.randn_like(yr)
-        y.backward(dy)
-        yr.backward(dy)
-        assert_match({"y": y, "dx": x.grad}, {"y": yr, "dx": xr.grad}, f"chain step {step}")
+        got = chain_pairs(pairs, (256, 512))
+        assert_match({k: a for k, (a, _) in got.items()}, {k: b for k, (_, b) in got.items()},
+                     f"chain step {step}")
         for i, (fast, ref) in enumerate(pairs):
             assert_match({"dw": fast.weight.grad}, {"dw": ref.weight.grad}, f"layer {i}")
             sgd_step(fast, ref)
