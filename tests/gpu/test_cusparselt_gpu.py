@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from layer_helpers import chain_pairs
+from layer_helpers import chain_pairs, same_update
 from slope_megatron.sparsity import SlopeLinear
 
 pytestmark = pytest.mark.gpu
@@ -61,21 +61,6 @@ def assert_match(got, want, what=""):
         assert err < TOL, f"{what} {k}: rel err {err:.2e}"
 
 
-def sgd_step(fast, ref, lr=0.05, through_data=False):
-    """The same update (from the reference's gradients) on both layers, then the hooks.
-    through_data: write through `.data`, as DeepSpeed's bf16 optimizer does (the version
-    counters do not change; only the layers' step count tells)."""
-    with torch.no_grad():
-        for pf, pr in zip(fast.parameters(), ref.parameters()):
-            if pr.grad is not None:
-                upd = pr.grad.float().sign().to(pr.dtype) * lr
-                (pf.data if through_data else pf).sub_(upd)
-                pr.sub_(upd)
-            pf.grad = pr.grad = None
-    fast.after_optimizer_step()
-    ref.after_optimizer_step()
-
-
 # shape classes: GPT-2 square/up/down, LLaMA-like wide/tall, tiny, 3-D input
 CASES = [
     (768, 768, True, (2, 512)),
@@ -98,7 +83,7 @@ def test_matches_reference_across_steps(inn, out, bias, shape, keep):
         assert fast._unpacked == {}  # the sparse path never keeps bool masks
         assert torch.equal(fast.column_mask, ref.column_mask)
         fast.release_unpacked_masks()
-        sgd_step(fast, ref)
+        same_update(fast, ref)
     cache = fast.__dict__["_cslt_cache"]
     assert cache.wt_row_major  # the gather path really ran
     assert cache.keep is keep
@@ -119,7 +104,7 @@ def test_per_call_layers_share_scratch_and_stay_correct():
                      f"chain step {step}")
         for i, (fast, ref) in enumerate(pairs):
             assert_match({"dw": fast.weight.grad}, {"dw": ref.weight.grad}, f"layer {i}")
-            sgd_step(fast, ref)
+            same_update(fast, ref)
 
 
 def test_no_grad_forward_builds_no_wt_buffer():
@@ -231,7 +216,7 @@ def test_adapter_through_cusparselt_matches_reference(inn, out, rank, bias, shap
         got, want = run_both(fast, ref, shape, inn)  # with the adapter's gradients
         assert {"da", "db_adapter"} <= set(want)
         assert_match(got, want, f"{inn}x{out} rank {rank} step {step}")
-        sgd_step(fast, ref, through_data=step % 2 == 1)
+        same_update(fast, ref, through_data=step % 2 == 1)
     cache = fast.__dict__["_cslt_cache"]
     op = cache.adapter_operand
     assert (op is not None) == inside
