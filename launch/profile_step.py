@@ -14,7 +14,8 @@ attention, Triton gathers/refresh/adapter kernels, mask ops of the reference pat
 cross-entropy/softmax, optimizer, other elementwise, NCCL, everything else. Also reported: the
 step's wall time with and without the profiler, the `auto` backend's decisions, and per phase
 (forward / backward / engine.step / refresh) the host time to issue it against the GPU time
-(`phase_times`), with a cProfile of the host side from a separate step.
+(`phase_times`), with a cProfile of the host side from a separate step. Arms with adapters
+(`slope-adapters`) have them switched on before the warm-up: their profile is the adapter phase.
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def profile_arm(args) -> dict:
     from slope_megatron.sparsity import after_optimizer_step
     from slope_megatron.training.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
+    from slope_megatron.training.optimizer import switch_on_adapters
     from slope_megatron.training.steps import train_step
 
     cfg = load_config(args.config, [*args.set, *ARMS[args.one_arm]])
@@ -93,7 +95,9 @@ def profile_arm(args) -> dict:
         cfg.model.vocab_size = cfg.data.tokenizer_vocab_size
     init_distributed()
     torch.manual_seed(cfg.train.seed)
-    model, engine, _ = build_engine(cfg, None, 1)
+    model, engine, optimizer = build_engine(cfg, None, 1)
+    if cfg.adapters.enabled:  # profile the adapter phase: switched on before the warm-up
+        switch_on_adapters(model, optimizer, cfg)
     micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = []
