@@ -169,6 +169,12 @@ class TrainConfig:
     compile: Optional[bool] = _f(None, "torch.compile the work between the GEMMs (residual "
                                        "add + norm, attention reshapes, activations, loss). "
                                        "Unset: on when training on a GPU, off on CPU.")
+    activation_checkpointing: bool = _f(False, "Recompute each transformer block's forward "
+                                               "during the backward instead of keeping its "
+                                               "activations: activation memory falls to the "
+                                               "block inputs plus one block's, for one more "
+                                               "forward of compute (~1/3 more). For models or "
+                                               "micro-batches that do not fit otherwise.")
 
 
 @dataclass

@@ -22,14 +22,14 @@ def tiny_config(tp=1, pp=1, stage=0, extra=()):
                               f"train.global_batch_size={GLOBAL_BATCH}", *extra])
 
 
-def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1):
+def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1, extra=()):
     from slope_megatron.parallel import initialize_parallel
     from slope_megatron.sparsity import after_optimizer_step
     from slope_megatron.training.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
     from slope_megatron.training.optimizer import base_optimizer, set_lr, switch_on_adapters
 
-    cfg = tiny_config(tp, pp, stage, [f"model.arch={arch}"])
+    cfg = tiny_config(tp, pp, stage, [f"model.arch={arch}", *extra])
     d = init_distributed()
     par = initialize_parallel(tp, pp) if tp * pp > 1 else None
     dp_rank, dp = (par.dp_rank, par.dp_size) if par else (d.rank, d.world_size)

@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, ffn_hidden_size
 from .linear_factory import LinearFactory
@@ -120,7 +121,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+    With `recompute` set (`recompute.enable_activation_checkpointing`) a training forward
+    keeps only its input and runs again in the backward."""
+
+    recompute = False
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, layer_idx: int):
         super().__init__()
@@ -129,5 +134,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, make_linear, layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(self.forward_layers, x, use_reentrant=False)
+        return self.forward_layers(x)
+
+    def forward_layers(self, x: torch.Tensor) -> torch.Tensor:
         x, h = self.norm2(x, self.attn(self.norm1(x)))  # residual add fused into the norm
         return x + self.mlp(h)

@@ -106,6 +106,7 @@ def build_engine(cfg: Config, par, dp_size: int):
     from ..model import GPTModel
     from ..model.regions import enable_compile, resolve_compile
     from ..model.pipeline import build_pipeline_model, mark_for_grad_norm
+    from ..model.recompute import enable_activation_checkpointing
     from .optimizer import build_optimizer
 
     if cfg.parallel.pipeline > 1:
@@ -115,6 +116,8 @@ def build_engine(cfg: Config, par, dp_size: int):
     else:
         model = GPTModel.from_config(cfg, par)
         mpu = par
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size, mpu=mpu)
     enable_compile(resolve_compile(cfg.train.compile, engine.device))
     return model, engine, optimizer
