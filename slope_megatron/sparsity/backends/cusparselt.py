@@ -143,15 +143,14 @@ class CusparseltBackend(SparseLinearBackend):
         return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache, layer)
 
     def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
-        """Sparse part + the active adapter's (X A)(B / r): inside the sparse GEMM
-        (`cusparselt_adapter`), or added after it (`lowrank.add_adapter`) where that cannot
-        run."""
+        """Sparse part + the active adapter's (X A)(B / r) (`cusparselt_adapter`): inside the
+        sparse GEMM where that pays, else added after it in the same autograd function; where
+        this backend cannot take the call, on the fallback's output (`lowrank.add_adapter`)."""
         cache = self._accepted_cache(layer, x)
         if cache is not None:
-            from .cusparselt_adapter import augmented_linear
+            from .cusparselt_adapter import after_linear, augmented_linear
             y = augmented_linear(cache, layer, x)
-            if y is not None:
-                return y
+            return y if y is not None else after_linear(cache, layer, x)
         from .lowrank import add_adapter
         return add_adapter(layer, x, self.linear(layer, x))
 

@@ -15,7 +15,9 @@ after its metadata is made from the pattern: its values block is, row by row, W'
 followed by B's column (the row-major layout `cusparselt_runtime` checks at start-up; the 1/r
 is applied by the widening pass), so a refresh is two copies, needed only after an optimizer
 step. The backward is the SLoPe layer's (dX by the double-pruned W_RC^T, dW gathered at the
-mask) plus the adapter's small GEMMs.
+mask) plus the adapter's small GEMMs. Where the adapter does not pay inside (`inside_pays`) or
+cuSPARSELt refuses the widened GEMM, it is added after the plain sparse GEMM, in an autograd
+function with the same backward (`AfterAdapterFunction`).
 """
 from __future__ import annotations
 
@@ -63,6 +65,28 @@ def _pad_to(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return F.pad(t, (0, pad) if dim == 1 else (0, 0, 0, pad))
 
 
+class PaddedFactors:
+    """The adapter's A (in, R) and B (R, out), zero-padded to R: the widening pass and the
+    backward's small GEMMs then run on aligned shapes (cuBLAS takes a slow unaligned kernel for
+    N = 41). Copies, refreshed when the adapter changed (`adapter_key`); the padding's rows and
+    columns stay zero, so X A, d(X A) and the gradients are padded with zeros."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.a = self.b = None
+        self.key = None
+
+    def sync(self, layer) -> bool:
+        """Make a and b current; whether they changed."""
+        key = adapter_key(layer)
+        if key == self.key:
+            return False
+        self.a = _pad_to(layer.adapter_a, 1, self.rank)
+        self.b = _pad_to(layer.adapter_b, 0, self.rank)
+        self.key = key
+        return True
+
+
 class AugmentedOperand:
     """Compressed [W*M | B^T spread 2:4] of one layer, kept in its kernel cache, plus the
     adapter's A and B padded to the rank R. The scale 1/r is applied to X A when the
@@ -81,8 +105,8 @@ class AugmentedOperand:
         self.row_len = cache.inp // 2 + self.rank  # kept values per row
         self.val_bytes = cache.out * self.row_len * torch.finfo(cache.dtype).bits // 8
         self.buf = self.vals = self.meta = None
-        self.a = self.b = None  # A (in, R) and B (R, out), zero-padded
-        self.mask_key = self.weight_key = self.adapter_key = None
+        self.factors = PaddedFactors(self.rank)
+        self.mask_key = self.weight_key = None
         self.tail_fresh = False  # the kept operand holds the current B
         self.tokens_ok: set[int] = set()  # token counts whose widened GEMM ran
         self.tokens_refused: set[int] = set()  # ... that cuSPARSELt refused: adapter after
@@ -119,11 +143,8 @@ class AugmentedOperand:
             self._build(layer)
         elif self.cache.keep and self.cache.fwd_buf is not None:
             self.cache.release_forward()  # a plain call rebuilt it (`auto`'s timing, ...)
-        key = adapter_key(layer)
-        if key != self.adapter_key:
-            self.a = _pad_to(layer.adapter_a, 1, self.rank)
-            self.b = _pad_to(layer.adapter_b, 0, self.rank)
-            self.adapter_key, self.tail_fresh = key, False
+        if self.factors.sync(layer):
+            self.tail_fresh = False
         c = self.cache
         if c.keep:
             buf, vals = self.buf, self.vals
@@ -136,7 +157,7 @@ class AugmentedOperand:
             vals[:, :half].copy_(layer.weight.detach().view(c.out, half))
             self.weight_key = weight_key(layer) if c.keep else None
         if not (c.keep and self.tail_fresh):
-            vals[:, half:].copy_(self.b.t())
+            vals[:, half:].copy_(self.factors.b.t())
             self.tail_fresh = c.keep
         return buf
 
@@ -149,54 +170,102 @@ class AugmentedOperand:
         return y
 
 
-class AugmentedAdapterFunction(torch.autograd.Function):
-    """SLoPe layer + adapter with the adapter inside the sparse forward GEMM:
-    Y = X (W*M)^T + b + s (X A) B with s = 1/r. Padding the rank and the scale happen inside
-    (no autograd nodes of their own: host time)."""
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class _AdapterLayerFunction(torch.autograd.Function):
+    """Y = X (W*M)^T + b + s (X A) B (s = 1/r) as one autograd function: the SLoPe layer's
+    backward (dX by the double-pruned W_RC^T, dW gathered at the mask) and the adapter's,
+    with d(X A) A^T accumulated into the sparse dX by the GEMM's epilogue (as separate
+    autograd nodes it was another T x in tensor and an add). The forwards (subclasses) save
+    X, X A (unscaled, padded to R), the weight and the padded A and B."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, adapter_a, adapter_b, operand, layer):
-        from kernels.lowrank_triton import widen_with_lowrank
-        x2 = x.reshape(-1, x.shape[-1])
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        buf = operand.sync(layer)
-        scale = layer.adapter_scale
-        wide, xa = widen_with_lowrank(x2, operand.a, scale)
-        y = operand.matmul(buf, wide, bias)
-        # weight: autograd then refuses a backward after an in-place change, as for the
-        # plain layer; a and b: the padded copies this forward used (replaced, never modified)
-        ctx.save_for_backward(x2, xa, weight, operand.a, operand.b)
-        ctx.operand, ctx.layer, ctx.scale = operand, layer, scale
-        ctx.rank, ctx.has_bias, ctx.x_shape = adapter_a.shape[1], bias is not None, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
+    def _save(ctx, x, x2, xa, weight, factors, cache, layer, scale, has_bias):
+        # weight: autograd then refuses a backward after an in-place change, as for the plain
+        # layer; a and b: the padded copies this forward used (replaced, never modified)
+        ctx.save_for_backward(x2, xa, weight, factors.a, factors.b)
+        ctx.cache, ctx.layer, ctx.scale = cache, layer, scale
+        ctx.rank, ctx.has_bias, ctx.x_shape = layer.adapter_a.shape[1], has_bias, x.shape
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, xa, _weight, a, b = ctx.saved_tensors
-        op, layer, scale, rank = ctx.operand, ctx.layer, ctx.scale, ctx.rank
-        gy2 = grad_out.reshape(-1, grad_out.shape[-1])
-        if not gy2.is_contiguous():
-            gy2 = gy2.contiguous()
+        cache, layer, scale, rank = ctx.cache, ctx.layer, ctx.scale, ctx.rank
+        gy2 = _rows(grad_out)
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_bias = grad_a = grad_bb = None
-        gxa = None  # d(X A) = s dY B^T, (T, R)
+        gxa = None  # d(X A) = s dY B^T, (T, R); zero in the padding's columns
         if need_x or need_a:
             gxa = torch.mm(gy2, b.t()).mul_(scale)
         if need_x:
-            op.cache.sync_backward(layer)
-            grad_x = op.cache.grad_input(gy2)
+            cache.sync_backward(layer)
+            grad_x = cache.grad_input(gy2)
             grad_x.addmm_(gxa, a.t())
             grad_x = grad_x.view(ctx.x_shape)
         if need_w:
-            grad_w = op.cache.grad_weight(gy2, x2, layer.mask_bits)
+            grad_w = cache.grad_weight(gy2, x2, layer.mask_bits)
         if ctx.has_bias and need_b:
             grad_bias = gy2.sum(0)
+        # the small GEMMs at the padded rank (aligned), cut to the rank after
         if need_a:
-            grad_a = torch.mm(x2.t(), gxa[:, :rank])
+            grad_a = torch.mm(x2.t(), gxa)[:, :rank].contiguous()
         if need_bb:
-            grad_bb = torch.mm(xa[:, :rank].t(), gy2).mul_(scale)
+            grad_bb = torch.mm(xa.t(), gy2)[:rank].mul_(scale)
         return grad_x, grad_w, grad_bias, grad_a, grad_bb, None, None
+
+
+class AugmentedAdapterFunction(_AdapterLayerFunction):
+    """The adapter inside the sparse forward GEMM (K-augmentation, see the module's doc)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, adapter_a, adapter_b, operand, layer):
+        from kernels.lowrank_triton import widen_with_lowrank
+        x2 = _rows(x)
+        buf = operand.sync(layer)
+        scale = layer.adapter_scale
+        wide, xa = widen_with_lowrank(x2, operand.factors.a, scale)
+        y = operand.matmul(buf, wide, bias)
+        _AdapterLayerFunction._save(ctx, x, x2, xa, weight, operand.factors, operand.cache,
+                                    layer, scale, bias is not None)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class AfterAdapterFunction(_AdapterLayerFunction):
+    """The adapter added after the plain sparse GEMM, by one Triton pass over Y
+    (`kernels.lowrank_triton.lowrank_add`): where it does not pay inside (narrowing layers)
+    or cuSPARSELt refused the widened GEMM."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, adapter_a, adapter_b, cache, layer):
+        from kernels.lowrank_triton import lowrank_add
+        x2 = _rows(x)
+        factors = after_factors(cache, layer)
+        cache.sync_forward(layer)
+        scale = layer.adapter_scale
+        xa = torch.mm(x2, factors.a)
+        y = lowrank_add(cache.forward(x2, None, bias), xa, factors.b * scale)
+        _AdapterLayerFunction._save(ctx, x, x2, xa, weight, factors, cache, layer, scale,
+                                    bias is not None)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def after_factors(cache, layer) -> PaddedFactors:
+    """The padded A and B of the after-GEMM path (the cache's; its own, so that they never
+    hide a change from the augmented operand's)."""
+    f = cache.adapter_factors
+    if f is None or f.rank != padded_rank(layer.adapter_rank):
+        f = cache.adapter_factors = PaddedFactors(padded_rank(layer.adapter_rank))
+    f.sync(layer)
+    return f
+
+
+def after_linear(cache, layer, x: torch.Tensor) -> torch.Tensor:
+    """SLoPe layer + active adapter, the adapter added after the sparse GEMM."""
+    return AfterAdapterFunction.apply(x, layer.weight, layer.bias, layer.adapter_a,
+                                      layer.adapter_b, cache, layer)
 
 
 def augmented_operand(cache, layer) -> AugmentedOperand | None:

@@ -75,6 +75,7 @@ class LayerKernelCache:
         self.accepted_tokens: set[int] = set()  # token counts that passed the full checks
         self._native_plans: dict[tuple, tuple] = {}  # (tokens, bias, grad) -> plans
         self.adapter_operand = None  # cusparselt_adapter.AugmentedOperand, once adapters run
+        self.adapter_factors = None  # cusparselt_adapter.PaddedFactors of the after-GEMM path
         self._build_forward(layer)
 
     def accepts(self, layer, x: torch.Tensor) -> bool:
