@@ -14,8 +14,9 @@ attention, Triton gathers/refresh/adapter kernels, mask ops of the reference pat
 cross-entropy/softmax, optimizer, other elementwise, NCCL, everything else. Also reported: the
 step's wall time with and without the profiler, the `auto` backend's decisions, and per phase
 (forward / backward / engine.step / refresh) the host time to issue it against the GPU time
-(`phase_times`), with a cProfile of the host side from a separate step. Arms with adapters
-(`slope-adapters`) have them switched on before the warm-up: their profile is the adapter phase.
+(`phase_times`), with a cProfile of the host side from a separate step. The arm that asks for
+adapters (`slope-adapters`) has them switched on before the warm-up: its profile is the
+adapter phase (the others keep the config's switch at the end of a run, never reached here).
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def profile_arm(args) -> dict:
     init_distributed()
     torch.manual_seed(cfg.train.seed)
     model, engine, optimizer = build_engine(cfg, None, 1)
-    if cfg.adapters.enabled:  # profile the adapter phase: switched on before the warm-up
-        switch_on_adapters(model, optimizer, cfg)
+    if "adapters.enabled=true" in ARMS[args.one_arm]:  # the adapter phase (`slope-adapters`)
+        switch_on_adapters(model, optimizer, cfg)  # before the warm-up
     micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
     gen = torch.Generator(device="cuda").manual_seed(0)
     batches = []
