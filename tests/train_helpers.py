@@ -1,5 +1,5 @@
 """Shared by model tests: a few optimizer steps on one fixed batch, returning the losses;
-one step's loss and gradients."""
+one step's loss and gradients, and how far two such gradient sets are apart."""
 
 import torch
 
@@ -29,3 +29,12 @@ def loss_and_grads(model, x, y):
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                            if p.grad is not None}
+
+
+def worst_grad_rel(got: dict, want: dict) -> tuple[float, str]:
+    """(largest relative L2 error over the gradients, its parameter name); same names needed."""
+    assert got.keys() == want.keys(), set(got) ^ set(want)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+    return max((rel(got[n], want[n]), n) for n in want)

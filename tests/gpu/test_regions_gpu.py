@@ -2,26 +2,12 @@
 GEMMs (cuSPARSELt) left outside the graphs."""
 import pytest
 import torch
-from train_helpers import loss_and_grads
+from train_helpers import loss_and_grads, worst_grad_rel
 
 from slope_megatron.config import load_config
 from slope_megatron.model import GPTModel, regions
 
 pytestmark = pytest.mark.gpu
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
-@pytest.fixture
-def inductor():
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    yield
-    regions.enable_compile(False)
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
@@ -42,6 +28,5 @@ def test_inductor_regions_match_eager_bf16(arch, backend, inductor):
             regions.lm_loss)
     assert all(r.is_compiled for r in used), "a region fell back to eager"
     assert abs(loss_c.item() - loss_e.item()) < 5e-3
-    assert grads_c.keys() == grads_e.keys()
-    worst = max((rel(grads_c[n], grads_e[n]), n) for n in grads_e)
+    worst = worst_grad_rel(grads_c, grads_e)
     assert worst[0] < 3e-2, f"gradient {worst[1]} differs by {worst[0]:.3g} (rel)"
