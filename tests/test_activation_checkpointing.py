@@ -1,8 +1,10 @@
 """`train.activation_checkpointing`: the blocks recompute their forward in the backward.
 
 The result must be the same computation (losses and gradients as without it, for the dense
-and the SLoPe model, adapters on, in every parallel layout), and it must actually keep less:
-the tensors autograd saves outside the recomputed blocks are counted.
+and the SLoPe model, adapters on, in every parallel layout), also when a sparse layer takes
+another kernel path in the recomputation than in the first forward (the GPU backends do), and
+it must actually keep less: the tensors autograd saves outside the recomputed blocks are
+counted.
 """
 import pytest
 import torch
@@ -12,7 +14,9 @@ from layout_worker import train_losses
 from slope_megatron.config import ConfigError, load_config
 from slope_megatron.model import GPTModel
 from slope_megatron.model.recompute import enable_activation_checkpointing
-from slope_megatron.sparsity import enable_adapters
+from slope_megatron.sparsity import enable_adapters, slope_layers
+from slope_megatron.sparsity.backends.reference import ReferenceBackend
+from slope_megatron.sparsity.functional import slope_linear
 
 RECOMPUTE = "train.activation_checkpointing=true"
 
@@ -67,6 +71,43 @@ def test_recompute_gives_the_same_loss_and_gradients_and_keeps_less(arch, sparse
         torch.testing.assert_close(grads_r[name], g, rtol=0, atol=0, msg=name)
     # what stays is the embedding's and the head's (logits, loss), not the blocks'
     assert kept_r < 0.5 * kept, (kept_r, kept)
+
+
+class PathSwitchingBackend(ReferenceBackend):
+    """The reference's math, but every other call takes another path that saves other
+    tensors (two half-height products), as the cusparselt backend's first call of a token
+    count runs the Python function and later ones the native step, and `auto` re-times."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def linear(self, layer, x):
+        self.calls += 1
+        if self.calls % 2:
+            return super().linear(layer, x)
+        cm, half = layer.column_mask_for_backward(), layer.out_features // 2
+        rows = (slice(0, half), slice(half, None))
+        return torch.cat([slope_linear(x, layer.weight[r], layer.mask[r], cm[r],
+                                       None if layer.bias is None else layer.bias[r])
+                          for r in rows], dim=-1)
+
+
+def test_recompute_survives_a_kernel_path_change():
+    """The recomputation back-propagates through its own graph (reentrant checkpoint): a
+    layer whose path differs from the first forward's still gets the plain gradients."""
+    ids = torch.randint(0, 96, (4, 17), generator=torch.Generator().manual_seed(3))
+    results = []
+    for recompute in (False, True):
+        model = tiny("gpt", True)
+        for layer in slope_layers(model):
+            layer.backend = PathSwitchingBackend()
+        if recompute:
+            enable_activation_checkpointing(model)
+        results.append(loss_grads_and_saved_bytes(model, ids)[:2])
+    (loss, grads), (loss_r, grads_r) = results
+    torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_r[name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_recompute_is_off_in_evaluation_and_without_grad():

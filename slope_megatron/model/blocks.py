@@ -135,7 +135,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(self.forward_layers, x, use_reentrant=False)
+            return checkpoint(self.forward_layers, x, use_reentrant=True)  # recompute.py
         return self.forward_layers(x)
 
     def forward_layers(self, x: torch.Tensor) -> torch.Tensor:

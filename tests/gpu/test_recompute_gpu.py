@@ -12,12 +12,12 @@ from slope_megatron.sparsity import enable_adapters
 pytestmark = pytest.mark.gpu
 
 
-def model_of(arch, sparse, adapters, width=256, layers=3, seq=128):
+def model_of(arch, sparse, adapters, width=256, layers=3, seq=128, backend="cusparselt"):
     cfg = load_config(None, [f"model.arch={arch}", "model.vocab_size=512",
                              f"model.hidden_size={width}", "model.num_heads=4",
                              f"model.num_layers={layers}", f"model.seq_len={seq}",
                              f"sparsity.enabled={str(sparse).lower()}",
-                             "sparsity.backend=cusparselt"])
+                             f"sparsity.backend={backend}"])
     torch.manual_seed(0)
     model = GPTModel.from_config(cfg).to("cuda", torch.bfloat16)
     if adapters:
@@ -48,6 +48,34 @@ def test_recompute_matches_plain_with_sparse_kernels(arch, adapters, inductor):
     assert abs(loss_r.item() - loss.item()) < 1e-3
     worst = worst_grad_rel(grads_r, grads)
     assert worst[0] < 1e-2, f"gradient {worst[1]} differs by {worst[0]:.3g} (rel)"
+
+
+@pytest.mark.parametrize("backend", ["cusparselt", "auto"])
+def test_recompute_from_the_first_call(backend, inductor):
+    """Recomputing from the first step on, while the layers search algorithms, switch from the
+    Python function to the native step and (`auto`) time and re-time their choices inside
+    the recomputation: every step's loss and gradients are the plain twin's."""
+    from slope_megatron.model.recompute import enable_activation_checkpointing
+    from slope_megatron.sparsity import after_optimizer_step
+
+    regions.enable_compile(True)
+    plain = model_of("gpt", True, False, width=512, backend=backend)
+    recomputing = model_of("gpt", True, False, width=512, backend=backend)
+    enable_activation_checkpointing(recomputing)
+    x = torch.randint(0, 512, (8, 128), device="cuda")
+    for step in range(4):  # auto re-times two optimizer steps after its first timing
+        loss, grads = loss_and_grads(plain, x, x)
+        loss_r, grads_r = loss_and_grads(recomputing, x, x)
+        assert abs(loss_r.item() - loss.item()) < 1e-3, step
+        worst = worst_grad_rel(grads_r, grads)
+        assert worst[0] < 1e-2, f"step {step}: gradient {worst[1]} differs by {worst[0]:.3g}"
+        with torch.no_grad():
+            for model, g in ((plain, grads), (recomputing, grads)):  # the same update on both
+                for name, p in model.named_parameters():
+                    if name in g:
+                        p.sub_(1e-3 * g[name].sign())
+        for model in (plain, recomputing):
+            after_optimizer_step(model)
 
 
 @pytest.mark.parametrize("sparse", [True, False])
