@@ -49,7 +49,12 @@ def test_bf16_training_on_gpu(tmp_path, backend):
 def test_activation_checkpointing_trains_like_plain_on_gpu(tmp_path, sparse):
     """The whole stack (DeepSpeed ZeRO-1 with bf16 and fp32 gradient accumulation, compiled
     regions, `auto`, two micro-batches per step, adapters at the end): recomputing the
-    blocks gives the plain run's losses, up to bf16 and kernel-choice noise."""
+    blocks gives the plain run's losses. Dense: the same to 1e-3 at every iteration. SLoPe:
+    the same over the first iterations; later the two bf16 trajectories drift apart by up to
+    ~3% at an iteration (`auto`'s kernel choices are timed separately in each run, and in
+    the recomputing run the first forward runs without gradients), so from there the last
+    ten iterations' mean is compared. A wrong gradient shows as a gap that grows (1.8 in loss
+    after 14 iterations at 3.3B, before the fix in model/recompute.py)."""
     corpus = write_corpus(tmp_path / "corpus", lines=80)
     common = ("zero.stage=1", "train.global_batch_size=16", "train.log_interval=1",
               f"sparsity.enabled={str(sparse).lower()}", "sparsity.backend=auto")
@@ -60,5 +65,10 @@ def test_activation_checkpointing_trains_like_plain_on_gpu(tmp_path, sparse):
     b = [r["loss"] for r in recomputed]
     print("plain", [round(v, 3) for v in a], "\nrecomputed", [round(v, 3) for v in b])
     assert len(a) == len(b) == 40 and a[-1] < a[0] - 1.0
-    worst = max(abs(x - y) / x for x, y in zip(a, b))
-    assert worst < 0.02, worst
+    rel = [abs(x - y) / x for x, y in zip(a, b)]
+    if not sparse:
+        assert max(rel) < 1e-3, rel
+        return
+    assert max(rel[:7]) < 5e-3, rel[:7]
+    tail_a, tail_b = sum(a[-10:]) / 10, sum(b[-10:]) / 10
+    assert abs(tail_a - tail_b) / tail_a < 0.01, (tail_a, tail_b)
