@@ -137,6 +137,15 @@ def test_recompute_trains_like_plain_through_the_engine():
 
 
 @pytest.mark.slow
+def test_recompute_under_zero3_data_parallelism():
+    """DP=2 under ZeRO-3: the recomputed forward gathers the partitioned parameters again
+    (DeepSpeed's module hooks fire in it); the losses are one plain process's."""
+    plain = run_distributed(train_losses, 1, 1, 0, False, "llama", 1, ())[0][0]
+    got = run_distributed(train_losses, 2, 1, 3, False, "llama", 1, (RECOMPUTE,))[0][0]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(plain), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_recompute_under_tensor_and_pipeline_parallelism():
     """TP=2 x PP=2 (DeepSpeed's pipeline engine) recomputing its stages' blocks: the losses
     of one process without recomputation."""
