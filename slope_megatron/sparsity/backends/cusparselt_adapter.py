@@ -178,8 +178,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 class _AdapterLayerFunction(torch.autograd.Function):
     """Y = X (W*M)^T + b + s (X A) B (s = 1/r) as one autograd function: the SLoPe layer's
     backward (dX by the double-pruned W_RC^T, dW gathered at the mask) and the adapter's,
-    with d(X A) A^T accumulated into the sparse dX by the GEMM's epilogue (as separate
-    autograd nodes it was another T x in tensor and an add). The forwards (subclasses) save
+    with d(X A) A^T accumulated into the sparse dX by `addmm_` (as separate autograd nodes
+    it was another T x in tensor and an add). The forwards (subclasses) save
     X, X A (unscaled, padded to R), the weight and the padded A and B."""
 
     @staticmethod

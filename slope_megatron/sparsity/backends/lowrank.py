@@ -1,7 +1,9 @@
 """The active adapter's term, (X A)(B / r), added to a backend's sparse output.
 
-Why a module of its own: every fast backend (cusparselt, cublas) adds the adapter the same
-way, after its own GEMMs. The rank is padded to a multiple of 8 (cuBLAS runs unaligned leading
+Why a module of its own: the cublas backend and the calls the cusparselt backend hands on
+(to cublas or the reference) add the adapter the same way, after their own GEMMs; calls the
+cusparselt kernels take have the adapter in their own autograd functions
+(`cusparselt_adapter`), inside the sparse GEMM or after it. The rank is padded to a multiple of 8 (cuBLAS runs unaligned leading
 dimensions such as r = 82 on slow kernels) and, for bf16 / fp16 CUDA outputs, Y + (X A)(B / r)
 is one Triton pass over Y (`kernels.lowrank_triton`) instead of the three passes of matmul,
 scale and add. Adding it in cuSPARSELt's epilogue (its C input) or by cuBLAS addmm measured
