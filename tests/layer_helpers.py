@@ -7,7 +7,7 @@ operands and, on schedule, the double-pruned column mask).
 """
 import torch
 
-from slope_megatron.sparsity import SlopeLinear
+from slope_megatron.sparsity import SlopeLinear, after_optimizer_step
 
 
 def rel_err(a, b) -> float:
@@ -76,16 +76,19 @@ def compare_step(lay, ref, shape, what, tol=None):
     same_update(lay, ref)
 
 
-def same_update(lay, ref, through_data=False):
-    """The same sign-SGD step (from ref's gradients) on both layers, then their optimizer-step
-    hooks (compressed-operand refresh, column-mask schedule). through_data: write through
-    `.data`, as DeepSpeed's bf16 optimizer does (no version-counter change)."""
+def same_update(lay, ref, through_data=False, lr=0.05):
+    """The same sign-SGD step (from ref's gradients) on both layers (or models), then their
+    optimizer-step hooks (compressed-operand refresh, column-mask schedule). through_data:
+    write through `.data`, as DeepSpeed's bf16 optimizer does (no version-counter change)."""
     with torch.no_grad():
         for pa, pb in zip(lay.parameters(), ref.parameters()):
             if pb.grad is not None:
-                upd = pb.grad.float().sign().to(pb.dtype) * 0.05
+                upd = pb.grad.float().sign().to(pb.dtype) * lr
                 for p in (pa, pb):
                     (p.data if through_data else p).sub_(upd)
             pa.grad = pb.grad = None
-    lay.after_optimizer_step()
-    ref.after_optimizer_step()
+    for m in (lay, ref):
+        if isinstance(m, SlopeLinear):
+            m.after_optimizer_step()
+        else:  # a model: every SLoPe layer's hook
+            after_optimizer_step(m)

@@ -26,14 +26,13 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Turn recomputation on for every transformer block of `model` (a GPTModel or a
-    pipeline stage); returns how many blocks it covers."""
+def enable_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn recomputation on (or off) for every transformer block of `model` (a GPTModel or
+    a pipeline stage); returns how many blocks it covers."""
     from .blocks import Block
 
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
-        block.recompute = True
-    log.info("activation checkpointing on: %d blocks recompute their forward in the backward",
-             len(blocks))
+        block.recompute = enabled
+    log.info("activation checkpointing %s: %d blocks", "on" if enabled else "off", len(blocks))
     return len(blocks)

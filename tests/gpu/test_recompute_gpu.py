@@ -3,10 +3,12 @@ the sparse GEMM) and Inductor-compiled regions, recomputing the blocks gives the
 gradients of the plain step, and the step's peak memory falls."""
 import pytest
 import torch
+from layer_helpers import same_update
 from train_helpers import loss_and_grads, worst_grad_rel
 
 from slope_megatron.config import load_config
 from slope_megatron.model import GPTModel, regions
+from slope_megatron.model.recompute import enable_activation_checkpointing
 from slope_megatron.sparsity import enable_adapters
 
 pytestmark = pytest.mark.gpu
@@ -28,13 +30,6 @@ def model_of(arch, sparse, adapters, width=256, layers=3, seq=128, backend="cusp
     return model
 
 
-def set_recompute(model, on):
-    from slope_megatron.model.blocks import Block
-    for m in model.modules():
-        if isinstance(m, Block):
-            m.recompute = on
-
-
 @pytest.mark.parametrize("arch,adapters", [("gpt", False), ("llama", True)])
 def test_recompute_matches_plain_with_sparse_kernels(arch, adapters, inductor):
     regions.enable_compile(True)
@@ -42,7 +37,7 @@ def test_recompute_matches_plain_with_sparse_kernels(arch, adapters, inductor):
     x = torch.randint(0, 512, (8, 128), device="cuda")
     for _ in range(2):  # first call per token count searches algorithms; then the native step
         loss, grads = loss_and_grads(model, x, x)
-    set_recompute(model, True)
+    enable_activation_checkpointing(model)
     loss_r, grads_r = loss_and_grads(model, x, x)
     assert all(r.is_compiled for r in (regions.residual_norm, regions.causal_attention))
     assert abs(loss_r.item() - loss.item()) < 1e-3
@@ -55,9 +50,6 @@ def test_recompute_from_the_first_call(backend, inductor):
     """Recomputing from the first step on, while the layers search algorithms, switch from the
     Python function to the native step and (`auto`) time and re-time their choices inside
     the recomputation: every step's loss and gradients are the plain twin's."""
-    from slope_megatron.model.recompute import enable_activation_checkpointing
-    from slope_megatron.sparsity import after_optimizer_step
-
     regions.enable_compile(True)
     plain = model_of("gpt", True, False, width=512, backend=backend)
     recomputing = model_of("gpt", True, False, width=512, backend=backend)
@@ -69,13 +61,7 @@ def test_recompute_from_the_first_call(backend, inductor):
         assert abs(loss_r.item() - loss.item()) < 1e-3, step
         worst = worst_grad_rel(grads_r, grads)
         assert worst[0] < 1e-2, f"step {step}: gradient {worst[1]} differs by {worst[0]:.3g}"
-        with torch.no_grad():
-            for model, g in ((plain, grads), (recomputing, grads)):  # the same update on both
-                for name, p in model.named_parameters():
-                    if name in g:
-                        p.sub_(1e-3 * g[name].sign())
-        for model in (plain, recomputing):
-            after_optimizer_step(model)
+        same_update(recomputing, plain, lr=1e-3)  # plain's gradients, on both
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -85,7 +71,7 @@ def test_recompute_lowers_peak_memory(sparse, inductor):
     x = torch.randint(0, 512, (16, 512), device="cuda")
     peaks = {}
     for on in (False, True):
-        set_recompute(model, on)
+        enable_activation_checkpointing(model, on)
         loss_and_grads(model, x, x)  # warm: plans, compiled graphs, allocator
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
