@@ -12,7 +12,9 @@ state, masks - what the paper's memory figures count) come from the last window.
 median: one 10-step window of GPT-2 small lasts ~2 s, and single windows of the same code
 differed by up to 15% (docs/RESULTS.md, seventh session). Ratios are against
 the dense arm of the same invocation. Writes a JSON with the GPU name and versions. Each arm
-keeps its metrics and stderr log; no checkpoint is written unless --keep-checkpoints.
+keeps its metrics and stderr log; no checkpoint is written unless --keep-checkpoints. An
+arm that runs out of GPU memory is recorded as such (`out_of_memory`, and the allocator's
+message) and the others still run: at the largest sizes, what fits is the result.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from child_env import checkout_env  # launch/ siblings
 from provenance import run_environment
+from slope_megatron.errors import EXIT_OUT_OF_MEMORY
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -87,6 +90,12 @@ def _run_arm(args, arm: str) -> dict:
     wall_s = round(time.perf_counter() - start, 1)  # whole run: start-up, compile, steps
     if out.is_dir():  # keep the arm's log (backend decisions, warnings) beside its metrics
         (out / "stderr.log").write_text(done.stderr)
+    if done.returncode == EXIT_OUT_OF_MEMORY:
+        error = next((line for line in reversed(done.stderr.splitlines())
+                      if line.startswith("error:")), "out of GPU memory")
+        print(f"{arm}: does not fit ({error})", file=sys.stderr)
+        return {"arm": arm, "command": " ".join(cmd), "wall_s": wall_s, "out_of_memory": True,
+                "error": error}
     if done.returncode != 0:
         raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}):\n"
                          f"{done.stderr[-2000:]}")
@@ -152,10 +161,15 @@ def run_train(args) -> int:
                          "--skip-windows at least 0")
     check = machine_check()
     results = [_run_arm(args, arm) for arm in args.arms]
-    base = next((r for r in results if r["arm"] == "dense"), None)
+    base = next((r for r in results if r["arm"] == "dense" and not r.get("out_of_memory")),
+                None)
     print(f"{'arm':16s} {'tokens/s':>12s} {'vs dense':>9s} {'MFU':>7s} {'loss':>8s} "
           f"{'peak GiB':>9s} {'state GiB':>10s}")
     for r in results:
+        if r.get("out_of_memory"):
+            r["vs_dense"] = None
+            print(f"{r['arm']:16s} {'out of GPU memory':>12s}")
+            continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         r["vs_dense"] = ratio
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
@@ -168,7 +182,7 @@ def run_train(args) -> int:
         print(f"{r['arm']:16s} {r['tokens_per_s']:12,.0f} "
               f"{(f'{ratio:.2f}x' if ratio else 'n/a'):>9s} {mfu:>7s} {r['loss']:8.4f} {mem:>9s} "
               f"{state:>10s}")
-    for r in results:  # how much the windows behind each median differ
+    for r in (r for r in results if not r.get("out_of_memory")):  # the windows' spread
         low, high = r["tokens_per_s_range"]
         print(f"  {r['arm']}: median of {r['speed_windows']} windows, {low:,.0f}-{high:,.0f} "
               "tokens/s")

@@ -145,8 +145,14 @@ def plot_scaling(reports: list[dict], out: Path, arm: str = "slope") -> None:
                              f"{report.get('overrides')}) lacks the dense or the {arm!r} arm")
         params, label = model_label(report)
         dense, sparse = by_arm["dense"], by_arm[arm]
+        if dense.get("out_of_memory") or sparse.get("out_of_memory"):  # no ratio to plot
+            print(f"note: {label}: left out of the scaling plot (an arm ran out of GPU memory)",
+                  file=sys.stderr)
+            continue
         state = (sparse.get("resident_mem_gb") or 0) / (dense.get("resident_mem_gb") or 1)
         points.append((params, label, sparse.get("vs_dense") or 0.0, state, dense.get("mfu")))
+    if not points:
+        raise SystemExit("error: no model size with both arms measured (out of GPU memory)")
     points.sort()
     xs = [p[0] / 1e9 for p in points]
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.6))

@@ -34,7 +34,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from slope_megatron.config import config_reference, load_config
-    from slope_megatron.errors import SlopeError
+    from slope_megatron.errors import (EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, SlopeError,
+                                       out_of_memory_message)
 
     if args.help_config:
         print(config_reference())
@@ -54,7 +55,16 @@ def main(argv=None) -> int:
     except SlopeError as e:  # config, data, checkpoint or a stopped run: one line, no traceback
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except Exception as e:
+        import torch
+
+        if not isinstance(e, torch.OutOfMemoryError):
+            raise
+        # whichever rank ran out says so (it may not be rank 0); no traceback to scroll past
+        print(f"error: {'' if rank == 0 else f'rank {rank}: '}{out_of_memory_message(e)}",
+              file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     finally:
         import torch.distributed
 

@@ -223,75 +223,78 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     val_loss = train_loss = float("nan")
     bar = tqdm(total=cfg.train.iters, initial=start, disable=not main, desc="train",
                dynamic_ncols=True)
-    for it in range(start, cfg.train.iters):
-        faults.point("step_start", it)
-        if it == cfg.adapter_start_iter and not adapters_active(model):
-            faults.point("before_adapter_switch", it)
-            n = switch_on_adapters(model, optimizer, cfg)
-            say(f"iter {it}: lazy low-rank adapters switched on ({n} layers on rank 0)")
-            faults.point("after_adapter_switch", it)
-        lr = lr_at(cfg, it - skipped_total)  # skipped steps do not advance the schedule
-        set_lr(optimizer, lr)
-        batches = [make_batch(data.train, mb, engine.device)
-                   for mb in order.micro_batches(it, dp_rank, dp_size, cfg.train.micro_batch_size)]
-        loss, loss_bad = guarded_train_step(engine, batches, it)
-        applied = engine.was_step_applied()
-        if applied and not math.isfinite(loss):
-            raise TrainingStopped(f"iteration {it + 1}: the loss is {loss} but the optimizer "
-                                  f"step was applied; the model is no longer trustworthy - "
-                                  f"{rerun_advice(cfg, 'with a lower optimizer.lr')}")
-        faults.point("after_step", it)
-        done = it + 1
-        bar.update(1)
-        window_iters += 1
-        if applied:
-            after_optimizer_step(model)
-            loss_sum, window, consecutive = loss_sum + loss, window + 1, 0
-        else:
-            skipped_total, consecutive = skipped_total + 1, consecutive + 1
-            reason = "loss" if loss_bad else "gradient"
-            metrics.write({"iter": done, "skipped": True, "reason": f"non-finite {reason}",
-                           "loss": loss if math.isfinite(loss) else None,
-                           "skipped_total": skipped_total, "consecutive_skips": consecutive})
-            say(f"iter {done:>6} | step skipped: non-finite {reason} "
-                f"({consecutive} in a row, {skipped_total} in total)")
-            if consecutive >= cfg.train.max_skipped_steps:
-                raise TrainingStopped(
-                    f"stopping at iteration {done}: {consecutive} consecutive optimizer steps "
-                    f"were skipped for a non-finite loss or gradient (train.max_skipped_steps "
-                    f"= {cfg.train.max_skipped_steps}); lower optimizer.lr, raise "
-                    f"optimizer.warmup_iters or check the data, then "
-                    f"{rerun_advice(cfg, '', ckpt_dir)}")
-        if done % cfg.train.log_interval == 0 or done == cfg.train.iters:
-            now = time.time()
-            train_loss = all_reduce_mean(loss_sum / window) if window else float("nan")
-            tps = tokens_per_iter * window_iters / (now - t_log)
-            record = {"iter": done, "loss": train_loss if window else None, "lr": lr,
-                      "tokens": done * tokens_per_iter, "tokens_per_s": tps,
-                      "adapters_active": adapters_active(model), "time_s": now - t0,
-                      "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None,
-                      "skipped_steps": skipped_total, "max_mem_gb": max_memory_gb(),
-                      "resident_mem_gb": resident_memory_gb()}
-            if window:
-                metrics.write(record)
-                say(format_train_line(record))
-            loss_sum, window, window_iters, t_log = 0.0, 0, 0, now
-        if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) \
-                or done == cfg.train.iters:
-            batches = _KillMidEval(val_batches, it) if faults.active() else val_batches
-            val_loss = all_reduce_mean(eval_loss(engine, batches))
-            metrics.write({"iter": done, "val_loss": val_loss,
-                           "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf")})
-            say(f"iter {done:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 700)):.2f}")
-        if cfg.train.save_interval and (done % cfg.train.save_interval == 0
-                                        or done == cfg.train.iters):
-            state = {"iteration": done, "skipped_total": skipped_total,
-                     "consecutive_skips": consecutive}
-            path = checkpoint.save(engine, ckpt_dir, done, state, dist.rank, save_artifact,
-                                   cfg.train.keep_checkpoints, identity)
-            say(f"saved checkpoint {path}")
-    bar.close()
-    metrics.close()
+    try:  # on any way out, the bar ends its line before an error is printed
+        for it in range(start, cfg.train.iters):
+            faults.point("step_start", it)
+            if it == cfg.adapter_start_iter and not adapters_active(model):
+                faults.point("before_adapter_switch", it)
+                n = switch_on_adapters(model, optimizer, cfg)
+                say(f"iter {it}: lazy low-rank adapters switched on ({n} layers on rank 0)")
+                faults.point("after_adapter_switch", it)
+            lr = lr_at(cfg, it - skipped_total)  # skipped steps do not advance the schedule
+            set_lr(optimizer, lr)
+            batches = [make_batch(data.train, mb, engine.device) for mb in
+                       order.micro_batches(it, dp_rank, dp_size, cfg.train.micro_batch_size)]
+            loss, loss_bad = guarded_train_step(engine, batches, it)
+            applied = engine.was_step_applied()
+            if applied and not math.isfinite(loss):
+                raise TrainingStopped(f"iteration {it + 1}: the loss is {loss} but the optimizer "
+                                      f"step was applied; the model is no longer trustworthy - "
+                                      f"{rerun_advice(cfg, 'with a lower optimizer.lr')}")
+            faults.point("after_step", it)
+            done = it + 1
+            bar.update(1)
+            window_iters += 1
+            if applied:
+                after_optimizer_step(model)
+                loss_sum, window, consecutive = loss_sum + loss, window + 1, 0
+            else:
+                skipped_total, consecutive = skipped_total + 1, consecutive + 1
+                reason = "loss" if loss_bad else "gradient"
+                metrics.write({"iter": done, "skipped": True, "reason": f"non-finite {reason}",
+                               "loss": loss if math.isfinite(loss) else None,
+                               "skipped_total": skipped_total, "consecutive_skips": consecutive})
+                say(f"iter {done:>6} | step skipped: non-finite {reason} "
+                    f"({consecutive} in a row, {skipped_total} in total)")
+                if consecutive >= cfg.train.max_skipped_steps:
+                    raise TrainingStopped(
+                        f"stopping at iteration {done}: {consecutive} consecutive optimizer steps "
+                        f"were skipped for a non-finite loss or gradient (train.max_skipped_steps "
+                        f"= {cfg.train.max_skipped_steps}); lower optimizer.lr, raise "
+                        f"optimizer.warmup_iters or check the data, then "
+                        f"{rerun_advice(cfg, '', ckpt_dir)}")
+            if done % cfg.train.log_interval == 0 or done == cfg.train.iters:
+                now = time.time()
+                train_loss = all_reduce_mean(loss_sum / window) if window else float("nan")
+                tps = tokens_per_iter * window_iters / (now - t_log)
+                record = {"iter": done, "loss": train_loss if window else None, "lr": lr,
+                          "tokens": done * tokens_per_iter, "tokens_per_s": tps,
+                          "adapters_active": adapters_active(model), "time_s": now - t0,
+                          "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None,
+                          "skipped_steps": skipped_total, "max_mem_gb": max_memory_gb(),
+                          "resident_mem_gb": resident_memory_gb()}
+                if window:
+                    metrics.write(record)
+                    say(format_train_line(record))
+                loss_sum, window, window_iters, t_log = 0.0, 0, 0, now
+            if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) \
+                    or done == cfg.train.iters:
+                batches = _KillMidEval(val_batches, it) if faults.active() else val_batches
+                val_loss = all_reduce_mean(eval_loss(engine, batches))
+                metrics.write({"iter": done, "val_loss": val_loss,
+                               "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf")})
+                say(f"iter {done:>6} | val loss {val_loss:.4f} | "
+                    f"val ppl {math.exp(min(val_loss, 700)):.2f}")
+            if cfg.train.save_interval and (done % cfg.train.save_interval == 0
+                                            or done == cfg.train.iters):
+                state = {"iteration": done, "skipped_total": skipped_total,
+                         "consecutive_skips": consecutive}
+                path = checkpoint.save(engine, ckpt_dir, done, state, dist.rank, save_artifact,
+                                       cfg.train.keep_checkpoints, identity)
+                say(f"saved checkpoint {path}")
+    finally:
+        bar.close()
+        metrics.close()
     if start >= cfg.train.iters:
         say(f"nothing to do: {out} already holds a checkpoint at iteration {start} "
             f"(train.iters = {cfg.train.iters})")

@@ -1,0 +1,86 @@
+"""Running out of GPU memory: `launch/pretrain.py` says so in one line with what to change and
+exits with its own status; `launch/bench.py train` records such an arm and runs the rest."""
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from corpus_helpers import tiny_run_args, write_corpus
+from dist_utils import run_distributed
+from launch_helpers import load_launch
+from slope_megatron.errors import EXIT_OUT_OF_MEMORY
+from slope_megatron.model.transformer import GPTModel
+
+ROOT = Path(__file__).resolve().parent.parent
+ALLOCATOR_MESSAGE = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                     "of 79.19 GiB of which 1.02 GiB is free.\nOf the allocated memory ...")
+
+
+def _pretrain_main(argv):
+    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "launch" / "pretrain.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_pretrain_reports_out_of_memory_in_one_line(tmp_path, monkeypatch, capfd):
+    corpus = write_corpus(tmp_path / "corpus")
+    calls = []
+    forward = GPTModel.forward
+
+    def forward_until_the_third_call(self, *a, **kw):  # the third micro-batch does not fit
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError(ALLOCATOR_MESSAGE)
+        return forward(self, *a, **kw)
+    monkeypatch.setattr(GPTModel, "forward", forward_until_the_third_call)
+    out = tmp_path / "run"
+    # a fork-started process (the patch goes with it, its process group stays there)
+    status = run_distributed(_pretrain_main, 1,
+                             tiny_run_args(corpus, tmp_path / "cache", out, 4, 0))
+    err = capfd.readouterr().err
+    assert status == [EXIT_OUT_OF_MEMORY], err[-2000:]
+    assert "Traceback" not in err
+    line = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert "out of GPU memory: CUDA out of memory. Tried to allocate 2.00 GiB" in line
+    for setting in ("train.micro_batch_size", "train.activation_checkpointing", "zero.stage"):
+        assert setting in line
+    assert "Of the allocated memory" not in line  # the allocator's first line only
+
+
+def test_bench_train_records_an_arm_that_does_not_fit(tmp_path, monkeypatch, capsys):
+    """The dense arm runs out of memory, the SLoPe arm fits: both are in the report, the
+    SLoPe arm with its speed and memory, and no ratio against a dense run that did not run."""
+    bench_train = load_launch("bench_train")
+
+    def fake_run(cmd, env, **kw):
+        overrides = cmd[cmd.index("--set") + 1:]
+        out = Path(next(o for o in overrides if o.startswith("train.output_dir="))
+                   .split("=", 1)[1])
+        if "sparsity.enabled=false" in overrides:
+            return SimpleNamespace(returncode=EXIT_OUT_OF_MEMORY, stdout="", stderr=(
+                "INFO building the model\nerror: out of GPU memory: CUDA out of memory. Tried "
+                "to allocate 2.00 GiB. To fit, lower train.micro_batch_size ...\n"))
+        out.mkdir(parents=True)
+        windows = [{"iter": 5 * i, "loss": 9.0, "tokens_per_s": 1000.0 + i, "mfu": 0.4,
+                    "max_mem_gb": 60.0, "resident_mem_gb": 40.0} for i in (1, 2, 3)]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(w) + "\n" for w in windows))
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+    monkeypatch.setattr(bench_train.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench_train, "machine_check", lambda: None)
+    monkeypatch.setattr(bench_train, "run_environment", lambda: {})  # it runs git
+    report = tmp_path / "bench.json"
+    args = SimpleNamespace(out=str(tmp_path / "runs"), iters=15, log_interval=5, skip_windows=1,
+                           keep_checkpoints=False, set=[], config="configs/gpt2-small.yaml",
+                           arms=["dense", "slope"], json=str(report))
+    assert bench_train.run_train(args) == 0
+    captured = capsys.readouterr()
+    assert "dense: does not fit (error: out of GPU memory" in captured.err
+    assert "out of GPU memory" in captured.out.splitlines()[1]  # the table's dense row
+    dense, slope = json.loads(report.read_text())["results"]
+    assert dense["out_of_memory"] and dense["vs_dense"] is None
+    assert dense["error"].startswith("error: out of GPU memory: CUDA out of memory")
+    assert not slope.get("out_of_memory") and slope["vs_dense"] is None
+    assert slope["tokens_per_s"] == 1002.5 and slope["max_mem_gb"] == 60.0
