@@ -1,0 +1,148 @@
+"""Validation of a loaded configuration, before any process allocates a model: every error
+names the key, the bad value and what to do."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .schema import Config, ConfigError, ffn_hidden_size
+
+def _require(cond: bool, key: str, value: Any, what: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: {what}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that need no distributed state."""
+    m, s, a, t, o = cfg.model, cfg.sparsity, cfg.adapters, cfg.train, cfg.optimizer
+    _require(m.arch in ("gpt", "llama"), "model.arch", m.arch, "use 'gpt' or 'llama'")
+    for key in ("hidden_size", "num_layers", "num_heads", "seq_len"):
+        _require(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    _require(m.hidden_size % m.num_heads == 0, "model.num_heads", m.num_heads,
+             f"must divide model.hidden_size ({m.hidden_size})")
+    if m.arch == "llama":
+        _require((m.hidden_size // m.num_heads) % 2 == 0, "model.hidden_size", m.hidden_size,
+                 "head dim (hidden_size / num_heads) must be even for rotary embeddings")
+    _require(m.ffn_hidden_size is None or m.ffn_hidden_size >= 1, "model.ffn_hidden_size",
+             m.ffn_hidden_size, "must be >= 1")
+    _require(m.vocab_size is None or m.vocab_size >= 2, "model.vocab_size", m.vocab_size,
+             "must be >= 2")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    for key in ("norm_eps", "init_std", "rope_theta"):
+        value = getattr(m, key)
+        _require(math.isfinite(value) and value > 0, f"model.{key}", value,
+                 "must be a finite number > 0")
+
+    _require(1 <= s.n < s.m, "sparsity.n", s.n, f"need 1 <= n < m (m = {s.m})")
+    _require(s.column_mask_refresh >= 1, "sparsity.column_mask_refresh", s.column_mask_refresh,
+             "must be >= 1")
+    _require(s.backend in ("auto", "reference", "cusparselt", "cublas", "torch-semi"),
+             "sparsity.backend", s.backend,
+             "use 'auto', 'reference', 'cusparselt', 'cublas' or 'torch-semi'")
+    bad = [x for x in s.modules if x not in ("qkv", "proj", "fc1", "fc2")]
+    _require(not bad, "sparsity.modules", s.modules, f"unknown entries {bad}; "
+             "use any of qkv, proj, fc1, fc2")
+    _require(not (s.sparse_lm_head and m.tie_embeddings), "sparsity.sparse_lm_head",
+             s.sparse_lm_head, "a sparse LM head needs model.tie_embeddings: false")
+    if s.enabled:
+        ffn = ffn_hidden_size(m)
+        for name, dim in (("model.hidden_size", m.hidden_size), ("ffn size", ffn)):
+            _require(dim % s.m == 0, name, dim, f"must be divisible by sparsity.m = {s.m} "
+                     "(N:M groups run along the input dim of every sparse linear)")
+
+    _require(0.0 < a.fraction < 1.0, "adapters.fraction", a.fraction, "must be in (0, 1)")
+    _require(0.0 < a.rank_ratio <= 1.0, "adapters.rank_ratio", a.rank_ratio, "must be in (0, 1]")
+    _require(a.rank is None or a.rank >= 1, "adapters.rank", a.rank, "must be >= 1")
+    _require(a.weight_decay is None or (math.isfinite(a.weight_decay) and a.weight_decay >= 0),
+             "adapters.weight_decay", a.weight_decay, "must be finite and >= 0")
+    _require(math.isfinite(a.lr_scale) and a.lr_scale > 0, "adapters.lr_scale", a.lr_scale,
+             "must be finite and > 0")
+
+    _require(cfg.parallel.tensor >= 1, "parallel.tensor", cfg.parallel.tensor, "must be >= 1")
+    _require(cfg.parallel.pipeline >= 1, "parallel.pipeline", cfg.parallel.pipeline,
+             "must be >= 1")
+    _require(cfg.zero.stage in (0, 1, 2, 3), "zero.stage", cfg.zero.stage, "must be 0-3")
+    _require(cfg.zero.grad_accum_dtype in ("auto", "fp32", "model"), "zero.grad_accum_dtype",
+             cfg.zero.grad_accum_dtype, "use 'auto', 'fp32' or 'model'")
+    _require(not (cfg.zero.grad_accum_dtype == "fp32" and cfg.zero.stage != 1
+                  and t.dtype in ("auto", "bf16")), "zero.grad_accum_dtype", "fp32",
+             f"needs zero.stage: 1 for a bf16 model (DeepSpeed's BF16_Optimizer); zero.stage is "
+             f"{cfg.zero.stage}. Set zero.stage: 1, or zero.grad_accum_dtype: auto")
+    _validate_layout(cfg)
+
+    _require(math.isfinite(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "must be finite and > 0")
+    _require(math.isfinite(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "must be finite and > 0")
+    _require(0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr, "must be in [0, lr]")
+    _require(o.schedule in ("cosine", "linear", "constant"), "optimizer.schedule", o.schedule,
+             "use 'cosine', 'linear' or 'constant'")
+    _require(o.warmup_iters is None or 0 <= o.warmup_iters <= t.iters, "optimizer.warmup_iters",
+             o.warmup_iters, "must be in [0, train.iters]")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", (o.beta1, o.beta2),
+             "must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _require(math.isfinite(o.grad_clip) and o.grad_clip >= 0, "optimizer.grad_clip",
+             o.grad_clip, "must be finite and >= 0 (0 disables clipping)")
+    _require(math.isfinite(o.weight_decay), "optimizer.weight_decay", o.weight_decay,
+             "must be finite")
+
+    _require(0.0 < cfg.data.val_fraction < 0.5, "data.val_fraction", cfg.data.val_fraction,
+             "must be in (0, 0.5)")
+    _require(cfg.data.corpus in ("default", "extended"), "data.corpus", cfg.data.corpus,
+             "use 'default' or 'extended'")  # data/builtin_corpora.py's names (a test checks)
+    _require(cfg.data.path is None or cfg.data.corpus == "default", "data.corpus",
+             cfg.data.corpus, "a built-in corpus is used only when data.path is unset; "
+             "set one of the two")
+    _require(cfg.data.tokenizer in ("bpe", "tiktoken-gpt2") or cfg.data.tokenizer.startswith("hf:"),
+             "data.tokenizer", cfg.data.tokenizer, "use 'bpe', 'tiktoken-gpt2' or 'hf:<name>'")
+    _require(cfg.data.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size",
+             cfg.data.tokenizer_vocab_size, "must be >= 260 (256 bytes + specials)")
+
+    _require(t.iters >= 1, "train.iters", t.iters, "must be >= 1")
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    _require(t.global_batch_size >= t.micro_batch_size, "train.global_batch_size",
+             t.global_batch_size, f"must be >= train.micro_batch_size ({t.micro_batch_size})")
+    for key in ("log_interval", "eval_iters", "keep_checkpoints", "max_skipped_steps"):
+        _require(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    _require(t.save_interval >= 0, "train.save_interval", t.save_interval,
+             "must be >= 0 (0: no checkpoints)")
+    _require(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
+    _require(t.dtype in ("auto", "bf16", "fp16", "fp32"), "train.dtype", t.dtype,
+             "use 'auto', 'bf16', 'fp16' or 'fp32'")
+
+
+def _validate_layout(cfg: Config) -> None:
+    """Tensor/pipeline sizes against the model's shapes (shards must hold whole N:M groups)."""
+    m, tp, pp = cfg.model, cfg.parallel.tensor, cfg.parallel.pipeline
+    group = cfg.sparsity.m if cfg.sparsity.enabled else 1
+    if tp > 1:
+        _require(m.num_heads % tp == 0, "parallel.tensor", tp,
+                 f"must divide model.num_heads ({m.num_heads})")
+        for name, dim in (("model.hidden_size", m.hidden_size), ("ffn size", ffn_hidden_size(m))):
+            _require(dim % tp == 0 and (dim // tp) % group == 0, "parallel.tensor", tp,
+                     f"{name} ({dim}) must split into {tp} shards that are multiples of "
+                     f"sparsity.m ({group})")
+        _require(m.vocab_size is None or m.vocab_size % tp == 0, "parallel.tensor", tp,
+                 f"must divide model.vocab_size ({m.vocab_size})")
+        _require(m.vocab_size is not None or 64 % tp == 0, "parallel.tensor", tp,
+                 "must divide 64 (the vocabulary is padded to a multiple of 64)")
+    if pp > 1:
+        _require(m.num_layers >= pp, "parallel.pipeline", pp,
+                 f"must not exceed model.num_layers ({m.num_layers})")
+        _require(cfg.zero.stage <= 1, "zero.stage", cfg.zero.stage,
+                 "DeepSpeed's pipeline engine supports ZeRO 0 or 1 only; use zero.stage: 1 "
+                 "with parallel.pipeline > 1")
+
+
+def validate_world(cfg: Config, world_size: int) -> int:
+    """Check the layout against the world size; returns the data-parallel size."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(f"world size {world_size} is not a multiple of parallel.tensor "
+                          f"({tp}) x parallel.pipeline ({pp}); launch tp*pp*dp processes")
+    dp = world_size // (tp * pp)
+    t = cfg.train
+    if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                          f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size "
+                          f"({dp})")
+    return dp
