@@ -14,10 +14,13 @@ class SlopeError(Exception):
 
 
 def out_of_memory_message(error: BaseException) -> str:
-    """One line for a CUDA out-of-memory error: PyTorch's own first line (what it tried to
-    allocate, what was free) and the settings that make a run fit."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"out of GPU memory: {first.rstrip('.')}. To fit, lower train.micro_batch_size "
+    """One line for a CUDA out-of-memory error: what PyTorch failed to allocate and what was
+    free (its message up to there; the allocator's tuning advice is left out), then the
+    settings that make a run fit."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if " is free." in text:  # "... Tried to allocate X. GPU 0 has ... of which Y is free."
+        text = text[:text.index(" is free.") + len(" is free")]
+    return (f"out of GPU memory: {text.rstrip('.')}. To fit: lower train.micro_batch_size "
             "(train.global_batch_size stays the same through more gradient accumulation), set "
-            "train.activation_checkpointing=true, raise zero.stage, or use more GPUs "
-            "(parallel.tensor / parallel.pipeline)")
+            "train.activation_checkpointing=true, or shard the model state over more GPUs "
+            "(zero.stage with data parallelism, parallel.tensor, parallel.pipeline)")
