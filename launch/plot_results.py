@@ -4,6 +4,7 @@
     python launch/plot_results.py quality.json [--out quality.png]
     python launch/plot_results.py bench_train.json [--out bench_train.png]
     python launch/plot_results.py small.json medium.json 1p3b.json --out scaling.png [--arm slope]
+    python launch/plot_results.py small.json ... 4p6b.json --memory --out memory.png [--arm slope]
 
 - a quality-study JSON (`launch/quality_study.py --json`): validation loss against iteration
   for every arm, and each sparse arm's gap to dense at the same iteration; the title gives
@@ -12,7 +13,9 @@
   and peak GPU memory per arm, as bars.
 - several bench-train JSONs (one model size each): an arm's throughput and model-state memory
   relative to dense against the dense model's size (GEMM parameters, from each JSON's config
-  and overrides), with the dense arm's MFU at each point.
+  and overrides), with the dense arm's MFU at each point; with --memory instead, the peak
+  GPU memory and model state of dense and the arm at each size, as bars, a size at which an
+  arm ran out of GPU memory drawn as a hatched bar up to the GPU's capacity.
 """
 from __future__ import annotations
 
@@ -183,6 +186,70 @@ def plot_scaling(reports: list[dict], out: Path, arm: str = "slope") -> None:
     plt.close(fig)
 
 
+def _capacity_gib(results: list[dict]) -> float | None:
+    """The GPU's capacity as PyTorch's out-of-memory message gave it, if an arm ran out."""
+    for r in results:
+        text = r.get("error") or ""
+        if "total capacity of " in text:
+            number = text.split("total capacity of ", 1)[1].split(" GiB", 1)[0]
+            try:
+                return float(number)
+            except ValueError:
+                pass
+    return None
+
+
+def plot_memory_by_size(reports: list[dict], out: Path, arm: str = "slope") -> None:
+    """Peak GPU memory (light) and model state (dark) of dense and `arm` at each model size;
+    an arm that did not fit is a hatched bar to the GPU's capacity labelled as such."""
+    plt = pyplot()
+    sizes = []
+    for report in reports:
+        by_arm = {r["arm"]: r for r in report["results"]}
+        if arm not in by_arm or "dense" not in by_arm:
+            raise SystemExit(f"error: a bench-train JSON ({report.get('config')}, "
+                             f"{report.get('overrides')}) lacks the dense or the {arm!r} arm")
+        params, label = model_label(report)
+        extra = [o.split("=", 1)[1] for o in report.get("overrides") or []
+                 if o.startswith("train.micro_batch_size=")]
+        if "train.activation_checkpointing=true" in (report.get("overrides") or []):
+            extra.append("recompute")
+        label += "\nmb " + " ".join(extra) if extra else ""
+        sizes.append((params, label, by_arm["dense"], by_arm[arm], report["results"]))
+    sizes.sort(key=lambda size: size[0])
+    capacity = max((c for c in (_capacity_gib(s[4]) for s in sizes) if c), default=None)
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.38
+    for i, (params, label, *arms, _) in enumerate(sizes):
+        for shift, name, r in ((-width / 2, "dense", arms[0]), (width / 2, arm, arms[1])):
+            color = COLORS.get(name, "tab:gray")
+            if r.get("out_of_memory"):
+                ax.bar(i + shift, capacity or 0.0, width, color="none", edgecolor=color,
+                       hatch="//")
+                ax.text(i + shift, (capacity or 0.0) / 2, "does not fit", rotation=90,
+                        ha="center", va="center", fontsize=7)
+                continue
+            ax.bar(i + shift, r.get("max_mem_gb") or 0.0, width, color=color, alpha=0.35)
+            ax.bar(i + shift, r.get("resident_mem_gb") or 0.0, width, color=color)
+            ax.text(i + shift, r.get("max_mem_gb") or 0.0, f"{r.get('max_mem_gb') or 0:.0f}",
+                    ha="center", va="bottom", fontsize=7)
+    if capacity:
+        ax.axhline(capacity, color="black", linewidth=0.8, linestyle="--")
+        ax.text(-0.5, capacity, f" GPU capacity {capacity:.0f} GiB", ha="left", va="bottom",
+                fontsize=7)
+    ax.set_xticks(range(len(sizes)), [f"{s[0] / 1e9:.2f}B {s[1]}" for s in sizes], fontsize=7)
+    color = COLORS.get(arm, "tab:gray").replace("tab:", "")
+    ax.set(ylabel="GiB", title=f"dense (black) and {arm} ({color}): peak GPU memory (light, "
+                               "number on top) and model state (dark)")
+    ax.title.set_fontsize(9)
+    ax.grid(axis="y", alpha=0.3)
+    gpu = (reports[0].get("environment") or {}).get("gpu") or "no GPU"
+    fig.suptitle(f"GPU memory by model size on {gpu}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+", help="quality-study or bench-train JSON; several "
@@ -190,6 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="PNG to write (default: the JSON's name, .png)")
     p.add_argument("--arm", default="slope", help="the arm the by-model-size plot compares "
                                                   "with dense (default: slope)")
+    p.add_argument("--memory", action="store_true",
+                   help="by model size: GPU memory as bars instead of the speed and state ratios")
     args = p.parse_args(argv)
     src = Path(args.json[0])
     out = Path(args.out) if args.out else src.with_suffix(".png")
@@ -197,7 +266,7 @@ def main(argv=None) -> int:
         reports = [json.loads(Path(f).read_text()) for f in args.json]
         if not all(isinstance(r.get("results"), list) for r in reports):
             raise SystemExit("error: the by-model-size plot takes bench-train JSONs only")
-        plot_scaling(reports, out, args.arm)
+        (plot_memory_by_size if args.memory else plot_scaling)(reports, out, args.arm)
         print(f"wrote {out}")
         return 0
     data = json.loads(src.read_text())

@@ -163,6 +163,32 @@ def test_scaling_plot_from_several_bench_jsons(tmp_path):
         plot.main([*map(str, files), "--out", str(out), "--arm", "slope-adapters"])
 
 
+def test_memory_by_size_plot_draws_an_arm_that_did_not_fit(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = load_launch("plot_results")
+    oom = ("error: out of GPU memory: CUDA out of memory. Tried to allocate 17.26 GiB. GPU 0 "
+           "has a total capacity of 79.18 GiB of which 16.72 GiB is free. To fit: ...")
+    files = []
+    for layers, dense in ((12, {"arm": "dense", "max_mem_gb": 9.0, "resident_mem_gb": 2.0}),
+                          (40, {"arm": "dense", "out_of_memory": True, "error": oom})):
+        report = dict(BENCH, config=str(ROOT / "configs" / "gpt2-small.yaml"),
+                      overrides=[f"model.num_layers={layers}", "train.micro_batch_size=8",
+                                 "train.activation_checkpointing=true"],
+                      results=[dense, {"arm": "slope", "max_mem_gb": 7.0,
+                                       "resident_mem_gb": 1.5}])
+        files.append(tmp_path / f"l{layers}.json")
+        files[-1].write_text(json.dumps(report))
+    assert plot._capacity_gib(json.loads(files[1].read_text())["results"]) == 79.18
+    assert plot._capacity_gib(json.loads(files[0].read_text())["results"]) is None
+    out = tmp_path / "memory.png"
+    assert plot.main([*map(str, files), "--memory", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 300_000
+    # the speed plot has no ratio at the size where dense did not fit: it leaves it out
+    assert plot.main([*map(str, files), "--out", str(tmp_path / "speed.png")]) == 0
+    with pytest.raises(SystemExit, match="no model size with both arms measured"):
+        plot.main([str(files[1]), str(files[1]), "--out", str(tmp_path / "none.png")])
+
+
 def test_the_diagnostic_adapter_arm_runs_only_when_asked_for():
     assert study_mod.parse_args([]).arms == ["dense", "static-2to4", "slope", "slope-adapters"]
     extra = study_mod.ARMS["slope-adapters-10pct"]
