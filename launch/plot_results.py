@@ -137,17 +137,25 @@ def model_label(report: dict) -> tuple[float, str]:
     return float(params), f"h{m.hidden_size} L{m.num_layers}"
 
 
-def plot_scaling(reports: list[dict], out: Path, arm: str = "slope") -> None:
-    """`arm` vs dense across model sizes: throughput and model state, dense MFU annotated."""
-    plt = pyplot()
-    points = []
+def dense_and_arm(reports: list[dict], arm: str) -> list[tuple[dict, dict, dict]]:
+    """(report, its dense result, its `arm` result) for each bench-train JSON of a by-size
+    plot; one that lacks either arm stops the plot with a message."""
+    rows = []
     for report in reports:
         by_arm = {r["arm"]: r for r in report["results"]}
         if arm not in by_arm or "dense" not in by_arm:
             raise SystemExit(f"error: a bench-train JSON ({report.get('config')}, "
                              f"{report.get('overrides')}) lacks the dense or the {arm!r} arm")
+        rows.append((report, by_arm["dense"], by_arm[arm]))
+    return rows
+
+
+def plot_scaling(reports: list[dict], out: Path, arm: str = "slope") -> None:
+    """`arm` vs dense across model sizes: throughput and model state, dense MFU annotated."""
+    plt = pyplot()
+    points = []
+    for report, dense, sparse in dense_and_arm(reports, arm):
         params, label = model_label(report)
-        dense, sparse = by_arm["dense"], by_arm[arm]
         if dense.get("out_of_memory") or sparse.get("out_of_memory"):  # no ratio to plot
             print(f"note: {label}: left out of the scaling plot (an arm ran out of GPU memory)",
                   file=sys.stderr)
@@ -204,18 +212,14 @@ def plot_memory_by_size(reports: list[dict], out: Path, arm: str = "slope") -> N
     an arm that did not fit is a hatched bar to the GPU's capacity labelled as such."""
     plt = pyplot()
     sizes = []
-    for report in reports:
-        by_arm = {r["arm"]: r for r in report["results"]}
-        if arm not in by_arm or "dense" not in by_arm:
-            raise SystemExit(f"error: a bench-train JSON ({report.get('config')}, "
-                             f"{report.get('overrides')}) lacks the dense or the {arm!r} arm")
+    for report, dense, sparse in dense_and_arm(reports, arm):
         params, label = model_label(report)
         extra = [o.split("=", 1)[1] for o in report.get("overrides") or []
                  if o.startswith("train.micro_batch_size=")]
         if "train.activation_checkpointing=true" in (report.get("overrides") or []):
             extra.append("recompute")
         label += "\nmb " + " ".join(extra) if extra else ""
-        sizes.append((params, label, by_arm["dense"], by_arm[arm], report["results"]))
+        sizes.append((params, label, dense, sparse, report["results"]))
     sizes.sort(key=lambda size: size[0])
     capacity = max((c for c in (_capacity_gib(s[4]) for s in sizes) if c), default=None)
     fig, ax = plt.subplots(figsize=(9, 3.8))
