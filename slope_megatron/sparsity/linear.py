@@ -1,6 +1,6 @@
 """SlopeLinear: an N:M-sparse linear layer trained with SLoPe, plus its lazy adapter.
 
-Storage is chosen so that ZeRO can own it like any tensor (DESIGN.md section 4):
+Storage is chosen so that ZeRO can own it like any tensor:
 - `weight`: Parameter of shape (out, in*n/m) holding only the kept values, in row-major
   order of the mask. Optimizer state therefore exists only for kept entries, and pruned
   entries cannot become non-zero: they are not stored at all.

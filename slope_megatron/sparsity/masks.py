@@ -1,6 +1,6 @@
 """N:M masks: the static row mask of the forward and SLoPe's double-pruned column mask.
 
-Conventions (DESIGN.md section 2): a weight W has shape (out, in) and a linear layer
+Conventions (those of the SLoPe paper): a weight W has shape (out, in) and a linear layer
 computes Y = X W^T. The forward mask keeps N of every M consecutive entries along `in`
 (the reduction dim of the forward GEMM); the input-gradient GEMM dX = dY W reduces over
 `out`, so its operand is pruned a second time N:M along `out` ("double pruning").
