@@ -4,8 +4,8 @@ Why: PyTorch's built-in 2:4 path rebuilds its cuSPARSELt plan on every call and 
 an algorithm, which leaves it slower than dense on Hopper (measured on an H100: docs/KERNELS.md).
 This backend uses `kernels/` (a native binding with cached plans and searched algorithms,
 Triton gathers) and keeps the compressed operands in the layer's cache, refreshed by
-copy/gather after each optimizer step instead of compressing. Once a token count's plans are tuned (its first call),
-the layer step runs as one C++ autograd function (`backends.native`), in both operand modes;
+copy/gather after each optimizer step instead of compressing. Once a token count's plans are
+tuned (its first call), the layer step runs as one C++ autograd function (`backends.native`), in both operand modes;
 the Python function (`cusparselt_function.py`) runs the first call. An active adapter runs
 inside the sparse forward GEMM as extra reduction columns (`cusparselt_adapter.py`).
 
