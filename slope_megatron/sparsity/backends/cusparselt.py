@@ -5,8 +5,8 @@ an algorithm, which leaves it slower than dense on Hopper (measured on an H100: 
 This backend uses `kernels/` (a native binding with cached plans and searched algorithms,
 Triton gathers) and keeps the compressed operands in the layer's cache, refreshed by
 copy/gather after each optimizer step instead of compressing. Once a token count's plans are
-tuned (its first call), the layer step runs as one C++ autograd function (`backends.native`), in both operand modes;
-the Python function (`cusparselt_function.py`) runs the first call. An active adapter runs
+tuned (its first call), the layer step runs as one C++ autograd function (`backends.native`),
+in both operand modes; the Python function (`cusparselt_function.py`) runs the first call. An active adapter runs
 inside the sparse forward GEMM as extra reduction columns (`cusparselt_adapter.py`).
 
 What it cannot take it hands to the cublas backend (dense GEMMs; it runs the reference where it
