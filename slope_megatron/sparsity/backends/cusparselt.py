@@ -1,13 +1,14 @@
 """The `cusparselt` backend: SLoPe's three GEMMs on 2:4 sparse tensor cores (issue 9).
 
 Why: PyTorch's built-in 2:4 path rebuilds its cuSPARSELt plan on every call and never searches
-an algorithm, which leaves it slower than dense on Hopper (measured on an H100: docs/KERNELS.md).
-This backend uses `kernels/` (a native binding with cached plans and searched algorithms,
-Triton gathers) and keeps the compressed operands in the layer's cache, refreshed by
-copy/gather after each optimizer step instead of compressing. Once a token count's plans are
+an algorithm, which leaves it slower than dense on Hopper (measured on an H100:
+docs/KERNELS.md). This backend uses `kernels/` (a native binding with cached plans and searched
+algorithms, Triton gathers) and keeps the compressed operands in the layer's cache, refreshed
+by copy/gather after each optimizer step instead of compressing. Once a token count's plans are
 tuned (its first call), the layer step runs as one C++ autograd function (`backends.native`),
-in both operand modes; the Python function (`cusparselt_function.py`) runs the first call. An active adapter runs
-inside the sparse forward GEMM as extra reduction columns (`cusparselt_adapter.py`).
+in both operand modes; the Python function (`cusparselt_function.py`) runs the first call. An
+active adapter runs inside the sparse forward GEMM as extra reduction columns
+(`cusparselt_adapter.py`).
 
 What it cannot take it hands to the cublas backend (dense GEMMs; it runs the reference where it
 cannot run either), logging the reason once per layer shape: no CUDA / CPU tensors, sparsity
