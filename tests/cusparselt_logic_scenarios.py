@@ -172,10 +172,40 @@ def chain_shares_scratch_and_survives_repointing():
     print("ok chain_shares_scratch_and_survives_repointing")
 
 
+def column_mask_every_step_checks_the_layout_once(keep):
+    """With a fresh column mask every step (`column_mask_refresh: 1`), W_RC^T is rebuilt at
+    every step from the packed masks; the layout check (a sync) runs at the first build only,
+    and every step's gradients stay the reference's."""
+    from slope_megatron.sparsity.backends.cusparselt_cache import LayerKernelCache
+    calls = []
+    checked = LayerKernelCache._wt_layout_ok
+
+    def counting(self, codes, layer):
+        calls.append(layer)
+        return checked(self, codes, layer)
+    LayerKernelCache._wt_layout_ok = counting
+    try:
+        fast, ref = pair(64, 128, True, keep)
+        for layer in (fast, ref):
+            layer.column_mask_refresh = 1
+        masks = set()
+        for step in range(4):
+            check(fast, ref, 32, f"refresh 1, step {step} keep={keep}")
+            masks.add(bytes(fast.column_mask_bits.numpy()))
+            assert torch.equal(fast.column_mask_bits, ref.column_mask_bits), step
+            data_step(fast, ref)
+        assert len(masks) >= 3, "the column mask did not change between steps"
+        assert len(calls) == 1, f"{len(calls)} layout checks for {len(masks)} masks"
+    finally:
+        LayerKernelCache._wt_layout_ok = checked
+    print(f"ok column_mask_every_step_checks_the_layout_once keep={keep}")
+
+
 if __name__ == "__main__":
     for keep in (True, False):
         training_with_adapter(keep)
         lazy_resync_after_data_write(keep)
+        column_mask_every_step_checks_the_layout_once(keep)
     auto_with_adapter()
     refused_widened_gemm()
     chain_shares_scratch_and_survives_repointing()

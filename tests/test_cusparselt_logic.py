@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ("training_with_adapter keep=True", "lazy_resync_after_data_write keep=True",
              "training_with_adapter keep=False", "lazy_resync_after_data_write keep=False",
              "auto_with_adapter", "refused_widened_gemm",
-             "chain_shares_scratch_and_survives_repointing")
+             "chain_shares_scratch_and_survives_repointing",
+             "column_mask_every_step_checks_the_layout_once keep=True",
+             "column_mask_every_step_checks_the_layout_once keep=False")
 
 
 def test_cusparselt_bookkeeping_matches_reference_on_cpu():

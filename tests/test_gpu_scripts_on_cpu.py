@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 @pytest.mark.parametrize("script", ["gpu_check.py", "layer_host_gpu.py",
                                     "bench_reference_step.py", "bench_torchao.py",
-                                    "auto_timing_spread.py"])
+                                    "auto_timing_spread.py", "refresh_cost.py"])
 def test_gpu_script_refuses_cleanly_without_cuda(script):
     done = subprocess.run([sys.executable, str(ROOT / "launch" / script)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

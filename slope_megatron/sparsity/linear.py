@@ -23,6 +23,7 @@ the refresh schedule and the adapter phase exactly.
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -232,7 +233,13 @@ class SlopeLinear(nn.Module):
     def refresh_column_mask(self) -> None:
         """Recompute the double-pruned mask from the current weights (without double
         pruning: copy the static mask)."""
-        if self.double_prune:
+        if self.double_prune and self._fast_double_prune():
+            # one pass over the kept values and packed mask (kernels/double_prune_triton.py),
+            # bit for bit the masks.double_prune_mask below; copy_ bumps the bits' version
+            from kernels.double_prune_triton import double_prune_bits_2to4
+            self.column_mask_bits.copy_(double_prune_bits_2to4(self.weight.detach(),
+                                                               self.mask_bits))
+        elif self.double_prune:
             mask = unpack_bits(self.mask_bits, self.in_features)  # transient: not kept
             dense = dense_from_values(self.weight.detach(), mask)
             self.column_mask_bits.copy_(pack_bits(
@@ -241,6 +248,13 @@ class SlopeLinear(nn.Module):
             self.column_mask_bits.copy_(self.mask_bits)
         self.column_mask_step = self.optimizer_steps
         self.backend.on_column_mask_change(self)
+
+    def _fast_double_prune(self) -> bool:
+        """Whether the Triton kernel computes the double-pruned mask: 2:4 on a CUDA weight
+        (`SLOPE_TRITON_DOUBLE_PRUNE=0` forces the torch path, for comparisons)."""
+        return (self.n, self.m) == (2, 4) and self.weight.is_cuda \
+            and os.environ.get("SLOPE_TRITON_DOUBLE_PRUNE", "1") != "0" \
+            and self.out_features % 4 == 0 and self.weight.is_contiguous()
 
     def refresh_column_mask_if_stale(self) -> None:
         """Recompute the double-pruned mask if its refresh is due (no unpacking otherwise)."""

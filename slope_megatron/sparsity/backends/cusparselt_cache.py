@@ -71,6 +71,7 @@ class LayerKernelCache:
         self._scratch_views: dict = {}  # role -> (scratch tensor, buffer, values, metadata)
         self.wt_buf = self.wt_codes = self.wt_vals = None
         self.wt_row_major = self.row_major
+        self.wt_layout_checked = False  # the first W^T build checks the layout (a sync)
         self.mask_key = self.fwd_key = self.wt_mask_key = self.wt_values_key = None
         self.accepted_tokens: set[int] = set()  # token counts that passed the full checks
         self._native_plans: dict[tuple, tuple] = {}  # (tokens, bias, grad) -> plans
@@ -156,8 +157,7 @@ class LayerKernelCache:
 
     # ---- input-gradient operand W_RC^T ---------------------------------------------------
     def _build_wt(self, layer) -> None:
-        from kernels.nm_triton import wt_tag_matrix
-        rc = layer.column_mask
+        from kernels.double_prune_triton import wt_tag_from_bits
         in_scratch = not self._wt_owned()
         if in_scratch:  # per-call: compress into the scratch, keep metadata and codes only
             buf, _ = self._scratch_for_build("wt", self.inp, self.out)
@@ -165,17 +165,13 @@ class LayerKernelCache:
             buf = self.wt_buf if self.wt_buf is not None else self.rt.compressed_buffer(
                 self.inp, self.out, self.dtype, self.device)
         if self.wt_row_major:
-            self.rt.ext.compress(wt_tag_matrix(layer.mask, rc, self.dtype), buf)
+            self.rt.ext.compress(wt_tag_from_bits(layer.mask_bits, layer.column_mask_bits,
+                                                  self.inp, self.dtype), buf)
             codes = self._values(buf, self.inp).to(torch.uint8)
-            kept, empty = torch.stack([((codes >= 1) & (codes <= 8)).sum(),
-                                       (codes == 0).sum()]).tolist()  # one sync per rebuild
-            if kept != int(rc.sum()) or empty != 0:
-                log.warning("cuSPARSELt W^T layout check failed (%d coded slots for %d kept "
-                            "entries, %d empty slots): this layer compresses W^T on every "
-                            "refresh, in a buffer of its own", kept, int(rc.sum()), empty)
-                self.wt_row_major = False
-            else:
+            if self.wt_layout_checked or self._wt_layout_ok(codes, layer):
                 self.wt_codes = codes
+            else:
+                self.wt_row_major = False
         if not self._wt_owned():
             self.wt_meta = buf[self.val_bytes:].clone()  # refresh_wt fills the scratch
         else:
@@ -185,6 +181,22 @@ class LayerKernelCache:
         self.wt_mask_key = _key(layer.column_mask_bits)
         self.refresh_wt(layer)
         layer.release_unpacked_masks()
+
+    def _wt_layout_ok(self, codes: torch.Tensor, layer) -> bool:
+        """The layout check of the first W^T build: every kept entry has a coded slot, and no
+        slot is empty. It reads counts back (a sync), so later rebuilds of this layer (a
+        column mask refreshed as often as every step) trust it: the layout belongs to the
+        library and the shape, not to the mask."""
+        rc = layer.column_mask
+        kept, empty, want = torch.stack([((codes >= 1) & (codes <= 8)).sum(), (codes == 0).sum(),
+                                         rc.sum()]).tolist()
+        if kept != want or empty != 0:
+            log.warning("cuSPARSELt W^T layout check failed (%d coded slots for %d kept "
+                        "entries, %d empty slots): this layer compresses W^T on every "
+                        "refresh, in a buffer of its own", kept, want, empty)
+            return False
+        self.wt_layout_checked = True
+        return True
 
     def _wt_owned(self) -> bool:
         """Whether W_RC^T lives in this layer's own buffer: kept mode, or a failed layout

@@ -1,0 +1,97 @@
+"""What one refresh of the double-pruned column mask costs a bf16 layer on a GPU.
+
+    python launch/refresh_cost.py [--shapes 2048x8192 8192x2048 2048x2048] [--tokens 16384]
+
+For each layer shape (cusparselt backend, operands kept) it times, with CUDA events after a
+warm-up, the median of 20 repetitions of:
+  mask     `refresh_column_mask()`: the new M_R * M_C from the current weights
+  rebuild  the next training step's extra work: the layer step right after a refresh (W_RC^T
+           rebuilt: tag matrix, cuSPARSELt compress, gather) minus a plain layer step
+and does so twice: through the Triton kernels (kernels/double_prune_triton.py) and through the
+torch path (`SLOPE_TRITON_DOUBLE_PRUNE=0`). Also the layer step itself, for scale. With
+`sparsity.column_mask_refresh: 1` every sparse layer pays mask + rebuild at every step.
+Numbers in docs/RESULTS.md ("Quality: the double-pruned column mask refreshed every step").
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from slope_megatron.sparsity import SlopeLinear  # noqa: E402
+
+
+def median_ms(fn, reps: int = 20) -> float:
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(inn: int, out: int, tokens: int, kernels: bool) -> dict:
+    os.environ["SLOPE_TRITON_DOUBLE_PRUNE"] = "1" if kernels else "0"
+    torch.manual_seed(0)
+    layer = SlopeLinear(inn, out, bias=True, backend="cusparselt", device="cuda",
+                        dtype=torch.bfloat16, column_mask_refresh=10 ** 9)
+    x = torch.randn(tokens, inn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(tokens, out, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        layer(x).backward(gy)
+
+    def nudge():  # a small weight change, as an optimizer step makes, so the mask can move
+        with torch.no_grad():
+            layer.weight.add_(torch.randn_like(layer.weight), alpha=1e-3)
+        layer.after_optimizer_step()
+
+    for _ in range(3):  # algorithm search, native step, first W^T build and its check
+        step()
+        layer.refresh_column_mask()
+        step()
+    plain = median_ms(step)
+    mask = median_ms(lambda: (nudge(), layer.refresh_column_mask()))
+    nudge_only = median_ms(nudge)
+    after = median_ms(lambda: (layer.refresh_column_mask(), step()))
+    mask_ms = mask - nudge_only
+    return {"shape": f"{inn}x{out}", "tokens": tokens, "kernels": kernels, "step_ms": plain,
+            "mask_ms": mask_ms, "rebuild_ms": after - mask_ms - plain,
+            "refresh_ms": after - plain}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["2048x8192", "8192x2048", "2048x2048"],
+                   help="INxOUT")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: refresh_cost.py needs a CUDA GPU")
+    rows = []
+    print(f"{'shape':>10s} {'path':>7s} {'step ms':>8s} {'mask ms':>8s} {'rebuild ms':>11s} "
+          f"{'refresh ms':>11s}")
+    for shape in args.shapes:
+        inn, out = map(int, shape.split("x"))
+        for kernels in (False, True):
+            r = measure(inn, out, args.tokens, kernels)
+            rows.append(r)
+            print(f"{shape:>10s} {'triton' if kernels else 'torch':>7s} {r['step_ms']:8.3f} "
+                  f"{r['mask_ms']:8.3f} {r['rebuild_ms']:11.3f} {r['refresh_ms']:11.3f}")
+    if args.json:
+        from provenance import run_environment  # launch/ sibling
+        Path(args.json).write_text(json.dumps({"environment": run_environment(),
+                                               "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
