@@ -27,6 +27,7 @@ from pathlib import Path
 
 from child_env import checkout_env  # launch/ siblings
 from provenance import run_environment
+from slope_megatron.cli import Once, add_set_argument
 from slope_megatron.errors import EXIT_OUT_OF_MEMORY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +57,14 @@ ARM_ENV.update({f"{arm}-eager": env for arm, env in list(ARM_ENV.items())})
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default="configs/gpt2-small.yaml")
+    p.add_argument("--config", action=Once, default="configs/gpt2-small.yaml")
     p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS))
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--log-interval", type=int, default=5, help="iterations per log window")
     p.add_argument("--skip-windows", type=int, default=1,
                    help="first log windows left out of the speed (compilation, algorithm "
                         "search, auto's timings and re-timings)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides for every arm (model size, batch, ZeRO stage, ...)")
+    add_set_argument(p, "overrides for every arm (model size, batch, ZeRO stage, ...)")
     p.add_argument("--out", default="runs/bench_train", help="run directories go here")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--keep-checkpoints", action="store_true",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from slope_megatron.inference import (ArtifactError, InferenceModel, SamplingConfig,
                                       find_artifact, generate, load_artifact, load_tokenizer)
+from slope_megatron.inference.artifact import tokenizer_kind
+from slope_megatron.inference.tokenizer import FileTokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +60,78 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.json to use instead of the artifact's")
     return p.parse_args(argv)
+
+
+def check_device(name: str) -> torch.device:
+    """The device --device names, or ValueError saying why it cannot be used here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name}: not a torch device name; use --device cpu, cuda "
+                         "or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is visible "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: only {count} CUDA GPU(s) visible (cuda:0 to "
+                             f"cuda:{count - 1}); use one of those or --device cpu")
+    elif device.type == "meta":
+        raise ValueError(f"--device {name}: meta tensors hold no values, so nothing can be "
+                         "generated; use --device cpu or cuda")
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except Exception as e:  # backends fail in their own ways (Assertion, NotImplemented)
+            first = (str(e).splitlines() or [""])[0][:120]
+            raise ValueError(f"--device {name}: this torch cannot use it ({type(e).__name__}: "
+                             f"{first}); use --device cpu or cuda") from None
+    return device
+
+
+def check_args(args) -> torch.device:
+    """Everything the command line alone decides, before the checkpoint is read: sampling and
+    length settings, prompts and the device. ValueError (one line) on the first problem."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy), "
+                         f"got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed).validate()  # the same
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    bad = [t for t in args.stop_token if t < 0]
+    if bad:
+        raise ValueError(f"--stop-token must be a token id >= 0, got {bad[0]}")
+    if not args.prompt and not args.prompt_file:
+        raise ValueError("give at least one --prompt or --prompt-file")
+    for f in args.prompt_file:
+        if not f.is_file():
+            raise ValueError(f"prompt file '{f}' does not exist")
+    if args.tokenizer is not None and not args.tokenizer.exists():
+        raise ValueError(f"--tokenizer {args.tokenizer}: no such file")
+    return check_device(args.device)
+
+
+def user_tokenizer(path: Path):
+    """The tokenizer of --tokenizer: a file the user chose, so its errors name it (and not the
+    data pipeline's advice to prepare a data directory again)."""
+    if tokenizer_kind(path) != "bpe":  # a gpt2.tiktoken file or an hf_tokenizer/ directory
+        try:
+            return load_tokenizer(path)
+        except ValueError as e:
+            raise ValueError(f"--tokenizer {path}: could not be read as a tokenizer ({e})") \
+                from None
+    from tokenizers import Tokenizer
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception for a bad file
+        raise ValueError(f"--tokenizer {path}: could not be read as a tokenizer.json ({e})") \
+            from None
+    return FileTokenizer(path)  # what generation needs: encode, decode, vocab size, eos id
 
 
 class Streamer:
@@ -97,16 +172,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        device = check_args(args)  # nothing is read or printed before the arguments are sound
         artifact = find_artifact(args.checkpoint)
         config, state, tokenizer_file = load_artifact(artifact)
-        tokenizer_file = args.tokenizer or tokenizer_file
-        if tokenizer_file is None:
+        if args.tokenizer is not None:
+            tokenizer = user_tokenizer(args.tokenizer)
+        elif tokenizer_file is None:
             raise ValueError(f"artifact '{artifact}' has no tokenizer.json; pass --tokenizer FILE")
-        tokenizer = load_tokenizer(tokenizer_file)
+        else:
+            tokenizer = load_tokenizer(tokenizer_file)
         texts, prompts = _prompts(args, tokenizer)
         if args.dtype == "auto":
-            args.dtype = "fp32" if torch.device(args.device).type == "cpu" else "bf16"
-        model = InferenceModel(config, state, dtype=args.dtype, device=args.device,
+            args.dtype = "fp32" if device.type == "cpu" else "bf16"
+        model = InferenceModel(config, state, dtype=args.dtype, device=device,
                                dense_cache=not args.low_memory, kernels=args.kernels)
         del state
         stops = set(args.stop_token)

@@ -15,15 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slope_megatron.cli import Once, add_set_argument  # noqa: E402
 from slope_megatron.config import ConfigError, load_config  # noqa: E402
 from slope_megatron.data import DataError, load_tokenizer, prepare_data  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML config (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--config", action=Once, help="YAML config (default: built-in defaults)")
+    add_set_argument(p, "override config keys, e.g. --set data.path=DIR data.cache_dir=DIR",
+                     dest="overrides")
     p.add_argument("--verify", choices=("auto", "full", "size"), default="full",
                    help="how to check an existing cache (default: full sha256 of the shards)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 
 def parse_args(argv=None):
+    from slope_megatron.cli import Once, add_set_argument
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set train.iters=100 zero.stage=2")
+    p.add_argument("--config", action=Once, help="YAML config (see configs/)")
+    add_set_argument(p, "override config keys, e.g. --set train.iters=100 zero.stage=2")
     p.add_argument("--help-config", action="store_true", help="print the config reference")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher

@@ -34,6 +34,7 @@ from child_env import checkout_env
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
+from slope_megatron.cli import Once, add_set_argument  # noqa: E402
 
 # (category, substrings of a lower-cased kernel name); the first match wins
 CATEGORIES = [
@@ -68,10 +69,10 @@ def categorize(kernel_name: str) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", default="configs/gpt2-small.yaml")
+    p.add_argument("--config", action=Once, default="configs/gpt2-small.yaml")
     p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides for every arm (model size, micro batch, ...)")
+    # nargs "*": run() starts each arm's child with `--set *args.set`, bare when none given
+    add_set_argument(p, "overrides for every arm (model size, micro batch, ...)", nargs="*")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps before profiling")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps profiled")
     p.add_argument("--json", default=None)

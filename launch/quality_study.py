@@ -37,6 +37,7 @@ from pathlib import Path
 from bench_train import speed  # launch/ siblings
 from child_env import checkout_env
 from provenance import run_environment
+from slope_megatron.cli import Once, add_set_argument
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -57,12 +58,11 @@ GOAL_RATIO = 0.60  # issue 10: gap(slope-adapters) <= 60% of gap(static-2to4)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/quality-gpt2-small-extended.yaml",
+    p.add_argument("--config", action=Once, default="configs/quality-gpt2-small-extended.yaml",
                    help="the default trains on fresh data (the extended corpus); "
                         "configs/quality-gpt2-small.yaml repeats the default corpus 3 times")
     p.add_argument("--arms", nargs="+", default=STUDY_ARMS, choices=list(ARMS))
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="overrides for every arm (the arms' own sparsity/adapter keys win)")
+    add_set_argument(p, "overrides for every arm (the arms' own sparsity/adapter keys win)")
     p.add_argument("--out", default="runs/quality", help="run directories: <out>/<arm>")
     p.add_argument("--json", default=None,
                    help="write (or merge into) this study JSON after every arm")

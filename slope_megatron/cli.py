@@ -1,0 +1,26 @@
+"""Command-line conventions the launchers share, so that every `launch/*.py` reads its options
+the same way: `--config` may be given once (a second one is a mistake, not a replacement),
+and `--set` is repeatable (`--set a=1 --set b=2` is `--set a=1 b=2`; a later value of a key
+wins)."""
+from __future__ import annotations
+
+import argparse
+
+
+class Once(argparse.Action):
+    """An option that may be given once: a second occurrence stops with a usage error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = f"_{self.dest}_given"
+        if getattr(namespace, given, False):
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and "
+                         f"{values}); give one config and change keys with --set")
+        setattr(namespace, given, True)
+        setattr(namespace, self.dest, values)
+
+
+def add_set_argument(p: argparse.ArgumentParser, help: str, nargs: str = "+",
+                     **kw) -> None:
+    """`--set KEY=VALUE ...`, repeatable; `nargs="*"` where a caller passes a bare `--set`."""
+    p.add_argument("--set", action="extend", nargs=nargs, default=[], metavar="KEY=VALUE",
+                   help=f"{help} (repeatable: --set a=1 --set b=2 == --set a=1 b=2)", **kw)
