@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -11,7 +12,8 @@ from typing import Any, Optional
 import yaml
 
 from .schema import Config, ConfigError
-from .validation import validate
+from .validation import read_deepspeed_json, validate
+
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check (and gently coerce ints to floats) one value against its annotation."""
@@ -90,15 +92,41 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _resolve_file_paths(data: Any, config_dir: Path) -> tuple[Any, list[str]]:
+    """Resolve a relative zero.deepspeed_json written in a config file: against the config
+    file's directory when the file is there, else (left as written) against the current
+    directory, as before - the shipped configs name configs/deepspeed/*.json relative to the
+    repository root. Returns the value as resolved and the places looked at besides the
+    current directory (for the message if it is missing there too)."""
+    zero = data.get("zero") if isinstance(data, dict) else None
+    value = zero.get("deepspeed_json") if isinstance(zero, dict) else None
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value, []
+    beside = config_dir / value
+    if beside.is_file():
+        zero["deepspeed_json"] = str(beside)
+        return zero["deepspeed_json"], []
+    return value, [os.path.abspath(beside)]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Read a YAML file (or start from defaults), apply overrides, validate."""
+    """Read a YAML file (or start from defaults), apply overrides, validate; check that the
+    files the config names exist (zero.deepspeed_json: a JSON object) before any work."""
     data: dict = {}
+    from_file, also_tried = None, []
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; pass --config configs/<name>.yaml")
+            raise ConfigError(f"config file '{p}' does not exist; pass --config "
+                              f"configs/<name>.yaml")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
-    return config_from_dict(apply_overrides(data, overrides or []))
+        from_file, also_tried = _resolve_file_paths(data, p.parent)
+    cfg = config_from_dict(apply_overrides(data, overrides or []))
+    ds_json = cfg.zero.deepspeed_json
+    if ds_json is not None:  # an override names a path relative to the current directory
+        # not in validate(): a stored config (an inference artifact's) is valid without it
+        read_deepspeed_json(ds_json, also_tried if ds_json == from_file else ())
+    return cfg

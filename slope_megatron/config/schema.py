@@ -97,7 +97,10 @@ class ZeroConfig:
     deepspeed_json: Optional[str] = _f(None, "DeepSpeed JSON merged over the generated engine "
                                              "config (e.g. configs/deepspeed/zero3.json for "
                                              "bucket sizes or offload); batch sizes, precision "
-                                             "and the ZeRO stage always come from this config.")
+                                             "and the ZeRO stage always come from this config. "
+                                             "A relative path in a config file is looked up "
+                                             "next to that file, then in the current directory "
+                                             "(in --set: the current directory).")
     grad_accum_dtype: str = _f("auto", "Dtype gradients are accumulated in over micro-batches: "
                                        "'fp32', 'model' (the training dtype) or 'auto' (fp32 "
                                        "where DeepSpeed supports it for a bf16 model - ZeRO "

@@ -2,8 +2,11 @@
 names the key, the bad value and what to do."""
 from __future__ import annotations
 
+import json
 import math
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Iterable
 
 from .schema import Config, ConfigError, ffn_hidden_size
 
@@ -76,7 +79,9 @@ def validate(cfg: Config) -> None:
     _require(o.schedule in ("cosine", "linear", "constant"), "optimizer.schedule", o.schedule,
              "use 'cosine', 'linear' or 'constant'")
     _require(o.warmup_iters is None or 0 <= o.warmup_iters <= t.iters, "optimizer.warmup_iters",
-             o.warmup_iters, "must be in [0, train.iters]")
+             o.warmup_iters, f"must be in [0, train.iters]: set optimizer.warmup_iters=<n> with "
+             f"0 <= n <= train.iters (here {t.iters}), or optimizer.warmup_iters=null for the "
+             f"default (1% of train.iters)")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2", (o.beta1, o.beta2),
              "must be in [0, 1)")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
@@ -125,12 +130,63 @@ def _validate_layout(cfg: Config) -> None:
                  f"must divide model.vocab_size ({m.vocab_size})")
         _require(m.vocab_size is not None or 64 % tp == 0, "parallel.tensor", tp,
                  "must divide 64 (the vocabulary is padded to a multiple of 64)")
+    s = cfg.sparsity
+    if s.enabled and s.sparse_lm_head and not m.tie_embeddings:
+        _validate_sparse_lm_head(cfg)
     if pp > 1:
         _require(m.num_layers >= pp, "parallel.pipeline", pp,
                  f"must not exceed model.num_layers ({m.num_layers})")
         _require(cfg.zero.stage <= 1, "zero.stage", cfg.zero.stage,
                  "DeepSpeed's pipeline engine supports ZeRO 0 or 1 only; use zero.stage: 1 "
                  "with parallel.pipeline > 1")
+
+
+def _validate_sparse_lm_head(cfg: Config) -> None:
+    """A sparse LM head is a SlopeLinear hidden -> vocab (column-parallel under TP: each rank
+    holds vocab / TP rows), so every shard of the vocabulary must hold whole N:M groups (the
+    double pruning runs along `out`). Its input, model.hidden_size, is checked with the blocks.
+    """
+    m, group, tp = cfg.model, cfg.sparsity.m, cfg.parallel.tensor
+    unit = group * tp  # vocab % tp == 0 and (vocab / tp) % m == 0 <=> vocab % (m * tp) == 0
+    shards = f" in each of its parallel.tensor ({tp}) shards" if tp > 1 else ""
+    off = "or set sparsity.sparse_lm_head: false"
+    if m.vocab_size is not None:
+        _require(m.vocab_size % unit == 0, "model.vocab_size", m.vocab_size,
+                 f"a sparse LM head (sparsity.sparse_lm_head) needs a vocabulary divisible by "
+                 f"sparsity.m ({group}){shards}: use a multiple of {unit} that is >= the "
+                 f"tokenizer's vocabulary (e.g. {-(-m.vocab_size // unit) * unit}), {off}")
+    else:  # the trainer takes the tokenizer's vocabulary, rounded up to a multiple of 64
+        _require(64 % unit == 0, "model.vocab_size", None,
+                 f"unset, it becomes the tokenizer's vocabulary rounded up to a multiple of 64, "
+                 f"which a sparse LM head cannot always split into whole groups of sparsity.m "
+                 f"({group}){shards}: set model.vocab_size to a multiple of "
+                 f"{math.lcm(64, unit)} that is >= the tokenizer's vocabulary, {off}")
+
+
+def read_deepspeed_json(path: str, also_tried: Iterable[str] = ()) -> dict:
+    """zero.deepspeed_json's settings: the file must exist and hold a JSON object. Relative
+    paths are relative to the current directory (load_config has already resolved one given
+    in a config file); `also_tried` are other places looked at, for the message."""
+    p = Path(path)
+    key = f"config key 'zero.deepspeed_json' = {path!r} is invalid"
+    if not p.is_file():
+        tried = ", ".join(f"'{t}'" for t in dict.fromkeys([*also_tried, os.path.abspath(p)]))
+        raise ConfigError(f"{key}: no such file (tried {tried}); give an absolute path or one "
+                          f"relative to the config file's directory or the current directory "
+                          f"(the shipped configs' configs/deepspeed/*.json are relative to the "
+                          f"repository root: run from there), or unset the key")
+    try:
+        settings = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{key}: the file could not be read as JSON ({e}); fix it or unset "
+                          f"the key") from None
+    if not isinstance(settings, dict):
+        kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+                type(None): "null"}.get(type(settings), type(settings).__name__)
+        raise ConfigError(f"{key}: the file holds a JSON {kind}, not an object of DeepSpeed "
+                          f"settings ({{\"zero_optimization\": {{...}}}}); fix it or unset "
+                          f"the key")
+    return settings
 
 
 def validate_world(cfg: Config, world_size: int) -> int:

@@ -7,12 +7,10 @@ fp32 on CPU.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
 from ..config import Config, ConfigError
+from ..config.validation import read_deepspeed_json
 
 
 def resolve_dtype(cfg: Config) -> str:
@@ -21,19 +19,16 @@ def resolve_dtype(cfg: Config) -> str:
     if want == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if want in ("bf16", "fp16") and not cuda:
-        raise ConfigError(f"config key 'train.dtype' = '{want}' needs a GPU; use fp32 or auto on CPU")
+        raise ConfigError(f"config key 'train.dtype' = '{want}' needs a GPU; use fp32 or auto "
+                          "on CPU")
     return want
 
 
 def _user_json(cfg: Config) -> dict:
+    """zero.deepspeed_json's settings; load_config resolved the path (a relative one in a
+    config file: next to it if there) and checked it before any work."""
     path = cfg.zero.deepspeed_json
-    if path is None:
-        return {}
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config key 'zero.deepspeed_json' = {path!r} could not be read as "
-                          f"JSON: {e}") from None
+    return {} if path is None else read_deepspeed_json(path)
 
 
 def grad_accum_dtype(cfg: Config, dtype: str) -> str | None:
