@@ -12,8 +12,10 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "installing a CUDA build of torch (GPU found)"
     "$PY" -m pip install -q "torch>=2.4,<2.15"
   else
-    echo "installing torch==2.13.0 (CPU build)"
-    "$PY" -m pip install -q torch==2.13.0
+    # Stock PyPI serves the CUDA build for Linux x86_64 even here: set TORCH_INDEX_URL to
+    # PyTorch's CPU wheel index to get the CPU build (a mirror may already serve it by default)
+    echo "installing torch==2.13.0 (CPU build${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL})"
+    "$PY" -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   fi
 fi
 "$PY" -m pip install -q setuptools wheel
