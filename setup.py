@@ -1,7 +1,8 @@
 """slope_megatron: SLoPe sparse LLM pretraining on Megatron-style parallelism + DeepSpeed.
 
 torch is a requirement by range only: install the torch build your machine needs first
-(CPU: `pip install torch==2.13.0`; GPU clusters: the CUDA build of your image). A range the
+(CPU: `pip install torch==2.13.0` from PyTorch's CPU wheel index, `launch/install.sh` with
+TORCH_INDEX_URL; GPU clusters: the CUDA build of your image). A range the
 installed torch satisfies makes pip install nothing more, so this never pulls a CUDA build
 onto a CPU machine. DeepSpeed's setup imports torch: install with --no-build-isolation.
 """
