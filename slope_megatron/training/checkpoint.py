@@ -13,14 +13,17 @@ every file is fsynced and hashed (the ranks share the work); rank 0 writes the m
 atomically; only then is `checkpoints/latest` atomically replaced (temporary file, fsync,
 rename, directory fsync). DeepSpeed is told not to write its own `latest`. A kill at any
 moment therefore leaves `latest` naming a complete checkpoint. Old checkpoints are pruned
-to `train.keep_checkpoints`, never the one `latest` names.
+to the `train.keep_checkpoints` newest good ones, never the one `latest` names; one whose
+files do not match its manifest's list and sizes does not count and is set aside.
 
 Load protocol: the checkpoint `latest` names is verified against its manifest (every
 file present with its size and sha256, the run identity equal) before DeepSpeed reads a
 byte. A file that is missing, truncated or changed makes us fall back to the newest older
 checkpoint that verifies, with a warning naming the file (and `latest` is moved back to
-it); if none verifies the run stops with a CheckpointError listing the problems. A
-checkpoint of a different model/sparsity/layout is refused with the differing keys.
+it); the checkpoints passed over are set aside: renamed `iter_XXXXXXXX.corrupt` (kept for
+inspection, never loaded, counted or pruned). If none verifies the run stops with a
+CheckpointError listing the problems. A checkpoint of a different model/sparsity/layout
+is refused with the differing keys.
 DeepSpeed's own loader calls torch.load(weights_only=False); we replace it on our engine
 with torch.load(weights_only=True) and an explicit allow-list of the few DeepSpeed
 classes its files hold, so loading a checkpoint never executes pickled code.
@@ -47,6 +50,7 @@ from .distributed import barrier
 LATEST = "latest"
 MANIFEST = "manifest.json"
 TAG_RE = re.compile(r"^iter_(\d{8})$")
+CORRUPT_SUFFIX = ".corrupt"  # a checkpoint that failed verification, renamed for inspection
 
 
 class CheckpointError(SlopeError):
@@ -60,16 +64,35 @@ ADDED_IDENTITY_KEYS = {"sparsity.double_prune": True,
                        "data.corpus": "default", "adapters.lr_scale": 1.0}
 
 
+# Keys inside the identity sections that change neither the math nor the files: which kernel
+# buffers are kept, and where the data cache lives (the data's identity is its source,
+# tokenizer and preparation settings). Left out of identities, and ignored where a saved
+# identity (a run_config.yaml, or a manifest written while they counted) still has them.
+NOT_IDENTITY_KEYS = ("sparsity.keep_compressed", "data.cache_dir")
+# Identity keys holding a path: the same file or folder however it is spelt (relative paths
+# are taken from the current directory, as the run itself takes them).
+PATH_IDENTITY_KEYS = ("data.path", "data.tiktoken_file")
+
+
 def with_added_keys(old: dict, new: dict) -> dict:
     """A saved identity with the keys added since it was written filled in as older runs had
     them (only those this run's identity has)."""
     return {**{k: v for k, v in ADDED_IDENTITY_KEYS.items() if k in new}, **old}
 
 
+def _same(key: str, old, new) -> bool:
+    if old == new:
+        return True
+    if key in PATH_IDENTITY_KEYS and isinstance(old, str) and isinstance(new, str):
+        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+    return False
+
+
 def identity_diff(old: dict, new: dict) -> list[str]:
     """Sorted keys whose values differ between a saved identity and this run's."""
     old = with_added_keys(old, new)
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    keys = (old.keys() | new.keys()) - set(NOT_IDENTITY_KEYS)
+    return sorted(k for k in keys if not _same(k, old.get(k), new.get(k)))
 
 
 def tag_for(iteration: int) -> str:
@@ -287,7 +310,10 @@ def _latest_or_none(ckpt_dir: Path) -> Optional[str]:
 def choose(ckpt_dir: Path, identity: Optional[dict]) -> Optional[str]:
     """The newest checkpoint at or before `latest` that verifies (collective).
 
-    Falls back past a corrupt `latest` with a warning and points `latest` at the one used.
+    Falls back past a corrupt `latest` with a warning, points `latest` at the one used and
+    sets aside (renames) the checkpoints passed over, so that neither a later save of the
+    same iteration nor pruning deletes them, and pruning never keeps one in place of the
+    good one it fell back to.
     """
     tag = latest_tag(ckpt_dir)
     if tag is None:
@@ -296,6 +322,7 @@ def choose(ckpt_dir: Path, identity: Optional[dict]) -> Optional[str]:
     candidates = sorted((p.name for p in ckpt_dir.iterdir()
                          if p.is_dir() and TAG_RE.match(p.name) and p.name <= tag), reverse=True)
     seen: list[str] = []
+    failed: dict[str, list[str]] = {}
     for cand in candidates:
         problems = verify(ckpt_dir / cand, identity)
         if not problems:
@@ -304,10 +331,13 @@ def choose(ckpt_dir: Path, identity: Optional[dict]) -> Optional[str]:
                     print(f"warning: checkpoint {tag} is unusable ({'; '.join(seen)}); "
                           f"resuming from the previous complete checkpoint {cand}",
                           file=sys.stderr, flush=True)
-                    write_text_atomic(ckpt_dir / LATEST, cand)
+                    write_text_atomic(ckpt_dir / LATEST, cand)  # before any rename: a kill
+                    for bad, why in failed.items():  # between them leaves a valid `latest`
+                        set_aside(ckpt_dir / bad, why[0])
                 barrier()
             return cand
         seen += problems
+        failed[cand] = problems
     raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: " + "; ".join(seen[:10]) +
                           f". Restore the files, or move {ckpt_dir} away to start over")
 
@@ -329,11 +359,65 @@ def load(engine, ckpt_dir: Path, rank: int, identity: Optional[dict] = None) -> 
     return client_state
 
 
+def set_aside(tag_dir: Path, why: str) -> Path:
+    """Rename a checkpoint that failed verification to `<tag>.corrupt` (`.corrupt.N` if taken)
+    and say so in one line: never deleted, so its files can be inspected, and from then on
+    neither loaded, counted toward train.keep_checkpoints nor pruned. Rank 0 only."""
+    dest = tag_dir.with_name(tag_dir.name + CORRUPT_SUFFIX)
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = tag_dir.with_name(f"{tag_dir.name}{CORRUPT_SUFFIX}.{n}")
+    os.rename(tag_dir, dest)
+    fsync_dir(tag_dir.parent)
+    print(f"warning: checkpoint {tag_dir.name} failed verification ({why}); moved it to "
+          f"{dest.name} for inspection (not loaded, counted or pruned; delete it when done)",
+          file=sys.stderr, flush=True)
+    return dest
+
+
+def damage(tag_dir: Path) -> Optional[str]:
+    """What is wrong with a checkpoint at a glance (None: nothing seen): its manifest missing
+    or unreadable, a listed file missing or of another size. No hashing - `verify` does that
+    before a load; this is what pruning can afford at every save."""
+    try:
+        files = json.loads((tag_dir / MANIFEST).read_text())["files"]
+        for rel in sorted(files):
+            path, size = tag_dir / rel, files[rel]["size"]
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != size:
+                return f"{path} has {path.stat().st_size} bytes, the manifest says {size}"
+    except FileNotFoundError:
+        return f"{tag_dir / MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{tag_dir / MANIFEST} is unreadable: {e}"
+    return None
+
+
 def prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints; never the one `latest` names."""
+    """Keep the `keep` newest good checkpoints at or before `latest` (always the one it
+    names); delete older good ones. Rank 0, after `latest` moved.
+
+    Only good checkpoints count: one whose files do not match its manifest (`damage`) is
+    set aside (renamed `.corrupt`), never deleted and never kept in place of a good one; one
+    without a manifest (left by an interrupted save) is deleted once it is older than the
+    oldest kept checkpoint, as before. Nothing newer than `latest` is touched.
+    """
     current = latest_tag(ckpt_dir)
-    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
-    done = [t for t in tags if t <= (current or "")]
-    for tag in done[:-keep] if keep > 0 else []:
-        if tag != current:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    if current is None or keep < 1:
+        return
+    tags = sorted(p.name for p in ckpt_dir.iterdir()
+                  if p.is_dir() and TAG_RE.match(p.name) and p.name <= current)
+    good, unsealed = [], []
+    for tag in tags:
+        problem = None if tag == current else damage(ckpt_dir / tag)
+        if problem is None:
+            good.append(tag)
+        elif (ckpt_dir / tag / MANIFEST).exists():
+            set_aside(ckpt_dir / tag, problem)
+        else:
+            unsealed.append(tag)
+    kept = set(good[-keep:]) | {current}
+    for tag in [t for t in good if t not in kept] + [t for t in unsealed if t < min(kept)]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)

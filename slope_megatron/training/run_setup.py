@@ -1,7 +1,9 @@
 """Everything a run checks or prepares before the first step, and its small end-of-run extras.
 
-- the output directory: writable, and - when it already holds a run - holding a run of
-  the same model, sparsity and data (else we refuse instead of mixing two runs);
+- the output directory: writable, and - once it holds a checkpoint - holding a run of the
+  same model, sparsity and data (else we refuse instead of mixing two runs); before its
+  first checkpoint a rerun with other settings replaces run_config.yaml (a start that
+  failed, e.g. out of memory, must not bind its corrected rerun);
 - the data: prepared once on rank 0 (others wait, then hit the cache), vocabulary size
   taken from the tokenizer, enough tokens for one sample;
 - the inference artifact writer used at every checkpoint;
@@ -9,6 +11,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,15 +22,20 @@ import yaml
 
 from ..config import Config, ConfigError
 from ..fileio import write_text_atomic
-from .checkpoint import identity_diff, with_added_keys
+from .checkpoint import (LATEST, MANIFEST, NOT_IDENTITY_KEYS, TAG_RE, identity_diff,
+                         with_added_keys)
 from .distributed import barrier
 
+log = logging.getLogger(__name__)
+
 RUN_CONFIG = "run_config.yaml"
-# sections/keys that must match for a rerun to resume the same run
+# sections/keys that must match for a rerun to resume the same run (a layout change is
+# refused, not converted)
 IDENTITY_KEYS = ("model", "sparsity", "adapters", "data", "parallel", "zero.stage",
-                 "train.seed", "train.global_batch_size")  # a layout change is refused, not converted
-# ... except these, which change neither the math nor the files (kernel-side memory only)
-NOT_IDENTITY_KEYS = ("sparsity.keep_compressed",)
+                 "train.seed", "train.global_batch_size")
+# ... except NOT_IDENTITY_KEYS (checkpoint.py), which change neither the math nor the files:
+# kernel-side memory, and where the data cache lives. train.output_dir, train.iters and the
+# other train.* / optimizer.* keys are not identity keys: a resume may change them.
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -44,9 +52,28 @@ def _identity(cfg_dict: dict) -> dict:
             and any(k == i or k.startswith(i + ".") for i in IDENTITY_KEYS)}
 
 
+def holds_checkpoint(out: Path) -> bool:
+    """Whether `out` holds a checkpoint: `checkpoints/latest`, or a sealed (manifested)
+    iter_* directory. Only then does its run_config.yaml bind a rerun."""
+    ckpts = out / "checkpoints"
+    if not ckpts.is_dir():
+        return False
+    return (ckpts / LATEST).is_file() or any(
+        TAG_RE.match(p.name) and (p / MANIFEST).is_file() for p in ckpts.iterdir())
+
+
+def recorded_config(out: Path) -> dict:
+    """run_config.yaml as recorded in `out` ({} when there is none or it is unreadable)."""
+    try:
+        data = yaml.safe_load((out / RUN_CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def check_output_dir(cfg: Config, out: Path) -> dict:
-    """Refuse an unwritable dir, one holding a different run, or the finished metrics of a
-    run without checkpoints when this one writes none either (writes nothing).
+    """Refuse an unwritable dir, one holding a checkpoint of a different run, or the finished
+    metrics of a run without checkpoints when this one writes none either (writes nothing).
 
     Returns the config as given (before derived values such as the vocabulary size) for
     `record_run_config` once the run's inputs are known to be good."""
@@ -60,7 +87,7 @@ def check_output_dir(cfg: Config, out: Path) -> dict:
                           f"rerunning there would overwrite them - use a new "
                           f"train.output_dir or delete that one")
     saved = out / RUN_CONFIG
-    if saved.is_file():
+    if saved.is_file() and holds_checkpoint(out):
         new = _identity(cfg.to_dict())
         old = with_added_keys(_identity(yaml.safe_load(saved.read_text()) or {}), new)
         diff = identity_diff(old, new)
@@ -72,11 +99,23 @@ def check_output_dir(cfg: Config, out: Path) -> dict:
 
 
 def record_run_config(given: dict, out: Path, main: bool) -> None:
-    """Create the output dir and write run_config.yaml (first start only)."""
+    """Create the output dir and write run_config.yaml: at the first start, and at every
+    start while the dir holds no checkpoint (the config of an earlier start that stopped
+    before its first checkpoint is replaced, with one INFO line; nothing else is touched).
+    Once a checkpoint exists the recorded config is the run's and stays."""
     saved = out / RUN_CONFIG
     if main and not saved.is_file():
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved, yaml.safe_dump(given, sort_keys=False))
+    elif main and not holds_checkpoint(out):
+        old, new = _flatten(recorded_config(out)), _flatten(given)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            write_text_atomic(saved, yaml.safe_dump(given, sort_keys=False))
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            log.info("%s holds no checkpoint: %s of an earlier start (%s%s) replaced by this "
+                     "run's", out, RUN_CONFIG, shown, more)
     barrier()
 
 

@@ -4,12 +4,17 @@ Readable in one screen on purpose (after nanoGPT). Everything stateful lives som
 checkpoint reaches: weights, masks, layer counters and the adapter switch in the module;
 Adam state in the optimizer; RNG per rank; the data position is the iteration number
 (see data_order.py); the learning rate is a function of the iteration.
+
+A resume may change train.iters (to extend or shorten a run): it says so in one warning,
+the LR schedule continues on the new total's schedule, and the adapters switch on at the
+first iteration at or past the new total's switch point (adapters already on stay on).
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 from pathlib import Path
 
@@ -34,12 +39,14 @@ from .optimizer import (
     set_lr,
     switch_on_adapters,
 )
+from .resume_notes import adapter_phase, iters_change_warning, previous_train_iters
 from .run_setup import (
     _identity,
     artifact_writer,
     check_output_dir,
     prepare_run_data,
     record_run_config,
+    recorded_config,
     sample_from_checkpoint,
 )
 from .steps import eval_indices, eval_loss, is_pipelined, make_batch, train_step
@@ -180,6 +187,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
     given = check_output_dir(cfg, out)
+    recorded = recorded_config(out)  # before it is (re)written: the old train.iters
     data = prepare_run_data(cfg, main)  # sets model.vocab_size from the tokenizer
     record_run_config(given, out, main)
     say = tqdm.write if main else (lambda *_: None)
@@ -190,7 +198,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
         f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
-        f"dp={dp_size}, adapters from iter {cfg.adapter_start_iter}, "
+        f"dp={dp_size}, {adapter_phase(cfg)}, "
         f"torch.compile {'on (first step compiles)' if compile_enabled() else 'off'}, "
         f"optimizer {type(engine.optimizer).__name__}")
 
@@ -204,10 +212,20 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     if not cfg.train.save_interval:
         say("train.save_interval=0: this run writes no checkpoints; if it stops, it cannot be "
             "resumed from where it stopped")
+    adapters_on = adapters_active(model)
+    adapters_since = client.get("adapters_since") if client else None
     if client:
         say(f"resumed from {ckpt_dir / checkpoint.tag_for(start)} (iteration {start})")
-        if adapters_active(model):
+        old_iters = previous_train_iters(client, recorded)
+        if adapters_on:
             mark_adapters_active(optimizer, cfg)
+            if adapters_since is None and old_iters is not None:  # an older checkpoint
+                adapters_since = replace(cfg, train=replace(cfg.train, iters=old_iters)) \
+                    .adapter_start_iter
+        warning = iters_change_warning(cfg, old_iters, start, skipped_total, adapters_on,
+                                       adapters_since)
+        if main and warning and start < cfg.train.iters:
+            print(warning, file=sys.stderr, flush=True)
     guard_client_optimizer(engine)
     metrics = MetricsWriter(out, main, start)
     order = GlobalBatchOrder(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
@@ -226,9 +244,13 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     try:  # on any way out, the bar ends its line before an error is printed
         for it in range(start, cfg.train.iters):
             faults.point("step_start", it)
-            if it == cfg.adapter_start_iter and not adapters_active(model):
+            # `>=`: a resume that starts past the switch point (train.iters changed) switches
+            # too; adapters_on is adapters_active(model), kept here so that a pipeline stage
+            # without SLoPe layers switches once, not at every iteration
+            if it >= cfg.adapter_start_iter and not adapters_on:
                 faults.point("before_adapter_switch", it)
                 n = switch_on_adapters(model, optimizer, cfg)
+                adapters_on, adapters_since = True, it
                 say(f"iter {it}: lazy low-rank adapters switched on ({n} layers on rank 0)")
                 faults.point("after_adapter_switch", it)
             lr = lr_at(cfg, it - skipped_total)  # skipped steps do not advance the schedule
@@ -288,7 +310,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
             if cfg.train.save_interval and (done % cfg.train.save_interval == 0
                                             or done == cfg.train.iters):
                 state = {"iteration": done, "skipped_total": skipped_total,
-                         "consecutive_skips": consecutive}
+                         "consecutive_skips": consecutive, "train_iters": cfg.train.iters,
+                         "adapters_since": adapters_since}
                 path = checkpoint.save(engine, ckpt_dir, done, state, dist.rank, save_artifact,
                                        cfg.train.keep_checkpoints, identity)
                 say(f"saved checkpoint {path}")
