@@ -122,7 +122,7 @@ def _tag_store(out_ptr, c, row, ok, inside, code, filler, n_rows, FILL: tl.const
 
 @triton.jit
 def _wt_tag_kernel(bits_ptr, prod_ptr, out_ptr, cols, n_rows, bytes_per_row,
-                   BLOCK_C: tl.constexpr):
+                   BLOCK_C: tl.constexpr, FILL: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = c < cols
@@ -135,13 +135,13 @@ def _wt_tag_kernel(bits_ptr, prod_ptr, out_ptr, cols, n_rows, bytes_per_row,
     f2, f3 = (~i2).to(tl.int32), (~i3).to(tl.int32)
     need = 2 - (4 - (f0 + f1 + f2 + f3))  # free slots that become fillers, first ones first
     _tag_store(out_ptr, c, r0, ok, i0, code0, (f0 != 0) & (0 < need), n_rows,
-               FILLER)
+               FILL)
     _tag_store(out_ptr, c, r0 + 1, ok, i1, code1, (f1 != 0) & (f0 < need), n_rows,
-               FILLER)
+               FILL)
     _tag_store(out_ptr, c, r0 + 2, ok, i2, code2, (f2 != 0) & (f0 + f1 < need), n_rows,
-               FILLER)
+               FILL)
     _tag_store(out_ptr, c, r0 + 3, ok, i3, code3, (f3 != 0) & (f0 + f1 + f2 < need), n_rows,
-               FILLER)
+               FILL)
 
 
 def wt_tag_from_bits(mask_bits: torch.Tensor, product_bits: torch.Tensor, cols: int,
@@ -156,6 +156,6 @@ def wt_tag_from_bits(mask_bits: torch.Tensor, product_bits: torch.Tensor, cols: 
     block = 64
     grid = (rows // 4, triton.cdiv(cols, block))
     _wt_tag_kernel[grid](mask_bits, product_bits, out, cols, rows, mask_bits.shape[1],
-                         BLOCK_C=block, num_warps=4)
+                         BLOCK_C=block, FILL=FILLER, num_warps=4)
     return out
 
