@@ -17,3 +17,8 @@ def load_launch(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def pretrain_main(argv):
+    """`launch/pretrain.py`'s main(argv), loaded fresh (for run_distributed's forked ranks)."""
+    return load_launch("pretrain").main(argv)

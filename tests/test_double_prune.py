@@ -200,11 +200,14 @@ def test_tensor_parallel_layers_honour_it(kind):
 
 def test_runs_saved_before_the_key_existed_still_resume(tmp_path):
     from slope_megatron.training.checkpoint import identity_diff
+    from slope_megatron.training.checkpoint import LATEST
     from slope_megatron.training.run_setup import RUN_CONFIG, _identity, check_output_dir
 
     old = Config().to_dict()
     del old["sparsity"]["double_prune"]
     (tmp_path / RUN_CONFIG).write_text(yaml.safe_dump(old))
+    (tmp_path / "checkpoints").mkdir()  # a checkpoint exists: run_config.yaml binds
+    (tmp_path / "checkpoints" / LATEST).write_text("iter_00000002")
     check_output_dir(load_config(None), tmp_path)  # default True: the same run
     with pytest.raises(ConfigError, match="sparsity.double_prune"):
         check_output_dir(load_config(None, ["sparsity.double_prune=false"]), tmp_path)

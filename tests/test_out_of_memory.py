@@ -1,6 +1,5 @@
 """Running out of GPU memory: `launch/pretrain.py` says so in one line with what to change and
 exits with its own status; `launch/bench.py train` records such an arm and runs the rest."""
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +8,7 @@ import torch
 
 from corpus_helpers import tiny_run_args, write_corpus
 from dist_utils import run_distributed
-from launch_helpers import load_launch
+from launch_helpers import load_launch, pretrain_main
 from slope_megatron.errors import EXIT_OUT_OF_MEMORY
 from slope_megatron.model.transformer import GPTModel
 
@@ -25,13 +24,6 @@ ALLOCATOR_MESSAGE = (
     "org/docs/stable/notes/cuda.html#optimizing-memory-usage-with-pytorch-cuda-alloc-conf)")
 
 
-def _pretrain_main(argv):
-    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "launch" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
-
-
 def test_pretrain_reports_out_of_memory_in_one_line(tmp_path, monkeypatch, capfd):
     corpus = write_corpus(tmp_path / "corpus")
     calls = []
@@ -45,7 +37,7 @@ def test_pretrain_reports_out_of_memory_in_one_line(tmp_path, monkeypatch, capfd
     monkeypatch.setattr(GPTModel, "forward", forward_until_the_third_call)
     out = tmp_path / "run"
     # a fork-started process (the patch goes with it, its process group stays there)
-    status = run_distributed(_pretrain_main, 1,
+    status = run_distributed(pretrain_main, 1,
                              tiny_run_args(corpus, tmp_path / "cache", out, 4, 0))
     err = capfd.readouterr().err
     assert status == [EXIT_OUT_OF_MEMORY], err[-2000:]

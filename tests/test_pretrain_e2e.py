@@ -1,5 +1,4 @@
 """launch/pretrain.py end to end on 2 CPU processes: outputs, adapters, resume, bad input."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -9,15 +8,9 @@ import torch
 
 from corpus_helpers import tiny_run_args, write_corpus
 from dist_utils import run_distributed
+from launch_helpers import pretrain_main
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _pretrain_main(argv):
-    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "launch" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def metrics(out):
 ])
 def test_run_writes_everything_and_resumes_exactly(corpus, tmp_path, world, layout):
     out = tmp_path / "run"
-    run = lambda: run_distributed(_pretrain_main, world, args(corpus, out, *layout))  # noqa: E731
+    run = lambda: run_distributed(pretrain_main, world, args(corpus, out, *layout))  # noqa: E731
     assert run() == [0] * world
     records = metrics(out)
     train = [r for r in records if "loss" in r]
@@ -80,10 +73,10 @@ def test_run_writes_everything_and_resumes_exactly(corpus, tmp_path, world, layo
 
 def test_bad_inputs_stop_before_work_with_one_message(corpus, tmp_path, capfd):
     out = tmp_path / "bad"
-    assert run_distributed(_pretrain_main, 1, args(corpus, out, "model.hiden_size=3")) == [2]
+    assert run_distributed(pretrain_main, 1, args(corpus, out, "model.hiden_size=3")) == [2]
     err = capfd.readouterr().err
     assert "error: unknown config key 'model.hiden_size'" in err and "Traceback" not in err
-    assert run_distributed(_pretrain_main, 1, args(tmp_path / "missing", out)) == [2]
+    assert run_distributed(pretrain_main, 1, args(tmp_path / "missing", out)) == [2]
     err = capfd.readouterr().err
     assert "error:" in err and "missing" in err and "Traceback" not in err
     assert not out.exists()  # nothing written by a failing run
@@ -95,10 +88,10 @@ def test_bad_inputs_stop_before_work_with_one_message(corpus, tmp_path, capfd):
 def test_a_different_model_or_layout_in_the_same_output_dir_is_refused(
         corpus, tmp_path, capfd, world, change, key):
     out = tmp_path / "run"
-    assert run_distributed(_pretrain_main, 1, args(corpus, out, "train.iters=2")) == [0]
+    assert run_distributed(pretrain_main, 1, args(corpus, out, "train.iters=2")) == [0]
     before = sorted(p.name for p in out.rglob("*"))
     capfd.readouterr()
-    assert run_distributed(_pretrain_main, world, args(corpus, out, "train.iters=2",
+    assert run_distributed(pretrain_main, world, args(corpus, out, "train.iters=2",
                                                         change)) == [2] * world
     err = capfd.readouterr().err
     assert "holds a different run" in err and key in err
@@ -113,7 +106,7 @@ def test_compiled_regions_train_like_eager(corpus, tmp_path, monkeypatch, capfd)
     losses = {}
     for mode in ("false", "true"):
         out = tmp_path / f"compile_{mode}"
-        assert run_distributed(_pretrain_main, 1, args(corpus, out, "train.iters=4",
+        assert run_distributed(pretrain_main, 1, args(corpus, out, "train.iters=4",
                                                         f"train.compile={mode}")) == [0]
         losses[mode] = [r["loss"] for r in metrics(out) if "loss" in r]
         assert (out / "checkpoints" / "latest").read_text() == "iter_00000004"

@@ -8,7 +8,6 @@ no handler, no flush - and, as a cluster scheduler would, we then kill its peer 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,19 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 from corpus_helpers import tiny_run_args, write_corpus
+from launch_helpers import pretrain_main
 
 import slope_megatron.training.trainer  # noqa: F401 - imported before forking: fast children
 from slope_megatron.training import checkpoint, faults
 
 ROOT = Path(__file__).resolve().parent.parent
 ITERS = 8  # saves at 2, 4, 6, 8; eval at 4, 8; adapters from iteration index 6
-
-
-def _pretrain_main(argv):
-    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "launch" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
 
 
 def _free_port() -> int:
@@ -61,7 +54,7 @@ def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.
                 if fault:
                     os.environ[faults.ENV] = fault
                 torch.set_num_threads(1)
-                code = _pretrain_main(argv)
+                code = pretrain_main(argv)
             except BaseException:  # noqa: BLE001
                 traceback.print_exc()
             finally:
@@ -382,28 +375,36 @@ def _shard(corpus) -> Path:
     return next((corpus.parent / "cache").glob("*/train.bin"))
 
 
+def _shards(corpus) -> list[Path]:
+    """Every cached train.bin of the corpus: runs with other data settings (another test's)
+    leave caches of their own beside the one `args` uses, in no fixed order."""
+    return sorted((corpus.parent / "cache").glob("*/train.bin"))
+
+
 @pytest.mark.slow
 def test_data_faults_are_caught_before_work(corpus, reference, tmp_path, capfd):
     import numpy as np
 
-    shard = _shard(corpus)
-    saved = shard.read_bytes()
+    saved = {shard: shard.read_bytes() for shard in _shards(corpus)}
     try:
-        arr = np.frombuffer(saved, dtype=np.uint16).copy()
-        arr[5] = 65000  # an id outside the 300-token vocabulary, same file size
-        shard.write_bytes(arr.tobytes())
+        for shard, data in saved.items():  # whichever cache the run uses is damaged
+            arr = np.frombuffer(data, dtype=np.uint16).copy()
+            arr[5] = 65000  # an id outside the 300-token vocabulary, same file size
+            shard.write_bytes(arr.tobytes())
         capfd.readouterr()
         # the cache's sha256 check catches it and rebuilds the shard from the corpus
         assert launch(args(corpus, tmp_path / "oov", "train.iters=2")) == [0]
         cap = capfd.readouterr()
         assert "train.bin does not match its recorded sha256" in cap.out + cap.err
         assert "Traceback" not in cap.err
-        shard.unlink()
+        for shard in saved:
+            shard.unlink()
         assert launch(args(corpus, tmp_path / "missing", "train.iters=2")) == [0]
         cap = capfd.readouterr()
         assert "train.bin' is missing" in cap.out + cap.err and "Traceback" not in cap.err
     finally:
-        shard.write_bytes(saved)
+        for shard, data in saved.items():
+            shard.write_bytes(data)
     assert launch(args(corpus, tmp_path / "small", "train.global_batch_size=4096",
                        "train.micro_batch_size=8")) == [2]
     err = capfd.readouterr().err

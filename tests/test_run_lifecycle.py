@@ -13,7 +13,6 @@ so their process-group environment stays in the child.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -27,6 +26,7 @@ import slope_megatron.training.resume_notes as resume_notes
 import slope_megatron.training.trainer as trainer_mod
 from corpus_helpers import tiny_run_args, write_corpus
 from dist_utils import run_distributed
+from launch_helpers import pretrain_main
 from slope_megatron.config import ConfigError, load_config
 from slope_megatron.errors import EXIT_OUT_OF_MEMORY
 from slope_megatron.training import checkpoint
@@ -41,15 +41,8 @@ from slope_megatron.training.run_setup import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pretrain_main(argv):
-    spec = importlib.util.spec_from_file_location("pretrain", ROOT / "launch" / "pretrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
-
-
 def run(argv) -> int:
-    return run_distributed(_pretrain_main, 1, argv)[0]
+    return run_distributed(pretrain_main, 1, argv)[0]
 
 
 @pytest.fixture(scope="module")
