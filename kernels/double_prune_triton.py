@@ -83,16 +83,13 @@ def _check_packed(bits: torch.Tensor, rows: int, cols: int, name: str) -> None:
     assert bits.shape == (rows, (cols + 7) // 8), (name, tuple(bits.shape), rows, cols)
 
 
-def double_prune_bits_2to4(values: torch.Tensor, mask_bits: torch.Tensor,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+def double_prune_bits_2to4(values: torch.Tensor, mask_bits: torch.Tensor) -> torch.Tensor:
     """Packed M_R * M_C of a 2:4 layer from its kept values (out, in/2) and packed row mask."""
     rows, half = values.shape
     cols = 2 * half
     assert values.is_contiguous() and rows % 4 == 0 and cols % 4 == 0, (rows, cols)
     _check_packed(mask_bits, rows, cols, "mask_bits")
-    if out is None:
-        out = torch.empty_like(mask_bits)
-    _check_packed(out, rows, cols, "out")
+    out = torch.empty_like(mask_bits)
     block = 128
     grid = (rows // 4, triton.cdiv(cols, block))
     _double_prune_kernel[grid](values, mask_bits, out, cols, half, mask_bits.shape[1],

@@ -214,11 +214,11 @@ def plot_memory_by_size(reports: list[dict], out: Path, arm: str = "slope") -> N
     sizes = []
     for report, dense, sparse in dense_and_arm(reports, arm):
         params, label = model_label(report)
-        extra = [o.split("=", 1)[1] for o in report.get("overrides") or []
+        extra = [f"mb {o.split('=', 1)[1]}" for o in report.get("overrides") or []
                  if o.startswith("train.micro_batch_size=")]
         if "train.activation_checkpointing=true" in (report.get("overrides") or []):
             extra.append("recompute")
-        label += "\nmb " + " ".join(extra) if extra else ""
+        label += "\n" + " ".join(extra) if extra else ""
         sizes.append((params, label, dense, sparse, report["results"]))
     sizes.sort(key=lambda size: size[0])
     capacity = max((c for c in (_capacity_gib(s[4]) for s in sizes) if c), default=None)

@@ -46,6 +46,8 @@ def main(argv=None) -> int:
                  if v in os.environ), 0)  # before any process group: who prints errors
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch  # here, not at the top: --help-config stays quick
+
     try:
         cfg = load_config(args.config, args.set)  # validated before any process group exists
         from slope_megatron.training import train
@@ -57,18 +59,12 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except Exception as e:
-        import torch
-
-        if not isinstance(e, torch.OutOfMemoryError):
-            raise
+    except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError from 2.5 on is this
         # whichever rank ran out says so (it may not be rank 0); no traceback to scroll past
         print(f"error: {'' if rank == 0 else f'rank {rank}: '}{out_of_memory_message(e)}",
               file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
     finally:
-        import torch.distributed
-
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

@@ -71,8 +71,7 @@ def categorize(kernel_name: str) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--config", action=Once, default="configs/gpt2-small.yaml")
     p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS))
-    # nargs "*": run() starts each arm's child with `--set *args.set`, bare when none given
-    add_set_argument(p, "overrides for every arm (model size, micro batch, ...)", nargs="*")
+    add_set_argument(p, "overrides for every arm (model size, micro batch, ...)")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps before profiling")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps profiled")
     p.add_argument("--json", default=None)
@@ -225,7 +224,7 @@ def run(args) -> int:
             out = Path(tmp) / "result.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
                    "--one-arm", arm, "--result", str(out), "--warmup", str(args.warmup),
-                   "--steps", str(args.steps), "--set", *args.set]
+                   "--steps", str(args.steps), *(["--set", *args.set] if args.set else [])]
             done = subprocess.run(cmd, env=checkout_env(), text=True, capture_output=True)
             if done.returncode != 0 or not out.exists():
                 print(f"error: arm {arm} failed (exit {done.returncode}):\n"

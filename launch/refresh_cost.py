@@ -3,7 +3,7 @@
     python launch/refresh_cost.py [--shapes 2048x8192 8192x2048 2048x2048] [--tokens 16384]
 
 For each layer shape (cusparselt backend, operands kept) it times, with CUDA events after a
-warm-up, the median of 20 repetitions of:
+warm-up, back-to-back calls (`bench_timing.loop_ms`: per call, median of 9 loops) of:
   mask     `refresh_column_mask()` alone: the new M_R * M_C from the current weights
   rebuild  the next training step's extra work: a refresh and the layer step after it (W_RC^T
            rebuilt: tag matrix, cuSPARSELt compress, gather), minus mask and a plain step
@@ -15,26 +15,14 @@ Numbers in docs/RESULTS.md ("Quality: the double-pruned column mask refreshed ev
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from bench_timing import loop_ms  # noqa: E402 - launch/ sibling
 from slope_megatron.sparsity import SlopeLinear  # noqa: E402
-
-
-def median_ms(fn, reps: int = 20) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(inn: int, out: int, tokens: int, kernels: bool) -> dict:
@@ -52,9 +40,9 @@ def measure(inn: int, out: int, tokens: int, kernels: bool) -> dict:
         step()
         layer.refresh_column_mask()
         step()
-    plain = median_ms(step)
-    mask = median_ms(layer.refresh_column_mask)  # the same work whether or not it changes
-    after = median_ms(lambda: (layer.refresh_column_mask(), step()))
+    plain = loop_ms(step)
+    mask = loop_ms(layer.refresh_column_mask)  # the same work whether or not it changes
+    after = loop_ms(lambda: (layer.refresh_column_mask(), step()))
     return {"shape": f"{inn}x{out}", "tokens": tokens, "kernels": kernels, "step_ms": plain,
             "mask_ms": mask, "rebuild_ms": after - mask - plain, "refresh_ms": after - plain}
 

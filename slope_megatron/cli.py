@@ -19,8 +19,7 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_set_argument(p: argparse.ArgumentParser, help: str, nargs: str = "+",
-                     **kw) -> None:
-    """`--set KEY=VALUE ...`, repeatable; `nargs="*"` where a caller passes a bare `--set`."""
-    p.add_argument("--set", action="extend", nargs=nargs, default=[], metavar="KEY=VALUE",
+def add_set_argument(p: argparse.ArgumentParser, help: str, **kw) -> None:
+    """`--set KEY=VALUE ...`, repeatable."""
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help=f"{help} (repeatable: --set a=1 --set b=2 == --set a=1 b=2)", **kw)

@@ -215,7 +215,7 @@ def test_missing_deepspeed_json_is_named_before_any_work(tmp_path, monkeypatch):
     assert "config key 'zero.deepspeed_json' = 'configs/deepspeed/zero1.json' is invalid" in msg
     assert str(tmp_path / "cfgs" / "configs" / "deepspeed" / "zero1.json") in msg  # both tried
     assert str(tmp_path / "configs" / "deepspeed" / "zero1.json") in msg
-    assert "run from there" in msg and "\n" not in msg
+    assert "beside themselves" in msg and "\n" not in msg
     with pytest.raises(ConfigError, match="'zero.deepspeed_json' = 'nope.json' is invalid: no "
                                           "such file"):
         load_config(None, ["zero.deepspeed_json=nope.json"])

@@ -84,8 +84,8 @@ def test_bench_train_passes_every_override_to_each_arm(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("given", [[], ["--set", "model.num_layers=3", "--set", "zero.stage=1"]])
 def test_profile_step_child_command_parses_back(tmp_path, monkeypatch, given):
-    """run() starts each arm as `profile_step.py ... --set *args.set`: a bare --set when no
-    override was given, which must still parse."""
+    """run() starts each arm as `profile_step.py ... [--set *args.set]` (no --set when no
+    override was given), which must parse back to the same overrides."""
     profile_step = load_launch("profile_step")
     seen = []
 

@@ -94,9 +94,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _resolve_file_paths(data: Any, config_dir: Path) -> tuple[Any, list[str]]:
     """Resolve a relative zero.deepspeed_json written in a config file: against the config
-    file's directory when the file is there, else (left as written) against the current
-    directory, as before - the shipped configs name configs/deepspeed/*.json relative to the
-    repository root. Returns the value as resolved and the places looked at besides the
+    file's directory when the file is there (the shipped configs name deepspeed/*.json beside
+    themselves), else (left as written) against the current directory. Returns the value as resolved and the places looked at besides the
     current directory (for the message if it is missing there too)."""
     zero = data.get("zero") if isinstance(data, dict) else None
     value = zero.get("deepspeed_json") if isinstance(zero, dict) else None

@@ -173,8 +173,8 @@ def read_deepspeed_json(path: str, also_tried: Iterable[str] = ()) -> dict:
         tried = ", ".join(f"'{t}'" for t in dict.fromkeys([*also_tried, os.path.abspath(p)]))
         raise ConfigError(f"{key}: no such file (tried {tried}); give an absolute path or one "
                           f"relative to the config file's directory or the current directory "
-                          f"(the shipped configs' configs/deepspeed/*.json are relative to the "
-                          f"repository root: run from there), or unset the key")
+                          f"(the shipped configs name deepspeed/*.json beside themselves, in "
+                          f"configs/), or unset the key")
     try:
         settings = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

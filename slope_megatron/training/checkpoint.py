@@ -187,6 +187,17 @@ def write_manifest(tag_dir: Path, identity: dict) -> None:
             {"format": 1, "identity": identity, "files": entries}, indent=1, sort_keys=True))
 
 
+def _size_problem(path: Path, size: int) -> Optional[str]:
+    """A file of a checkpoint missing or of another size than its manifest says (what `verify`
+    checks before hashing, and `damage` instead of it)."""
+    if not path.is_file():
+        return f"{path} is missing"
+    if path.stat().st_size != size:
+        return (f"{path} has {path.stat().st_size} bytes, the manifest says {size} (truncated "
+                f"or overwritten)")
+    return None
+
+
 def verify(tag_dir: Path, identity: Optional[dict]) -> list[str]:
     """Problems with a checkpoint (empty: usable). Collective: ranks share the hashing."""
     rank, world = _world()
@@ -213,11 +224,9 @@ def verify(tag_dir: Path, identity: Optional[dict]) -> list[str]:
                                   f"settings")
     for rel in sorted(files)[rank::world]:
         path, want = tag_dir / rel, files[rel]
-        if not path.is_file():
-            problems.append(f"{path} is missing")
-        elif path.stat().st_size != want["size"]:
-            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says "
-                            f"{want['size']} (truncated or overwritten)")
+        problem = _size_problem(path, want["size"])
+        if problem:
+            problems.append(problem)
         elif sha256_file(path) != want["sha256"]:
             problems.append(f"{path} does not match its sha256 in the manifest (corrupted)")
     if manifest is not None and rank == 0:
@@ -383,11 +392,9 @@ def damage(tag_dir: Path) -> Optional[str]:
     try:
         files = json.loads((tag_dir / MANIFEST).read_text())["files"]
         for rel in sorted(files):
-            path, size = tag_dir / rel, files[rel]["size"]
-            if not path.is_file():
-                return f"{path} is missing"
-            if path.stat().st_size != size:
-                return f"{path} has {path.stat().st_size} bytes, the manifest says {size}"
+            problem = _size_problem(tag_dir / rel, files[rel]["size"])
+            if problem:
+                return problem
     except FileNotFoundError:
         return f"{tag_dir / MANIFEST} is missing"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

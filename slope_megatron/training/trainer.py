@@ -291,7 +291,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
                 tps = tokens_per_iter * window_iters / (now - t_log)
                 record = {"iter": done, "loss": train_loss if window else None, "lr": lr,
                           "tokens": done * tokens_per_iter, "tokens_per_s": tps,
-                          "adapters_active": adapters_active(model), "time_s": now - t0,
+                          "adapters_active": adapters_on, "time_s": now - t0,
                           "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None,
                           "skipped_steps": skipped_total, "max_mem_gb": max_memory_gb(),
                           "resident_mem_gb": resident_memory_gb()}
