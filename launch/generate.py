@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -93,14 +92,11 @@ def check_device(name: str) -> torch.device:
 def check_args(args) -> torch.device:
     """Everything the command line alone decides, before the checkpoint is read: sampling and
     length settings, prompts and the device. ValueError (one line) on the first problem."""
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature must be a number >= 0 (0 = greedy), "
-                         f"got {args.temperature}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
-    SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed).validate()  # the same
+    try:
+        SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    except ValueError as e:  # name the flag: "top_p must ..." -> "--top-p must ..."
+        name, rest = str(e).split(" ", 1)
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     bad = [t for t in args.stop_token if t < 0]
@@ -125,13 +121,11 @@ def user_tokenizer(path: Path):
         except ValueError as e:
             raise ValueError(f"--tokenizer {path}: could not be read as a tokenizer ({e})") \
                 from None
-    from tokenizers import Tokenizer
     try:
-        Tokenizer.from_file(str(path))
-    except Exception as e:  # the library raises a bare Exception for a bad file
+        return FileTokenizer(path)  # what generation needs: encode, decode, vocab size, eos id
+    except ValueError as e:
         raise ValueError(f"--tokenizer {path}: could not be read as a tokenizer.json ({e})") \
             from None
-    return FileTokenizer(path)  # what generation needs: encode, decode, vocab size, eos id
 
 
 class Streamer:

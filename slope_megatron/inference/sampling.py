@@ -6,6 +6,7 @@ prompts (and batch), settings and device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,8 +21,9 @@ class SamplingConfig:
     seed: Optional[int] = None  # None: a fresh random seed (see `make_generator`)
 
     def validate(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
