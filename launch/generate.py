@@ -194,7 +194,8 @@ def main(argv=None) -> int:
             sys.stdout.write(texts[0])
             sys.stdout.flush()
         start = time.perf_counter()
-        results = generate(model, prompts, args.max_new_tokens, sampling, stops, streamer)
+        results = generate(model, prompts, args.max_new_tokens, sampling, stops, streamer,
+                           vocab_limit=min(tokenizer.vocab_size, model.vocab_size))
         seconds = time.perf_counter() - start
     except (ArtifactError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -85,6 +85,25 @@ def test_sampling_is_reproducible_with_a_seed(tmp_path):
         == greedy
 
 
+def test_ids_past_the_tokenizers_vocabulary_are_never_chosen(tmp_path):
+    """The output layer is padded past the tokenizer's vocabulary (to a multiple of 64); those
+    ids decode to nothing, so sampling hot with the limit never picks one, and without it
+    some are picked (the test would pass vacuously otherwise)."""
+    _, _, path = saved(tmp_path, "llama")
+    inf = InferenceModel(*load_artifact(path)[:2])
+    limit = VOCAB // 3
+    hot = SamplingConfig(temperature=50.0, seed=3)
+    free = [t for r in generate(inf, [[1, 2], [3]], 40, hot) for t in r.tokens]
+    assert max(free) >= limit
+    held = [t for r in generate(inf, [[1, 2], [3]], 40, hot, vocab_limit=limit)
+            for t in r.tokens]
+    assert len(held) == len(free) and max(held) < limit  # as many tokens, none past it
+    with pytest.raises(ValueError, match="stop tokens outside"):
+        generate(inf, [[1]], 4, stop_tokens=[limit], vocab_limit=limit)
+    with pytest.raises(ValueError, match="vocab_limit"):
+        generate(inf, [[1]], 4, vocab_limit=VOCAB + 1)
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]

@@ -79,14 +79,23 @@ def _truncate(prompts: list[list[int]], seq_len: int) -> list[int]:
 
 def generate(model: InferenceModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Optional[SamplingConfig] = None, stop_tokens: Iterable[int] = (),
-             on_token: Optional[Callable[[int, int], None]] = None) -> list[GenerationResult]:
-    """Generate for a batch of token-id prompts; `on_token(seq_index, token)` streams."""
+             on_token: Optional[Callable[[int, int], None]] = None,
+             vocab_limit: Optional[int] = None) -> list[GenerationResult]:
+    """Generate for a batch of token-id prompts; `on_token(seq_index, token)` streams.
+
+    `vocab_limit`: the tokenizer's vocabulary size. The model's output layer is padded to a
+    multiple of 64 (`model.vocab_size`); ids at or above the limit decode to nothing, so they
+    are never chosen (and prompts and stop tokens must lie below it)."""
     sampling = sampling or SamplingConfig()
     sampling.validate()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    prompts = _check_prompts(prompts, model.vocab_size)
-    stops = _check_stop_tokens(stop_tokens, model.vocab_size)
+    limit = model.vocab_size if vocab_limit is None else vocab_limit
+    if not (isinstance(limit, int) and 1 <= limit <= model.vocab_size):
+        raise ValueError(f"vocab_limit must be an integer in [1, {model.vocab_size}] (the "
+                         f"model's vocabulary), got {vocab_limit!r}")
+    prompts = _check_prompts(prompts, limit)
+    stops = _check_stop_tokens(stop_tokens, limit)
     dropped = _truncate(prompts, model.seq_len)
     budgets = [min(max_new_tokens, model.seq_len - len(p) + 1) for p in prompts]
     for i, g in enumerate(budgets):
@@ -96,10 +105,11 @@ def generate(model: InferenceModel, prompts: Sequence[Sequence[int]], max_new_to
 
     with model.generation_scope():
         return _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops,
-                       on_token)
+                       on_token, limit)
 
 
-def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, on_token):
+def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, on_token,
+            limit):
     """The decoding loop of `generate` (inputs already checked)."""
     b, longest, device = len(prompts), max(map(len, prompts)), model.device
     ids = torch.zeros(b, longest, dtype=torch.long)
@@ -118,7 +128,10 @@ def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, o
     outputs: list[list[int]] = [[] for _ in range(b)]
     reasons: list[Optional[str]] = [None] * b
     stopped_by: list[Optional[int]] = [None] * b
+    padding = torch.arange(logits.shape[-1], device=device) >= limit  # never chosen
     for _ in range(max(budgets)):
+        if limit < logits.shape[-1]:
+            logits = logits.masked_fill(padding, float("-inf"))
         chosen = next_tokens(logits, sampling, generator)
         for i, tok in enumerate(chosen.tolist()):
             if reasons[i] is not None:
