@@ -1,6 +1,7 @@
 """Export (HF logits equal ours, SLoPe copy), the generate/export CLIs, CUDA generation."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -99,6 +100,15 @@ def test_export_cli(tmp_path, tokenizer_file, capsys):
     assert cli.main(["--checkpoint", str(path), "--out", str(tmp_path / "s"),
                      "--format", "hf"]) == 2  # an artifact is not an earlier HF export
     assert "refusing to replace" in capsys.readouterr().err
+    # another checkpoint's artifact (an earlier export of ours, so otherwise replaceable) or
+    # any path inside a checkpoint is refused, and left as it was
+    other = tmp_path / "run" / "checkpoints" / "iter_00000004" / "slope_model"
+    shutil.copytree(tmp_path / "s", other)
+    before = sorted((f.name, f.stat().st_size) for f in other.iterdir())
+    for out in (other, other.parent / "hf"):
+        assert cli.main(["--checkpoint", str(path), "--out", str(out), "--format", "slope"]) == 2
+        assert "is inside the checkpoint" in capsys.readouterr().err
+    assert sorted((f.name, f.stat().st_size) for f in other.iterdir()) == before
     transformers = pytest.importorskip("transformers")
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "h", local_files_only=True)
     assert hf_tok.decode(hf_tok.encode("the cat")) == "the cat"

@@ -11,7 +11,7 @@ from typing import Optional
 
 from .artifact import load_artifact, save_artifact
 from .hf_export import export_hf
-from .locate import find_artifact
+from .locate import _ITER, find_artifact
 from .model import parse_dtype
 
 FORMATS = ("slope", "hf")
@@ -25,6 +25,11 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, fmt: str = "slope",
     src = find_artifact(Path(checkpoint))
     if Path(out_dir).resolve() == src.resolve():
         raise ValueError(f"--out '{out_dir}' is the artifact being exported; pick another path")
+    inside = next((d for d in Path(out_dir).resolve().parents
+                   if d.parent.name == "checkpoints" and _ITER.match(d.name)), None)
+    if inside is not None:  # it would replace that checkpoint's own artifact, or add to it
+        raise ValueError(f"--out '{out_dir}' is inside the checkpoint '{inside}'; a checkpoint's "
+                         f"files belong to its run - export somewhere else")
     config, state, tokenizer = load_artifact(src)
     if fmt == "slope":
         if dtype is not None:
