@@ -31,17 +31,22 @@ def _bad_inputs(tmp_path: Path):
         "no_text_field": (tmp_path / "notext.jsonl", "has no 'text' string field"),
         "not_utf8": (tmp_path / "latin1.txt", "is not UTF-8"),
         "too_short": (tmp_path / "short.txt", "too short to split"),
+        "json_array": (tmp_path / "docs.json", "is a .json file, which is not read"),
+        "compressed": (tmp_path / "docs.jsonl.gz", "is a .gz file, which is not read"),
     }
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
     (tmp_path / "notext.jsonl").write_text('{"body": "no text key"}\n')
     (tmp_path / "latin1.txt").write_bytes("café crème".encode("latin-1"))
     (tmp_path / "short.txt").write_text("x")
+    (tmp_path / "docs.json").write_text(" ".join(['["a long enough document"'] * 200) + "]")
+    (tmp_path / "docs.jsonl.gz").write_bytes(b"\x1f\x8b" + bytes(200))
     return cases
 
 
 @pytest.mark.parametrize("case", ["missing", "no_files", "empty_corpus", "empty_file", "bad_json",
-                                  "no_text_field", "not_utf8", "too_short"])
+                                  "no_text_field", "not_utf8", "too_short", "json_array",
+                                  "compressed"])
 def test_bad_input_raises_clear_data_error(tmp_path, case):
     path, words = _bad_inputs(tmp_path)[case]
     with pytest.raises(DataError) as e:

@@ -20,6 +20,9 @@ from .errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl",)
+# single files with these endings are refused, not read as text (structured or compressed)
+UNREAD_SUFFIXES = (".json", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".parquet", ".arrow",
+                   ".pdf")
 WHAT_TO_DO = "set data.path to a text file, a JSONL file (one {\"text\": ...} per line) " \
              "or a directory of .txt/.jsonl files"
 
@@ -55,6 +58,12 @@ def list_source_files(path: Path) -> list[Path]:
         raise DataError(f"data.path '{path}' does not exist; {WHAT_TO_DO}, or leave data.path "
                         "unset for the built-in English corpus")
     if path.is_file():
+        unread = next((x for x in UNREAD_SUFFIXES if path.name.lower().endswith(x)), None)
+        if unread is not None:  # read as text it would train on JSON syntax or fail as binary
+            raise DataError(f"data.path '{path}' is a {unread} file, which is not read: give "
+                            f"plain text ({', '.join(TEXT_SUFFIXES)} or any other name) or JSON "
+                            f"Lines ({', '.join(JSONL_SUFFIXES)}, one {{\"text\": ...}} object a "
+                            f"line), uncompressed")
         return [path]
     if not path.is_dir():
         raise DataError(f"data.path '{path}' is neither a file nor a directory; {WHAT_TO_DO}")
