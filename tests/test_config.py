@@ -241,3 +241,11 @@ def test_warmup_longer_than_the_run_names_the_fix():
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["train.iters=8",
                                                        "optimizer.warmup_iters=null"])
     assert cfg.optimizer.warmup_iters is None
+
+
+def test_tiktoken_without_its_file_is_refused_at_load():
+    with pytest.raises(ConfigError, match="'data.tiktoken_file' = None is invalid: "
+                                          "data.tokenizer=tiktoken-gpt2 needs"):
+        load_config(None, ["data.tokenizer=tiktoken-gpt2"])
+    assert load_config(None, ["data.tokenizer=tiktoken-gpt2",
+                              "data.tiktoken_file=gpt2.tiktoken"]).data.tokenizer == "tiktoken-gpt2"

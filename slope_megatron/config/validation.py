@@ -101,6 +101,10 @@ def validate(cfg: Config) -> None:
              "data.tokenizer", cfg.data.tokenizer, "use 'bpe', 'tiktoken-gpt2' or 'hf:<name>'")
     _require(cfg.data.tokenizer_vocab_size >= 260, "data.tokenizer_vocab_size",
              cfg.data.tokenizer_vocab_size, "must be >= 260 (256 bytes + specials)")
+    _require(cfg.data.tokenizer != "tiktoken-gpt2" or bool(cfg.data.tiktoken_file),
+             "data.tiktoken_file", cfg.data.tiktoken_file, "data.tokenizer=tiktoken-gpt2 needs "
+             "the path of a local gpt2.tiktoken file (nothing is downloaded); or use "
+             "data.tokenizer=bpe")
 
     _require(t.iters >= 1, "train.iters", t.iters, "must be >= 1")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
