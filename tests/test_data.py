@@ -212,7 +212,8 @@ def test_prepare_data_cli(tmp_path, capsys):
         sys.path.pop(0)
     d = make_dir(tmp_path)
     sets = ["--set", f"data.path={d}", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-            "--set", "data.tokenizer_vocab_size=300", "--no-progress"]
+            "--set", "data.tokenizer_vocab_size=300", "data.val_fraction=0.2",
+            "--no-progress"]  # enough validation windows for one global batch, as training needs
     assert cli.main(sets) == 0
     out = capsys.readouterr().out
     assert "data directory" in out and "bpe-300" in out and "samples of model.seq_len=128" in out

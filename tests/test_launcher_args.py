@@ -59,7 +59,8 @@ def test_prepare_data_takes_several_values_per_set_and_repeated_sets(tmp_path, c
     cli = load_launch("prepare_data")
     cache = tmp_path / "cache"
     assert cli.main(["--set", f"data.path={corpus}", f"data.cache_dir={cache}",
-                     "--set", "data.tokenizer_vocab_size=300", "--no-progress"]) == 0
+                     "--set", "data.tokenizer_vocab_size=300", "model.seq_len=32",
+                     "--no-progress"]) == 0  # seq 32: enough windows for one global batch
     out = capsys.readouterr().out
     assert f"data directory : {cache}" in out and "bpe-300" in out  # all three took effect
 

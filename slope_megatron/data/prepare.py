@@ -28,13 +28,16 @@ from .default_corpus import collect_builtin_corpus, read_manifest
 from .errors import DataError
 from .files import (file_lock, make_cache_dir, publish_dir, remove_stale_staging, sha256_bytes,
                     sha256_file, staging_dir, write_json)
-from .dataset import check_shard_size, data_dir_of, read_meta
+from .dataset import TokenDataset, check_shard_size, data_dir_of, read_meta
 from .shards import choose_val, shard_dtype, split_single_document, write_shards
 from .sources import WHAT_TO_DO, TextCorpus
 from .tokenizer import Tokenizer, build_tokenizer, load_saved
 
 FORMAT = 1
 AUTO_HASH_LIMIT = 256 << 20     # 'auto' verification hashes shards up to this many bytes
+# model weights an `hf:<directory>` may hold beside its tokenizer: not hashed into the key
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+                   ".onnx")
 
 
 @dataclass
@@ -82,6 +85,11 @@ def cache_key(cfg) -> dict:
         path = Path(cfg.tiktoken_file).expanduser().resolve()
         tok["file"] = str(path)
         tok["sha256"] = sha256_file(path) if path.is_file() else None
+    elif cfg.tokenizer.startswith("hf:") and len(cfg.tokenizer) > 3 \
+            and Path(cfg.tokenizer[3:]).exists():
+        # a local directory (transformers prefers it to a hub name): its files are the
+        # tokenizer, so editing them must not reuse shards made by the old one
+        tok["sha256"] = _tree_sha256(Path(cfg.tokenizer[3:]), skip=WEIGHT_SUFFIXES)
     key = {"format": FORMAT, "source": source, "tokenizer": tok, "val_fraction": cfg.val_fraction}
     if source == "default":  # a built-in corpus ('default' keeps its key from before 'extended')
         key["corpus"] = builtin_corpus(cfg.corpus).version
@@ -97,12 +105,13 @@ def cache_name(key: dict) -> str:
     return f"{slug}-{digest}"
 
 
-def _tree_sha256(path: Path) -> str:
-    """sha256 of a file, or of a directory's files (names and contents) in sorted order."""
+def _tree_sha256(path: Path, skip: tuple = ()) -> str:
+    """sha256 of a file, or of a directory's files (names and contents) in sorted order,
+    leaving out files whose names end with one of `skip`."""
     if path.is_file():
         return sha256_file(path)
     parts = [f"{p.relative_to(path)}:{sha256_file(p)}" for p in sorted(path.rglob("*"))
-             if p.is_file()]
+             if p.is_file() and not p.name.endswith(skip)]
     return sha256_bytes("\n".join(parts).encode())
 
 
@@ -134,6 +143,23 @@ def cache_problem(directory: Path, key: dict, corpus: Optional[TextCorpus],
     except (KeyError, TypeError, ValueError, OSError) as e:
         return f"its manifest is incomplete ({type(e).__name__}: {e})"
     return None
+
+
+def open_training_splits(info, seq_len: int, global_batch_size: int):
+    """Both splits as windows of `seq_len` tokens, or a DataError when training would refuse
+    them: fewer training samples than one global batch, or fewer validation samples than
+    one global batch (every run evaluates, at least at its last iteration, over whole global
+    batches). The one check both training and `launch/prepare_data.py` apply."""
+    train, val = TokenDataset(info, "train", seq_len), TokenDataset(info, "val", seq_len)
+    need = global_batch_size
+    if len(train) < need:
+        raise DataError(f"the training split has {len(train)} samples of {seq_len} tokens, "
+                        f"fewer than one global batch ({need}); use more data or smaller "
+                        f"batches")
+    if len(val) < need:
+        raise DataError(f"the validation split has {len(val)} samples of {seq_len} tokens, "
+                        f"fewer than one global batch ({need}); raise data.val_fraction")
+    return train, val
 
 
 # ---- building ---------------------------------------------------------------------------

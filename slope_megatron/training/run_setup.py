@@ -4,8 +4,9 @@
   same model, sparsity and data (else we refuse instead of mixing two runs); before its
   first checkpoint a rerun with other settings replaces run_config.yaml (a start that
   failed, e.g. out of memory, must not bind its corrected rerun);
-- the data: prepared once on rank 0 (others wait, then hit the cache), vocabulary size
-  taken from the tokenizer, enough tokens for one sample;
+- the data: prepared once on rank 0 (others wait, then hit the cache; a data error on any
+  rank stops every rank with the same clean error), vocabulary size taken from the
+  tokenizer, at least one global batch of training and of validation samples;
 - the inference artifact writer used at every checkpoint;
 - a short text sample at the end of training, through the inference artifact.
 """
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from ..config import Config, ConfigError
+from ..errors import SlopeError
 from ..fileio import write_text_atomic
 from .checkpoint import (LATEST, MANIFEST, NOT_IDENTITY_KEYS, TAG_RE, identity_diff,
                          with_added_keys)
@@ -126,31 +128,74 @@ class RunData:
     tokenizer_file: Optional[Path]
 
 
-def prepare_run_data(cfg: Config, main: bool) -> RunData:
-    """Prepare shards (rank 0 first), fix model.vocab_size, open both splits."""
-    from ..data import TokenDataset, prepare_data
+def _open_run_data(cfg: Config, log: Callable) -> RunData:
+    from ..data import prepare_data
+    from ..data.prepare import open_training_splits
 
-    if main:
-        info = prepare_data(cfg.data)
-    barrier()
-    if not main:
-        info = prepare_data(cfg.data, log=lambda *a, **k: None)
+    info = prepare_data(cfg.data, log=log)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = -(-info.vocab_size // 64) * 64  # round up: faster GEMMs
     elif cfg.model.vocab_size < info.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size} is smaller "
                           f"than the tokenizer's vocabulary ({info.vocab_size}); unset it or "
                           f"raise it")
-    seq = cfg.model.seq_len
-    train, val = TokenDataset(info, "train", seq), TokenDataset(info, "val", seq)
-    need = cfg.train.global_batch_size
-    if len(train) < need:
-        raise ConfigError(f"the training split has {len(train)} samples of {seq} tokens, fewer "
-                          f"than one global batch ({need}); use more data or smaller batches")
-    if len(val) < need:
-        raise ConfigError(f"the validation split has {len(val)} samples of {seq} tokens, fewer "
-                          f"than one global batch ({need}); raise data.val_fraction")
+    train, val = open_training_splits(info, cfg.model.seq_len, cfg.train.global_batch_size)
     return RunData(train, val, info.tokenizer_file)
+
+
+def _attempt(fn: Callable[[], RunData]) -> tuple[Optional[RunData], Optional[Exception]]:
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - every rank must learn of it, see _share_failure
+        return None, e
+
+
+def _share_failure(error: Optional[Exception]) -> None:
+    """Collective: raise on every rank when any rank failed (instead of the others dying in
+    the next collective, or hanging in it). The failing rank raises its own exception; the
+    others raise the same user error (a SlopeError of the same class and message) when rank
+    0 failed with one, else a SlopeError naming the rank, so each rank exits 2 and rank 0
+    prints the one `error:` line."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    mine = None
+    if isinstance(error, SlopeError):
+        mine = (type(error), str(error))
+    elif error is not None:
+        mine = (None, f"{type(error).__name__}: {error}")
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(everyone):
+        if failure is None:
+            continue
+        cls, message = failure
+        if rank != 0 or cls is None:
+            raise SlopeError(f"rank {rank} failed while preparing the data: {message}")
+        try:
+            shared = cls(message)
+        except Exception:  # noqa: BLE001 - a SlopeError class that takes other arguments
+            shared = SlopeError(message)
+        raise shared
+
+
+def prepare_run_data(cfg: Config, main: bool) -> RunData:
+    """Prepare shards (rank 0 first, the others then hit the cache), fix model.vocab_size,
+    open both splits. A failure on any rank - typically rank 0 finding the data unusable -
+    stops every rank with the same SlopeError."""
+    data = error = None
+    if main:
+        data, error = _attempt(lambda: _open_run_data(cfg, print))
+    _share_failure(error)  # also the barrier the other ranks wait at
+    if not main:
+        data, error = _attempt(lambda: _open_run_data(cfg, lambda *a, **k: None))
+    _share_failure(error)
+    return data
 
 
 def consolidated_state_dict(engine, cfg: Config, par) -> Optional[dict]:
@@ -219,5 +264,6 @@ def sample_from_checkpoint(tag_dir: Path, prompt: str = "The", new_tokens: int =
     tokenizer = load_tokenizer(tokenizer_file)
     model = InferenceModel(config, state)
     result = generate(model, [tokenizer.encode(prompt)], new_tokens,
-                      SamplingConfig(temperature=0.8, top_k=40, seed=seed), {tokenizer.eos_id})
+                      SamplingConfig(temperature=0.8, top_k=40, seed=seed), {tokenizer.eos_id},
+                      vocab_limit=min(tokenizer.vocab_size, model.vocab_size))
     return prompt + tokenizer.decode(result[0].tokens)
