@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -41,9 +40,9 @@ def main(argv=None) -> int:
     if args.help_config:
         print(config_reference())
         return 0
-    rank = next((int(os.environ[v]) for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK",
-                                              "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
-                 if v in os.environ), 0)  # before any process group: who prints errors
+    from slope_megatron.training.distributed import process_rank
+
+    rank = process_rank()  # before any process group, by init_distributed's rules: who prints
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch  # here, not at the top: --help-config stays quick

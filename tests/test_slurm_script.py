@@ -35,7 +35,8 @@ per_node = int(opts["ntasks-per-node"])
 with open(os.environ["FAKE_SRUN_LOG"], "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\\n")
 procs = [subprocess.Popen(args, env=dict(os.environ, SLURM_PROCID=str(i),
-                                         SLURM_NTASKS=str(ntasks),
+                                         SLURM_NTASKS=str(ntasks), SLURM_STEP_ID="0",
+                                         SLURM_STEP_NUM_TASKS=str(ntasks),
                                          SLURM_LOCALID=str(i % per_node),
                                          SLURM_NODEID=str(i // per_node)))
          for i in range(ntasks)]

@@ -4,8 +4,13 @@
   MASTER_ADDR / MASTER_PORT are set by the launcher.
 - `mpirun -n N python launch/pretrain.py` or `srun` with PMI: ranks are discovered through
   mpi4py and rank 0's address and a free port are broadcast to everyone.
-- `srun` without MPI: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are mapped over.
-- plain `python launch/pretrain.py`: a world of one on 127.0.0.1 and a free port.
+- `srun` without MPI: inside an srun job step, SLURM_PROCID / SLURM_STEP_NUM_TASKS /
+  SLURM_LOCALID are mapped over (not SLURM_NTASKS: an sbatch script or salloc shell has that
+  too, and is one process; see slurm_step_layout).
+- plain `python launch/pretrain.py` (also in a batch script or salloc shell): a world of one
+  on 127.0.0.1 and a free port.
+An environment that contradicts itself (a rank not below its world size, a step without its
+task count, ...) raises SlopeError, which launch/pretrain.py prints as one `error:` line.
 The backend is NCCL on GPUs and gloo on CPUs (what DeepSpeed's accelerator reports).
 """
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from ..errors import SlopeError
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
@@ -53,27 +60,129 @@ def _from_mpi() -> str:
     return "mpi"
 
 
+# Slurm's own step ids (slurm.h): above SLURM_MAX_NORMAL_STEP_ID (0xfffffff0) are the special
+# steps, e.g. SLURM_BATCH_SCRIPT 0xfffffffb (the batch script), SLURM_EXTERN_CONT 0xfffffffc,
+# SLURM_INTERACTIVE_STEP 0xfffffffa (salloc's shell under use_interactive_step).
+_SLURM_MAX_NORMAL_STEP_ID = 0xFFFFFFF0
+_WHAT_TO_DO = ("unset the stale variables to run one process, or start the ranks with srun, "
+               "torchrun, deepspeed or mpirun")
+
+
+def _env_int(env, name: str, *, minimum: int = 0) -> int:
+    value = env[name]
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise SlopeError(f"launcher environment: {name}={value!r} is not an integer >= {minimum}; "
+                         f"{_WHAT_TO_DO}")
+    return number
+
+
+def _check_rank(env, rank_var: str, world_var: str) -> tuple[int, int]:
+    rank, world = _env_int(env, rank_var), _env_int(env, world_var, minimum=1)
+    if rank >= world:
+        raise SlopeError(f"launcher environment: {rank_var}={rank} is not below "
+                         f"{world_var}={world}; {_WHAT_TO_DO}")
+    return rank, world
+
+
+def slurm_step_layout(environ=None) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) of this task in an srun job step; None outside one.
+
+    Slurm semantics relied on (SchedMD/slurm src/common/env.c): every srun step's tasks get
+    SLURM_STEP_ID (the step number, printed unsigned) and SLURM_STEP_NUM_TASKS
+    (env_array_for_step), and SLURM_PROCID/SLURM_LOCALID from slurmstepd. The batch script's
+    environment (env_array_for_batch_job) sets the job's SLURM_NTASKS but no SLURM_STEP_*, and
+    setup_env only exports SLURM_STEP_ID for a step id that is non-negative as a C int, which
+    the batch step's SLURM_BATCH_SCRIPT (0xfffffffb) is not; salloc's shell (env_array_for_job)
+    has no step either, or runs in the special interactive step 0xfffffffa. So SLURM_NTASKS and
+    SLURM_PROCID alone describe the allocation, not this process: only a normal step id (at most
+    SLURM_MAX_NORMAL_STEP_ID, slurm.h) says srun started us, with SLURM_STEP_NUM_TASKS tasks.
+    Raises SlopeError where a normal step's variables are missing or contradict each other.
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_STEP_ID" not in env or _env_int(env, "SLURM_STEP_ID") > _SLURM_MAX_NORMAL_STEP_ID:
+        # no step, or the batch, extern or interactive step: one process, whose SLURM_PROCID
+        # (if any) is 0; another rank here means a launcher that set SLURM_PROCID alone
+        if "SLURM_PROCID" in env and _env_int(env, "SLURM_PROCID") != 0:
+            step = f"SLURM_STEP_ID={env['SLURM_STEP_ID']}" if "SLURM_STEP_ID" in env \
+                else "SLURM_STEP_ID is not set"
+            raise SlopeError(f"launcher environment: SLURM_PROCID={env['SLURM_PROCID']} outside "
+                             f"an srun job step ({step}); {_WHAT_TO_DO}")
+        return None
+    missing = [v for v in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS") if v not in env]
+    if missing:
+        raise SlopeError(f"launcher environment: SLURM_STEP_ID={env['SLURM_STEP_ID']} (an srun "
+                         f"step) but {' and '.join(missing)} not set; {_WHAT_TO_DO}")
+    rank, world = _check_rank(env, "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
+    local = _env_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+    return rank, world, local
+
+
+def _torch_layout(env) -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) as torchrun/deepspeed set them; None where neither is set."""
+    present = [v for v in ("RANK", "WORLD_SIZE") if v in env]
+    if not present:
+        return None
+    if len(present) == 1:
+        other = "WORLD_SIZE" if present[0] == "RANK" else "RANK"
+        raise SlopeError(f"launcher environment: {present[0]}={env[present[0]]} is set but "
+                         f"{other} is not (torchrun and deepspeed set both); {_WHAT_TO_DO}")
+    return _check_rank(env, "RANK", "WORLD_SIZE")
+
+
+def process_rank(environ=None) -> int:
+    """This process's global rank, read from the environment before any process group exists
+    and by the same rules as discover_environment (launch/pretrain.py: who prints errors).
+
+    0 where the environment is inconsistent: discover_environment then raises SlopeError, and
+    this process must be one that prints it.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        torch_layout = _torch_layout(env)
+        if torch_layout is not None:
+            return torch_layout[0]
+        mpi_var = next((v for v in _MPI_RANK_VARS if v in env), None)
+        if mpi_var is not None:
+            return _env_int(env, mpi_var)
+        step = slurm_step_layout(env)
+        return step[0] if step is not None else 0
+    except SlopeError:
+        return 0
+
+
 def discover_environment() -> str:
-    """Fill the torch.distributed variables from whichever launcher started us."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    """Fill the torch.distributed variables from whichever launcher started us.
+
+    Launcher-set RANK/WORLD_SIZE first, then MPI, then an srun step; otherwise one process.
+    """
+    if _torch_layout(os.environ) is not None:
         return "torch"
-    if any(v in os.environ for v in _MPI_RANK_VARS):
+    mpi_var = next((v for v in _MPI_RANK_VARS if v in os.environ), None)
+    if mpi_var is not None:
         try:
-            return _from_mpi()
+            return _from_mpi()  # before reading SLURM_*: mpirun's own daemons run in a step
         except ImportError:
-            if "SLURM_PROCID" not in os.environ:  # srun --mpi=pmix without mpi4py: use SLURM_*
-                raise RuntimeError("launched under MPI but mpi4py is not installed; "
-                                   "pip install mpi4py (or launch with torchrun/deepspeed)")
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
-        if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError("srun without MPI needs MASTER_ADDR/MASTER_PORT exported "
-                               "(launch/slurm/pretrain.sbatch sets them)")
+            if slurm_step_layout() is None:  # srun --mpi=pmix without mpi4py: use SLURM_*
+                raise SlopeError(f"launched under MPI ({mpi_var} is set) but mpi4py is not "
+                                 "installed: pip install mpi4py, or launch with torchrun/"
+                                 "deepspeed") from None
+    step = slurm_step_layout()
+    if step is not None and step[1] > 1:
+        rank, world, local = step
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise SlopeError(f"srun started {world} tasks (SLURM_STEP_NUM_TASKS={world}) without "
+                             "MPI: export MASTER_ADDR and MASTER_PORT before srun "
+                             "(launch/slurm/pretrain.sbatch does), or use srun --mpi=pmix with "
+                             "mpi4py")
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         return "slurm"
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    return "single"
+    return "slurm" if step is not None else "single"
 
 
 def init_distributed() -> DistInfo:
