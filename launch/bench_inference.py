@@ -47,7 +47,8 @@ def add_arguments(p) -> None:
                    help="decode batch sizes (one new token per sequence)")
     p.add_argument("--context", type=int, default=512, help="cached tokens when decoding")
     p.add_argument("--ranks", nargs="*", type=float, default=[0.0156, 0.0625],
-                   help="adapter rank ratios of the SLoPe arms besides adapters-off")
+                   help="adapter rank ratios (of each layer's input width) of the SLoPe arms "
+                        "besides adapters-off")
     p.add_argument("--layers", type=int, default=3, help="blocks built per model (>= 2)")
     p.add_argument("--json", default="docs/results/inference_bench.json")
 
@@ -61,7 +62,7 @@ def _config(preset: dict, seq_len: int, sparse: bool, rank: float | None):
     if preset["ffn"]:
         sets.append(f"model.ffn_hidden_size={preset['ffn']}")
     if rank is not None:
-        sets.append(f"adapters.rank_ratio={rank}")
+        sets += [f"adapters.rank_ratio={rank}", "adapters.rank_of=input"]  # as in INFERENCE.md
     return load_config(None, sets)
 
 

@@ -9,7 +9,6 @@ import logging
 
 import pytest
 import torch
-import yaml
 
 from dist_utils import run_distributed
 from train_helpers import fixed_batch_losses
@@ -199,15 +198,14 @@ def test_tensor_parallel_layers_honour_it(kind):
 
 
 def test_runs_saved_before_the_key_existed_still_resume(tmp_path):
+    from run_dir_helpers import recorded_run
+
     from slope_megatron.training.checkpoint import identity_diff
-    from slope_megatron.training.checkpoint import LATEST
-    from slope_megatron.training.run_setup import RUN_CONFIG, _identity, check_output_dir
+    from slope_megatron.training.run_setup import _identity, check_output_dir
 
     old = Config().to_dict()
     del old["sparsity"]["double_prune"]
-    (tmp_path / RUN_CONFIG).write_text(yaml.safe_dump(old))
-    (tmp_path / "checkpoints").mkdir()  # a checkpoint exists: run_config.yaml binds
-    (tmp_path / "checkpoints" / LATEST).write_text("iter_00000002")
+    recorded_run(tmp_path, old)  # a checkpoint exists: run_config.yaml binds
     check_output_dir(load_config(None), tmp_path)  # default True: the same run
     with pytest.raises(ConfigError, match="sparsity.double_prune"):
         check_output_dir(load_config(None, ["sparsity.double_prune=false"]), tmp_path)

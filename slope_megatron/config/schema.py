@@ -79,7 +79,13 @@ class AdaptersConfig:
     enabled: bool = _f(True, "Add lazy low-rank adapters for the final `fraction` of iterations.")
     fraction: float = _f(0.01, "Fraction of train.iters (at the end) trained with adapters; they "
                                "switch on at iteration ceil((1 - fraction) * iters).")
-    rank_ratio: float = _f(0.02, "Adapter rank as a fraction of each layer's input width.")
+    rank_ratio: float = _f(0.02, "Adapter rank as a fraction of the width named by rank_of "
+                                 "(the paper: ~2% of the hidden size).")
+    rank_of: str = _f("hidden", "What rank_ratio is a fraction of: 'hidden' (model.hidden_size, "
+                                "one rank for every layer, as the paper) or 'input' (each layer's "
+                                "input width: MLP-down gets ffn/hidden times the rank). Runs "
+                                "and artifacts from before this key used 'input': such a run "
+                                "resumes with --set adapters.rank_of=input.")
     rank: Optional[int] = _f(None, "Absolute adapter rank; overrides rank_ratio when set.")
     weight_decay: Optional[float] = _f(None, "Weight decay of adapter parameters. Default: "
                                              "optimizer.weight_decay.")

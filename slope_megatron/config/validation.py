@@ -55,6 +55,8 @@ def validate(cfg: Config) -> None:
 
     _require(0.0 < a.fraction < 1.0, "adapters.fraction", a.fraction, "must be in (0, 1)")
     _require(0.0 < a.rank_ratio <= 1.0, "adapters.rank_ratio", a.rank_ratio, "must be in (0, 1]")
+    _require(a.rank_of in ("hidden", "input"), "adapters.rank_of", a.rank_of,
+             "use 'hidden' or 'input'")
     _require(a.rank is None or a.rank >= 1, "adapters.rank", a.rank, "must be >= 1")
     _require(a.weight_decay is None or (math.isfinite(a.weight_decay) and a.weight_decay >= 0),
              "adapters.weight_decay", a.weight_decay, "must be finite and >= 0")

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..config import Config, ConfigError, config_from_dict
+from ..config.history import fill_added_nested
 from ..errors import SlopeError
 from ..fileio import sha256_file
 from .atomic_dir import atomic_directory
@@ -227,7 +228,10 @@ def verify_artifact(path: Path) -> dict:
 
 def _read_config(path: Path) -> Config:
     try:
-        return config_from_dict(yaml.safe_load((path / CONFIG).read_text()))
+        recorded = yaml.safe_load((path / CONFIG).read_text())
+        if not isinstance(recorded, dict):
+            raise ConfigError("it does not hold a mapping of config sections")
+        return config_from_dict(fill_added_nested(recorded))  # as the code that wrote it
     except (yaml.YAMLError, ConfigError) as e:
         raise ArtifactError(f"'{path / CONFIG}' is not a valid config: {e}") from None
 

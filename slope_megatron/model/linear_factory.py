@@ -30,6 +30,7 @@ class LinearFactory:
     adapters: AdaptersConfig
     init_std: float
     num_layers: int
+    hidden_size: int
     tp_size: int = 1
     tp_rank: int = 0
     tp_group: Optional[object] = None
@@ -62,7 +63,9 @@ class LinearFactory:
                              backend=s.backend, double_prune=s.double_prune,
                              keep_compressed=s.keep_compressed)
             if self.adapters.enabled:
-                rank = adapter_rank(in_features, self.adapters.rank_ratio, self.adapters.rank)
+                a = self.adapters
+                width = self.hidden_size if a.rank_of == "hidden" else in_features
+                rank = adapter_rank(width, a.rank_ratio, a.rank)
         if self.tp_size > 1:
             from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 

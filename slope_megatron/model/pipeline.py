@@ -24,7 +24,7 @@ def make_factory(cfg: Config, parallel) -> LinearFactory:
     tp = dict(tp_size=parallel.tp_size, tp_rank=parallel.tp_rank, tp_group=parallel.tp_group) \
         if parallel is not None else {}
     return LinearFactory(cfg.sparsity, cfg.adapters, cfg.model.init_std, cfg.model.num_layers,
-                         **tp)
+                         cfg.model.hidden_size, **tp)
 
 
 class EmbeddingPipe(Embedding):

@@ -100,7 +100,7 @@ class GPTModel(nn.Module):
         tp = dict(tp_size=parallel.tp_size, tp_rank=parallel.tp_rank,
                   tp_group=parallel.tp_group) if parallel is not None else {}
         make_linear = LinearFactory(sparsity, adapters or AdaptersConfig(enabled=False),
-                                    cfg.init_std, cfg.num_layers, **tp)
+                                    cfg.init_std, cfg.num_layers, cfg.hidden_size, **tp)
         self.tp_size = make_linear.tp_size
         self.vocab_start = make_linear.tp_rank * cfg.vocab_size // make_linear.tp_size
         self.tp_group = make_linear.tp_group

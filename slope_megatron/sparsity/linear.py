@@ -36,15 +36,16 @@ from .masks import check_nm, double_prune_mask, nm_mask, pack_bits, unpack_bits
 InitFn = Callable[[torch.Tensor], None]
 
 
-def adapter_rank(in_features: int, rank_ratio: float = 0.02, rank: Optional[int] = None) -> int:
-    """Adapter rank: `rank` if given, else rank_ratio * in_features rounded, at least 1."""
+def adapter_rank(width: int, rank_ratio: float = 0.02, rank: Optional[int] = None) -> int:
+    """Adapter rank: `rank` if given, else rank_ratio * width rounded, at least 1 (`width`:
+    the hidden size, or the layer's input width; `adapters.rank_of`)."""
     if rank is not None:
         if rank < 1:
             raise ValueError(f"adapter rank must be >= 1, got {rank}")
         return int(rank)
     if not 0.0 < rank_ratio <= 1.0:
         raise ValueError(f"adapter rank_ratio must be in (0, 1], got {rank_ratio}")
-    return max(1, round(rank_ratio * in_features))
+    return max(1, round(rank_ratio * width))
 
 
 def initial_adapter_a(in_features: int, rank: int) -> torch.Tensor:

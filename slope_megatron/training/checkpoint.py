@@ -42,6 +42,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config.history import fill_added_flat as with_added_keys  # a saved identity, completed
 from ..errors import SlopeError
 from ..fileio import fsync_dir, sha256_file, write_text_atomic
 from . import faults
@@ -57,13 +58,6 @@ class CheckpointError(SlopeError):
     """A checkpoint that cannot be used: corrupt, incomplete or from a different run."""
 
 
-# Identity keys added after runs were already being saved, with the value every older run
-# had: a run_config.yaml or manifest written before the key existed reads as holding it.
-ADDED_IDENTITY_KEYS = {"sparsity.double_prune": True,
-                       "zero.grad_accum_dtype": "model",  # DeepSpeed's default before the key
-                       "data.corpus": "default", "adapters.lr_scale": 1.0}
-
-
 # Keys inside the identity sections that change neither the math nor the files: which kernel
 # buffers are kept, and where the data cache lives (the data's identity is its source,
 # tokenizer and preparation settings). Left out of identities, and ignored where a saved
@@ -72,12 +66,6 @@ NOT_IDENTITY_KEYS = ("sparsity.keep_compressed", "data.cache_dir")
 # Identity keys holding a path: the same file or folder however it is spelt (relative paths
 # are taken from the current directory, as the run itself takes them).
 PATH_IDENTITY_KEYS = ("data.path", "data.tiktoken_file")
-
-
-def with_added_keys(old: dict, new: dict) -> dict:
-    """A saved identity with the keys added since it was written filled in as older runs had
-    them (only those this run's identity has)."""
-    return {**{k: v for k, v in ADDED_IDENTITY_KEYS.items() if k in new}, **old}
 
 
 def _same(key: str, old, new) -> bool:
