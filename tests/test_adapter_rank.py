@@ -72,3 +72,13 @@ def test_an_artifact_written_before_the_key_loads_with_its_input_ranks(tmp_path)
         {k: v.shape for k, v in model.state_dict().items() if "adapter" in k}
     fc2 = model.blocks[1].mlp.fc2
     assert fc2.adapter_rank > model.blocks[1].attn.qkv.adapter_rank  # the input rule's ranks
+
+
+@pytest.mark.parametrize("setting", ["sparsity.enabled=false", "adapters.enabled=false",
+                                     "adapters.rank=8"])
+def test_runs_the_rank_rule_never_touched_resume_without_the_key(tmp_path, setting):
+    """A dense run, one without adapters or with an absolute rank built the same model under
+    either rule: its old record needs no adapters.rank_of."""
+    old = load_config(None, [setting]).to_dict()
+    del old["adapters"]["rank_of"]
+    check_output_dir(load_config(None, [setting]), recorded_run(tmp_path, old))
