@@ -47,6 +47,11 @@ ARMS = {
     # adapters on from the middle of the run: the measured windows are those with them active
     "slope-adapters": ["sparsity.enabled=true", "sparsity.backend=auto", "adapters.enabled=true",
                        "adapters.fraction=0.5"],
+    # the same with the adapter rule before the eleventh session: rank 2% of each layer's input
+    # width (MLP-down's rank ffn/hidden times the others')
+    "slope-adapters-input-rank": ["sparsity.enabled=true", "sparsity.backend=auto",
+                                  "adapters.enabled=true", "adapters.fraction=0.5",
+                                  "adapters.rank_of=input"],
     # the layer steps through the Python autograd functions instead of the native (C++) step
     "slope-python": ["sparsity.enabled=true", "sparsity.backend=auto"],
 }

@@ -14,17 +14,37 @@ from ..config import Config
 from .optimizer import lr_at
 
 
-def adapter_phase(cfg: Config) -> str:
-    """The start banner's words for the adapter phase: from which iteration, or why none."""
+def adapter_phase(cfg: Config, adapters_on: bool = False,
+                  adapters_since: Optional[int] = None) -> str:
+    """The start banner's words for the adapter phase: from which iteration, or why none.
+
+    On a resume with the adapters already on (`adapters_on`) it says since when, as the
+    warning of a resume with another train.iters does (`adapters_since`, from
+    adapters_on_since), not this run's switch point."""
     if not cfg.sparsity.enabled:
         return "no adapters (dense run: sparsity.enabled=false)"
     if not cfg.adapters.enabled:
         return "no adapters (adapters.enabled=false)"
+    if adapters_on:
+        if adapters_since is None:
+            return "adapters on (already on at the resumed checkpoint)"
+        return f"adapters on since iter {adapters_since}"
     if cfg.adapter_start_iter >= cfg.train.iters:
         f, n = cfg.adapters.fraction, cfg.train.iters
         return (f"no adapter phase (adapters.fraction {f:g} x train.iters {n} = {f * n:.3g}, "
                 f"less than one iteration)")
     return f"adapters from iter {cfg.adapter_start_iter}"
+
+
+def adapters_on_since(cfg: Config, recorded_since: Optional[int],
+                      old_iters: Optional[int]) -> Optional[int]:
+    """The iteration at which the adapters of a resumed run (with them on) switched on: as its
+    checkpoint recorded it (`recorded_since`, client state 'adapters_since'), else - a
+    checkpoint from before it was saved there - the switch point of the run that wrote it,
+    on its train.iters (`old_iters`, previous_train_iters); None if that is unknown too."""
+    if recorded_since is not None or old_iters is None:
+        return recorded_since
+    return replace(cfg, train=replace(cfg.train, iters=old_iters)).adapter_start_iter
 
 
 def previous_train_iters(client: dict, recorded: dict) -> Optional[int]:
@@ -50,7 +70,7 @@ def iters_change_warning(cfg: Config, old_iters: Optional[int], start: int, skip
             f"(lr {lr_at(old, pos):.2e} on the old schedule -> {lr_at(cfg, pos):.2e})")
     switch = cfg.adapter_start_iter
     if adapters_on:
-        since = adapters_since if adapters_since is not None else old.adapter_start_iter
+        since = adapters_on_since(cfg, adapters_since, old_iters)
         return said + f"; the adapters are already on since iteration {since} and stay on"
     if not (cfg.sparsity.enabled and cfg.adapters.enabled):
         return said

@@ -64,18 +64,37 @@ def holds_checkpoint(out: Path) -> bool:
         TAG_RE.match(p.name) and (p / MANIFEST).is_file() for p in ckpts.iterdir())
 
 
-def recorded_config(out: Path) -> dict:
-    """run_config.yaml as recorded in `out` ({} when there is none or it is unreadable)."""
+@dataclass(frozen=True)
+class RecordedConfig:
+    """run_config.yaml of an output dir as start-up found it (before this run rewrites it),
+    read and parsed once: `found` - it is a file; `data` - what yaml.safe_load made of it;
+    `error` - the OSError or YAMLError reading it raised, kept to be raised only where a
+    readable file is needed (a dir holding a checkpoint, see check_output_dir)."""
+    found: bool = False
+    data: Any = None
+    error: Optional[Exception] = None
+
+    def as_dict(self) -> dict:
+        """The recorded config ({} when there is none, it is unreadable or not a mapping)."""
+        return self.data if self.error is None and isinstance(self.data, dict) else {}
+
+
+def read_recorded_config(out: Path) -> RecordedConfig:
+    """Read and parse `out`/run_config.yaml: the one read of it at start-up."""
+    saved = out / RUN_CONFIG
+    if not saved.is_file():
+        return RecordedConfig()
     try:
-        data = yaml.safe_load((out / RUN_CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return RecordedConfig(True, yaml.safe_load(saved.read_text()))
+    except (OSError, yaml.YAMLError) as e:
+        return RecordedConfig(True, error=e)
 
 
-def check_output_dir(cfg: Config, out: Path) -> dict:
+def check_output_dir(cfg: Config, out: Path,
+                     recorded: Optional[RecordedConfig] = None) -> dict:
     """Refuse an unwritable dir, one holding a checkpoint of a different run, or the finished
     metrics of a run without checkpoints when this one writes none either (writes nothing).
+    `recorded`: read_recorded_config(out), read here when not given.
 
     Returns the config as given (before derived values such as the vocabulary size) for
     `record_run_config` once the run's inputs are known to be good."""
@@ -88,10 +107,16 @@ def check_output_dir(cfg: Config, out: Path) -> dict:
                           f"checkpoints (train.save_interval=0), which cannot be resumed; "
                           f"rerunning there would overwrite them - use a new "
                           f"train.output_dir or delete that one")
-    saved = out / RUN_CONFIG
-    if saved.is_file() and holds_checkpoint(out):
+    if recorded is None:
+        recorded = read_recorded_config(out)
+    if recorded.found and holds_checkpoint(out):
+        if recorded.error is not None:
+            raise ConfigError(f"train.output_dir '{out}' holds a checkpoint, but its "
+                              f"{RUN_CONFIG} cannot be read ({recorded.error}); restore it (it "
+                              f"says which run the checkpoint belongs to) or use a new "
+                              f"train.output_dir")
         new = _identity(cfg.to_dict())
-        old = with_added_keys(_identity(yaml.safe_load(saved.read_text()) or {}), new)
+        old = with_added_keys(_identity(recorded.data or {}), new)
         diff = identity_diff(old, new)
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
@@ -100,17 +125,21 @@ def check_output_dir(cfg: Config, out: Path) -> dict:
     return cfg.to_dict()
 
 
-def record_run_config(given: dict, out: Path, main: bool) -> None:
+def record_run_config(given: dict, out: Path, main: bool,
+                      recorded: Optional[RecordedConfig] = None) -> None:
     """Create the output dir and write run_config.yaml: at the first start, and at every
     start while the dir holds no checkpoint (the config of an earlier start that stopped
     before its first checkpoint is replaced, with one INFO line; nothing else is touched).
-    Once a checkpoint exists the recorded config is the run's and stays."""
+    Once a checkpoint exists the recorded config is the run's and stays.
+    `recorded`: read_recorded_config(out) from start-up, read here when not given."""
     saved = out / RUN_CONFIG
     if main and not saved.is_file():
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved, yaml.safe_dump(given, sort_keys=False))
     elif main and not holds_checkpoint(out):
-        old, new = _flatten(recorded_config(out)), _flatten(given)
+        if recorded is None:
+            recorded = read_recorded_config(out)
+        old, new = _flatten(recorded.as_dict()), _flatten(given)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if changed:
             write_text_atomic(saved, yaml.safe_dump(given, sort_keys=False))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 from pathlib import Path
 
@@ -39,14 +39,19 @@ from .optimizer import (
     set_lr,
     switch_on_adapters,
 )
-from .resume_notes import adapter_phase, iters_change_warning, previous_train_iters
+from .resume_notes import (
+    adapter_phase,
+    adapters_on_since,
+    iters_change_warning,
+    previous_train_iters,
+)
 from .run_setup import (
     _identity,
     artifact_writer,
     check_output_dir,
     prepare_run_data,
+    read_recorded_config,
     record_run_config,
-    recorded_config,
     sample_from_checkpoint,
 )
 from .steps import eval_indices, eval_loss, is_pipelined, make_batch, train_step
@@ -186,21 +191,15 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
         par = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
     dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
-    given = check_output_dir(cfg, out)
-    recorded = recorded_config(out)  # before it is (re)written: the old train.iters
+    recorded = read_recorded_config(out)  # the one read, before it is (re)written
+    given = check_output_dir(cfg, out, recorded)
     data = prepare_run_data(cfg, main)  # sets model.vocab_size from the tokenizer
-    record_run_config(given, out, main)
+    record_run_config(given, out, main, recorded)
     say = tqdm.write if main else (lambda *_: None)
 
     torch.manual_seed(cfg.train.seed)
     model, engine, optimizer = build_engine(cfg, par, dp_size)
     stored = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 too
-    say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
-        f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
-        f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
-        f"dp={dp_size}, {adapter_phase(cfg)}, "
-        f"torch.compile {'on (first step compiles)' if compile_enabled() else 'off'}, "
-        f"optimizer {type(engine.optimizer).__name__}")
 
     ckpt_dir = out / "checkpoints"
     identity = run_identity(cfg, dp_size)
@@ -209,19 +208,26 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     start = client["iteration"] if client else 0
     skipped_total = client.get("skipped_total", 0) if client else 0
     consecutive = client.get("consecutive_skips", 0) if client else 0
+    adapters_on = adapters_active(model)
+    adapters_since = client.get("adapters_since") if client else None
+    old_iters = previous_train_iters(client, recorded.as_dict()) if client else None
+    if adapters_on:  # resumed with them on; an older checkpoint lacks adapters_since
+        adapters_since = adapters_on_since(cfg, adapters_since, old_iters)
+    # after the resume: with the adapters already on it says since when (as the warning of
+    # a resume with another train.iters does), not this run's switch point
+    say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
+        f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
+        f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
+        f"dp={dp_size}, {adapter_phase(cfg, adapters_on, adapters_since)}, "
+        f"torch.compile {'on (first step compiles)' if compile_enabled() else 'off'}, "
+        f"optimizer {type(engine.optimizer).__name__}")
     if not cfg.train.save_interval:
         say("train.save_interval=0: this run writes no checkpoints; if it stops, it cannot be "
             "resumed from where it stopped")
-    adapters_on = adapters_active(model)
-    adapters_since = client.get("adapters_since") if client else None
     if client:
         say(f"resumed from {ckpt_dir / checkpoint.tag_for(start)} (iteration {start})")
-        old_iters = previous_train_iters(client, recorded)
         if adapters_on:
             mark_adapters_active(optimizer, cfg)
-            if adapters_since is None and old_iters is not None:  # an older checkpoint
-                adapters_since = replace(cfg, train=replace(cfg.train, iters=old_iters)) \
-                    .adapter_start_iter
         warning = iters_change_warning(cfg, old_iters, start, skipped_total, adapters_on,
                                        adapters_since)
         if main and warning and start < cfg.train.iters:
