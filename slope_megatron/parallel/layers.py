@@ -43,6 +43,27 @@ def mark_tp_sharded(*params: Optional[nn.Parameter]) -> None:
             p.tensor_model_parallel = True
 
 
+def own_local_params(wrapper: nn.Module) -> None:
+    """Make `wrapper`'s ZeRO-3 hooks gather and release every parameter of `wrapper.local`.
+
+    ZeRO-3 gathers a module's own parameters (recurse=False) in that module's forward and
+    backward hooks. A SlopeLinear local is never called as a module (the wrapper calls its
+    backend and adds the TP-mapped adapter term itself), so its hooks never run; DeepSpeed
+    then finds each parameter when the wrapper's forward first reads it and registers it to
+    the wrapper from then on. That late discovery changes the wrapper's parameter set the
+    first time the adapters are read (the adapter switch), and ZeRO-3's recorded fetch trace
+    fails its next backward ("tracing error ... expected the next 2 parameters in the
+    parameter fetch queue"). Registering all of them up front, inactive adapters included,
+    keeps the set fixed, as a TP = 1 SlopeLinear's own hooks do. Without ZeRO-3 it is unused.
+    """
+    try:
+        import deepspeed
+    except ImportError:  # nothing can partition the parameters then
+        return
+    for p in wrapper.local.parameters():
+        deepspeed.zero.register_external_parameter(wrapper, p)
+
+
 def _local_module(sparse_kw: Optional[dict], in_f: int, out_f: int, bias: bool,
                   shard: torch.Tensor) -> nn.Module:
     copy = lambda t: t.copy_(shard)  # noqa: E731
@@ -77,6 +98,8 @@ class ColumnParallelLinear(nn.Module):
             a = initial_adapter_a(in_features, adapter_rank)  # replicated: same on every rank
             self.local.create_adapter(adapter_rank, a=a)
             mark_tp_sharded(self.local.adapter_b)
+        if isinstance(self.local, SlopeLinear):  # called through its backend, not local(x)
+            own_local_params(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = copy_to_tp(x, self.group)
@@ -112,6 +135,8 @@ class RowParallelLinear(nn.Module):
             a = initial_adapter_a(in_features, adapter_rank).chunk(tp, dim=0)[rank]
             self.local.create_adapter(adapter_rank, a=a)
             mark_tp_sharded(self.local.adapter_a)
+        if isinstance(self.local, SlopeLinear):  # called through its backend, not local(x)
+            own_local_params(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local
