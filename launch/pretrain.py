@@ -47,6 +47,9 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch  # here, not at the top: --help-config stays quick
 
+    from slope_megatron.training.distributed import shutdown_distributed
+
+    completed = False
     try:
         cfg = load_config(args.config, args.set)  # validated before any process group exists
         from slope_megatron.training import train
@@ -54,6 +57,7 @@ def main(argv=None) -> int:
 
         dist = init_distributed()
         train(cfg, dist)
+        completed = True
     except SlopeError as e:  # config, data, checkpoint or a stopped run: one line, no traceback
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -64,8 +68,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        # every rank, every way out: barrier (only after a finished run), destroy every group,
+        # drop the references that keep gloo's threads alive (see shutdown_distributed)
+        shutdown_distributed(completed)
     return 0
 
 

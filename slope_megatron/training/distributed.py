@@ -15,8 +15,11 @@ The backend is NCCL on GPUs and gloo on CPUs (what DeepSpeed's accelerator repor
 """
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -206,6 +209,65 @@ def init_distributed() -> DistInfo:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _destroy_groups() -> None:
+    """destroy_process_group() for every group; through deepspeed.comm where DeepSpeed set the
+    default group up (init_distributed), which also drops DeepSpeed's registry of groups."""
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
+def _release_group_references() -> None:
+    """Drop the module-level references to process groups that outlive destroy_process_group
+    (which only shuts the groups down; a gloo group's worker and transport threads are joined
+    when its last reference goes): our ParallelState and the pipeline engine's p2p grid
+    (every pipe/data/slice group), which DeepSpeed never releases."""
+    from ..parallel.state import reset_parallel_state
+
+    reset_parallel_state()
+    p2p = sys.modules.get("deepspeed.runtime.pipe.p2p")
+    if p2p is not None:
+        for name in ("_grid", "_groups"):  # their initial values
+            if getattr(p2p, name, None) is not None:
+                setattr(p2p, name, None)
+
+
+def shutdown_distributed(completed: bool) -> None:
+    """The end of a run's distributed life on this rank; launch/pretrain.py calls it on every
+    way out, after train() returned (`completed`) or raised.
+
+    1. completed: a barrier, so no rank shuts its groups down while a peer is still in a
+       collective or a pipeline send/recv. Not after an error: a peer may be stuck elsewhere
+       or gone, and the barrier would wait for the gloo/NCCL timeout.
+    2. destroy_process_group(): every group - the default one, ours (TP/PP/DP), DeepSpeed's.
+    3. The stale references to those groups are dropped and a collection runs, so the groups'
+       C++ objects (a gloo group has a transport thread and two worker threads) are destroyed
+       here, while the interpreter is fully alive, instead of during interpreter shutdown in
+       whatever order finalization reaches them.
+    Never raises: a teardown problem must not replace the run's own exit status or error.
+    The DeepSpeed engine must have been destroyed before (engine.destroy(), which still asks
+    the process group for the rank); an engine left alive keeps its groups until exit.
+    """
+    log = logging.getLogger(__name__)
+    if dist.is_initialized():
+        if completed and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except Exception as e:  # noqa: BLE001 - a peer died after finishing: still tear down
+                log.warning("final barrier before process-group teardown failed: %s", e)
+        try:
+            _destroy_groups()
+        except Exception as e:  # noqa: BLE001
+            log.warning("destroy_process_group failed: %s", e)
+    try:
+        _release_group_references()
+    except Exception as e:  # noqa: BLE001
+        log.warning("releasing process-group references failed: %s", e)
+    gc.collect()
 
 
 def all_reduce_mean(value: float) -> float:

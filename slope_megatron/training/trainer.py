@@ -11,6 +11,7 @@ first iteration at or past the new total's switch point (adapters already on sta
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -185,6 +186,14 @@ class TrainResult:
 
 
 def train(cfg: Config, dist: DistInfo) -> TrainResult:
+    """One training run on this rank; on any way out the DeepSpeed engine is destroyed (its
+    hooks and the process groups it holds released) before the caller shuts the groups down
+    (`distributed.shutdown_distributed`), since its teardown still asks them for the rank."""
+    with contextlib.ExitStack() as cleanup:
+        return _train(cfg, dist, cleanup)
+
+
+def _train(cfg: Config, dist: DistInfo, cleanup: contextlib.ExitStack) -> TrainResult:
     dp_size = validate_world(cfg, dist.world_size)
     par = None
     if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:
@@ -199,6 +208,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
 
     torch.manual_seed(cfg.train.seed)
     model, engine, optimizer = build_engine(cfg, par, dp_size)
+    cleanup.callback(engine.destroy)
     stored = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 too
 
     ckpt_dir = out / "checkpoints"
