@@ -1,12 +1,19 @@
 """Run outputs on rank 0: metrics.jsonl, TensorBoard events, and the console summary.
 
 Skipped steps (non-finite loss or gradient) get a record of their own:
-`{"iter", "skipped": true, "reason", "loss", "skipped_total", "consecutive_skips"}`; train
-records carry `skipped_steps` (the run's total). Non-finite numbers are written as null.
+`{"iter", "skipped": true, "reason", "skipped_loss", "skipped_steps", "consecutive_skips"}`;
+train records carry `skipped_steps` (the run's total) too. Non-finite numbers are written as null.
 
-On resume both sinks are cut back to the resumed iteration (metrics.jsonl keeps only the
-records at or before it, rewritten atomically; TensorBoard purges later steps), so a
-resumed run's outputs read exactly like an uninterrupted one's.
+On resume both sinks are cut back to the resumed iteration N, so a resumed run's outputs
+read exactly like an uninterrupted one's: metrics.jsonl keeps only the records with
+`iter <= N` (rewritten atomically; a line cut by a kill is dropped) and TensorBoard purges
+the steps `>= N + 1` (`purge_step` purges from that step on, so N's own points stay). A
+start from scratch (N = 0) cuts both back to nothing. Every finite numeric field of a record
+(booleans as 0/1) is also a TensorBoard scalar of the same name at step `iter`.
+
+`time_s` (seconds of training loop since the run began) continues on a resume from the last
+`time_s` kept at or before N, so it does not restart from 0; the time lost to the
+interruption and to the restart is not counted.
 """
 from __future__ import annotations
 
@@ -51,30 +58,41 @@ class MetricsWriter:
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.tb = None
+        self.time_offset = 0.0  # time_s of the resumed record: added to this run's time_s
         if not enabled:
             return
         if self.path.exists():
-            self._truncate_after(resume_iter)
+            self.time_offset = self._truncate_after(resume_iter)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(output_dir / "tensorboard"),
-                                purge_step=resume_iter if resume_iter > 0 else None)
+        # TensorBoard drops every step >= purge_step: resume_iter + 1 keeps the resumed
+        # iteration's own points, as metrics.jsonl keeps its records (iter <= resume_iter)
+        self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_iter + 1)
 
-    def _truncate_after(self, resume_iter: int) -> None:
-        keep = []
+    def _truncate_after(self, resume_iter: int) -> float:
+        """Keep the records with iter <= resume_iter; the last time_s among them (0.0: none)."""
+        keep, time_s = [], 0.0
         for line in self.path.read_text().splitlines():
             try:
-                if json.loads(line).get("iter", 0) <= resume_iter:
-                    keep.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
+            if not isinstance(record, dict) or record.get("iter", 0) > resume_iter:
+                continue
+            keep.append(line)
+            if isinstance(record.get("time_s"), (int, float)):
+                time_s = float(record["time_s"])
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(f"{line}\n" for line in keep))
         os.replace(tmp, self.path)
+        return time_s
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = dict(record)  # the caller's dict is left as it was
+        if isinstance(record.get("time_s"), (int, float)):
+            record["time_s"] += self.time_offset
         strict = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}  # NaN/Inf are not JSON: written as null
         with open(self.path, "a") as f:

@@ -290,8 +290,9 @@ def _train(cfg: Config, dist: DistInfo, cleanup: contextlib.ExitStack) -> TrainR
                 skipped_total, consecutive = skipped_total + 1, consecutive + 1
                 reason = "loss" if loss_bad else "gradient"
                 metrics.write({"iter": done, "skipped": True, "reason": f"non-finite {reason}",
-                               "loss": loss if math.isfinite(loss) else None,
-                               "skipped_total": skipped_total, "consecutive_skips": consecutive})
+                               # not "loss": that tag's curve holds applied steps only
+                               "skipped_loss": loss if math.isfinite(loss) else None,
+                               "skipped_steps": skipped_total, "consecutive_skips": consecutive})
                 say(f"iter {done:>6} | step skipped: non-finite {reason} "
                     f"({consecutive} in a row, {skipped_total} in total)")
                 if consecutive >= cfg.train.max_skipped_steps:
