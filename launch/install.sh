@@ -1,23 +1,42 @@
 #!/usr/bin/env bash
 # Install slope_megatron and its dependencies into the current Python, idempotently.
-# - torch: kept if already importable (a cluster image's CUDA build); otherwise the CPU
-#   build torch==2.13.0 on a machine without a GPU (never a multi-GB CUDA build there).
+# - torch: kept if already importable (a cluster image's CUDA build). Otherwise, with
+#   nvidia-smi on PATH, the newest torch>=2.4,<2.15 the index serves (PyPI: a CUDA build);
+#   without it, torch==2.13.0. Both come from TORCH_INDEX_URL when it is set, else from
+#   pip's configured index. On a CPU machine that is the CPU build only where that index
+#   serves one (a local mirror or wheel dir may): stock PyPI serves Linux's multi-GB CUDA
+#   build, so there set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu. The script
+#   says which case it is in before pip starts, and which build it got at the end.
 # - DeepSpeed imports torch in its setup.py, hence --no-build-isolation.
 # - DeepSpeed's C++ op cache goes to this checkout's .torch_extensions/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+CPU_INDEX=https://download.pytorch.org/whl/cpu
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    echo "installing a CUDA build of torch (GPU found)"
-    "$PY" -m pip install -q "torch>=2.4,<2.15"
+  if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+    from="from TORCH_INDEX_URL=$TORCH_INDEX_URL"
   else
-    # Stock PyPI serves the CUDA build for Linux x86_64 even here: set TORCH_INDEX_URL to
-    # PyTorch's CPU wheel index to get the CPU build (a mirror may already serve it by default)
-    echo "installing torch==2.13.0 (CPU build${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL})"
-    "$PY" -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    from="from pip's configured index (TORCH_INDEX_URL unset)"
   fi
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    spec="torch>=2.4,<2.15"
+    echo "installing the newest $spec $from (nvidia-smi found)"
+  else
+    spec="torch==2.13.0"
+    echo "installing $spec $from (no nvidia-smi: a CPU machine)"
+    if [[ -z "${TORCH_INDEX_URL:-}" ]]; then
+      echo "note: that is the CPU build only if the index serves one (a local mirror may);" \
+           "stock PyPI serves the multi-GB CUDA build for Linux - for the CPU build, stop" \
+           "(Ctrl-C) and rerun with TORCH_INDEX_URL=$CPU_INDEX" >&2
+    fi
+  fi
+  "$PY" -m pip install -q "$spec" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+else
+  echo "keeping the torch already installed (import torch works)"
 fi
 "$PY" -m pip install -q setuptools wheel
 "$PY" -m pip install -q --no-build-isolation -e ".[${EXTRAS:-test}]"
-echo "installed: $("$PY" -c 'import torch, deepspeed; print("torch", torch.__version__, "| deepspeed", deepspeed.__version__)' 2>/dev/null)"
+echo "installed: $("$PY" -c 'import torch, deepspeed
+build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+print("torch", torch.__version__, f"({build}) | deepspeed", deepspeed.__version__)' 2>/dev/null)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,14 +32,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`--help-config | head`): what was wanted was read,
+    so stop quietly instead of a BrokenPipeError traceback. stdout is pointed at devnull so
+    the interpreter's final flush of what is still buffered cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor (e.g. a captured stdout)
+        pass
+    return 0
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)  # --help: argparse itself ignores a closed stdout
     from slope_megatron.config import config_reference, load_config
     from slope_megatron.errors import (EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, SlopeError,
                                        out_of_memory_message)
 
     if args.help_config:
-        print(config_reference())
+        try:
+            print(config_reference())
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        except BrokenPipeError:
+            return _stdout_closed()
         return 0
     from slope_megatron.training.distributed import process_rank
 

@@ -3,6 +3,7 @@ a second --config is refused, and generate.py checks its arguments and device be
 anything, answering a bad one with one `error:` line and exit status 2."""
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,34 @@ def test_config_given_twice_is_an_error(launcher, capsys):
     err = capsys.readouterr().err
     assert "error: --config given twice" in err and "demo.yaml" in err
     assert "gpt2-small.yaml" in err
+
+
+# ---- pretrain.py --help-config / --help into a closed pipe ----------------------------------
+
+PRETRAIN = str(ROOT / "launch" / "pretrain.py")
+
+
+@pytest.mark.parametrize("flag", ["--help-config", "--help"])
+def test_pretrain_help_into_a_closed_pipe_exits_quietly(flag):
+    """The reader is gone before the first write (`| head` that has already exited): always
+    a broken pipe, so this is deterministic where `| head -1` is a race."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, PRETRAIN, flag], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=ROOT,
+                              check=False)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and done.stderr == "", done.stderr  # no BrokenPipeError
+
+
+def test_pretrain_help_config_into_head_prints_the_first_line_only():
+    command = f'set -o pipefail; "{sys.executable}" {PRETRAIN} --help-config | head -1'
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, check=False)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout == "| key | default | meaning |\n"
 
 
 # ---- generate.py: arguments and device checked before anything is loaded ----------------
