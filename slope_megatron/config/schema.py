@@ -152,7 +152,7 @@ class TrainConfig:
     micro_batch_size: int = _f(8, "Sequences per forward pass per data-parallel rank.")
     global_batch_size: int = _f(16, "Sequences per optimizer step over all ranks; fixed across "
                                     "layouts (gradient accumulation makes up the difference).")
-    output_dir: str = _f("runs/demo", "Metrics, TensorBoard events and checkpoints go here.")
+    output_dir: str = _f("runs/default", "Metrics, TensorBoard events and checkpoints go here.")
     log_interval: int = _f(10, "Iterations between log lines / metrics records.")
     eval_interval: int = _f(100, "Iterations between validation runs (0 disables; the last "
                                  "iteration always evaluates).")
