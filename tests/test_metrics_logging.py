@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import signal
-import socket
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
-import torch
 from corpus_helpers import tiny_run_args, write_corpus
-from launch_helpers import pretrain_main
+from forked_runs import launch as launch_ranks
 
-import slope_megatron.training.trainer  # noqa: F401 - imported before forking: fast children
-from slope_megatron.training import faults
 from slope_megatron.training.metrics import MetricsWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,39 +103,9 @@ ITERS = 8  # checkpoints at 2, 4, 6, 8; eval at 4, 8
 NAN = "nan:grad:iter=5"  # a skipped step (iteration 6) after the resume: its record too
 
 
-def launch(argv, fault: str | None = None, timeout: float = 120.0) -> int:
+def launch(argv, fault: str | None = None) -> int:
     """pretrain main(argv) in a forked single-rank child; its exit code (negative: signal)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 1
-        try:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                              OMP_NUM_THREADS="1")
-            os.environ.pop(faults.ENV, None)
-            if fault:
-                os.environ[faults.ENV] = fault
-            torch.set_num_threads(1)
-            code = pretrain_main(argv)
-        except BaseException:  # noqa: BLE001
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    deadline = time.time() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        if time.time() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise TimeoutError(f"run did not finish in {timeout}s")
-        time.sleep(0.02)
+    return launch_ranks(argv, 1, fault)[0]
 
 
 @pytest.fixture(scope="module")

@@ -12,77 +12,17 @@ import json
 import os
 import shutil
 import signal
-import socket
-import sys
-import time
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from corpus_helpers import tiny_run_args, write_corpus
-from launch_helpers import pretrain_main
+from forked_runs import launch
 
-import slope_megatron.training.trainer  # noqa: F401 - imported before forking: fast children
 from slope_megatron.training import checkpoint, faults
 
 ROOT = Path(__file__).resolve().parent.parent
 ITERS = 8  # saves at 2, 4, 6, 8; eval at 4, 8; adapters from iteration index 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.0) -> list[int]:
-    """Run pretrain main() on `world` forked ranks; exit codes (negative: killed by signal).
-
-    When one rank dies by a signal, the others are killed too (the job is gone)."""
-    port = _free_port()
-    pids = []
-    for rank in range(world):
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 1
-            try:
-                os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-                os.environ.pop(faults.ENV, None)
-                if fault:
-                    os.environ[faults.ENV] = fault
-                torch.set_num_threads(1)
-                code = pretrain_main(argv)
-            except BaseException:  # noqa: BLE001
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        pids.append(pid)
-    codes: dict[int, int] = {}
-    deadline = time.time() + timeout
-    while len(codes) < world:
-        for pid in pids:
-            if pid in codes:
-                continue
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                codes[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) \
-                    else os.WEXITSTATUS(status)
-                if codes[pid] < 0:  # pre-empted: the scheduler takes the whole job down
-                    for other in pids:
-                        if other not in codes:
-                            os.kill(other, signal.SIGKILL)
-        if time.time() > deadline:
-            for pid in pids:
-                if pid not in codes:
-                    os.kill(pid, signal.SIGKILL)
-            raise TimeoutError(f"run did not finish in {timeout}s")
-        time.sleep(0.02)
-    return [codes[p] for p in pids]
 
 
 @pytest.fixture(scope="module")
