@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train.py besid
 
 from bench_timing import Rotor, bench_ms, rel_err  # noqa: E402 - launch/ siblings
 from provenance import source_identity  # noqa: E402
+from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
 
 # (model, layer, in_features, out_features, bias)
 MODELS = {
@@ -252,18 +253,24 @@ def bench_layer(model, name, fast, ref, xs, gys, T, torch) -> dict:
 
 
 def run_kernels(args) -> int:
+    bad = [t for t in args.tokens if t < 1]
+    if bad:  # checked before anything is imported or built
+        print(f"error: --tokens takes token counts of at least 1, got {bad[0]}",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
     import torch
+
+    if not torch.cuda.is_available():  # before triton: a CPU machine may not have it
+        print("error: `bench.py kernels` needs a CUDA GPU", file=sys.stderr)
+        return EXIT_USER_ERROR
     import triton
 
-    if not torch.cuda.is_available():
-        print("bench kernels needs a CUDA GPU")
-        return 2
     from slope_megatron.sparsity.backends.cusparselt import unavailable_reason
     t0 = time.time()
     reason = unavailable_reason()
     if reason is not None:
-        print(f"cusparselt backend unavailable: {reason}")
-        return 2
+        print(f"error: the cusparselt backend is unavailable: {reason}", file=sys.stderr)
+        return EXIT_USER_ERROR
     from slope_megatron.sparsity.backends.cusparselt_runtime import runtime
     rt = runtime()
     dev = torch.cuda.current_device()
@@ -328,13 +335,33 @@ def run_kernels(args) -> int:
     return 0
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Help that ends with each option's default (lists as on the command line); flags and
+    options without a default show none."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if action.nargs == 0 or default in (None, [], argparse.SUPPRESS) or "%(default)" in text:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    k = sub.add_parser("kernels", help="sparse linear kernels vs dense and torch's 2:4 path")
-    k.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    k.add_argument("--tokens", nargs="+", type=int, default=[1024, 8192, 16384])
-    k.add_argument("--json", default="docs/kernels_bench.json")
+    defaults = DefaultsShown  # every option's help shows its default
+    k = sub.add_parser("kernels", help="sparse linear kernels vs dense and torch's 2:4 path",
+                       description="SLoPe's sparse linear layer on a GPU vs dense matmuls and "
+                                   "torch's built-in 2:4 path, per layer shape of each model",
+                       formatter_class=defaults)
+    k.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                   metavar="MODEL", help=f"models whose layer shapes are timed: "
+                                         f"{', '.join(MODELS)}")
+    k.add_argument("--tokens", nargs="+", type=int, default=[1024, 8192, 16384], metavar="T",
+                   help="token counts (rows of the activations) timed per layer shape")
+    k.add_argument("--json", default="docs/kernels_bench.json",
+                   help="write the results (with the GPU name and versions) here")
     which = k.add_mutually_exclusive_group()
     which.add_argument("--no-adapters", dest="adapters", action="store_false",
                        help="only the layer table, no adapter forward overhead")
@@ -343,9 +370,15 @@ def main(argv=None) -> int:
     import bench_inference
     import bench_train
 
-    bench_train.add_arguments(sub.add_parser("train", help="training throughput, dense vs SLoPe"))
+    bench_train.add_arguments(sub.add_parser(
+        "train", help="training throughput, dense vs SLoPe", formatter_class=defaults,
+        description="whole-model training throughput and memory, dense vs SLoPe: each arm "
+                    "is a launch/pretrain.py run on the same config, data and seed"))
     bench_inference.add_arguments(sub.add_parser(
-        "inference", help="prefill/decode latency and weight memory, dense vs SLoPe"))
+        "inference", help="prefill/decode latency and weight memory, dense vs SLoPe",
+        formatter_class=defaults,
+        description="prefill and decode latency and weight bytes of whole transformer blocks "
+                    "on a GPU, dense vs SLoPe with compressed 2:4 weights"))
     args = p.parse_args(argv)
     if args.what == "kernels":
         return run_kernels(args)

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from provenance import source_identity  # noqa: E402 - launch/ sibling
+from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
 
 # OPT-shaped models use this project's gpt arch (LayerNorm, GELU, learned positions, biases).
 PRESETS = {
@@ -40,7 +41,8 @@ PRESETS = {
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS),
+                   metavar="MODEL", help=f"model shapes to build: {', '.join(PRESETS)}")
     p.add_argument("--prefill", nargs="+", type=int, default=[512, 2048, 8192],
                    help="prompt lengths T (batch 1)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64],
@@ -50,7 +52,25 @@ def add_arguments(p) -> None:
                    help="adapter rank ratios (of each layer's input width) of the SLoPe arms "
                         "besides adapters-off")
     p.add_argument("--layers", type=int, default=3, help="blocks built per model (>= 2)")
-    p.add_argument("--json", default="docs/results/inference_bench.json")
+    p.add_argument("--json", default="docs/results/inference_bench.json",
+                   help="write the results (with the GPU name and versions) here")
+
+
+def argument_error(args) -> str | None:
+    """What is wrong with the numeric arguments (None when nothing), checked before any
+    import of torch or triton."""
+    if args.layers < 2:
+        return f"--layers must be at least 2 (per-block time is a difference), got {args.layers}"
+    for flag, values in (("--prefill", args.prefill), ("--batches", args.batches)):
+        bad = [v for v in values if v < 1]
+        if bad:
+            return f"{flag} takes values of at least 1, got {bad[0]}"
+    if args.context < 0:
+        return f"--context must be at least 0, got {args.context}"
+    bad = [r for r in args.ranks if not 0 < r <= 1]
+    if bad:
+        return f"--ranks takes rank ratios in (0, 1], got {bad[0]:g}"
+    return None
 
 
 def _config(preset: dict, seq_len: int, sparse: bool, rank: float | None):
@@ -156,14 +176,15 @@ def derive(m: dict, layers: int, num_layers: int) -> dict:
 
 
 def run_inference(args) -> int:
+    problem = argument_error(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     import torch
-    import triton
-    if args.layers < 2:
-        print("error: --layers must be >= 2 (per-block time is a difference)", file=sys.stderr)
-        return 2
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available():  # before triton: a CPU machine may not have it
         print("error: `bench.py inference` needs a CUDA GPU", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    import triton
     from slope_megatron.inference import InferenceModel
     from slope_megatron.sparsity.backends.cusparselt_runtime import runtime
     seq_len = max(max(args.prefill), args.context + 1)

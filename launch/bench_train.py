@@ -28,7 +28,7 @@ from pathlib import Path
 from child_env import checkout_env  # launch/ siblings
 from provenance import run_environment
 from slope_megatron.cli import Once, add_set_argument
-from slope_megatron.errors import EXIT_OUT_OF_MEMORY
+from slope_megatron.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -62,48 +62,64 @@ ARM_ENV.update({f"{arm}-eager": env for arm, env in list(ARM_ENV.items())})
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", action=Once, default="configs/gpt2-small.yaml")
-    p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS))
-    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--config", action=Once, default="configs/gpt2-small.yaml",
+                   help="YAML config every arm trains with (see configs/)")
+    p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS),
+                   metavar="ARM",
+                   help="arms to run, in this order: "
+                        f"{', '.join(a for a in ARMS if not a.endswith('-eager'))}; each also "
+                        "as ARM-eager (without torch.compile)")
+    p.add_argument("--iters", type=int, default=40, help="training iterations per arm")
     p.add_argument("--log-interval", type=int, default=5, help="iterations per log window")
     p.add_argument("--skip-windows", type=int, default=1,
                    help="first log windows left out of the speed (compilation, algorithm "
                         "search, auto's timings and re-timings)")
     add_set_argument(p, "overrides for every arm (model size, batch, ZeRO stage, ...)")
     p.add_argument("--out", default="runs/bench_train", help="run directories go here")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", default=None,
+                   help="write the results here (by default they are only printed)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="save each arm's final checkpoint and keep it (by default none is "
                         "written: at 2.7B one is ~47 GB and took ~2 minutes to save and "
                         "sample from on an H100 machine)")
 
 
-def _run_arm(args, arm: str) -> dict:
+def arm_overrides(args, arm: str) -> list[str]:
+    """The --set of the arm's pretrain.py run: the benchmark's schedule, the user's --set,
+    then the arm's own keys and its run directory."""
+    return [f"train.iters={args.iters}", f"train.log_interval={args.log_interval}",
+            "train.eval_interval=0",
+            f"train.save_interval={10 ** 9 if args.keep_checkpoints else 0}",
+            "train.eval_iters=1", f"optimizer.warmup_iters={max(1, args.iters // 10)}",
+            *args.set, *ARMS[arm], f"train.output_dir={Path(args.out) / arm}"]
+
+
+def _run_arm(args, arm: str, position: str = "") -> dict:
     out = Path(args.out) / arm
     if out.exists():
         raise SystemExit(f"error: {out} exists; choose another --out (runs are never reused)")
-    overrides = [f"train.iters={args.iters}", f"train.log_interval={args.log_interval}",
-                 "train.eval_interval=0",
-                 f"train.save_interval={10 ** 9 if args.keep_checkpoints else 0}",
-                 "train.eval_iters=1", f"optimizer.warmup_iters={max(1, args.iters // 10)}",
-                 *args.set, *ARMS[arm], f"train.output_dir={out}"]
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config,
-           "--set", *overrides]
+           "--set", *arm_overrides(args, arm)]
     env = {**checkout_env(), **ARM_ENV.get(arm, {})}
+    # the arm's log (backend decisions, warnings, progress) is written as it runs, beside its
+    # metrics, so a long arm can be followed with `tail -f`
+    log_file = out / "stderr.log"
+    print(f"[{arm}]{position} training; log: {log_file}", flush=True)
+    out.mkdir(parents=True)
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, text=True, capture_output=True)
+    with open(log_file, "w") as log:
+        done = subprocess.run(cmd, env=env, text=True, stdout=subprocess.DEVNULL, stderr=log)
     wall_s = round(time.perf_counter() - start, 1)  # whole run: start-up, compile, steps
-    if out.is_dir():  # keep the arm's log (backend decisions, warnings) beside its metrics
-        (out / "stderr.log").write_text(done.stderr)
+    stderr = log_file.read_text(errors="replace")
     if done.returncode == EXIT_OUT_OF_MEMORY:
-        error = next((line for line in reversed(done.stderr.splitlines())
+        error = next((line for line in reversed(stderr.splitlines())
                       if line.startswith("error:")), "out of GPU memory")
         print(f"{arm}: does not fit ({error})", file=sys.stderr)
         return {"arm": arm, "command": " ".join(cmd), "wall_s": wall_s, "out_of_memory": True,
                 "error": error}
     if done.returncode != 0:
-        raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}):\n"
-                         f"{done.stderr[-2000:]}")
+        raise SystemExit(f"error: arm {arm} failed (exit {done.returncode}); the end of "
+                         f"{log_file}:\n{stderr[-2000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     windows = [r for r in records if "tokens_per_s" in r]
     if not windows:
@@ -113,7 +129,7 @@ def _run_arm(args, arm: str) -> dict:
     keys = ("iter", "loss", "max_mem_gb", "resident_mem_gb", "adapters_active")
     return {"arm": arm, "command": " ".join(cmd), "wall_s": wall_s,
             **{k: last.get(k) for k in keys}, **speed(windows, args.skip_windows),
-            "auto_decisions": auto_decisions(done.stderr)}
+            "auto_decisions": auto_decisions(stderr)}
 
 
 def auto_decisions(log: str) -> list[str]:
@@ -160,12 +176,51 @@ def machine_check() -> dict | None:
     return check
 
 
+def argument_error(args) -> str | None:
+    """What is wrong with the command line (None when nothing), found before any arm runs:
+    the numbers, the run directories, and the config file with --set and each arm's keys
+    (as the arm's pretrain.py will load it)."""
+    for flag, value, least in (("--iters", args.iters, 1),
+                               ("--log-interval", args.log_interval, 1),
+                               ("--skip-windows", args.skip_windows, 0)):
+        if value < least:
+            return f"{flag} must be at least {least}, got {value}"
+    taken = [str(Path(args.out) / arm) for arm in args.arms if (Path(args.out) / arm).exists()]
+    if taken:
+        return (f"{', '.join(taken)} {'exists' if len(taken) == 1 else 'exist'}; choose "
+                "another --out (runs are never reused)")
+    from slope_megatron.config import load_config
+    from slope_megatron.errors import SlopeError
+    try:
+        load_config(args.config, args.set)
+    except SlopeError as e:
+        return str(e)
+    for arm in args.arms:
+        try:
+            load_config(args.config, arm_overrides(args, arm))
+        except SlopeError as e:
+            return f"arm {arm}: {e}"
+    return None
+
+
+def cpu_notice(what: str) -> None:
+    """One line when there is no CUDA GPU: the arms train on the CPU, which is slow."""
+    import torch
+    if not torch.cuda.is_available():
+        print(f"note: no CUDA GPU: the arms train on the CPU, which is slow ({what} is meant "
+              "for a GPU)", file=sys.stderr, flush=True)
+
+
 def run_train(args) -> int:
-    if args.log_interval < 1 or args.skip_windows < 0 or args.iters < 1:
-        raise SystemExit("error: --iters and --log-interval must be at least 1 and "
-                         "--skip-windows at least 0")
+    args.arms = list(dict.fromkeys(args.arms))  # an arm named twice runs once
+    problem = argument_error(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    cpu_notice("`bench.py train`")
     check = machine_check()
-    results = [_run_arm(args, arm) for arm in args.arms]
+    results = [_run_arm(args, arm, f" ({i}/{len(args.arms)})")
+               for i, arm in enumerate(args.arms, 1)]
     base = next((r for r in results if r["arm"] == "dense" and not r.get("out_of_memory")),
                 None)
     print(f"{'arm':16s} {'tokens/s':>12s} {'vs dense':>9s} {'MFU':>7s} {'loss':>8s} "
@@ -197,5 +252,6 @@ def run_train(args) -> int:
     if args.json:
         report = {"environment": {**run_environment(), "gpu_check": check},
                   "config": args.config, "overrides": args.set, "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
 
 
 def host_us(fn, reps: int) -> float:
@@ -42,19 +43,39 @@ def host_us(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def argument_error(args) -> str | None:
+    """What is wrong with the numbers given (None when nothing)."""
+    if args.features < 4 or args.features % 4:
+        return (f"--features must be a positive multiple of 4 (the layer is 2:4 sparse), "
+                f"got {args.features}")
+    if args.tokens < 1:
+        return f"--tokens must be at least 1, got {args.tokens}"
+    if args.reps < 10:
+        return f"--reps must be at least 10 (calls are timed in batches of 10), got {args.reps}"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--features", type=int, default=2048)
-    p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=300)
-    p.add_argument("--json", default=None)
+    p.add_argument("--features", type=int, default=2048,
+                   help="input and output width of the layer (default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=64,
+                   help="tokens per call, small so the GPU never makes the host wait "
+                        "(default: %(default)s)")
+    p.add_argument("--reps", type=int, default=300,
+                   help="calls timed per row, in batches of 10 (default: %(default)s)")
+    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    problem = argument_error(args)  # before the GPU check: a fix the user can make anywhere
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     import torch
     from torch import nn
 
     if not torch.cuda.is_available():
         print("error: host_overhead.py needs a CUDA GPU", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     from slope_megatron.sparsity import SlopeLinear
     from slope_megatron.sparsity.backends import get_backend
 
@@ -131,6 +152,7 @@ def main(argv=None) -> int:
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
     print(s.getvalue())
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"features": f, "tokens": t, "host_us": rows,
                                                "gpu": torch.cuda.get_device_name(),
                                                "torch": torch.__version__,

@@ -8,7 +8,7 @@
 
 - a quality-study JSON (`launch/quality_study.py --json`): validation loss against iteration
   for every arm, and each sparse arm's gap to dense at the same iteration; the title gives
-  issue 10's ratio gap(slope-adapters) / gap(static-2to4) when all its arms are present.
+  the study's ratio gap(slope-adapters) / gap(static-2to4) when all its arms are present.
 - a bench-train JSON (`launch/bench.py train --json`): training throughput relative to dense
   and peak GPU memory per arm, as bars.
 - several bench-train JSONs (one model size each): an arm's throughput and model-state memory
@@ -31,13 +31,23 @@ COLORS = {"dense": "black", "static-2to4": "tab:red", "slope": "tab:blue",
           "slope-kept": "tab:cyan", "slope-per-call": "tab:orange"}
 
 
+ACCEPTS = ("a quality-study JSON (launch/quality_study.py --json) or a bench-train JSON "
+           "(launch/bench.py train --json); several bench-train JSONs for the by-model-size "
+           "plot")
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf")  # what --out may be (matplotlib's format by name)
+
+
+class PlotError(Exception):
+    """A problem with the files or flags given; main() prints it as one `error:` line."""
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend, or a clear error when it is not installed."""
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("error: plotting needs matplotlib, which is not installed; run "
-                         "`pip install -e .[plots]` (or `pip install 'matplotlib>=3.8'`)") from None
+        raise PlotError("plotting needs matplotlib, which is not installed; run "
+                        "`pip install -e .[plots]` (or `pip install 'matplotlib>=3.8'`)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
@@ -124,11 +134,19 @@ def model_label(report: dict) -> tuple[float, str]:
     with its overrides, as the run resolved them)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
     from slope_megatron.config import ffn_hidden_size, load_config
+    if not report.get("config"):
+        raise PlotError("a bench-train JSON records no 'config'; the by-model-size plot needs "
+                        "it for the model's size")
     config = Path(report["config"])
     if not config.is_absolute() and not config.exists():  # recorded relative to the checkout
         config = Path(__file__).resolve().parent.parent / config
-    cfg = load_config(config, [o for o in report.get("overrides") or []
-                               if o.startswith("model.")])
+    from slope_megatron.errors import SlopeError
+    try:
+        cfg = load_config(config, [o for o in report.get("overrides") or []
+                                   if o.startswith("model.")])
+    except SlopeError as e:
+        raise PlotError(f"the model size of a bench-train JSON cannot be read from its config "
+                        f"({e})") from None
     m = cfg.model
     ffn = ffn_hidden_size(m)
     mlp = 3 * m.hidden_size * ffn if m.arch == "llama" else 2 * m.hidden_size * ffn
@@ -144,8 +162,9 @@ def dense_and_arm(reports: list[dict], arm: str) -> list[tuple[dict, dict, dict]
     for report in reports:
         by_arm = {r["arm"]: r for r in report["results"]}
         if arm not in by_arm or "dense" not in by_arm:
-            raise SystemExit(f"error: a bench-train JSON ({report.get('config')}, "
-                             f"{report.get('overrides')}) lacks the dense or the {arm!r} arm")
+            raise PlotError(f"a bench-train JSON ({report.get('config')}, "
+                            f"{report.get('overrides')}) lacks the dense or the {arm!r} arm; "
+                            f"choose another --arm (it has {', '.join(by_arm)})")
         rows.append((report, by_arm["dense"], by_arm[arm]))
     return rows
 
@@ -163,7 +182,7 @@ def plot_scaling(reports: list[dict], out: Path, arm: str = "slope") -> None:
         state = (sparse.get("resident_mem_gb") or 0) / (dense.get("resident_mem_gb") or 1)
         points.append((params, label, sparse.get("vs_dense") or 0.0, state, dense.get("mfu")))
     if not points:
-        raise SystemExit("error: no model size with both arms measured (out of GPU memory)")
+        raise PlotError("no model size with both arms measured (out of GPU memory)")
     points.sort()
     xs = [p[0] / 1e9 for p in points]
     fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -254,33 +273,94 @@ def plot_memory_by_size(reports: list[dict], out: Path, arm: str = "slope") -> N
     plt.close(fig)
 
 
+def read_json(path: Path) -> tuple[str, dict]:
+    """(kind, data) of a result file: kind "quality" or "bench-train"; anything else stops
+    with a line naming the file and the kinds accepted."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlotError(f"{path} does not exist; give {ACCEPTS}") from None
+    except IsADirectoryError:
+        raise PlotError(f"{path} is a directory; give {ACCEPTS}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlotError(f"{path} cannot be read ({e}); give {ACCEPTS}") from None
+    except ValueError as e:
+        raise PlotError(f"{path} is not JSON ({e}); give {ACCEPTS}") from None
+    kind = kind_of(data)
+    if kind is None:
+        raise PlotError(f"{path} is neither a quality-study JSON (launch/quality_study.py "
+                        f"--json, with 'arms') nor a bench-train JSON (launch/bench.py train "
+                        f"--json, with per-arm 'results'); several bench-train JSONs make the "
+                        f"by-model-size plot")
+    return kind, data
+
+
+def kind_of(data) -> str | None:
+    """"quality", "bench-train" or None (another result file: a profile, kernels, ...)."""
+    if not isinstance(data, dict):
+        return None
+    arms = data.get("arms")
+    if isinstance(arms, dict) and all(isinstance(r, dict) and isinstance(r.get("curve"), list)
+                                      for r in arms.values()):
+        return "quality"
+    results = data.get("results")
+    if "environment" in data and isinstance(results, list) and results and all(
+            isinstance(r, dict) and "arm" in r and "split_ms" not in r for r in results):
+        return "bench-train"
+    return None
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except PlotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2  # a usage error (slope_megatron.errors.EXIT_USER_ERROR)
+
+
+def _main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+", help="quality-study or bench-train JSON; several "
                                            "bench-train JSONs give the by-model-size plot")
     p.add_argument("--out", default=None, help="PNG to write (default: the JSON's name, .png)")
-    p.add_argument("--arm", default="slope", help="the arm the by-model-size plot compares "
-                                                  "with dense (default: slope)")
+    p.add_argument("--arm", default=None, help="the arm the by-model-size plot compares with "
+                                               "dense (default: slope)")
     p.add_argument("--memory", action="store_true",
                    help="by model size: GPU memory as bars instead of the speed and state ratios")
     args = p.parse_args(argv)
     src = Path(args.json[0])
     out = Path(args.out) if args.out else src.with_suffix(".png")
-    if len(args.json) > 1:
-        reports = [json.loads(Path(f).read_text()) for f in args.json]
-        if not all(isinstance(r.get("results"), list) for r in reports):
-            raise SystemExit("error: the by-model-size plot takes bench-train JSONs only")
-        (plot_memory_by_size if args.memory else plot_scaling)(reports, out, args.arm)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise PlotError(f"--out {out}: the image's name must end in "
+                        f"{', '.join(IMAGE_SUFFIXES)}")
+    files = [(Path(f), *read_json(Path(f))) for f in args.json]  # all checked before plotting
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(files) > 1:
+        other = [str(f) for f, kind, _ in files if kind != "bench-train"]
+        if other:
+            raise PlotError(f"the by-model-size plot takes bench-train JSONs only, and "
+                            f"{', '.join(other)} {'is a' if len(other) == 1 else 'are'} "
+                            f"quality-study JSON{'' if len(other) == 1 else 's'}; plot "
+                            f"{'it' if len(other) == 1 else 'each'} on its own")
+        reports = [data for _, _, data in files]
+        (plot_memory_by_size if args.memory else plot_scaling)(reports, out, args.arm or "slope")
         print(f"wrote {out}")
         return 0
-    data = json.loads(src.read_text())
-    if isinstance(data.get("arms"), dict):
+    flags = [f for f, given in (("--memory", args.memory), ("--arm", args.arm is not None))
+             if given]
+    if flags:
+        many = len(flags) > 1
+        raise PlotError(f"{' and '.join(flags)} {'apply' if many else 'applies'} only to the "
+                        f"by-model-size plot (several bench-train JSONs, one per model size); "
+                        f"leave {'them' if many else 'it'} out for {src} alone")
+    _, kind, data = files[0]
+    if kind == "quality" and not data["arms"]:
+        raise PlotError(f"{src} is a quality-study JSON that holds no arm yet; run some "
+                        "with launch/quality_study.py --json first")
+    if kind == "quality":
         plot_quality(data, out)
-    elif isinstance(data.get("results"), list):
-        plot_bench_train(data, out)
     else:
-        raise SystemExit(f"error: {src} is neither a quality-study JSON (with 'arms') nor a "
-                         f"bench-train JSON (with 'results')")
+        plot_bench_train(data, out)
     print(f"wrote {out}")
     return 0
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where the GPU time of a training step goes, dense vs SLoPe (issue 10's per-op profile).
+"""Where the GPU time of a training step goes, dense vs SLoPe (a per-op profile).
 
     python launch/profile_step.py --config configs/gpt2-small.yaml --arms dense slope \\
         [--set model.hidden_size=2048 ...] [--steps 3] [--json profile.json]
@@ -35,6 +35,7 @@ from child_env import checkout_env
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 from slope_megatron.cli import Once, add_set_argument  # noqa: E402
+from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
 
 # (category, substrings of a lower-cased kernel name); the first match wins
 CATEGORIES = [
@@ -69,12 +70,17 @@ def categorize(kernel_name: str) -> str:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", action=Once, default="configs/gpt2-small.yaml")
-    p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS))
+    p.add_argument("--config", action=Once, default="configs/gpt2-small.yaml",
+                   help="YAML config every arm builds (default: %(default)s)")
+    p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS),
+                   metavar="ARM", help="arms to profile, as `bench.py train --arms` names "
+                                       "them (default: dense slope)")
     add_set_argument(p, "overrides for every arm (model size, micro batch, ...)")
-    p.add_argument("--warmup", type=int, default=3, help="optimizer steps before profiling")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps profiled")
-    p.add_argument("--json", default=None)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="optimizer steps before profiling (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="optimizer steps profiled (default: %(default)s)")
+    p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--one-arm", default=None, help=argparse.SUPPRESS)  # child process
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
 
@@ -248,21 +254,47 @@ def run(args) -> int:
                                                    for r in results))
     if args.json:
         meta = {**run_environment(), "command": " ".join(sys.argv)}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"meta": meta, "config": args.config,
                                                "overrides": args.set, "results": results},
                                               indent=1))
     return 0
 
 
+def argument_error(args) -> str | None:
+    """What is wrong with the command line (None when nothing): the step counts, and the
+    config file with --set and each arm's keys, as the arm's process will load it."""
+    if args.steps < 1:
+        return f"--steps must be at least 1, got {args.steps}"
+    if args.warmup < 0:
+        return f"--warmup must be at least 0, got {args.warmup}"
+    from slope_megatron.config import load_config
+    from slope_megatron.errors import SlopeError
+    try:
+        load_config(args.config, args.set)
+    except SlopeError as e:
+        return str(e)
+    for arm in dict.fromkeys(args.arms):
+        try:
+            load_config(args.config, [*args.set, *ARMS[arm]])
+        except SlopeError as e:
+            return f"arm {arm}: {e}"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    if not args.one_arm:
+    if not args.one_arm:  # the parent checks the arguments first, then the GPU
+        problem = argument_error(args)
+        if problem is not None:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USER_ERROR
         import torch
         if not torch.cuda.is_available():
             print("error: profile_step.py needs a CUDA GPU", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
     return run(args)
 
 

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("slope_megatron", "kernels", "launch", "configs")
 SOURCE_FILES = ("setup.py",)
 SUFFIXES = (".py", ".cpp", ".cu", ".h", ".yaml", ".sh")
+DIGEST_LEN = 16  # hex digits of a source digest
+MAX_COUNT = 300  # commits --find searches unless told
 
 
 def _is_source(rel: str) -> bool:
@@ -34,7 +36,7 @@ def digest_of(files: dict[str, str]) -> str:
     h = hashlib.sha256()
     for rel in sorted(files):
         h.update(f"{rel}\0{files[rel]}\n".encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:DIGEST_LEN]
 
 
 def source_digest(root: Path = ROOT) -> str:
@@ -95,11 +97,36 @@ def commit_digests(root: Path, max_count: int):
         yield rev, digest_of(files)
 
 
+def argument_error(args) -> str | None:
+    """What is wrong with --find / --max-count (None when nothing); normalizes the digest to
+    lower case."""
+    if args.find is not None:
+        digest = args.find.strip().lower()
+        if len(digest) != DIGEST_LEN or any(c not in "0123456789abcdef" for c in digest):
+            return (f"--find takes a source digest of {DIGEST_LEN} hex digits (the "
+                    f"source_digest of a result file), got {args.find!r}")
+        args.find = digest
+    if args.max_count is None:
+        args.max_count = MAX_COUNT
+    elif args.find is None:
+        return "--max-count applies to --find only; add --find DIGEST or leave it out"
+    elif args.max_count < 1:
+        return f"--max-count must be at least 1, got {args.max_count}"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--find", metavar="DIGEST", help="list the commits whose tree has DIGEST")
-    p.add_argument("--max-count", type=int, default=300, help="commits searched by --find")
+    p.add_argument("--find", metavar="DIGEST",
+                   help=f"list the commits whose tree has DIGEST (the {DIGEST_LEN} hex digits "
+                        "a result file records as source_digest)")
+    p.add_argument("--max-count", type=int, default=None,
+                   help=f"newest commits searched by --find (default: {MAX_COUNT})")
     args = p.parse_args(argv)
+    problem = argument_error(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2  # a usage error (slope_megatron.errors.EXIT_USER_ERROR)
     if args.find is None:
         ident = source_identity()
         print(f"source digest {ident['source_digest']} (git HEAD {ident['git_head']}, "

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The four-arm quality study of issue 10: how much of 2:4 sparsity's loss gap SLoPe recovers.
+"""The quality study: how much of 2:4 sparsity's loss gap to dense SLoPe recovers (four arms by
+default, a fifth, diagnostic, on request).
 
     python launch/quality_study.py --config configs/quality-gpt2-small-extended.yaml \\
         --out runs/quality --json quality.json [--arms dense static-2to4 slope slope-adapters]
@@ -15,7 +16,7 @@ and, only when asked for with --arms (a diagnostic, not part of the goal):
 Every validation record of each run's metrics.jsonl is collected (the curve), plus the final
 validation loss / perplexity, the median training tokens/s over the log windows and the peak
 GPU memory. The table gives each arm's gap to dense in final validation loss and the ratio
-gap(slope-adapters) / gap(static-2to4); issue 10's goal is a ratio <= 0.60.
+gap(slope-adapters) / gap(static-2to4); the goal is a ratio <= 0.60.
 
 Split over several invocations (e.g. two device calls of < 10 min): run some arms, then
 others with the same --config, --set and --json. The JSON is written after every arm and
@@ -34,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_train import speed  # launch/ siblings
+from bench_train import cpu_notice, speed  # launch/ siblings
 from child_env import checkout_env
 from provenance import run_environment
 from slope_megatron.cli import Once, add_set_argument
@@ -59,11 +60,14 @@ GOAL_RATIO = 0.60  # issue 10: gap(slope-adapters) <= 60% of gap(static-2to4)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=Once, default="configs/quality-gpt2-small-extended.yaml",
-                   help="the default trains on fresh data (the extended corpus); "
-                        "configs/quality-gpt2-small.yaml repeats the default corpus 3 times")
-    p.add_argument("--arms", nargs="+", default=STUDY_ARMS, choices=list(ARMS))
+                   help="YAML config every arm trains with (default: %(default)s, fresh "
+                        "data from the extended corpus; configs/quality-gpt2-small.yaml "
+                        "repeats the default corpus 3 times)")
+    p.add_argument("--arms", nargs="+", default=STUDY_ARMS, choices=list(ARMS), metavar="ARM",
+                   help=f"arms to run: {', '.join(ARMS)} (default: {' '.join(STUDY_ARMS)})")
     add_set_argument(p, "overrides for every arm (the arms' own sparsity/adapter keys win)")
-    p.add_argument("--out", default="runs/quality", help="run directories: <out>/<arm>")
+    p.add_argument("--out", default="runs/quality",
+                   help="run directories: <out>/<arm> (default: %(default)s)")
     p.add_argument("--json", default=None,
                    help="write (or merge into) this study JSON after every arm")
     return p.parse_args(argv)
@@ -76,23 +80,31 @@ def study_identity(args) -> dict:
             "overrides": list(args.set)}
 
 
+class StudyError(Exception):
+    """The --json given cannot take this invocation's arms (the message says why)."""
+
+
 def load_study(path: Path | None, ident: dict, arms: list[str]) -> dict:
     """The existing study JSON to merge into (or a new one); refuses a different study."""
     if path is None or not path.exists():
         return {"study": "issue 10 quality study", **ident, "arms": {}, "invocations": []}
     try:
         study = json.loads(path.read_text())
-    except ValueError as e:
-        raise SystemExit(f"error: {path} is not valid JSON ({e}); choose another --json")
+    except (OSError, ValueError) as e:
+        raise StudyError(f"{path} is not a readable JSON file ({e}); choose another --json")
+    if not isinstance(study, dict) or not isinstance(study.get("arms"), dict):
+        raise StudyError(f"{path} is not a quality-study JSON (no 'arms'); choose another "
+                         "--json")
     for key in ("config_sha256", "overrides"):
         if study.get(key) != ident[key]:
-            raise SystemExit(f"error: {path} holds a different study ({key}: "
-                             f"{study.get(key)!r} there, {ident[key]!r} here); use the same "
-                             f"--config file and --set, or another --json")
-    again = [a for a in arms if a in study.get("arms", {})]
+            raise StudyError(f"{path} holds a different study ({key}: {study.get(key)!r} "
+                             f"there, {ident[key]!r} here); use the same --config file and "
+                             "--set, or another --json")
+    again = [a for a in arms if a in study["arms"]]
     if again:
-        raise SystemExit(f"error: {path} already holds arm(s) {', '.join(again)}; run only "
-                         f"the missing ones or use another --json")
+        raise StudyError(f"{path} already holds arm(s) {', '.join(again)}; run only the "
+                         "missing ones or use another --json")
+    study.setdefault("invocations", [])
     return study
 
 
@@ -114,14 +126,14 @@ def read_metrics(run_dir: Path) -> dict:
             "skipped_steps": train[-1].get("skipped_steps", 0)}
 
 
-def run_arm(args, arm: str) -> dict:
+def run_arm(args, arm: str, position: str = "") -> dict:
     out = Path(args.out) / arm
     overrides = [*args.set, *ARMS[arm], f"train.output_dir={out}"]
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config", args.config,
            "--set", *overrides]
     env = checkout_env()
     log_file = Path(args.out) / f"{arm}.log"
-    print(f"[{arm}] {' '.join(cmd)}\n[{arm}] log: {log_file}", flush=True)
+    print(f"[{arm}]{position} {' '.join(cmd)}\n[{arm}] log: {log_file}", flush=True)
     t0 = time.time()
     with open(log_file, "w") as log:
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -195,26 +207,56 @@ def print_report(study: dict) -> None:
         print(f"\ngap ratio not available ({why})")
 
 
+def config_error(args, arms: list[str]) -> str | None:
+    """What is wrong with --config and --set, alone and with each arm's keys (as the arm's
+    pretrain.py will load them); None when nothing."""
+    from slope_megatron.config import load_config
+    from slope_megatron.errors import SlopeError
+    try:
+        load_config(args.config, args.set)
+    except SlopeError as e:
+        return str(e)
+    for arm in arms:
+        try:
+            load_config(args.config, [*args.set, *ARMS[arm],
+                                      f"train.output_dir={Path(args.out) / arm}"])
+        except SlopeError as e:
+            return f"arm {arm}: {e}"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    from slope_megatron.errors import EXIT_USER_ERROR
     from slope_megatron.fileio import write_text_atomic
 
+    def usage_error(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
     arms = list(dict.fromkeys(args.arms))
-    if not Path(args.config).is_file():
-        raise SystemExit(f"error: config file {args.config} does not exist")
+    problem = config_error(args, arms)
+    if problem is not None:
+        return usage_error(problem)
     taken = [str(Path(args.out) / a) for a in arms if (Path(args.out) / a).exists()]
     if taken:
-        raise SystemExit(f"error: {', '.join(taken)} exist(s); choose another --out or run "
-                         f"only other arms (runs are never reused)")
+        return usage_error(f"{', '.join(taken)} {'exists' if len(taken) == 1 else 'exist'}; "
+                           "choose another --out or run only other arms (runs are never "
+                           "reused)")
     json_path = Path(args.json) if args.json else None
-    study = load_study(json_path, study_identity(args), arms)  # checked before any run
+    try:
+        study = load_study(json_path, study_identity(args), arms)  # checked before any run
+    except StudyError as e:
+        return usage_error(str(e))
+    cpu_notice("the quality study")
     given = sys.argv[1:] if argv is None else list(argv)
-    study["invocations"].append({"date": run_environment()["date"], "arms": arms, "command": " ".join(
-        [sys.executable, str(Path(__file__).resolve().relative_to(ROOT)), *given])})
+    study["invocations"].append({"date": run_environment()["date"], "arms": arms,
+                                 "command": " ".join([sys.executable, str(Path(
+                                     __file__).resolve().relative_to(ROOT)), *given])})
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    for arm in arms:
-        study["arms"][arm] = run_arm(args, arm)
+    for i, arm in enumerate(arms, 1):
+        study["arms"][arm] = run_arm(args, arm, f" ({i}/{len(arms)})")
         study["arms"] = ordered(study["arms"])
         study["summary"] = summarize(study["arms"])
         if json_path is not None:

@@ -37,9 +37,14 @@ def test_bench_train_reports_each_arm_against_dense(tmp_path):
     for arm in ("dense", "slope-reference"):  # metrics and log stay, checkpoints do not
         assert (out / arm / "metrics.jsonl").is_file() and (out / arm / "stderr.log").is_file()
         assert not (out / arm / "checkpoints").exists()
-    # a second run into the same directory is refused instead of mixing results
+    # each arm said when it started and where its log goes
+    assert f"[dense] (1/2) training; log: {out / 'dense' / 'stderr.log'}" in done.stdout
+    assert "[slope-reference] (2/2) training; log: " in done.stdout
+    # a second run into the same directories is refused, before any arm runs
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode != 0 and "exists" in again.stderr
+    assert again.returncode == 2 and again.stdout == ""
+    assert again.stderr.startswith("error: ") and len(again.stderr.splitlines()) == 1
+    assert f"{out / 'dense'}, {out / 'slope-reference'} exist;" in again.stderr
 
 
 def test_python_arm_turns_the_native_step_off(tmp_path, monkeypatch):

@@ -47,4 +47,4 @@ def test_bench_inference_per_block_and_whole_model_arithmetic(capsys):
     assert d["prefill"][512] == {"block_ms": 2.0, "model_ms": 3.0 + 31 * 2.0}
     assert d["decode"][8]["block_ms"] == 0.75
     assert load_launch("bench").main(["inference", "--layers", "1"]) == 2
-    assert "--layers must be >= 2" in capsys.readouterr().err
+    assert "--layers must be at least 2" in capsys.readouterr().err

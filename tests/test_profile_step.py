@@ -1,4 +1,5 @@
 """The per-op profile's kernel-name categories (the profile itself runs on a GPU only)."""
+from pathlib import Path
 
 import pytest
 from launch_helpers import load_launch
@@ -31,7 +32,8 @@ def test_profile_needs_a_gpu(capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-side refusal")
-    assert profile_step.main(["--arms", "dense"]) == 2
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "gpt2-small.yaml")
+    assert profile_step.main(["--arms", "dense", "--config", config]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
