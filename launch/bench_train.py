@@ -108,7 +108,7 @@ def _run_arm(args, arm: str, position: str = "") -> dict:
     out.mkdir(parents=True)
     start = time.perf_counter()
     with open(log_file, "w") as log:
-        done = subprocess.run(cmd, env=env, text=True, stdout=subprocess.DEVNULL, stderr=log)
+        done = subprocess.run(cmd, env=env, text=True, stdout=log, stderr=subprocess.STDOUT)
     wall_s = round(time.perf_counter() - start, 1)  # whole run: start-up, compile, steps
     stderr = log_file.read_text(errors="replace")
     if done.returncode == EXIT_OUT_OF_MEMORY:

@@ -334,7 +334,6 @@ def _main(argv=None) -> int:
         raise PlotError(f"--out {out}: the image's name must end in "
                         f"{', '.join(IMAGE_SUFFIXES)}")
     files = [(Path(f), *read_json(Path(f))) for f in args.json]  # all checked before plotting
-    out.parent.mkdir(parents=True, exist_ok=True)
     if len(files) > 1:
         other = [str(f) for f, kind, _ in files if kind != "bench-train"]
         if other:
@@ -343,6 +342,7 @@ def _main(argv=None) -> int:
                             f"quality-study JSON{'' if len(other) == 1 else 's'}; plot "
                             f"{'it' if len(other) == 1 else 'each'} on its own")
         reports = [data for _, _, data in files]
+        out.parent.mkdir(parents=True, exist_ok=True)
         (plot_memory_by_size if args.memory else plot_scaling)(reports, out, args.arm or "slope")
         print(f"wrote {out}")
         return 0
@@ -357,6 +357,7 @@ def _main(argv=None) -> int:
     if kind == "quality" and not data["arms"]:
         raise PlotError(f"{src} is a quality-study JSON that holds no arm yet; run some "
                         "with launch/quality_study.py --json first")
+    out.parent.mkdir(parents=True, exist_ok=True)  # after every check: an error leaves nothing
     if kind == "quality":
         plot_quality(data, out)
     else:

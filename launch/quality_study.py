@@ -48,7 +48,7 @@ ARMS = {
     "slope": ["sparsity.enabled=true", "sparsity.double_prune=true", "adapters.enabled=false"],
     "slope-adapters": ["sparsity.enabled=true", "sparsity.double_prune=true",
                        "adapters.enabled=true", "adapters.rank_ratio=0.02", "adapters.rank=null",
-                       "adapters.fraction=0.01"],
+                       "adapters.rank_of=hidden", "adapters.fraction=0.01"],
 }
 STUDY_ARMS = list(ARMS)  # the four the goal is about: the default --arms
 ARMS["slope-adapters-10pct"] = [*(o for o in ARMS["slope-adapters"]
@@ -77,7 +77,7 @@ def study_identity(args) -> dict:
     """What two invocations must share for their arms to belong to one study."""
     text = Path(args.config).read_bytes()
     return {"config": args.config, "config_sha256": hashlib.sha256(text).hexdigest(),
-            "overrides": list(args.set)}
+            "overrides": list(args.set), "arm_overrides": ARMS}
 
 
 class StudyError(Exception):
@@ -95,7 +95,9 @@ def load_study(path: Path | None, ident: dict, arms: list[str]) -> dict:
     if not isinstance(study, dict) or not isinstance(study.get("arms"), dict):
         raise StudyError(f"{path} is not a quality-study JSON (no 'arms'); choose another "
                          "--json")
-    for key in ("config_sha256", "overrides"):
+    # arm_overrides: what each arm sets (a study JSON written before it was recorded ran
+    # other settings, e.g. adapter ranks of each layer's input width, and is not continued)
+    for key in ("config_sha256", "overrides", "arm_overrides"):
         if study.get(key) != ident[key]:
             raise StudyError(f"{path} holds a different study ({key}: {study.get(key)!r} "
                              f"there, {ident[key]!r} here); use the same --config file and "

@@ -70,6 +70,7 @@ def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.
             for pid in pids:
                 if pid not in codes:
                     os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)  # reaped: no zombie for the rest of the session
             raise TimeoutError(f"run did not finish in {timeout}s")
         time.sleep(0.02)
     return [codes[p] for p in pids]

@@ -61,7 +61,7 @@ def test_bench_train_records_an_arm_that_does_not_fit(tmp_path, monkeypatch, cap
         out = Path(next(o for o in overrides if o.startswith("train.output_dir="))
                    .split("=", 1)[1])
         if "sparsity.enabled=false" in overrides:
-            kw["stderr"].write(  # the arm's log file, as the child writes it
+            kw["stdout"].write(  # the arm's log file, as the child writes it
                 "INFO building the model\nerror: out of GPU memory: CUDA out of memory. Tried "
                 "to allocate 2.00 GiB. To fit: lower train.micro_batch_size ...\n")
             return SimpleNamespace(returncode=EXIT_OUT_OF_MEMORY)

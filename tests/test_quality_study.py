@@ -198,3 +198,17 @@ def test_the_diagnostic_adapter_arm_runs_only_when_asked_for():
     assert set(extra) - set(base) == {"adapters.fraction=0.1"}
     assert set(base) - set(extra) == {"adapters.fraction=0.01"}
     assert study_mod.parse_args(["--arms", "slope-adapters-10pct"]).arms == ["slope-adapters-10pct"]
+
+
+def test_a_study_recorded_with_other_arm_settings_is_not_continued(tmp_path):
+    """A study JSON from before the arms' settings were recorded (e.g. adapter ranks of each
+    layer's input width) is another study: its arms are not merged with new ones."""
+    args = type("Args", (), {"config": str(ROOT / "configs" / "demo.yaml"), "set": []})()
+    ident = study_mod.study_identity(args)
+    old = {k: v for k, v in ident.items() if k != "arm_overrides"}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({**old, "arms": {"dense": {}}}))
+    with pytest.raises(study_mod.StudyError, match="arm_overrides"):
+        study_mod.load_study(path, ident, ["slope-adapters"])
+    path.write_text(json.dumps({**ident, "arms": {"dense": {}}}))
+    assert "dense" in study_mod.load_study(path, ident, ["slope-adapters"])["arms"]

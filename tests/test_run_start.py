@@ -108,6 +108,10 @@ def test_the_recorded_config_read_once_keeps_each_readers_behaviour(tmp_path):
     (out / "checkpoints" / "latest").write_text("iter_00000004")
     with pytest.raises(ConfigError, match="run_config.yaml cannot be read"):  # one line
         check_output_dir(cfg, out, read_recorded_config(out))
+    for text in ("", "- a list\n", "3\n"):  # truncated, or not a config: no traceback either
+        (out / RUN_CONFIG).write_text(text)
+        with pytest.raises(ConfigError, match="empty or not a mapping"):
+            check_output_dir(cfg, out, read_recorded_config(out))
     (out / RUN_CONFIG).write_text(yaml.safe_dump(
         load_config(None, [f"train.output_dir={out}", "model.num_layers=5"]).to_dict()))
     with pytest.raises(ConfigError, match=r"holds a different run \(model.num_layers: 5 -> "):

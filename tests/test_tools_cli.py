@@ -96,7 +96,7 @@ def _fake_pretrain(capsys, seen):
         out = Path(next(s for s in sets if s.startswith("train.output_dir=")).split("=", 1)[1])
         seen.append((out.name, capsys.readouterr()))
         out.mkdir(parents=True, exist_ok=True)  # as pretrain.py does
-        kw["stderr"].write("x auto: 64x64 T=8 -> cublas (sparse step 0.9x dense)\n")
+        kw["stdout"].write("x auto: 64x64 T=8 -> cublas (sparse step 0.9x dense)\n")
         (out / "metrics.jsonl").write_text(json.dumps(
             {"iter": 2, "loss": 5.0, "tokens_per_s": 100.0, "max_mem_gb": None,
              "resident_mem_gb": None, "adapters_active": False, "val_loss": 5.1,

@@ -110,13 +110,16 @@ def check_output_dir(cfg: Config, out: Path,
     if recorded is None:
         recorded = read_recorded_config(out)
     if recorded.found and holds_checkpoint(out):
-        if recorded.error is not None:
+        problem = recorded.error if recorded.error is not None else (
+            None if isinstance(recorded.data, dict) and recorded.data
+            else "it is empty or not a mapping of config sections")
+        if problem is not None:
             raise ConfigError(f"train.output_dir '{out}' holds a checkpoint, but its "
-                              f"{RUN_CONFIG} cannot be read ({recorded.error}); restore it (it "
+                              f"{RUN_CONFIG} cannot be read ({problem}); restore it (it "
                               f"says which run the checkpoint belongs to) or use a new "
                               f"train.output_dir")
         new = _identity(cfg.to_dict())
-        old = with_added_keys(_identity(recorded.data or {}), new)
+        old = with_added_keys(_identity(recorded.data), new)
         diff = identity_diff(old, new)
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])

@@ -11,7 +11,7 @@ first iteration at or past the new total's switch point (adapters already on sta
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import sys
 import time
@@ -56,6 +56,8 @@ from .run_setup import (
     sample_from_checkpoint,
 )
 from .steps import eval_indices, eval_loss, is_pipelined, make_batch, train_step
+
+log = logging.getLogger(__name__)
 
 
 def rerun_advice(cfg: Config, how: str, ckpt_dir: Optional[Path] = None) -> str:
@@ -185,15 +187,19 @@ class TrainResult:
     resumed_from: int
 
 
+def _destroy_engine(engine) -> None:
+    """DeepSpeed's engine teardown (its optimizer's hooks and buffers) at the end of a finished
+    run, before the caller shuts the process groups down (`distributed.shutdown_distributed`):
+    the teardown still asks them for the rank. Not after an error: it synchronizes the device,
+    which can wait forever on a collective a failed peer never joins, before the error line is
+    printed. Never raises: a teardown problem must not turn a finished run into a failure."""
+    try:
+        engine.destroy()
+    except Exception as e:  # noqa: BLE001
+        log.warning("DeepSpeed engine teardown failed: %s", e)
+
+
 def train(cfg: Config, dist: DistInfo) -> TrainResult:
-    """One training run on this rank; on any way out the DeepSpeed engine is destroyed (its
-    hooks and the process groups it holds released) before the caller shuts the groups down
-    (`distributed.shutdown_distributed`), since its teardown still asks them for the rank."""
-    with contextlib.ExitStack() as cleanup:
-        return _train(cfg, dist, cleanup)
-
-
-def _train(cfg: Config, dist: DistInfo, cleanup: contextlib.ExitStack) -> TrainResult:
     dp_size = validate_world(cfg, dist.world_size)
     par = None
     if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:
@@ -208,7 +214,6 @@ def _train(cfg: Config, dist: DistInfo, cleanup: contextlib.ExitStack) -> TrainR
 
     torch.manual_seed(cfg.train.seed)
     model, engine, optimizer = build_engine(cfg, par, dp_size)
-    cleanup.callback(engine.destroy)
     stored = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 too
 
     ckpt_dir = out / "checkpoints"
@@ -343,4 +348,5 @@ def _train(cfg: Config, dist: DistInfo, cleanup: contextlib.ExitStack) -> TrainR
         say(f"sample from {last}:\n" + sample_from_checkpoint(last))
         say(f"generate more: python launch/generate.py --checkpoint {out} --prompt \"...\"")
     barrier()
+    _destroy_engine(engine)
     return TrainResult(cfg.train.iters, val_loss, train_loss, start)

@@ -175,6 +175,17 @@ def test_native_sparse_no_grad_and_column_refresh(ext):
     assert torch.allclose(y.float(), ref(x).float(), rtol=2e-2, atol=2e-2)
 
 
+def autograd_node_names(y: torch.Tensor, depth: int = 3) -> list[str]:
+    """Names of the autograd nodes up to `depth` steps behind y (a bias add or view may sit
+    after the layer's own node)."""
+    names, frontier = [], [y.grad_fn]
+    for _ in range(depth):
+        frontier = [n for n in frontier if n is not None]
+        names += [n.name() for n in frontier]
+        frontier = [nxt for n in frontier for nxt, _ in n.next_functions]
+    return names
+
+
 @pytest.mark.parametrize("backend", ["cublas", "cusparselt"])
 def test_native_step_takes_less_host_time(ext, monkeypatch, backend):
     """The point of the native step: a layer step (forward + backward) issues its kernels in
@@ -188,7 +199,7 @@ def test_native_step_takes_less_host_time(ext, monkeypatch, backend):
         lay(x).backward(g)
     host_us = load_launch("host_overhead").host_us  # median host us per call, batches of 10
     step()  # the first call of a token count tunes its plans through the Python function
-    ran = lay(x).grad_fn.name()
+    ran = autograd_node_names(lay(x))
     native = host_us(step, 200)
     monkeypatch.setattr(cublas, "native_ops", lambda: None)
     monkeypatch.setattr(cusparselt, "native_ops", lambda: None)
@@ -196,5 +207,5 @@ def test_native_step_takes_less_host_time(ext, monkeypatch, backend):
     print(f"{backend} host us per step: native {native:.1f} ({ran}), python {python:.1f}")
     # which path ran first: this timing failed now and then inside the whole suite (native
     # about as slow as Python) and passed alone; the name tells a path choice from noise
-    assert "Step" in ran, f"the native step did not run: {ran}"
+    assert any("Step" in name for name in ran), f"the native step did not run: {ran}"
     assert native < 0.8 * python, (native, python)
