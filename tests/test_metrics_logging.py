@@ -170,3 +170,35 @@ def test_readme_lists_every_metrics_field_written(runs):
     paragraph = readme[start:readme.index("\n- ", start)]
     named = set(re.findall(r"[a-z_]+", " ".join(re.findall(r"`([^`]*)`", paragraph))))
     assert fields <= named, sorted(fields - named)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1])
+def test_grad_norm_is_logged_where_deepspeed_computes_it(tmp_path, stage):
+    """ZeRO 1-3 compute the global gradient norm (before clipping): every train record holds
+    it; ZeRO-0 steps our client optimizer, which computes none: null, not a made-up value."""
+    corpus = write_corpus(tmp_path / "corpus")
+    out = tmp_path / "run"
+    argv = tiny_run_args(corpus, tmp_path / "cache", out, 3, 0, f"zero.stage={stage}")
+    assert launch(argv) == 0
+    norms = [r["grad_norm"] for r in records(out) if "tokens_per_s" in r]
+    assert len(norms) == 3
+    if stage == 0:
+        assert norms == [None] * 3
+    else:
+        assert all(isinstance(n, float) and 0 < n < 1e4 for n in norms), norms
+
+
+def test_grad_norm_reads_a_device_tensor_or_nothing():
+    import torch
+
+    from slope_megatron.training.trainer import global_grad_norm
+
+    class Engine:
+        def __init__(self, norm):
+            self.norm = norm
+
+        def get_global_grad_norm(self):
+            return self.norm
+    assert global_grad_norm(Engine(torch.tensor(2.5, dtype=torch.float64))) == 2.5
+    assert global_grad_norm(Engine(3)) == 3.0 and global_grad_norm(Engine(None)) is None

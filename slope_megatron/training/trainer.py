@@ -127,6 +127,17 @@ def guard_client_optimizer(engine) -> None:
     opt.step, opt.overflow, opt._slope_guarded = guarded_step, False, True
 
 
+def global_grad_norm(engine) -> Optional[float]:
+    """The global gradient norm (before clipping) of the engine's last optimizer step, as
+    DeepSpeed's ZeRO optimizers compute it (stages 1-3, pipeline included); None where
+    DeepSpeed computes none (ZeRO-0 with our client optimizer). Read at log intervals only:
+    on a GPU it is a device tensor, and reading it waits for the step."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
 class _KillMidEval(list):
     """Validation batches that reach the `eval` kill point after the first one ran."""
 
@@ -316,7 +327,8 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
                           "adapters_active": adapters_on, "time_s": now - t0,
                           "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None,
                           "skipped_steps": skipped_total, "max_mem_gb": max_memory_gb(),
-                          "resident_mem_gb": resident_memory_gb()}
+                          "resident_mem_gb": resident_memory_gb(),
+                          "grad_norm": global_grad_norm(engine)}
                 if window:
                     metrics.write(record)
                     say(format_train_line(record))
