@@ -249,8 +249,9 @@ def shutdown_distributed(completed: bool) -> None:
        here, while the interpreter is fully alive, instead of during interpreter shutdown in
        whatever order finalization reaches them.
     Never raises: a teardown problem must not replace the run's own exit status or error.
-    The DeepSpeed engine must have been destroyed before (engine.destroy(), which still asks
-    the process group for the rank); an engine left alive keeps its groups until exit.
+    After a finished run, train() has destroyed the DeepSpeed engine already (its teardown
+    still asks the process group for the rank); after an error the engine is left alive and
+    keeps its groups until exit (its teardown could wait on a failed peer).
     """
     log = logging.getLogger(__name__)
     if dist.is_initialized():
