@@ -141,6 +141,9 @@ def test_the_banner_says_since_when_the_adapters_are_on():
     assert "adapters from" not in phase(cfg, adapters_on=True, adapters_since=None)
     short = load_config(None, ["train.iters=9", "adapters.fraction=0.05"])
     assert phase(short, adapters_on=True, adapters_since=6) == "adapters on since iter 6"
+    # a resume past a switch point not yet reached (train.iters lowered): they switch at once
+    assert phase(cfg, start=12) == "adapters from iter 12 (the switch point, iter 11, has passed)"
+    assert phase(cfg, start=11) == phase(cfg, start=3) == "adapters from iter 11"
 
 
 @pytest.mark.slow

@@ -15,12 +15,13 @@ from .optimizer import lr_at
 
 
 def adapter_phase(cfg: Config, adapters_on: bool = False,
-                  adapters_since: Optional[int] = None) -> str:
+                  adapters_since: Optional[int] = None, start: int = 0) -> str:
     """The start banner's words for the adapter phase: from which iteration, or why none.
 
     On a resume with the adapters already on (`adapters_on`) it says since when, as the
     warning of a resume with another train.iters does (`adapters_since`, from
-    adapters_on_since), not this run's switch point."""
+    adapters_on_since), not this run's switch point; on a resume at `start` past a switch
+    point they have not reached, that they switch on at once, as the warning says."""
     if not cfg.sparsity.enabled:
         return "no adapters (dense run: sparsity.enabled=false)"
     if not cfg.adapters.enabled:
@@ -33,6 +34,9 @@ def adapter_phase(cfg: Config, adapters_on: bool = False,
         f, n = cfg.adapters.fraction, cfg.train.iters
         return (f"no adapter phase (adapters.fraction {f:g} x train.iters {n} = {f * n:.3g}, "
                 f"less than one iteration)")
+    if start > cfg.adapter_start_iter:  # train.iters changed on a resume: switched at once
+        return (f"adapters from iter {start} (the switch point, iter {cfg.adapter_start_iter}, "
+                f"has passed)")
     return f"adapters from iter {cfg.adapter_start_iter}"
 
 

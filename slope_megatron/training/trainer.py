@@ -244,7 +244,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
         f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
-        f"dp={dp_size}, {adapter_phase(cfg, adapters_on, adapters_since)}, "
+        f"dp={dp_size}, {adapter_phase(cfg, adapters_on, adapters_since, start)}, "
         f"torch.compile {'on (first step compiles)' if compile_enabled() else 'off'}, "
         f"optimizer {type(engine.optimizer).__name__}")
     if not cfg.train.save_interval:
