@@ -27,7 +27,7 @@ from pathlib import Path
 
 from child_env import checkout_env  # launch/ siblings
 from provenance import run_environment
-from slope_megatron.cli import Once, add_set_argument
+from slope_megatron.cli import Once, add_set_argument, config_error
 from slope_megatron.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,18 +189,8 @@ def argument_error(args) -> str | None:
     if taken:
         return (f"{', '.join(taken)} {'exists' if len(taken) == 1 else 'exist'}; choose "
                 "another --out (runs are never reused)")
-    from slope_megatron.config import load_config
-    from slope_megatron.errors import SlopeError
-    try:
-        load_config(args.config, args.set)
-    except SlopeError as e:
-        return str(e)
-    for arm in args.arms:
-        try:
-            load_config(args.config, arm_overrides(args, arm))
-        except SlopeError as e:
-            return f"arm {arm}: {e}"
-    return None
+    return config_error(args.config, args.set,
+                        {arm: arm_overrides(args, arm) for arm in args.arms})
 
 
 def cpu_notice(what: str) -> None:

@@ -34,7 +34,7 @@ from child_env import checkout_env
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
-from slope_megatron.cli import Once, add_set_argument  # noqa: E402
+from slope_megatron.cli import Once, add_set_argument, config_error  # noqa: E402
 from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
 
 # (category, substrings of a lower-cased kernel name); the first match wins
@@ -268,18 +268,8 @@ def argument_error(args) -> str | None:
         return f"--steps must be at least 1, got {args.steps}"
     if args.warmup < 0:
         return f"--warmup must be at least 0, got {args.warmup}"
-    from slope_megatron.config import load_config
-    from slope_megatron.errors import SlopeError
-    try:
-        load_config(args.config, args.set)
-    except SlopeError as e:
-        return str(e)
-    for arm in dict.fromkeys(args.arms):
-        try:
-            load_config(args.config, [*args.set, *ARMS[arm]])
-        except SlopeError as e:
-            return f"arm {arm}: {e}"
-    return None
+    return config_error(args.config, args.set,
+                        {arm: [*args.set, *ARMS[arm]] for arm in args.arms})
 
 
 def main(argv=None) -> int:

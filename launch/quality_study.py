@@ -39,6 +39,7 @@ from bench_train import cpu_notice, speed  # launch/ siblings
 from child_env import checkout_env
 from provenance import run_environment
 from slope_megatron.cli import Once, add_set_argument
+from slope_megatron.cli import config_error as cli_config_error
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
@@ -212,19 +213,9 @@ def print_report(study: dict) -> None:
 def config_error(args, arms: list[str]) -> str | None:
     """What is wrong with --config and --set, alone and with each arm's keys (as the arm's
     pretrain.py will load them); None when nothing."""
-    from slope_megatron.config import load_config
-    from slope_megatron.errors import SlopeError
-    try:
-        load_config(args.config, args.set)
-    except SlopeError as e:
-        return str(e)
-    for arm in arms:
-        try:
-            load_config(args.config, [*args.set, *ARMS[arm],
-                                      f"train.output_dir={Path(args.out) / arm}"])
-        except SlopeError as e:
-            return f"arm {arm}: {e}"
-    return None
+    return cli_config_error(args.config, args.set, {
+        arm: [*args.set, *ARMS[arm], f"train.output_dir={Path(args.out) / arm}"]
+        for arm in arms})
 
 
 def main(argv=None) -> int:

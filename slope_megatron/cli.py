@@ -23,3 +23,18 @@ def add_set_argument(p: argparse.ArgumentParser, help: str, **kw) -> None:
     """`--set KEY=VALUE ...`, repeatable."""
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help=f"{help} (repeatable: --set a=1 --set b=2 == --set a=1 b=2)", **kw)
+
+
+def config_error(config, sets: list[str], arm_sets: dict[str, list[str]]) -> str | None:
+    """What is wrong with a --config file and its --set overrides, alone and then with each
+    arm's full overrides (`arm_sets`: arm -> the --set its process will load); None when
+    nothing. Launchers that start one process per arm call it before starting any."""
+    from .config import load_config
+    from .errors import SlopeError
+
+    for arm, overrides in {None: list(sets), **arm_sets}.items():
+        try:
+            load_config(config, overrides)
+        except SlopeError as e:
+            return str(e) if arm is None else f"arm {arm}: {e}"
+    return None
