@@ -9,6 +9,7 @@ pipeline stages' state dicts map back to GPTModel names with `pipeline_to_model_
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -76,8 +77,32 @@ class PipelineLoss:
         return lm_loss(logits, targets)
 
 
+@functools.cache
+def _pipeline_module_class():
+    """DeepSpeed's PipelineModule, with its tied-weight broadcast taken out of autograd.
+
+    `PipelineModule._synchronize_tied_weights` (deepspeed/runtime/pipe/module.py; called by
+    `__init__` and by `load_state_dir` on a checkpoint load) runs `dist.broadcast` in place
+    on the tied embedding's Parameter with grad mode on. c10d::broadcast_ has no autograd
+    kernel, so torch's fallback (basicAutogradNotImplementedFallbackImpl, mode "warn")
+    registers on that Parameter a gradient hook that warns "c10d::broadcast_: an autograd
+    kernel was not registered ..." whenever a gradient reaches it: at every backward, on
+    the first and last stages, for the whole run (one more hook per load). The hook only
+    warns (gradients are unchanged), but a weight copy is no differentiable op: do it under
+    no_grad, as a parameter initialisation is, and no hook is made.
+    """
+    from deepspeed.pipe import PipelineModule
+
+    class SlopePipelineModule(PipelineModule):
+        def _synchronize_tied_weights(self):
+            with torch.no_grad():
+                super()._synchronize_tied_weights()
+
+    return SlopePipelineModule
+
+
 def build_pipeline_model(cfg: Config, parallel):
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     tied = cfg.model.tie_embeddings
     embed = TiedLayerSpec("embed", EmbeddingPipe, cfg, parallel, tied_weight_attr="tokens.weight") \
@@ -87,9 +112,10 @@ def build_pipeline_model(cfg: Config, parallel):
     if tied:
         specs.append(TiedLayerSpec("embed", EmbeddingPipe, cfg, parallel, forward_fn=_tied_lm_head,
                                    tied_weight_attr="tokens.weight"))
-    return PipelineModule(layers=specs, loss_fn=PipelineLoss(cfg, parallel),
-                          topology=parallel.topology, partition_method="type:BlockPipe",
-                          activation_checkpoint_interval=0)
+    return _pipeline_module_class()(layers=specs, loss_fn=PipelineLoss(cfg, parallel),
+                                    topology=parallel.topology,
+                                    partition_method="type:BlockPipe",
+                                    activation_checkpoint_interval=0)
 
 
 _PIPE_KEY = re.compile(r"^(\d+)\.(.*)$")
