@@ -4,7 +4,7 @@ import pytest
 
 from slope_megatron.config import ConfigError, load_config
 from slope_megatron.training.checkpoint import identity_diff
-from slope_megatron.training.engine import deepspeed_config
+from slope_megatron.training.engine import check_precision_layout, deepspeed_config
 from slope_megatron.training.trainer import run_identity
 
 
@@ -63,3 +63,22 @@ def test_user_json_cannot_pick_the_accumulation_dtype(tmp_path):
     path.write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32", "other": 1}}))
     ds = _ds("zero.stage=0", f"zero.deepspeed_json={path}")
     assert ds["data_types"] == {"other": 1}
+
+
+@pytest.mark.parametrize("stage,tp,pp,dtype,refused", [
+    (0, 2, 1, "bf16", True),   # FP16_UnfusedOptimizer: the norm of TP rank 0's shard only
+    (0, 2, 1, "fp16", True),
+    (0, 2, 2, "fp16", True),   # fp16 takes the same wrapper under PP
+    (0, 2, 2, "bf16", False),  # BF16_Optimizer counts flagged shards
+    (0, 2, 1, "fp32", False),  # DeepSpeed steps our AdamW; grad_norm.ClientGradNorm counts
+    (1, 2, 1, "bf16", False),
+    (0, 1, 1, "bf16", False),
+])
+def test_zero0_in_16_bits_with_tensor_parallelism_is_refused(stage, tp, pp, dtype, refused):
+    cfg = load_config(None, [f"zero.stage={stage}", f"parallel.tensor={tp}",
+                             f"parallel.pipeline={pp}", "model.num_layers=4"])
+    if refused:
+        with pytest.raises(ConfigError, match=r"'zero.stage' = 0 .*tensor-parallel.*zero.stage: 1"):
+            check_precision_layout(cfg, dtype)
+    else:
+        assert check_precision_layout(cfg, dtype) == dtype

@@ -172,21 +172,93 @@ def test_readme_lists_every_metrics_field_written(runs):
     assert fields <= named, sorted(fields - named)
 
 
+def _grad_norms(root: Path, world: int, *layout: str) -> list:
+    """grad_norm of every train record of a 4-iteration run on `world` forked ranks."""
+    out = root / "_".join(layout).replace("=", "-")
+    argv = tiny_run_args(root / "corpus", root / "cache", out, 4, 0, *layout)
+    assert launch_ranks(argv, world) == [0] * world
+    return [r["grad_norm"] for r in records(out) if "tokens_per_s" in r]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1])
-def test_grad_norm_is_logged_where_deepspeed_computes_it(tmp_path, stage):
-    """ZeRO 1-3 compute the global gradient norm (before clipping): every train record holds
-    it; ZeRO-0 steps our client optimizer, which computes none: null, not a made-up value."""
-    corpus = write_corpus(tmp_path / "corpus")
-    out = tmp_path / "run"
-    argv = tiny_run_args(corpus, tmp_path / "cache", out, 3, 0, f"zero.stage={stage}")
-    assert launch(argv) == 0
-    norms = [r["grad_norm"] for r in records(out) if "tokens_per_s" in r]
-    assert len(norms) == 3
-    if stage == 0:
-        assert norms == [None] * 3
-    else:
-        assert all(isinstance(n, float) and 0 < n < 1e4 for n in norms), norms
+@pytest.mark.parametrize("world,layout", [
+    (1, ("optimizer.grad_clip=0.05",)),  # clipping on: the norm DeepSpeed's clipping computes
+    (1, ("optimizer.grad_clip=0", "train.log_interval=2")),  # off: computed when logged
+    (2, ("parallel.tensor=2", "optimizer.grad_clip=0")),  # replicated weights once, shards all
+    (2, ("parallel.pipeline=2", "optimizer.grad_clip=0")),  # every stage, tied embedding once
+    (2, ("optimizer.grad_clip=0.05",)),  # DP=2
+], ids=["clip", "no-clip", "tp2", "pp2", "dp2"])
+def test_grad_norm_without_zero_equals_zero_1s(tmp_path, world, layout):
+    """ZeRO-0 in fp32 steps our client optimizer, for which DeepSpeed computes no norm: we
+    compute it as DeepSpeed counts it, so it equals ZeRO-1's (the same training on the same
+    seed) in every layout - before clipping, where clipping is on."""
+    write_corpus(tmp_path / "corpus")
+    zero0 = _grad_norms(tmp_path, world, "zero.stage=0", *layout)
+    zero1 = _grad_norms(tmp_path, world, "zero.stage=1", *layout)
+    assert len(zero0) == (2 if "train.log_interval=2" in layout else 4)
+    assert all(isinstance(n, float) and n > 0 for n in zero0), zero0
+    assert zero0 == pytest.approx(zero1, rel=1e-5), (zero0, zero1)
+    if "optimizer.grad_clip=0.05" in layout:
+        assert min(zero0) > 0.05  # every step clipped: the logged norm is the one before
+
+
+def _stage0_norms_by_hand(clip: float) -> dict:
+    """On one forked rank: a DeepSpeed ZeRO-0 engine (fp32, client AdamW) with grad_norm
+    attached, and the norm of the same model's gradients computed by hand, step by step."""
+    import copy
+
+    import deepspeed
+    import torch
+
+    from slope_megatron.training.grad_norm import ClientGradNorm
+    from slope_megatron.training.trainer import global_grad_norm, guard_client_optimizer
+
+    def engine_for(stage, model):
+        config = {"train_batch_size": 1, "gradient_clipping": clip,
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    ref = copy.deepcopy(model)
+    engine = engine_for(0, model)
+    guard_client_optimizer(engine)
+    tracker = ClientGradNorm.attach(engine)
+    got, by_hand = [], []
+    for wanted, bad in [(True, False), (False, False), (True, False), (True, True)]:
+        x, y = torch.randn(1, 4), torch.randn(1, 2)
+        if bad:
+            x[0, 0] = float("nan")
+        ref.load_state_dict(engine.module.state_dict())
+        ref.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        by_hand.append(torch.linalg.vector_norm(
+            torch.cat([p.grad.flatten() for p in ref.parameters()])).item())
+        tracker.wanted = wanted
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+        got.append(global_grad_norm(engine))
+    one = engine_for(1, copy.deepcopy(ref))
+    return {"got": got, "by_hand": by_hand, "skipped": not engine.was_step_applied(),
+            "stage1_attached": ClientGradNorm.attach(one) is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clip", [0.01, 0.0])
+def test_grad_norm_without_zero_is_the_norm_of_the_gradients(clip):
+    """The ZeRO-0 norm equals the gradients' L2 norm computed by hand, before clipping; with
+    clipping off it is computed only on the steps asked for (the logged ones); a skipped
+    step's is inf (logged as null), as DeepSpeed's optimizers report it."""
+    from dist_utils import run_distributed
+
+    (r,) = run_distributed(_stage0_norms_by_hand, 1, clip)
+    got, by_hand = r["got"], r["by_hand"]
+    assert min(by_hand[:3]) > 0.01  # clipping, where on, changed every step
+    expected = by_hand[:3] if clip else [by_hand[0], None, by_hand[2]]
+    assert got[:3] == pytest.approx(expected, rel=1e-5), (got, by_hand)
+    assert r["skipped"] and got[3] == float("inf")
+    assert not r["stage1_attached"]  # ZeRO 1-3 compute it themselves
 
 
 def test_grad_norm_reads_a_device_tensor_or_nothing():

@@ -24,6 +24,27 @@ def resolve_dtype(cfg: Config) -> str:
     return want
 
 
+def check_precision_layout(cfg: Config, dtype: str | None = None) -> str:
+    """The run's dtype (resolve_dtype), refusing ZeRO-0 in 16 bits with tensor parallelism.
+
+    At zero.stage 0 DeepSpeed 0.19.8 wraps our AdamW in FP16_UnfusedOptimizer for fp16, and
+    for bf16 without pipeline parallelism (with it, BF16_Optimizer). That wrapper computes the
+    global gradient norm from the `.grad` tensors, which lack the model-parallel flags of their
+    parameters (`runtime.utils.get_weight_norm`), so every tensor-parallel rank but the first
+    drops all its gradients: the norm, and with it gradient clipping, covers one shard of the
+    model. ZeRO 1-3 count the shards right. Called first thing in train(), before any work.
+    """
+    dtype = dtype or resolve_dtype(cfg)
+    unfused = dtype == "fp16" or (dtype == "bf16" and cfg.parallel.pipeline == 1)
+    if cfg.zero.stage == 0 and cfg.parallel.tensor > 1 and unfused:
+        raise ConfigError(
+            f"config key 'zero.stage' = 0 with train.dtype {dtype} and parallel.tensor = "
+            f"{cfg.parallel.tensor}: DeepSpeed's ZeRO-0 {dtype} optimizer wrapper computes the "
+            f"gradient norm (and so the clipping) from the first tensor-parallel rank's shard "
+            f"only; use zero.stage: 1 (or 2, 3), or train.dtype: fp32")
+    return dtype
+
+
 def _user_json(cfg: Config) -> dict:
     """zero.deepspeed_json's settings; load_config resolved the path (a relative one in a
     config file: next to it if there) and checked it before any work."""

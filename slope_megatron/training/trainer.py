@@ -31,7 +31,8 @@ from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint, faults
 from .data_order import GlobalBatchOrder
 from .distributed import DistInfo, all_reduce_mean, barrier
-from .engine import build_engine, grad_accum_dtype, resolve_dtype
+from .engine import build_engine, check_precision_layout, grad_accum_dtype, resolve_dtype
+from .grad_norm import ClientGradNorm
 from .metrics import (MetricsWriter, format_train_line, max_memory_gb, peak_flops,
                       resident_memory_gb)
 from .optimizer import (
@@ -129,9 +130,10 @@ def guard_client_optimizer(engine) -> None:
 
 def global_grad_norm(engine) -> Optional[float]:
     """The global gradient norm (before clipping) of the engine's last optimizer step, as
-    DeepSpeed's ZeRO optimizers compute it (stages 1-3, pipeline included); None where
-    DeepSpeed computes none (ZeRO-0 with our client optimizer). Read at log intervals only:
-    on a GPU it is a device tensor, and reading it waits for the step."""
+    DeepSpeed's optimizers compute it (ZeRO 1-3 and ZeRO-0's bf16/fp16 wrappers, pipeline
+    included; ZeRO-0 in fp32 through grad_norm.ClientGradNorm, on logged steps); None where
+    none was computed. Read at log intervals only: on a GPU it is a device tensor, and
+    reading it waits for the step."""
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None
@@ -212,6 +214,7 @@ def _destroy_engine(engine) -> None:
 
 def train(cfg: Config, dist: DistInfo) -> TrainResult:
     dp_size = validate_world(cfg, dist.world_size)
+    check_precision_layout(cfg)
     par = None
     if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:
         par = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
@@ -259,6 +262,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
         if main and warning and start < cfg.train.iters:
             print(warning, file=sys.stderr, flush=True)
     guard_client_optimizer(engine)
+    client_norm = ClientGradNorm.attach(engine)  # None unless ZeRO-0 in fp32
     metrics = MetricsWriter(out, main, start)
     order = GlobalBatchOrder(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_len
@@ -289,6 +293,9 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
             set_lr(optimizer, lr)
             batches = [make_batch(data.train, mb, engine.device) for mb in
                        order.micro_batches(it, dp_rank, dp_size, cfg.train.micro_batch_size)]
+            logged = (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.iters
+            if client_norm is not None:
+                client_norm.wanted = logged  # the norm of a step that is not logged: not needed
             loss, loss_bad = guarded_train_step(engine, batches, it)
             applied = engine.was_step_applied()
             if applied and not math.isfinite(loss):
@@ -318,7 +325,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
                         f"= {cfg.train.max_skipped_steps}); lower optimizer.lr, raise "
                         f"optimizer.warmup_iters or check the data, then "
                         f"{rerun_advice(cfg, '', ckpt_dir)}")
-            if done % cfg.train.log_interval == 0 or done == cfg.train.iters:
+            if logged:
                 now = time.time()
                 train_loss = all_reduce_mean(loss_sum / window) if window else float("nan")
                 tps = tokens_per_iter * window_iters / (now - t_log)
