@@ -117,13 +117,16 @@ class PlanCache:
         return CachedPlan(self.ext.Plan(m, k, n, dtype_name(dtype), device, with_bias=bias), skey)
 
     def tune(self, cp: CachedPlan, a_comp: torch.Tensor, b: torch.Tensor) -> None:
-        """Settle cp's algorithm by a search on these operands (once; stored to the file)."""
+        """Settle cp's algorithm by a search on these operands (once; stored to the file).
+        A search that raises (out of memory above all) leaves cp untuned: the next call
+        searches again instead of keeping the default algorithm for the process's life."""
         if cp.tuned:
             return
-        cp.tuned = True
         if not self.search:
+            cp.tuned = True
             return
         alg, sk, mode, skb, max_alg = cp.plan.search(a_comp, b)
+        cp.tuned = True
         log.info("cuSPARSELt search %s -> alg %d/%d split_k %d", cp.key, alg, max_alg, sk)
         self._stored[cp.key] = {"alg": alg, "split_k": sk, "split_k_mode": mode,
                                 "split_k_buffers": skb}

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         rows["  cache.accepts"] = host_us(lambda: cache.accepts(layer, x2), args.reps)
         rows["  cache.sync_forward"] = host_us(lambda: cache.sync_forward(layer), args.reps)
         rows["  cache.forward (plan matmul)"] = host_us(
-            lambda: cache.forward(x2, None, layer.bias), args.reps)
+            lambda: cache.forward(x2, layer.bias), args.reps)
         rows["  cache.grad_input (plan matmul)"] = host_us(lambda: cache.grad_input(g), args.reps)
         rows["  torch.mm dY^T X"] = host_us(lambda: torch.mm(g.t(), x2), args.reps)
         dw = torch.mm(g.t(), x2)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             lambda: ext.gather_kept_2to4(dw, layer.mask_bits), args.reps)
         rows["  bias grad gy.sum(0)"] = host_us(lambda: g.sum(0), args.reps)
     rows["  CsltSlopeLinearFunction fwd+bwd"] = host_us(
-        lambda: CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache,
+        lambda: CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, cache,
                                               layer).backward(g), args.reps)
 
     print(f"host time per call, {f}x{f} bf16, T={t} (us, median)")

@@ -5,7 +5,8 @@ Each scenario trains a cusparselt layer (fake runtime, real caches, real Triton 
 the interpreter, fp32) beside a reference layer and compares outputs and every gradient after
 each change a training run makes: optimizer steps written through `.data` (DeepSpeed's bf16
 optimizer), evaluation at another token count, the adapter switched on and off, a reload, an
-`auto` timing, a refused widened GEMM. Prints "ok <scenario>" per scenario.
+`auto` timing, a refused widened GEMM, a ZeRO-3 partitioned weight at the optimizer step, an
+out-of-memory at a token count's first call. Prints "ok <scenario>" per scenario.
 """
 import copy
 import sys
@@ -19,6 +20,7 @@ RT = fake_cusparselt.install()
 
 from slope_megatron.sparsity import SlopeLinear  # noqa: E402
 from slope_megatron.sparsity.backends.auto import AutoBackend  # noqa: E402
+from slope_megatron.sparsity.backends.base import LOGGED_FALLBACKS  # noqa: E402
 
 TOL = 1e-4  # fp32 on both sides
 
@@ -201,11 +203,97 @@ def column_mask_every_step_checks_the_layout_once(keep):
     print(f"ok column_mask_every_step_checks_the_layout_once keep={keep}")
 
 
+def _sparse_wins(sparse_step, dense_step, **_):
+    sparse_step()
+    dense_step()
+    return 1.0, 2.0  # sparse "twice as fast": `auto` routes the layer sparse
+
+
+def zero3_partitioned_weight_at_step(keep, adapter=False, auto=False):
+    """DeepSpeed ZeRO-3 partitions every parameter outside forward (`p.data =
+    torch.empty(0)`), and the trainer runs the optimizer-step hooks there: the hook must not
+    raise (its eager refresh is skipped), and the next forward, with the parameters gathered
+    again (into their old storage or new storage) and changed by the step, must use the new
+    values (the lazy weight-key sync) in its output and gradients."""
+    backend = AutoBackend(measure=_sparse_wins) if auto else "cusparselt"
+    fast, ref = pair(64, 128, True, keep, rank=10 if adapter else None, backend=backend)
+    if adapter:
+        for layer in (fast, ref):
+            layer.enable_adapter()
+    what = f"zero3 keep={keep} adapter={adapter} auto={auto}"
+    for step in range(4):  # the column mask is recomputed every 2 steps
+        check(fast, ref, 32, f"{what} step {step}")
+        with torch.no_grad():  # the optimizer step, through .data (DeepSpeed's bf16 optimizer)
+            for pa, pb in zip(fast.parameters(), ref.parameters()):
+                if pb.grad is not None:
+                    upd = pb.grad.sign() * 0.05
+                    pa.data.sub_(upd)
+                    pb.data.sub_(upd)
+                pa.grad = pb.grad = None
+        gathered = {}
+        for name, p in fast.named_parameters():  # ZeRO-3: partitioned outside forward
+            gathered[name] = p.data
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        fast.after_optimizer_step()  # raised "size of tensor a (32) must match ... (0)"
+        ref.after_optimizer_step()
+        for name, p in fast.named_parameters():  # gathered again for the next forward
+            p.data = gathered[name] if step % 2 else gathered[name].clone()
+        check(fast, ref, 48, f"{what} forward after step {step}", grad=False)
+    assert "_cslt_cache" in fast.__dict__, what  # the kernels ran (not a fallback)
+    print(f"ok {what}")
+
+
+def out_of_memory_is_not_a_refusal():
+    """An out-of-memory (or any error that is not cuSPARSELt refusing the call) at a token
+    count's first widened GEMM, or while its plans are created, propagates and records
+    nothing: the next call runs the adapter inside the GEMM as usual, with the reference's
+    results. (It was taken for a refusal: the token count moved to the after-GEMM path for
+    good, and the log blamed cuSPARSELt.)"""
+    fast, ref = pair(64, 128, True, True, rank=10)
+    for layer in (fast, ref):
+        layer.enable_adapter()
+    logged = set(LOGGED_FALLBACKS)
+    wide, plain = (128, 64 + 2 * 16), (128, 64)
+    # the widened GEMM of 32 tokens (plans made), then the plans of a new token count (48)
+    for shape, tokens, exc in [(wide, 32, torch.OutOfMemoryError("CUDA out of memory (fake)")),
+                               (wide, 32, RuntimeError("an error that is not cuSPARSELt's")),
+                               (plain, 48, torch.OutOfMemoryError("CUDA out of memory (fake)"))]:
+        RT.plans.fail[shape] = exc
+        try:
+            fast(torch.randn(tokens, 64))
+        except type(exc) as e:
+            assert e is exc, (shape, e)
+        else:
+            raise AssertionError(f"{exc!r} at {shape} was swallowed")
+        assert not RT.plans.fail, shape
+        cache = fast.__dict__.get("_cslt_cache")
+        op = cache.adapter_operand if cache is not None else None
+        assert op is None or not (op.tokens_refused or op.tokens_ok), (shape, op.tokens_refused)
+        assert cache is None or 48 not in cache.accepted_tokens, shape
+        assert LOGGED_FALLBACKS == logged, LOGGED_FALLBACKS - logged
+    RT.plans.calls.clear()
+    for step in range(2):
+        check(fast, ref, 32, f"after the errors, step {step}")
+        check(fast, ref, 48, f"after the errors, step {step}", grad=False)
+        data_step(fast, ref)
+    cache = fast.__dict__["_cslt_cache"]
+    op = cache.adapter_operand
+    assert op.tokens_ok == {32, 48} and not op.tokens_refused, (op.tokens_ok, op.tokens_refused)
+    assert 48 in cache.accepted_tokens
+    assert wide + (32,) in RT.plans.calls, RT.plans.calls  # the adapter ran inside the GEMM
+    assert LOGGED_FALLBACKS == logged, LOGGED_FALLBACKS - logged
+    print("ok out_of_memory_is_not_a_refusal")
+
+
 if __name__ == "__main__":
     for keep in (True, False):
         training_with_adapter(keep)
         lazy_resync_after_data_write(keep)
         column_mask_every_step_checks_the_layout_once(keep)
+        zero3_partitioned_weight_at_step(keep)
+        zero3_partitioned_weight_at_step(keep, adapter=True)
+    zero3_partitioned_weight_at_step(True, auto=True)
+    out_of_memory_is_not_a_refusal()
     auto_with_adapter()
     refused_widened_gemm()
     chain_shares_scratch_and_survives_repointing()

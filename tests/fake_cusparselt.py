@@ -47,15 +47,22 @@ class FakePlan:
 
 class FakePlans:
     """Plan cache: `matmul` decompresses and multiplies; `refuse` holds (m, k) shapes whose
-    plans "cuSPARSELt" rejects; `calls` records every (m, k, tokens) multiplied."""
+    plans "cuSPARSELt" rejects (with the binding's CSLT_CHECK wording); `fail` maps an (m, k)
+    shape to an exception its next plan look-up (plan creation, or a matmul) raises once
+    (e.g. torch.OutOfMemoryError); `calls` records every (m, k, tokens) multiplied."""
 
     def __init__(self):
         self.calls: list[tuple[int, int, int]] = []
         self.refuse: set[tuple[int, int]] = set()
+        self.fail: dict[tuple[int, int], BaseException] = {}
 
     def get(self, m, k, n, dtype, device, bias=False):
         if (m, k) in self.refuse:
-            raise RuntimeError(f"fake cuSPARSELt refuses {m}x{k}")
+            raise RuntimeError(f"cuSPARSELt call cusparseLtMatmulPlanInit(h_, &plan_, &mm_, "
+                               f"&sel_) failed: CUSPARSE_STATUS_NOT_SUPPORTED (10): fake "
+                               f"refusal of {m}x{k}")
+        if (m, k) in self.fail:
+            raise self.fail.pop((m, k))
         return FakePlan()
 
     def matmul(self, a_comp, m, k, b, c=None, beta=0.0, bias=None):

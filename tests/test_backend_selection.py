@@ -18,6 +18,7 @@ import torch
 from slope_megatron.sparsity import SlopeLinear
 from slope_megatron.sparsity.backends import get_backend, resolve_auto
 from slope_megatron.sparsity.backends import cusparselt as cslt
+from slope_megatron.sparsity.backends.base import LOGGED_FALLBACKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
@@ -48,7 +49,7 @@ def test_cusparselt_layer_on_cpu_matches_reference_and_logs_once(caplog):
     ref.load_state_dict(fast.state_dict())
     x = torch.randn(4, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    cslt._logged.clear()
+    LOGGED_FALLBACKS.clear()
     with caplog.at_level(logging.WARNING, logger=cslt.__name__):
         y = fast(x)
         fast(x)  # second call: no second log line
@@ -140,6 +141,30 @@ def test_plan_cache_searches_once_and_persists(tmp_path, monkeypatch):
     _FakePlan.calls = []
     kplans.PlanCache(_FakeExt, path=path, search=False).matmul(None, 64, 32, b)
     assert _FakePlan.calls == [("create", (64, 32, 8), -1)] and len(json.load(open(path))) == 1
+
+
+def test_plan_cache_searches_again_after_a_failed_search(tmp_path, monkeypatch):
+    """An out-of-memory in the algorithm search must not leave the plan on the default
+    algorithm for the process's life: the next call searches again."""
+    kplans = pytest.importorskip("kernels.cslt_plans")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "FakeGPU")
+    monkeypatch.delenv("SLOPE_CSLT_ALGO_CACHE", raising=False)
+    monkeypatch.delenv("SLOPE_CSLT_SEARCH", raising=False)
+    search = _FakePlan.search
+
+    def search_out_of_memory_once(self, a, b):
+        monkeypatch.setattr(_FakePlan, "search", search)
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(_FakePlan, "search", search_out_of_memory_once)
+    _FakePlan.calls = []
+    cache = kplans.PlanCache(_FakeExt, path=str(tmp_path / "algos.json"))
+    b = torch.empty(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(torch.OutOfMemoryError):
+        cache.matmul(None, 32, 64, b)
+    assert cache.matmul(None, 32, 64, b) == ("mm", (32, 64, 8))
+    assert _FakePlan.calls == [("create", (32, 64, 8), -1), ("search", (32, 64, 8))]
+    assert cache.configs()["FakeGPU|cusparselt-801|bfloat16|32x64x8"]["alg"] == 7
 
 
 def test_triton_gathers_in_interpreter():

@@ -19,7 +19,29 @@ SCENARIOS = ("training_with_adapter keep=True", "lazy_resync_after_data_write ke
              "auto_with_adapter", "refused_widened_gemm",
              "chain_shares_scratch_and_survives_repointing",
              "column_mask_every_step_checks_the_layout_once keep=True",
-             "column_mask_every_step_checks_the_layout_once keep=False")
+             "column_mask_every_step_checks_the_layout_once keep=False",
+             "zero3 keep=True adapter=False auto=False",
+             "zero3 keep=False adapter=False auto=False",
+             "zero3 keep=True adapter=True auto=False",
+             "zero3 keep=False adapter=True auto=False",
+             "zero3 keep=True adapter=False auto=True", "out_of_memory_is_not_a_refusal")
+
+
+def test_only_cusparselt_errors_count_as_rejections():
+    """What `cusparselt_adapter.augmented_linear` takes as cuSPARSELt refusing a widened
+    shape (the token count then adds the adapter after the GEMM for good): an error status of
+    a library call, as the binding's CSLT_CHECK words it; never an out-of-memory or another
+    error (they propagate)."""
+    import torch
+
+    from slope_megatron.sparsity.backends.cusparselt_runtime import is_rejection
+    call = "cuSPARSELt call cusparseLtMatmulPlanInit(h_, &plan_, &mm_, &sel_) failed: "
+    assert is_rejection(RuntimeError(call + "CUSPARSE_STATUS_NOT_SUPPORTED (10): not supported"))
+    assert not is_rejection(RuntimeError(call + "CUSPARSE_STATUS_ALLOC_FAILED (2): alloc"))
+    assert not is_rejection(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not is_rejection(torch.OutOfMemoryError(call + "CUSPARSE_STATUS_INTERNAL_ERROR"))
+    assert not is_rejection(RuntimeError("B must be (32, 96), got [32, 64]"))
+    assert not is_rejection(ValueError(call))
 
 
 def test_cusparselt_bookkeeping_matches_reference_on_cpu():

@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from .base import LOGGED_FALLBACKS, SparseLinearBackend, log_fallback_once
+from .base import SparseLinearBackend, log_fallback_once
 from .native import native_ops
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 SUPPORTED_DTYPES = (torch.bfloat16,)
 FEATURE_MULTIPLE = 32
 TOKEN_MULTIPLE = 16
-_logged = LOGGED_FALLBACKS  # shared with the other backends' fallback log
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,7 +140,7 @@ class CusparseltBackend(SparseLinearBackend):
                                            layer.mask_bits, *plans, cache.bias_fused, codes,
                                            meta)
         from .cusparselt_function import CsltSlopeLinearFunction
-        return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, None, cache, layer)
+        return CsltSlopeLinearFunction.apply(x, layer.weight, layer.bias, cache, layer)
 
     def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
         """Sparse part + the active adapter's (X A)(B / r) (`cusparselt_adapter`): inside the
@@ -176,6 +175,8 @@ class CusparseltBackend(SparseLinearBackend):
                       layer.bias is not None and self.cache(layer).bias_fused)
             plans.get(layer.in_features, layer.out_features, tokens, x.dtype, dev)
         except RuntimeError as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise  # not the shape's fault: a fallback (or `auto`'s dense decision) would stick
             return f"cuSPARSELt rejected the shape ({e})"
         return None
 
@@ -183,6 +184,8 @@ class CusparseltBackend(SparseLinearBackend):
         cache = layer.__dict__.get("_cslt_cache")
         if cache is None or not cache.matches(layer):
             return  # built lazily at the next forward
+        # a weight partitioned by ZeRO-3 (this runs outside forward) is skipped by after_step:
+        # the next forward's syncs see the step count in `weight_key` and refresh then
         stale = getattr(layer, "_column_mask_is_stale", None)
         cache.after_step(layer, column_mask_will_change=bool(stale and stale()))
 

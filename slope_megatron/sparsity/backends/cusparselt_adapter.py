@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .base import log_fallback_once
 from .cusparselt_cache import _key, weight_key
+from .cusparselt_runtime import is_rejection
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class AfterAdapterFunction(_AdapterLayerFunction):
         cache.sync_forward(layer)
         scale = layer.adapter_scale
         xa = torch.mm(x2, factors.a)
-        y = lowrank_add(cache.forward(x2, None, bias), xa, factors.b * scale)
+        y = lowrank_add(cache.forward(x2, bias), xa, factors.b * scale)
         _AdapterLayerFunction._save(ctx, x, x2, xa, weight, factors, cache, layer, scale,
                                     bias is not None)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -292,7 +293,9 @@ def augmented_linear(cache, layer, x: torch.Tensor, only_if_it_pays: bool = True
     this cannot run or does not pay (`inside_pays`; the caller adds the adapter after the
     GEMM instead). `only_if_it_pays=False` is for benchmarks comparing the two. A token count
     whose widened plan or first GEMM (the algorithm search) cuSPARSELt refuses adds the
-    adapter after the GEMM from then on (logged once per layer shape and reason)."""
+    adapter after the GEMM from then on (logged once per layer shape and reason). Any other
+    error of that first call (an out-of-memory above all) propagates and records nothing:
+    the next call tries the widened GEMM again."""
     if only_if_it_pays and not inside_pays(layer):
         return None
     op = augmented_operand(cache, layer)
@@ -307,7 +310,9 @@ def augmented_linear(cache, layer, x: torch.Tensor, only_if_it_pays: bool = True
     try:
         y = AugmentedAdapterFunction.apply(x, layer.weight, layer.bias, layer.adapter_a,
                                            layer.adapter_b, op, layer)
-    except RuntimeError as e:  # plan creation or the search rejected the widened shape
+    except RuntimeError as e:
+        if not is_rejection(e):  # out of memory, or not cuSPARSELt's verdict on the shape
+            raise
         _refuse(op, layer, tokens, f"cuSPARSELt rejected the widened shape "
                                    f"{cache.out}x{op.k} ({e})")
         return None

@@ -225,11 +225,21 @@ class LayerKernelCache:
     def invalidate_wt(self) -> None:
         self.wt_mask_key = None
 
+    def weight_materialized(self, layer) -> bool:
+        """Whether layer.weight holds this layer's kept values now. Not between the forwards
+        under DeepSpeed ZeRO-3, which partitions the parameter (`weight.data =
+        torch.empty(0)`) and gathers it again in the module's forward hook."""
+        return layer.weight.numel() == self.n_val
+
     def after_step(self, layer, column_mask_will_change: bool) -> None:
         """Refresh after an optimizer step (the weights changed): copy for W, gather for W^T
         (skipped when the column mask is about to be recomputed, which rebuilds W^T anyway).
-        Per-call mode has nothing to refresh: the next call builds from the new weights."""
-        if not self.keep:
+        Per-call mode has nothing to refresh: the next call builds from the new weights.
+        Nor is there anything to copy from while the weight is partitioned (ZeRO-3: the
+        optimizer step runs outside forward): the next call's syncs then refresh, as
+        `weight_key` counts the optimizer step (`sync_forward`, `sync_backward`, the
+        adapter's operand)."""
+        if not self.keep or not self.weight_materialized(layer):
             return
         if self.fwd_buf is not None:  # released while the adapter runs
             self.refresh_forward(layer)
@@ -273,13 +283,12 @@ class LayerKernelCache:
         return scratch, self.wt_codes, self.wt_meta
 
     # ---- the three GEMMs ------------------------------------------------------------------
-    def forward(self, x2: torch.Tensor, addend: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Y (T, out) = X (T, in) @ (W*M)^T (+ addend (T, out)) (+ bias), the addend and bias
-        added in the GEMM epilogue (bias by a separate pass if the epilogue check failed)."""
+    def forward(self, x2: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Y (T, out) = X (T, in) @ (W*M)^T (+ bias), the bias added in the GEMM epilogue (by
+        a separate pass if the epilogue check failed)."""
         fused = bias is not None and self.bias_fused
-        y = self.rt.plans.matmul(self.fwd_buf, self.out, self.inp, x2, addend,
-                                 0.0 if addend is None else 1.0, bias if fused else None)
+        y = self.rt.plans.matmul(self.fwd_buf, self.out, self.inp, x2, None, 0.0,
+                                 bias if fused else None)
         if bias is not None and not fused:
             y.add_(bias)
         return y

@@ -5,8 +5,7 @@ Same semantics as `functional.SlopeLinearFunction` (the reference), different ke
   dX          = dY (W*M*M_C)        cuSPARSELt, compressed double-pruned W^T
   dW          = (dY^T X)[M]         cuBLAS dense GEMM + Triton gather at the mask
   db          = sum of dY
-An optional `addend` (same shape as Y, e.g. the lazy adapter's low-rank product) is added in
-the sparse GEMM's epilogue (cuSPARSELt's C with beta = 1); its gradient is dY.
+(An active adapter runs in `cusparselt_adapter`'s functions, not here.)
 The weight tensor is an input only so that autograd returns its gradient and checks it was
 not modified in place between forward and backward; the GEMMs read the layer's cache.
 """
@@ -17,15 +16,11 @@ import torch
 
 class CsltSlopeLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, addend, cache, layer):
+    def forward(ctx, x, weight, bias, cache, layer):
         x2 = x.reshape(-1, x.shape[-1])
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if addend is not None:
-            addend = addend.reshape(x2.shape[0], -1)
-            if not addend.is_contiguous():
-                addend = addend.contiguous()
-        y = cache.forward(x2, addend, bias)
+        y = cache.forward(x2, bias)
         ctx.save_for_backward(x2, weight)
         ctx.cache, ctx.layer = cache, layer
         ctx.has_bias = bias is not None
@@ -46,5 +41,4 @@ class CsltSlopeLinearFunction(torch.autograd.Function):
             grad_w = ctx.cache.grad_weight(gy2, x2, ctx.layer.mask_bits)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy2.sum(0)
-        grad_add = grad_out if ctx.needs_input_grad[3] else None
-        return grad_x, grad_w, grad_b, grad_add, None, None
+        return grad_x, grad_w, grad_b, None, None

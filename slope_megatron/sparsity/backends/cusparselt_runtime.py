@@ -17,6 +17,20 @@ import torch
 
 log = logging.getLogger(__name__)
 
+CALL_FAILED = "cuSPARSELt call "  # how the binding's CSLT_CHECK starts its errors (cslt_plan.h)
+
+
+def is_rejection(e: BaseException) -> bool:
+    """Whether `e` is cuSPARSELt refusing a shape or configuration: a library call that
+    returned an error status (plan creation, algorithm search, the matmul), as the binding's
+    CSLT_CHECK reports it. Not an out-of-memory (PyTorch's allocator, or the library's own
+    CUSPARSE_STATUS_ALLOC_FAILED): that is transient, and treating it as a refusal would move
+    the shape to a slower path for good. Not any other error either (a bug, a bad operand)."""
+    if not isinstance(e, RuntimeError) or isinstance(e, torch.OutOfMemoryError):
+        return False
+    text = str(e)
+    return CALL_FAILED in text and "ALLOC_FAILED" not in text
+
 
 class Runtime:
     """The loaded binding, the plan cache, and the per-(device, dtype) layout verdicts."""

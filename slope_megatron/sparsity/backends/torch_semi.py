@@ -14,8 +14,12 @@ weights change every optimizer step). Using it sets torch's process-wide
   dW          = (dY^T X)[M]       dense GEMM + the Triton gather at the mask
   db          = sum of dY
 
-Calls it cannot take (no CUDA, not 2:4, not bf16/fp16, widths torch's path rejects) run the
-cublas backend (dense GEMMs) instead. Importing this module touches no CUDA.
+Calls it cannot take (no CUDA, not 2:4, not bf16/fp16, widths torch's path rejects, layers
+trained without double pruning) run the cublas backend (dense GEMMs) instead. Without double
+pruning (`sparsity.double_prune: false`) the dX operand is (W*M)^T, which is not 2:4 along its
+rows, and `to_sparse_semi_structured` does not check the pattern: it would silently multiply
+by a different matrix (dX rel. error 0.9 on an H100), so such layers are refused as the
+cusparselt backend refuses them. Importing this module touches no CUDA.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 from . import cublas
 from .cublas import CublasBackend
+from .cusparselt import NO_DOUBLE_PRUNING
 
 DTYPES = (torch.bfloat16, torch.float16)
 WIDTH_MULTIPLE = 64  # torch's cuSPARSELt layout wants both weight dims in multiples of 64
@@ -31,6 +36,8 @@ WIDTH_MULTIPLE = 64  # torch's cuSPARSELt layout wants both weight dims in multi
 
 def call_unsupported_reason(layer, x: torch.Tensor) -> str | None:
     """Why torch's 2:4 path cannot take this call, or None."""
+    if not getattr(layer, "double_prune", True):
+        return NO_DOUBLE_PRUNING  # (W*M)^T is not 2:4 along its rows: wrong dX, not an error
     reason = cublas.call_unsupported_reason(layer, x)
     if reason is not None:
         return reason
