@@ -86,6 +86,45 @@ print("ok")
 ''')
 
 
+
+def test_static_layer_after_a_load_gives_the_reference_dx_in_interpreter():
+    """double_prune=False: after loading a double-pruned layer's state dict, or a state dict
+    without `column_mask` (strict=False), the cublas backend (which reads `column_mask_bits`
+    for dX) gives the reference's dX = dY (W*M), bit for bit."""
+    pytest.importorskip("triton")
+    run_interpreted(r"""
+import torch
+from slope_megatron.sparsity import SlopeLinear
+from slope_megatron.sparsity.backends import cublas
+cublas.call_unsupported_reason = lambda layer, x: None  # take CPU tensors (interpreter)
+torch.manual_seed(0)
+src = SlopeLinear(64, 32, column_mask_refresh=1)
+src(torch.randn(4, 64, requires_grad=True)).sum().backward()  # a double-pruned column mask
+for strict in (True, False):
+    torch.manual_seed(1)
+    fast = SlopeLinear(64, 32, double_prune=False, backend="cublas")
+    ref = SlopeLinear(64, 32, double_prune=False, backend="reference")
+    state = src.state_dict()
+    if not strict:
+        del state["column_mask"]
+    fast.load_state_dict(state, strict=strict)
+    ref.load_state_dict(state, strict=strict)
+    x = torch.randn(3, 5, 64)
+    dy = torch.randn(3, 5, 32)
+    grads = []
+    for layer in (fast, ref):
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.backward(dy)
+        grads.append((y.detach(), xg.grad, layer.weight.grad))
+    assert fast._unpacked == {}, "the cublas path did not run"
+    for a, b in zip(*grads):
+        assert torch.equal(a, b), strict
+    want = dy @ ref.dense_weight().detach()
+    torch.testing.assert_close(grads[0][1], want)
+print("ok")
+""")
+
 @no_cuda
 @pytest.mark.parametrize("name", ["cublas", "torch-semi"])
 def test_layer_on_cpu_runs_the_reference(name):

@@ -9,7 +9,8 @@ Storage is chosen so that ZeRO can own it like any tensor:
   the current weights every `column_mask_refresh` optimizer steps. With
   `double_prune=False` (plain static N:M training, the ablation of the paper) it is a copy
   of `mask`, never recomputed, and dX = dY (W*M) exactly; it stays so that state
-  dicts have the same keys either way.
+  dicts have the same keys either way (a load re-copies it from the loaded `mask`, whatever
+  column mask the state dict had, or none).
   Both masks are held packed, 8 entries per byte (`mask_bits`, `column_mask_bits`): as bool
   tensors they cost 2 bytes per weight entry, more than the kept values' bf16 copy. `mask` /
   `column_mask` unpack them; the unpacked pair is kept (`_unpacked`) for layers whose calls
@@ -156,10 +157,15 @@ class SlopeLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # parameters and extra state first: its n:m check refuses a foreign layer before the
+        # parameters and extra state first: its checks refuse a foreign layer before the
         # masks are overwritten
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+        except ValueError as e:  # set_extra_state's refusals: say which layer
+            raise ValueError(f"SlopeLinear {prefix.rstrip('.') or '(root module)'}: {e}") \
+                from None
+        column_loaded = False
         for name in ("mask", "column_mask"):
             key, bits = prefix + name, getattr(self, name + "_bits")
             if key not in state_dict:
@@ -172,11 +178,21 @@ class SlopeLinear(nn.Module):
                                   f"{tuple(value.shape)} from checkpoint, the shape in current "
                                   f"model is {(self.out_features, self.in_features)}.")
                 continue
-            bad = self._mask_problem(name, value, state_dict.get(prefix + "mask"))
+            row = state_dict.get(prefix + "mask")
+            if row is None or tuple(row.shape) != tuple(value.shape):
+                row = unpack_bits(self.mask_bits, self.in_features) \
+                    if self.mask_bits.numel() else None  # the layer's own (not kept)
+            bad = self._mask_problem(name, value, row)
             if bad:
                 error_msgs.append(f"{key} {bad}; it does not come from a "
-                                  f"{self.n}:{self.m} SlopeLinear of this shape")
+                                  f"{self.n}:{self.m} SlopeLinear of this shape: load a state "
+                                  f"dict saved by one (a missing column_mask is recomputed "
+                                  f"from the weights)")
                 continue
+            if name == "column_mask":
+                if not self.double_prune:
+                    continue  # this layer's column mask is its row mask (synced below)
+                column_loaded = not self._static_column_mask_form(value)
             with torch.no_grad():
                 packed = pack_bits(value.to(device=bits.device, dtype=torch.bool))
                 if bits.shape == packed.shape:
@@ -185,20 +201,54 @@ class SlopeLinear(nn.Module):
                     setattr(self, name + "_bits", packed)
         ours = {prefix + "mask", prefix + "column_mask"}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in ours]
+        if self.double_prune and not column_loaded:
+            # no double-pruned mask came with the weights (absent, or the row mask that a
+            # layer without double pruning saves): recompute it at the next training forward
+            self.column_mask_step = -1
+        self._sync_static_column_mask()
         self.backend.on_column_mask_change(self)  # caches follow the loaded weights and masks
+
+    def _static_column_mask_form(self, value: torch.Tensor) -> bool:
+        """Whether a loaded column mask keeps more than n of some m along `out` (the row
+        mask that a layer without double pruning saves as its column mask)."""
+        per_group = value.to(torch.bool).reshape(-1, self.m, self.in_features).sum(1)
+        return bool((per_group > self.n).any())
+
+    def _sync_static_column_mask(self) -> None:
+        """Without double pruning the column mask *is* the row mask: make `column_mask_bits`
+        equal `mask_bits` (the cublas / torch-semi / native backends read the bits for dX).
+        An emptied column mask (inference models) stays empty."""
+        if self.double_prune or not self.column_mask_bits.numel():
+            return
+        with torch.no_grad():
+            if self.column_mask_bits.shape == self.mask_bits.shape \
+                    and self.column_mask_bits.device == self.mask_bits.device:
+                self.column_mask_bits.copy_(self.mask_bits)  # bumps its version: caches see it
+            else:
+                self.column_mask_bits = self.mask_bits.clone()
 
     def _mask_problem(self, name: str, value: torch.Tensor, mask) -> Optional[str]:
         """Why a loaded mask cannot be this layer's, or None. The kernels read the packed
-        masks assuming exactly n kept entries per group (and a column mask inside the row
-        mask); anything else would be silently misplaced, so it is refused here."""
+        masks assuming exactly n kept entries per group along `in`, and a column mask inside
+        the row mask keeping at most n of every m along `out` (or equal to the row mask: what
+        a layer without double pruning saves); anything else would be silently misplaced, so
+        it is refused here. `mask`: the row mask the column mask must lie in, or None."""
         value = value.to(torch.bool)
         if name == "mask":
             per_group = value.reshape(self.out_features, -1, self.m).sum(-1)
             if not bool((per_group == self.n).all()):
                 return f"does not keep exactly {self.n} of every {self.m} entries along `in`"
-        elif mask is not None and tuple(mask.shape) == tuple(value.shape) \
-                and bool((value & ~mask.to(device=value.device, dtype=torch.bool)).any()):
+            return None
+        row = None if mask is None else mask.to(device=value.device, dtype=torch.bool)
+        if row is not None and bool((value & ~row).any()):
             return "keeps entries the row mask prunes"
+        per_group = value.reshape(-1, self.m, self.in_features).sum(1)
+        over = (per_group > self.n).nonzero()
+        if len(over) and not (row is not None and torch.equal(value, row)):
+            g, col = (int(i) for i in over[0])
+            return (f"keeps more than {self.n} of every {self.m} entries along `out` ({len(over)} "
+                    f"groups, first: rows {g * self.m}-{g * self.m + self.m - 1} of column {col}) "
+                    f"and is not the row mask")
         return None
 
     # ---- weights ----------------------------------------------------------------------
@@ -246,16 +296,21 @@ class SlopeLinear(nn.Module):
             self.column_mask_bits.copy_(pack_bits(
                 double_prune_mask(dense, self.n, self.m, row_mask=mask)))
         else:
-            self.column_mask_bits.copy_(self.mask_bits)
+            self._sync_static_column_mask()
         self.column_mask_step = self.optimizer_steps
         self.backend.on_column_mask_change(self)
 
     def _fast_double_prune(self) -> bool:
-        """Whether the Triton kernel computes the double-pruned mask: 2:4 on a CUDA weight
-        (`SLOPE_TRITON_DOUBLE_PRUNE=0` forces the torch path, for comparisons)."""
-        return (self.n, self.m) == (2, 4) and self.weight.is_cuda \
-            and os.environ.get("SLOPE_TRITON_DOUBLE_PRUNE", "1") != "0" \
-            and self.out_features % 4 == 0 and self.weight.is_contiguous()
+        """Whether the Triton kernel computes the double-pruned mask: 2:4 on a contiguous CUDA
+        weight where Triton imports and launches (`backends.cublas.unavailable_reason`, the
+        check that makes `auto` fall back to the reference; else the torch path).
+        `SLOPE_TRITON_DOUBLE_PRUNE=0` forces the torch path, for comparisons."""
+        if not ((self.n, self.m) == (2, 4) and self.weight.is_cuda
+                and self.weight.is_contiguous()
+                and os.environ.get("SLOPE_TRITON_DOUBLE_PRUNE", "1") != "0"):
+            return False
+        from .backends.cublas import unavailable_reason  # lazily: no GPU code on CPU imports
+        return unavailable_reason() is None
 
     def refresh_column_mask_if_stale(self) -> None:
         """Recompute the double-pruned mask if its refresh is due (no unpacking otherwise)."""
@@ -304,6 +359,11 @@ class SlopeLinear(nn.Module):
             if rank is None:
                 raise ValueError("enable_adapter() needs a rank: this layer has no adapter yet")
             self.create_adapter(rank)
+        elif rank is not None and int(rank) != self.adapter_rank:
+            raise ValueError(f"enable_adapter(rank={rank}): this SlopeLinear already has an "
+                             f"adapter of rank {self.adapter_rank}; call enable_adapter() (or "
+                             f"with rank={self.adapter_rank}) to switch it on, or build the "
+                             f"layer with adapter_rank={rank}")
         self.adapter_active = True
 
     @property
@@ -325,6 +385,10 @@ class SlopeLinear(nn.Module):
         if (state["n"], state["m"]) != (self.n, self.m):
             raise ValueError(f"checkpoint has {state['n']}:{state['m']} sparsity but this layer "
                              f"is {self.n}:{self.m}")
+        if state["adapter_active"] and self.adapter_a is None:
+            raise ValueError("checkpoint has the lazy adapter switched on (adapter_active) but "
+                             "this layer has no adapter: build the model with the checkpoint's "
+                             "adapter settings (adapters.* in its config) before loading")
         self.optimizer_steps = int(state["optimizer_steps"])
         self.column_mask_step = int(state["column_mask_step"])
         self.adapter_active = bool(state["adapter_active"])
