@@ -234,9 +234,10 @@ def test_adapter_path_falls_back_when_the_widened_gemm_is_refused(monkeypatch, c
     """If cuSPARSELt rejects the widened GEMM (plan or algorithm search), that token count adds
     the adapter after the GEMM from then on (one warning) and results still match."""
     from slope_megatron.sparsity.backends import cusparselt_adapter
+    from slope_megatron.sparsity.backends.cusparselt_runtime import CALL_FAILED
 
-    def refuse(self, buf, wide, bias):
-        raise RuntimeError("refused (test)")
+    def refuse(self, buf, wide, bias):  # worded as the binding's CSLT_CHECK words a refusal
+        raise RuntimeError(f"{CALL_FAILED}cusparseLtMatmulSearch failed: refused (test)")
 
     monkeypatch.setattr(cusparselt_adapter.AugmentedOperand, "matmul", refuse)
     fast, ref = adapter_pair(512, 512, 8, True, True)
