@@ -44,6 +44,21 @@ def _stdout_closed() -> int:
     return 0
 
 
+def _raised_on_every_rank(error: BaseException) -> bool:
+    """Whether every rank raises this same error, so that rank 0's `error:` line says it for
+    all: errors marked so (`every_rank`: a failure the ranks shared, e.g. preparing the data,
+    or a check of the checkpoint they all read), config errors (every rank checks the same
+    config) and a stopped run (the ranks decide to stop together). Anything else - one rank's
+    own checkpoint file refused, say - may be that rank's alone."""
+    marked = getattr(error, "every_rank", None)
+    if marked is not None:
+        return bool(marked)
+    from slope_megatron.config import ConfigError
+
+    trainer = sys.modules.get("slope_megatron.training.trainer")
+    return isinstance(error, (ConfigError, getattr(trainer, "TrainingStopped", ConfigError)))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)  # --help: argparse itself ignores a closed stdout
     from slope_megatron.config import config_reference, load_config
@@ -66,18 +81,24 @@ def main(argv=None) -> int:
 
     from slope_megatron.training.distributed import shutdown_distributed
 
-    completed = False
+    completed = started = False
     try:
         cfg = load_config(args.config, args.set)  # validated before any process group exists
         from slope_megatron.training import train
         from slope_megatron.training.distributed import init_distributed
 
         dist = init_distributed()
+        started = True
         train(cfg, dist)
         completed = True
     except SlopeError as e:  # config, data, checkpoint or a stopped run: one line, no traceback
+        # rank 0 says what every rank raised alike (all of it before train(): the config and
+        # the launch checks); a rank that failed in train() on its own says so itself, as with
+        # out-of-memory - its peers may be left waiting for it, with nothing to say
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        elif started and not _raised_on_every_rank(e):
+            print(f"error: rank {rank}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError from 2.5 on is this
         # whichever rank ran out says so (it may not be rank 0); no traceback to scroll past

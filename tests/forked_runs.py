@@ -26,10 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.0) -> list[int]:
+def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.0,
+           stop_on_error: bool = False) -> list[int]:
     """Run pretrain main() on `world` forked ranks; exit codes (negative: killed by signal).
 
-    When one rank dies by a signal, the others are killed too (the job is gone)."""
+    When one rank dies by a signal, the others are killed too (the job is gone); with
+    `stop_on_error` also when one exits with an error status, as torchrun does (its peers
+    may be left waiting in a collective for it)."""
     port = _free_port()
     pids = []
     for rank in range(world):
@@ -62,7 +65,8 @@ def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.
             if done:
                 codes[pid] = -os.WTERMSIG(status) if os.WIFSIGNALED(status) \
                     else os.WEXITSTATUS(status)
-                if codes[pid] < 0:  # pre-empted: the scheduler takes the whole job down
+                if codes[pid] < 0 or (stop_on_error and codes[pid] != 0):
+                    # pre-empted: the scheduler takes the whole job down
                     for other in pids:
                         if other not in codes:
                             os.kill(other, signal.SIGKILL)

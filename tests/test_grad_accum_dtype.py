@@ -5,7 +5,7 @@ import pytest
 from slope_megatron.config import ConfigError, load_config
 from slope_megatron.training.checkpoint import identity_diff
 from slope_megatron.training.engine import check_precision_layout, deepspeed_config
-from slope_megatron.training.trainer import run_identity
+from slope_megatron.training.run_setup import run_identity
 
 
 def _ds(*overrides, dtype="bf16"):

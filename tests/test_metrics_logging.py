@@ -141,7 +141,7 @@ def test_tensorboard_after_kill_and_resume_equals_the_uninterrupted_run(runs):
     assert steps(tb_out, "loss") == [1, 2, 3, 4, 5, 7, 8]  # the skipped step 6 is not on it
     assert {tag: steps(tb_out, tag) for tag in tb_out} == \
         {tag: steps(tb_ref, tag) for tag in tb_ref}  # every tag, every step, once
-    wall_clock = {"time_s", "tokens_per_s", "mfu"}
+    wall_clock = {"time_s", "tokens_per_s", "mfu", "eval_s"}
     for tag in set(tb_ref) - wall_clock:  # CPU fp32 resumes bitwise: the same values too
         assert tb_out[tag] == tb_ref[tag], tag
     # every finite numeric field of metrics.jsonl is a scalar of the same name at step iter

@@ -43,7 +43,7 @@ def metrics(out) -> list[dict]:
 
 def comparable(out) -> list[dict]:
     """metrics.jsonl without wall-clock fields."""
-    drop = {"tokens_per_s", "time_s", "mfu"}
+    drop = {"tokens_per_s", "time_s", "mfu", "eval_s"}
     return [{k: v for k, v in r.items() if k not in drop} for r in metrics(out)]
 
 

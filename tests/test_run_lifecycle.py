@@ -36,6 +36,7 @@ from slope_megatron.training.run_setup import (
     _identity,
     check_output_dir,
     record_run_config,
+    run_identity,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,8 +140,8 @@ def test_where_the_data_cache_lives_is_not_part_of_the_run(tmp_path, monkeypatch
     check_output_dir(moved, out)  # not refused
     assert "data.cache_dir" not in _identity(moved.to_dict())
     # manifests written while data.cache_dir was part of the identity still match
-    new_ident = trainer_mod.run_identity(moved, dp_size=1)
-    old_ident = {**trainer_mod.run_identity(old, dp_size=1), "data.cache_dir": "data_cache"}
+    new_ident = run_identity(moved, dp_size=1)
+    old_ident = {**run_identity(old, dp_size=1), "data.cache_dir": "data_cache"}
     assert checkpoint.identity_diff(old_ident, new_ident) == []
     # ... while other data still is another run
     other = load_config(None, [f"train.output_dir={out}", "data.path=other_corpus"])

@@ -55,7 +55,13 @@ CORRUPT_SUFFIX = ".corrupt"  # a checkpoint that failed verification, renamed fo
 
 
 class CheckpointError(SlopeError):
-    """A checkpoint that cannot be used: corrupt, incomplete or from a different run."""
+    """A checkpoint that cannot be used: corrupt, incomplete or from a different run.
+
+    `every_rank`: every rank raises the same error (the checks that read shared files, alike
+    on every rank, or share their findings), so rank 0's `error:` line says it for all;
+    False where one rank's own file failed (launch/pretrain.py then prints it on that rank)."""
+
+    every_rank = True
 
 
 # Keys inside the identity sections that change neither the math nor the files: which kernel
@@ -175,6 +181,44 @@ def write_manifest(tag_dir: Path, identity: dict) -> None:
             {"format": 1, "identity": identity, "files": entries}, indent=1, sort_keys=True))
 
 
+def check_identity(tag_dir: Path, saved: dict, identity: dict) -> None:
+    """Refuse a checkpoint whose manifest identity `saved` differs from this run's."""
+    old = with_added_keys(saved, identity)
+    diff = identity_diff(old, identity)
+    if diff:
+        shown = ", ".join(f"{k}: {old.get(k)!r} (checkpoint) vs {identity.get(k)!r} "
+                          f"(this run)" for k in diff[:8])
+        raise CheckpointError(f"checkpoint {tag_dir} belongs to a different run ({shown}); "
+                              f"use a new train.output_dir or the original settings")
+
+
+def saved_identity(ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
+    """(checkpoint dir, manifest identity) that loading `ckpt_dir` is bound to: the newest
+    checkpoint at or before `latest` whose manifest can be read - the one `choose` checks the
+    identity of first, and `verify` refuses a different identity before it looks at any file
+    - or without `latest`, the newest sealed one. None where there is none (no manifest can
+    be read, or `latest` names no checkpoint: the load says what is wrong). Reads no
+    checkpoint file but manifests; not collective."""
+    try:
+        bound = _latest_or_none(ckpt_dir)
+        if bound is None and (ckpt_dir / LATEST).exists():
+            return None
+        tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir()
+                       and TAG_RE.match(p.name) and (bound is None or p.name <= bound)),
+                      reverse=True)
+    except OSError:  # no dir, or one we cannot read: the load says so
+        return None
+    for tag in tags:
+        try:
+            manifest = json.loads((ckpt_dir / tag / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and "files" in manifest \
+                and isinstance(manifest.get("identity", {}), dict):  # as `verify` reads it
+            return ckpt_dir / tag, manifest.get("identity", {})
+    return None
+
+
 def _size_problem(path: Path, size: int) -> Optional[str]:
     """A file of a checkpoint missing or of another size than its manifest says (what `verify`
     checks before hashing, and `damage` instead of it)."""
@@ -202,14 +246,7 @@ def verify(tag_dir: Path, identity: Optional[dict]) -> list[str]:
         manifest, files = None, {}
         problems.append(f"{manifest_file} is unreadable: {e}")
     if manifest is not None and identity is not None:
-        old = with_added_keys(manifest.get("identity", {}), identity)
-        diff = identity_diff(old, identity)
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} (checkpoint) vs {identity.get(k)!r} "
-                              f"(this run)" for k in diff[:8])
-            raise CheckpointError(f"checkpoint {tag_dir} belongs to a different run "
-                                  f"({shown}); use a new train.output_dir or the original "
-                                  f"settings")
+        check_identity(tag_dir, manifest.get("identity", {}), identity)
     for rel in sorted(files)[rank::world]:
         path, want = tag_dir / rel, files[rel]
         problem = _size_problem(path, want["size"])
@@ -257,9 +294,14 @@ def safe_torch_load(path, map_location=None):
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} holds objects that are not plain tensors/data, so it "
-                              f"is not loaded (torch.load weights_only=True): "
-                              f"{str(e).splitlines()[0]}") from None
+        error = CheckpointError(f"{path} holds objects that are not plain tensors/data, so it "
+                                f"is not loaded (torch.load weights_only=True): "
+                                f"{str(e).splitlines()[0]}")
+    # rank 0 reads the first model-parallel rank's model file as every rank of a data-parallel
+    # run does (and says so for them); any other file - a ZeRO optimizer shard, another
+    # model-parallel rank's - is read by the rank that failed alone, which has to say so
+    error.every_rank = Path(path).name == "mp_rank_00_model_states.pt"
+    raise error
 
 
 def use_safe_loading(engine) -> None:
@@ -348,8 +390,10 @@ def load(engine, ckpt_dir: Path, rank: int, identity: Optional[dict] = None) -> 
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag,
                                                 load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    if path is None:  # one rank's files: it may be the only one that failed
+        error = CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        error.every_rank = False
+        raise error
     rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

@@ -68,8 +68,32 @@ def grad_accum_dtype(cfg: Config, dtype: str) -> str | None:
     return "fp32"
 
 
-def deepspeed_config(cfg: Config, dp_size: int, dtype: str | None = None) -> dict:
-    """The engine JSON; `dtype` defaults to resolve_dtype(cfg) (tests pass it explicitly)."""
+def _json_key(cfg: Config) -> str:
+    return f"config key 'zero.deepspeed_json' = {cfg.zero.deepspeed_json!r} is invalid"
+
+
+def _owned_settings(cfg: Config, user: dict) -> dict:
+    """The user's settings without those our config owns. A `gradient_clipping` that differs
+    from optimizer.grad_clip is refused: it would be overridden without a word."""
+    for key in ("zero_optimization", "data_types"):
+        if not isinstance(user.get(key, {}), dict):
+            raise ConfigError(f"{_json_key(cfg)}: its '{key}' is {user[key]!r}, not an object "
+                              f"of settings; fix the file or unset the key")
+    if "gradient_clipping" in user:
+        clip = user.pop("gradient_clipping")
+        if not (isinstance(clip, (int, float)) and not isinstance(clip, bool)
+                and float(clip) == cfg.optimizer.grad_clip):
+            raise ConfigError(f"{_json_key(cfg)}: its 'gradient_clipping' = {clip!r} would be "
+                              f"overridden by optimizer.grad_clip ({cfg.optimizer.grad_clip}), "
+                              f"which sets DeepSpeed's gradient clipping; remove it from the "
+                              f"file and set optimizer.grad_clip instead")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps", "bf16", "fp16", "optimizer", "scheduler"):
+        user.pop(key, None)  # owned by our config
+    return user
+
+
+def _engine_json(cfg: Config, dp_size: int, dtype: str | None, user: dict) -> dict:
     t = cfg.train
     accum = t.global_batch_size // (t.micro_batch_size * dp_size)
     ds = {
@@ -82,11 +106,8 @@ def deepspeed_config(cfg: Config, dp_size: int, dtype: str | None = None) -> dic
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
-    user = _user_json(cfg)
+    user = _owned_settings(cfg, dict(user))
     ds["zero_optimization"] = {**user.pop("zero_optimization", {}), "stage": cfg.zero.stage}
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
-                "gradient_accumulation_steps", "bf16", "fp16", "optimizer", "scheduler"):
-        user.pop(key, None)  # owned by our config
     user_types = {k: v for k, v in user.pop("data_types", {}).items() if k != "grad_accum_dtype"}
     if user_types:  # grad_accum_dtype is zero.grad_accum_dtype's (it picks the optimizer wrapper)
         ds["data_types"] = user_types
@@ -102,6 +123,88 @@ def deepspeed_config(cfg: Config, dp_size: int, dtype: str | None = None) -> dic
     elif dtype == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return ds
+
+
+class _OneDataParallelRank:
+    """An `mpu` for DeepSpeedConfig: batch sizes checked for one data-parallel rank."""
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return 1
+
+
+def _deepspeed_refusal(ds: dict) -> Exception | None:
+    """What DeepSpeed's own config parser (`DeepSpeedConfig`, as deepspeed.initialize runs it)
+    raises for the engine JSON `ds`, its batch sizes set to one sample; None if it takes it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+
+    trial = {**ds, "train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
+             "gradient_accumulation_steps": 1}
+    level = logger.level
+    logger.setLevel(max(level, 40))  # its INFO lines and warnings: deepspeed.initialize's
+    try:
+        DeepSpeedConfig(trial, mpu=_OneDataParallelRank())
+    except Exception as e:  # noqa: BLE001 - pydantic's, asserts, ValueErrors: all refusals
+        return e
+    finally:
+        logger.setLevel(level)
+    return None
+
+
+def _describe_refusal(error: Exception, section: str | None) -> str:
+    """`error` as one line: the setting (dotted, from the file's top level) and the reason."""
+    errors = getattr(error, "errors", None)
+    if callable(errors):  # pydantic's ValidationError: the field's path within its model
+        try:
+            first = errors()[0]
+            loc = [str(part) for part in first.get("loc", ())]
+            if section and (not loc or loc[0] != section):
+                loc.insert(0, section)
+            more = len(errors()) - 1
+            where = ".".join(loc) or section or "its settings"
+            return (f"'{where}' = {first.get('input')!r}: {first.get('msg')}"
+                    + (f" (and {more} more)" if more > 0 else ""))
+        except Exception:  # noqa: BLE001 - fall back to the message
+            pass
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return (f"'{section}': " if section else "") + f"{type(error).__name__}: {text}"
+
+
+def _check_with_deepspeed(cfg: Config, ds: dict, dp_size: int, dtype: str | None) -> None:
+    """Raise ConfigError naming zero.deepspeed_json, the setting and DeepSpeed's reason where
+    DeepSpeed's config parser refuses the engine JSON the file's settings went into."""
+    error = _deepspeed_refusal(ds)
+    if error is None:
+        return
+    base = _engine_json(cfg, dp_size, dtype, {})
+    section = next((k for k in ds if ds[k] != base.get(k)
+                    and _deepspeed_refusal({**base, k: ds[k]}) is not None), None)
+    raise ConfigError(f"{_json_key(cfg)}: DeepSpeed refuses {_describe_refusal(error, section)}"
+                      f"; fix the file or unset the key")
+
+
+def deepspeed_config(cfg: Config, dp_size: int, dtype: str | None = None) -> dict:
+    """The engine JSON; `dtype` defaults to resolve_dtype(cfg) (tests pass it explicitly).
+
+    zero.deepspeed_json's settings are merged in (except those our config owns: batch sizes,
+    precision, the ZeRO stage, the accumulation dtype, gradient clipping - a different one
+    refused) and checked by DeepSpeed's own config parser: what it refuses is a ConfigError
+    naming the setting."""
+    path = cfg.zero.deepspeed_json
+    ds = _engine_json(cfg, dp_size, dtype, _user_json(cfg))
+    if path is not None:
+        _check_with_deepspeed(cfg, ds, dp_size, dtype)
+    return ds
+
+
+def check_deepspeed_json(cfg: Config, dp_size: int = 1) -> None:
+    """Before any work: the engine JSON builds and DeepSpeed takes zero.deepspeed_json's
+    settings (a ConfigError naming the key, the setting and the reason, instead of a pydantic
+    traceback from deepspeed.initialize after the data was prepared). Nothing to do without
+    the key."""
+    if cfg.zero.deepspeed_json is not None:
+        deepspeed_config(cfg, dp_size)
 
 
 def initialize(model, optimizer, cfg: Config, dp_size: int, mpu=None):

@@ -101,6 +101,27 @@ def point(name: str, iteration: Optional[int] = None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class _Midway(list):
+    """A list whose iteration reaches a kill point after its first item ran (if it has two)."""
+
+    def __init__(self, items: list, name: str, iteration: Optional[int]):
+        super().__init__(items)
+        self.name, self.iteration = name, iteration
+
+    def __iter__(self):
+        for i, item in enumerate(list.__iter__(self)):
+            if i == min(1, len(self) - 1):
+                point(self.name, self.iteration)
+            yield item
+
+
+def during(name: str, iteration: Optional[int], items: list) -> list:
+    """`items` (e.g. the validation batches) reaching kill point `name` midway through their
+    iteration, so a kill lands while they are being worked on; `items` itself when no fault
+    is set."""
+    return _Midway(items, name, iteration) if active() else items
+
+
 class _PoisonGrad(torch.autograd.Function):
     """Identity forward, NaN backward: a finite loss whose gradient is not."""
 

@@ -11,15 +11,23 @@ the steps `>= N + 1` (`purge_step` purges from that step on, so N's own points s
 start from scratch (N = 0) cuts both back to nothing. Every finite numeric field of a record
 (booleans as 0/1) is also a TensorBoard scalar of the same name at step `iter`.
 
-`time_s` (seconds of training loop since the run began) continues on a resume from the last
-`time_s` kept at or before N, so it does not restart from 0; the time lost to the
-interruption and to the restart is not counted.
+`time_s` (seconds of training loop since the run began) continues on a resume from its
+value when the resumed checkpoint was saved (client state `time_s`; for an older checkpoint
+without it, from the last `time_s` kept at or before N), so it does not restart from 0; the
+time lost to the interruption and to the restart is not counted.
+
+A train record averages the loss over its log window (`LogWindow`), and its `tokens_per_s`
+and `mfu` count the window's training time only, not evaluation or checkpoint saves. The
+window is part of a checkpoint's client state, so a checkpoint inside a log interval
+resumes into the same window and the record that ends it reads as an uninterrupted run's.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -53,16 +61,75 @@ def resident_memory_gb() -> Optional[float]:
     return torch.cuda.memory_allocated() / 2 ** 30
 
 
+@dataclass
+class LogWindow:
+    """The iterations since the last train record, which the next one reports on: the mean
+    loss of its applied steps and its throughput.
+
+    `loss_sum` is this rank's (the record all-reduces the mean over ranks). The clock counts
+    training only: the caller takes evaluation and checkpoint time out (`exclude`). The
+    window goes into a checkpoint's client state (`state`, every rank's loss sum) and comes
+    back on resume (`restore`), so a checkpoint inside a log interval (train.save_interval
+    not a multiple of train.log_interval) resumes into the same window.
+    """
+    loss_sum: float = 0.0  # this rank's losses of the window's applied steps
+    steps: int = 0         # applied steps (a skipped one has no loss)
+    iters: int = 0         # iterations, skipped ones included (their tokens went through)
+    seconds: float = 0.0   # training time counted apart from the running clock
+    since: float = field(default_factory=time.time)  # the running clock's start
+
+    def add(self, loss: float, applied: bool) -> None:
+        self.iters += 1
+        if applied:
+            self.loss_sum, self.steps = self.loss_sum + loss, self.steps + 1
+
+    def elapsed(self, now: float) -> float:
+        """Training seconds of the window up to `now`."""
+        return self.seconds + (now - self.since)
+
+    def exclude(self, seconds: float) -> None:
+        """Take `seconds` (an evaluation, a checkpoint save) out of the window's time."""
+        self.seconds -= seconds
+
+    def reset(self, now: float) -> None:
+        """Start the next window at `now`."""
+        self.loss_sum, self.steps, self.iters, self.seconds, self.since = 0.0, 0, 0, 0.0, now
+
+    def state(self, now: float, loss_sums: list[float]) -> dict:
+        """The window at `now` for a checkpoint's client state; `loss_sums`: every rank's
+        loss_sum, by global rank (the state is saved from one rank, loaded by all)."""
+        return {"loss_sums": [float(v) for v in loss_sums], "steps": self.steps,
+                "iters": self.iters, "seconds": self.elapsed(now)}
+
+    @classmethod
+    def restore(cls, state: Optional[dict], rank: int, world: int, now: float) -> "LogWindow":
+        """The window a checkpoint saved (`state`), its clock going on from `now`; an empty
+        window for a checkpoint without one (saved before windows were, or at a window's
+        end). In another world size each rank takes the mean of the saved sums, so the
+        all-reduced mean the record logs stays the same."""
+        if not state or (not state.get("steps") and not state.get("iters")):
+            return cls(since=now)
+        sums = list(state.get("loss_sums") or [0.0])
+        loss_sum = sums[rank] if len(sums) == world else sum(sums) / len(sums)
+        return cls(float(loss_sum), int(state["steps"]), int(state["iters"]),
+                   float(state.get("seconds", 0.0)), now)
+
+
 class MetricsWriter:
-    def __init__(self, output_dir: Path, enabled: bool, resume_iter: int = 0):
+    def __init__(self, output_dir: Path, enabled: bool, resume_iter: int = 0,
+                 time_offset: Optional[float] = None):
+        """`time_offset`: time_s at the resumed checkpoint (its client state), added to this
+        run's time_s; None (an older checkpoint, or a start): the last time_s kept."""
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.tb = None
-        self.time_offset = 0.0  # time_s of the resumed record: added to this run's time_s
+        self.time_offset = 0.0  # added to this run's time_s
         if not enabled:
             return
         if self.path.exists():
             self.time_offset = self._truncate_after(resume_iter)
+        if time_offset is not None and resume_iter > 0:
+            self.time_offset = float(time_offset)
         from torch.utils.tensorboard import SummaryWriter
 
         # TensorBoard drops every step >= purge_step: resume_iter + 1 keeps the resumed
@@ -102,6 +169,10 @@ class MetricsWriter:
             if key != "iter" and isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
+
+    def run_time(self, seconds: float) -> float:
+        """time_s as a record would carry it, for `seconds` of this run's loop (main rank)."""
+        return self.time_offset + seconds
 
     def close(self) -> None:
         if self.tb is not None:

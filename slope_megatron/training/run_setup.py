@@ -1,9 +1,13 @@
 """Everything a run checks or prepares before the first step, and its small end-of-run extras.
 
-- the output directory: writable, and - once it holds a checkpoint - holding a run of the
-  same model, sparsity and data (else we refuse instead of mixing two runs); before its
-  first checkpoint a rerun with other settings replaces run_config.yaml (a start that
-  failed, e.g. out of memory, must not bind its corrected rerun);
+- the output directory: a directory (or one that can be created) we can write, and - once it
+  holds a checkpoint - holding a run of the same model, sparsity, data and layout (else we
+  refuse instead of mixing two runs): checked against its run_config.yaml and against the
+  identity in the checkpoint's manifest (the only record when run_config.yaml is gone, and
+  the one holding the data-parallel size under ZeRO 1-3), before any work and before
+  run_config.yaml is written; before its first checkpoint a rerun with other settings
+  replaces run_config.yaml (a start that failed, e.g. out of memory, must not bind its
+  corrected rerun);
 - the data: prepared once on rank 0 (others wait, then hit the cache; a data error on any
   rank stops every rank with the same clean error), vocabulary size taken from the
   tokenizer, at least one global batch of training and of validation samples;
@@ -24,9 +28,10 @@ import yaml
 from ..config import Config, ConfigError
 from ..errors import SlopeError
 from ..fileio import write_text_atomic
-from .checkpoint import (LATEST, MANIFEST, NOT_IDENTITY_KEYS, TAG_RE, identity_diff,
-                         with_added_keys)
+from .checkpoint import (LATEST, MANIFEST, NOT_IDENTITY_KEYS, TAG_RE, check_identity,
+                         identity_diff, saved_identity, with_added_keys)
 from .distributed import barrier
+from .engine import grad_accum_dtype, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,9 @@ IDENTITY_KEYS = ("model", "sparsity", "adapters", "data", "parallel", "zero.stag
                  "train.seed", "train.global_batch_size")
 # ... except NOT_IDENTITY_KEYS (checkpoint.py), which change neither the math nor the files:
 # kernel-side memory, and where the data cache lives. train.output_dir, train.iters and the
-# other train.* / optimizer.* keys are not identity keys: a resume may change them.
+# other train.* / optimizer.* keys are not identity keys: a resume may change them (the
+# checkpoint's optimizer settings are replaced by the config's after the load:
+# optimizer.apply_optimizer_settings).
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -52,6 +59,45 @@ def _identity(cfg_dict: dict) -> dict:
     flat = _flatten(cfg_dict)
     return {k: v for k, v in flat.items() if k not in NOT_IDENTITY_KEYS
             and any(k == i or k.startswith(i + ".") for i in IDENTITY_KEYS)}
+
+
+def run_identity(cfg: Config, dp_size: int) -> dict:
+    """What a checkpoint must match to be resumed (its manifest records it): run_config's
+    identity keys plus the ZeRO stage, the gradient-accumulation dtype as resolved (it selects
+    DeepSpeed's optimizer wrapper, whose files differ) and, under ZeRO 1-3, the data-parallel
+    size (the optimizer files are partitioned by it; without ZeRO a different DP size resumes
+    fine)."""
+    ident = _identity(cfg.to_dict())
+    ident["zero.stage"] = cfg.zero.stage
+    ident["zero.grad_accum_dtype"] = grad_accum_dtype(cfg, resolve_dtype(cfg)) or "model"
+    if cfg.zero.stage > 0:
+        ident["data_parallel_size"] = dp_size
+    return ident
+
+
+def _data_parallel_size(cfg: Config) -> int:
+    """This launch's data-parallel size: the world size over tensor x pipeline ranks."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return max(1, world // (cfg.parallel.tensor * cfg.parallel.pipeline))
+
+
+def _check_directory(out: Path) -> None:
+    """train.output_dir must be a directory, or a path whose nearest existing ancestor is one,
+    that we can write to."""
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"train.output_dir '{out}' is a broken symbolic link (to "
+                          f"'{os.readlink(out)}'); remove it or choose another directory")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir '{out}' is a file, not a directory; choose "
+                          f"another train.output_dir")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise ConfigError(f"train.output_dir '{out}' cannot be created: '{probe}' is a file, "
+                          f"not a directory; choose another train.output_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir '{out}' is not writable; choose another directory")
 
 
 def holds_checkpoint(out: Path) -> bool:
@@ -90,17 +136,24 @@ def read_recorded_config(out: Path) -> RecordedConfig:
         return RecordedConfig(True, error=e)
 
 
-def check_output_dir(cfg: Config, out: Path,
-                     recorded: Optional[RecordedConfig] = None) -> dict:
-    """Refuse an unwritable dir, one holding a checkpoint of a different run, or the finished
-    metrics of a run without checkpoints when this one writes none either (writes nothing).
-    `recorded`: read_recorded_config(out), read here when not given.
+def check_output_dir(cfg: Config, out: Path, recorded: Optional[RecordedConfig] = None,
+                     dp_size: Optional[int] = None) -> dict:
+    """Refuse a path that is not a writable directory (nor can become one), one holding a
+    checkpoint of a different run, or the finished metrics of a run without checkpoints when
+    this one writes none either (writes nothing). `recorded`: read_recorded_config(out), read
+    here when not given. `dp_size`: this launch's data-parallel size (default: the world size
+    of the process group over parallel.tensor x parallel.pipeline).
+
+    A dir holding a checkpoint binds a rerun twice, both before any work: its run_config.yaml
+    (when there is one) and the run identity in the manifest of the checkpoint a load would
+    verify first (`checkpoint.saved_identity`; ZeRO stage, resolved gradient-accumulation
+    dtype and, under ZeRO 1-3, the data-parallel size included). Without the second, a run
+    in a dir whose run_config.yaml is gone would get as far as the load - and would have
+    written its own run_config.yaml by then, locking the original settings out.
 
     Returns the config as given (before derived values such as the vocabulary size) for
     `record_run_config` once the run's inputs are known to be good."""
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"train.output_dir '{out}' is not writable; choose another directory")
+    _check_directory(out)
     if not cfg.train.save_interval and (out / "metrics.jsonl").is_file() \
             and not (out / "checkpoints").is_dir():
         raise ConfigError(f"train.output_dir '{out}' holds the metrics of a run without "
@@ -125,6 +178,17 @@ def check_output_dir(cfg: Config, out: Path,
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
             raise ConfigError(f"train.output_dir '{out}' holds a different run ({shown}); "
                               f"use a new train.output_dir or the original settings")
+    if holds_checkpoint(out):
+        bound = saved_identity(out / "checkpoints")
+        if bound is not None:
+            tag_dir, saved = bound
+            dp = dp_size if dp_size is not None else _data_parallel_size(cfg)
+            ident = run_identity(cfg, dp)
+            if cfg.model.vocab_size is None:  # the tokenizer's, known once the data is
+                # prepared; the load compares it (and a different tokenizer is a data.* key)
+                saved = {k: v for k, v in saved.items() if k != "model.vocab_size"}
+                ident.pop("model.vocab_size", None)
+            check_identity(tag_dir, saved, ident)
     return cfg.to_dict()
 
 
@@ -187,7 +251,7 @@ def _share_failure(error: Optional[Exception]) -> None:
     the next collective, or hanging in it). The failing rank raises its own exception; the
     others raise the same user error (a SlopeError of the same class and message) when rank
     0 failed with one, else a SlopeError naming the rank, so each rank exits 2 and rank 0
-    prints the one `error:` line."""
+    prints the one `error:` line (every raised error is marked `every_rank`)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -202,18 +266,30 @@ def _share_failure(error: Optional[Exception]) -> None:
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if error is not None:
+        _said_by_rank_0(error)
         raise error
     for rank, failure in enumerate(everyone):
         if failure is None:
             continue
         cls, message = failure
         if rank != 0 or cls is None:
-            raise SlopeError(f"rank {rank} failed while preparing the data: {message}")
+            raise _said_by_rank_0(
+                SlopeError(f"rank {rank} failed while preparing the data: {message}"))
         try:
             shared = cls(message)
         except Exception:  # noqa: BLE001 - a SlopeError class that takes other arguments
             shared = SlopeError(message)
-        raise shared
+        raise _said_by_rank_0(shared)
+
+
+def _said_by_rank_0(error: Exception) -> Exception:
+    """Mark an error every rank raises after _share_failure: rank 0's `error:` line says it
+    for all (launch/pretrain.py prints a non-zero rank's own error only when not so marked)."""
+    try:
+        error.every_rank = True
+    except AttributeError:  # an exception type that takes no attributes
+        pass
+    return error
 
 
 def prepare_run_data(cfg: Config, main: bool) -> RunData:

@@ -1,9 +1,16 @@
 """The pretraining loop: data -> model -> DeepSpeed engine -> train / eval / save / resume.
 
-Readable in one screen on purpose (after nanoGPT). Everything stateful lives somewhere a
-checkpoint reaches: weights, masks, layer counters and the adapter switch in the module;
-Adam state in the optimizer; RNG per rank; the data position is the iteration number
-(see data_order.py); the learning rate is a function of the iteration.
+`train()` sets a run up (output directory, data, engine, the newest checkpoint if any), then
+runs the iterations: an optimizer step that a non-finite loss or gradient skips, a metrics
+record at each log interval, evaluation and checkpoint saves at theirs, and a sample from the
+final checkpoint at the end. The helpers around it guard the optimizer step and say how to
+continue after a stop.
+
+Everything stateful lives somewhere a checkpoint reaches: weights, masks, layer counters and
+the adapter switch in the module; Adam state in the optimizer; RNG per rank; the data
+position is the iteration number (see data_order.py); the learning rate is a function of the
+iteration; the skip counters, the open log window (metrics.LogWindow) and time_s in the
+client state.
 
 A resume may change train.iters (to extend or shorten a run): it says so in one warning,
 the LR schedule continues on the new total's schedule, and the adapters switch on at the
@@ -31,11 +38,12 @@ from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint, faults
 from .data_order import GlobalBatchOrder
 from .distributed import DistInfo, all_reduce_mean, barrier
-from .engine import build_engine, check_precision_layout, grad_accum_dtype, resolve_dtype
+from .engine import build_engine, check_deepspeed_json, check_precision_layout
 from .grad_norm import ClientGradNorm
-from .metrics import (MetricsWriter, format_train_line, max_memory_gb, peak_flops,
+from .metrics import (LogWindow, MetricsWriter, format_train_line, max_memory_gb, peak_flops,
                       resident_memory_gb)
 from .optimizer import (
+    apply_optimizer_settings,
     lr_at,
     mark_adapters_active,
     set_lr,
@@ -48,12 +56,12 @@ from .resume_notes import (
     previous_train_iters,
 )
 from .run_setup import (
-    _identity,
     artifact_writer,
     check_output_dir,
     prepare_run_data,
     read_recorded_config,
     record_run_config,
+    run_identity,
     sample_from_checkpoint,
 )
 from .steps import eval_indices, eval_loss, is_pipelined, make_batch, train_step
@@ -77,17 +85,24 @@ class TrainingStopped(SlopeError):
     `error:` line with exit code 2 instead of a traceback."""
 
 
-def run_identity(cfg: Config, dp_size: int) -> dict:
-    """What a checkpoint must match to be resumed: run_config's identity keys plus the
-    ZeRO stage, the gradient-accumulation dtype as resolved (it selects DeepSpeed's optimizer
-    wrapper, whose files differ) and, under ZeRO 1-3, the data-parallel size (the optimizer
-    files are partitioned by it; without ZeRO a different DP size resumes fine)."""
-    ident = _identity(cfg.to_dict())
-    ident["zero.stage"] = cfg.zero.stage
-    ident["zero.grad_accum_dtype"] = grad_accum_dtype(cfg, resolve_dtype(cfg)) or "model"
-    if cfg.zero.stage > 0:
-        ident["data_parallel_size"] = dp_size
-    return ident
+def _device_sync() -> None:
+    """Wait for the queued GPU work (before timing something that is not training)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _all_gather_float(value: float) -> list[float]:
+    """`value` of every rank, by global rank (one all-gather; [value] on a single process)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return [value]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    mine = torch.tensor([value], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(every, mine)
+    return [t.item() for t in every]
 
 
 def _any_rank(flag: bool) -> bool:
@@ -138,20 +153,6 @@ def global_grad_norm(engine) -> Optional[float]:
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-class _KillMidEval(list):
-    """Validation batches that reach the `eval` kill point after the first one ran."""
-
-    def __init__(self, batches: list, it: int):
-        super().__init__(batches)
-        self.it = it
-
-    def __iter__(self):
-        for i, batch in enumerate(list.__iter__(self)):
-            if i == min(1, len(self) - 1):
-                faults.point("eval", self.it)
-            yield batch
 
 
 def guarded_train_step(engine, batches: list, it: int) -> tuple[float, bool]:
@@ -212,16 +213,31 @@ def _destroy_engine(engine) -> None:
         log.warning("DeepSpeed engine teardown failed: %s", e)
 
 
+def _print_sample(tag_dir: Path, out: Path, say) -> None:
+    """The end-of-run sample from the final checkpoint (rank 0; the others wait at a barrier).
+    A failure there is one warning line: the run finished, its results stand."""
+    try:
+        sample = sample_from_checkpoint(tag_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: the end-of-run sample from {tag_dir} failed ({type(e).__name__}: "
+              f"{e}); the run itself finished and its checkpoint stands",
+              file=sys.stderr, flush=True)
+        return
+    say(f"sample from {tag_dir}:\n" + sample)
+    say(f"generate more: python launch/generate.py --checkpoint {out} --prompt \"...\"")
+
+
 def train(cfg: Config, dist: DistInfo) -> TrainResult:
     dp_size = validate_world(cfg, dist.world_size)
     check_precision_layout(cfg)
+    check_deepspeed_json(cfg, dp_size)
     par = None
     if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:
         par = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
     dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
     recorded = read_recorded_config(out)  # the one read, before it is (re)written
-    given = check_output_dir(cfg, out, recorded)
+    given = check_output_dir(cfg, out, recorded, dp_size)
     data = prepare_run_data(cfg, main)  # sets model.vocab_size from the tokenizer
     record_run_config(given, out, main, recorded)
     say = tqdm.write if main else (lambda *_: None)
@@ -234,6 +250,9 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     identity = run_identity(cfg, dp_size)
     client = checkpoint.load(engine, ckpt_dir, dist.rank, identity) if ckpt_dir.is_dir() \
         else None
+    if client:  # DeepSpeed put the checkpoint's optimizer settings back: this run's config wins
+        for change in apply_optimizer_settings(optimizer, cfg, adapters_active(model)):
+            say(f"resume: {change}")
     start = client["iteration"] if client else 0
     skipped_total = client.get("skipped_total", 0) if client else 0
     consecutive = client.get("consecutive_skips", 0) if client else 0
@@ -263,7 +282,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
             print(warning, file=sys.stderr, flush=True)
     guard_client_optimizer(engine)
     client_norm = ClientGradNorm.attach(engine)  # None unless ZeRO-0 in fp32
-    metrics = MetricsWriter(out, main, start)
+    metrics = MetricsWriter(out, main, start, client.get("time_s") if client else None)
     order = GlobalBatchOrder(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_len
     flops_per_token = dense_flops_per_token(cfg.model)
@@ -272,8 +291,10 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     peak = peak_flops()
     save_artifact = artifact_writer(engine, cfg, data, par)
 
-    t0 = t_log = time.time()
-    loss_sum, window, window_iters = 0.0, 0, 0
+    t0 = time.time()
+    # the open log window, as the checkpoint left it (one ending mid-window goes on)
+    window = LogWindow.restore(client.get("log_window") if client else None, dist.rank,
+                               dist.world_size, t0)
     val_loss = train_loss = float("nan")
     bar = tqdm(total=cfg.train.iters, initial=start, disable=not main, desc="train",
                dynamic_ncols=True)
@@ -305,10 +326,10 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
             faults.point("after_step", it)
             done = it + 1
             bar.update(1)
-            window_iters += 1
+            window.add(loss, applied)
             if applied:
                 after_optimizer_step(model)
-                loss_sum, window, consecutive = loss_sum + loss, window + 1, 0
+                consecutive = 0
             else:
                 skipped_total, consecutive = skipped_total + 1, consecutive + 1
                 reason = "loss" if loss_bad else "gradient"
@@ -327,35 +348,47 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
                         f"{rerun_advice(cfg, '', ckpt_dir)}")
             if logged:
                 now = time.time()
-                train_loss = all_reduce_mean(loss_sum / window) if window else float("nan")
-                tps = tokens_per_iter * window_iters / (now - t_log)
-                record = {"iter": done, "loss": train_loss if window else None, "lr": lr,
+                train_loss = all_reduce_mean(window.loss_sum / window.steps) if window.steps \
+                    else float("nan")
+                tps = tokens_per_iter * window.iters / window.elapsed(now)
+                record = {"iter": done, "loss": train_loss if window.steps else None, "lr": lr,
                           "tokens": done * tokens_per_iter, "tokens_per_s": tps,
                           "adapters_active": adapters_on, "time_s": now - t0,
                           "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None,
                           "skipped_steps": skipped_total, "max_mem_gb": max_memory_gb(),
                           "resident_mem_gb": resident_memory_gb(),
                           "grad_norm": global_grad_norm(engine)}
-                if window:
+                if window.steps:
                     metrics.write(record)
                     say(format_train_line(record))
-                loss_sum, window, window_iters, t_log = 0.0, 0, 0, now
+                window.reset(now)
+            # evaluation and saves: their time is taken out of the window's (training only)
             if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) \
                     or done == cfg.train.iters:
-                batches = _KillMidEval(val_batches, it) if faults.active() else val_batches
-                val_loss = all_reduce_mean(eval_loss(engine, batches))
+                _device_sync()
+                began = time.time()
+                val_loss = all_reduce_mean(eval_loss(engine, faults.during("eval", it,
+                                                                           val_batches)))
+                eval_s = time.time() - began
+                window.exclude(eval_s)
                 metrics.write({"iter": done, "val_loss": val_loss,
-                               "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf")})
+                               "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf"),
+                               "eval_s": eval_s})
                 say(f"iter {done:>6} | val loss {val_loss:.4f} | "
                     f"val ppl {math.exp(min(val_loss, 700)):.2f}")
             if cfg.train.save_interval and (done % cfg.train.save_interval == 0
                                             or done == cfg.train.iters):
+                _device_sync()
+                began = time.time()
                 state = {"iteration": done, "skipped_total": skipped_total,
                          "consecutive_skips": consecutive, "train_iters": cfg.train.iters,
-                         "adapters_since": adapters_since}
+                         "adapters_since": adapters_since, "time_s": metrics.run_time(began - t0),
+                         "log_window": window.state(began, _all_gather_float(window.loss_sum))}
                 path = checkpoint.save(engine, ckpt_dir, done, state, dist.rank, save_artifact,
                                        cfg.train.keep_checkpoints, identity)
-                say(f"saved checkpoint {path}")
+                save_s = time.time() - began
+                window.exclude(save_s)
+                say(f"saved checkpoint {path} ({save_s:.1f} s)")
     finally:
         bar.close()
         metrics.close()
@@ -363,9 +396,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
         say(f"nothing to do: {out} already holds a checkpoint at iteration {start} "
             f"(train.iters = {cfg.train.iters})")
     elif main and cfg.train.save_interval:
-        last = ckpt_dir / checkpoint.tag_for(cfg.train.iters)
-        say(f"sample from {last}:\n" + sample_from_checkpoint(last))
-        say(f"generate more: python launch/generate.py --checkpoint {out} --prompt \"...\"")
+        _print_sample(ckpt_dir / checkpoint.tag_for(cfg.train.iters), out, say)
     barrier()
     _destroy_engine(engine)
     return TrainResult(cfg.train.iters, val_loss, train_loss, start)
