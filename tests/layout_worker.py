@@ -1,8 +1,11 @@
 """A few training steps of a tiny SLoPe model in any layout, for the layout-parity tests.
 
 Every layout sees the same global batch (a fixed batch, so the loss must fall) and the
-adapters switch on at step SWITCH, inside the window. Returns the per-step global mean
-loss and, optionally, optimizer-state facts and the gathered TP = 1 state dict.
+adapters switch on at step SWITCH, inside the window. `train_losses` returns the per-step
+global mean loss and a dict of optional facts: optimizer-state step counts (check_state)
+and, on rank 0, the trained model consolidated to the TP = 1, unpipelined state dict
+(final_state; as the inference artifact is written). `initial_full_state` gives the TP = 1
+view of a freshly built model.
 """
 import torch
 
@@ -22,7 +25,8 @@ def tiny_config(tp=1, pp=1, stage=0, extra=()):
                               f"train.global_batch_size={GLOBAL_BATCH}", *extra])
 
 
-def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1, extra=()):
+def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1, extra=(),
+                 final_state=False):
     from slope_megatron.parallel import initialize_parallel
     from slope_megatron.sparsity import after_optimizer_step
     from slope_megatron.training.distributed import init_distributed
@@ -66,6 +70,12 @@ def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1, extra=()):
         state = base_optimizer(opt).state
         info["weight_step_after"] = int(state[layer.weight]["step"])
         info["adapter_step_after"] = int(state[layer.adapter_a]["step"])
+    if final_state:  # collective; the state dict on rank 0 only
+        from slope_megatron.training.run_setup import consolidated_state_dict
+
+        state = consolidated_state_dict(engine, cfg, par)
+        if state is not None:
+            info["state"] = state
     return losses, info
 
 

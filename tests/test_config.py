@@ -54,10 +54,27 @@ def test_bad_values_are_named(override, match):
     (["parallel.tensor=2", "model.vocab_size=101"], "must divide model.vocab_size"),
     (["parallel.pipeline=2", "zero.stage=2"], "pipeline engine supports ZeRO 0 or 1"),
     (["parallel.pipeline=3"], "must not exceed model.num_layers"),
+    (["parallel.tensor=2", "model.dropout=0.1"], "'model.dropout' = 0.1 is invalid: dropout is "
+     "not supported with tensor parallelism .* Set model.dropout: 0 .* or parallel.tensor: 1"),
 ])
 def test_parallel_layout_checks(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_dropout_is_allowed_without_tensor_parallelism():
+    """SDPA's attention dropout draws from the global RNG, seeded alike on every rank: fine
+    where every rank holds all heads (data and pipeline parallelism)."""
+    assert load_config(None, ["model.dropout=0.1", "parallel.pipeline=2"]).model.dropout == 0.1
+    assert load_config(None, ["model.dropout=0.0", "parallel.tensor=2"]).parallel.tensor == 2
+    assert "attention probabilities" in config_reference()
+
+
+def test_the_vocabulary_padding_is_one_constant():
+    from slope_megatron.config import VOCAB_PAD_MULTIPLE, padded_vocab_size
+
+    assert VOCAB_PAD_MULTIPLE == 64
+    assert [padded_vocab_size(v) for v in (1, 64, 65, 8192, 50257)] == [64, 64, 128, 8192, 50304]
 
 
 def test_missing_file_and_bad_override_syntax(tmp_path):

@@ -66,10 +66,10 @@ def test_compiled_regions_match_eager(arch, sparse, compiled):
 def test_one_graph_per_region_not_per_block(arch, compiled):
     """The GEMMs stay outside, so every block reuses the same compiled graphs: a 3-block and
     a 6-block model compile the same number of graphs (forward; backward is traced with it)."""
+    import torch._dynamo
+
     counts = []
     for layers in (3, 6):
-        import torch._dynamo
-
         torch._dynamo.reset()
         compiled.graphs.clear()
         model = tiny(arch, layers=layers)
@@ -185,3 +185,42 @@ def test_inference_runs_the_regions_eagerly(compiled):
     cache = inf.new_cache(2, 16)
     inf.forward(ids, torch.arange(5).expand(2, 5), cache)
     assert compiled.graphs == [] and regions.compile_enabled()
+
+
+def _compile_on_two_tp_ranks(fail_rank):
+    """TP = 2, a backend that fails on `fail_rank` only (None: on none); per rank: the
+    region's (failed, is_compiled) and whether its two calls equal eager's bit for bit."""
+    import torch._dynamo
+    import torch.distributed as dist
+
+    from slope_megatron.parallel import initialize_parallel
+
+    dist.init_process_group("gloo")
+    initialize_parallel(2, 1)
+    rank = dist.get_rank()
+
+    def backend(gm, example_inputs):
+        if rank == fail_rank:
+            raise RuntimeError(f"compiler crashed on rank {rank}")
+        return gm.forward
+
+    torch._dynamo.reset()
+    regions.enable_compile(True, backend=backend)
+    r = regions.mlp_activation
+    a = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    outs = [r(a, False), r(a, False)]
+    eager = torch.nn.functional.gelu(a, approximate="tanh")
+    return r.failed, r.is_compiled, all(torch.equal(o, eager) for o in outs)
+
+
+@pytest.mark.parametrize("fail_rank", [None, 1])
+def test_tp_ranks_agree_on_a_compile_fallback(fail_rank):
+    """Compiled and eager results differ by rounding, so if compiling fails on one TP rank
+    every TP rank must run the region eagerly (replicated activations stay equal)."""
+    from dist_utils import run_distributed
+
+    per_rank = run_distributed(_compile_on_two_tp_ranks, 2, fail_rank)
+    if fail_rank is None:
+        assert [p[:2] for p in per_rank] == [(False, True)] * 2
+    else:
+        assert per_rank == [(True, False, True)] * 2, per_rank

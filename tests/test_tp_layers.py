@@ -132,3 +132,39 @@ def test_unsplittable_shapes_are_rejected():
         RowParallelLinear(24, 8, False, init, 4, 0, None, sparse_kw=kw)
     with pytest.raises(ValueError, match="column-parallel out_features=24"):
         ColumnParallelLinear(8, 24, False, init, 4, 0, None, sparse_kw=kw, chunks=3)
+
+
+def loss_worker(tp):
+    """vocab_parallel_lm_loss against lm_loss on the whole logits: some targets ignored, and
+    every target ignored (NaN loss, zero gradients, as F.cross_entropy at TP = 1)."""
+    from slope_megatron.model.regions import lm_loss
+    from slope_megatron.parallel import vocab_parallel_lm_loss
+
+    st = _setup(tp)
+    vocab = 16
+    per = vocab // tp
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, vocab)
+    some = torch.randint(0, vocab, (2, 5))
+    some[0, :2] = -1
+    out = {}
+    for name, targets in (("some_ignored", some), ("all_ignored", torch.full((2, 5), -1))):
+        full = logits.clone().requires_grad_(True)
+        ref = lm_loss(full, targets)
+        ref.backward()
+        shard = logits[..., st.tp_rank * per:(st.tp_rank + 1) * per].clone().requires_grad_(True)
+        got = vocab_parallel_lm_loss(shard, targets, st.tp_rank * per, st.tp_group)
+        got.backward()
+        ref_grad = full.grad[..., st.tp_rank * per:(st.tp_rank + 1) * per]
+        out[name] = (ref.detach(), got.detach(), ref_grad, shard.grad)
+    return out
+
+
+def test_vocab_parallel_loss_matches_lm_loss_also_when_every_target_is_ignored():
+    for out in run_distributed(loss_worker, 2, 2):
+        ref, got, ref_grad, grad = out["some_ignored"]
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(grad, ref_grad)
+        ref, got, ref_grad, grad = out["all_ignored"]
+        assert ref.isnan() and got.isnan(), (ref, got)  # was 0 under TP, NaN at TP = 1
+        assert torch.equal(grad, ref_grad) and not grad.any()

@@ -8,11 +8,13 @@ process allocates a model, and every error names the key, the bad value and what
 """
 from .loading import apply_overrides, config_from_dict, load_config
 from .schema import (AdaptersConfig, Config, ConfigError, DataConfig, ModelConfig,
-                     OptimizerConfig, ParallelConfig, SparsityConfig, TrainConfig, ZeroConfig,
-                     config_reference, ffn_hidden_size)
+                     OptimizerConfig, ParallelConfig, SparsityConfig, TrainConfig,
+                     VOCAB_PAD_MULTIPLE, ZeroConfig, config_reference, ffn_hidden_size,
+                     padded_vocab_size)
 from .validation import validate, validate_world
 
 __all__ = ["AdaptersConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
-           "OptimizerConfig", "ParallelConfig", "SparsityConfig", "TrainConfig", "ZeroConfig",
-           "apply_overrides", "config_from_dict", "config_reference", "ffn_hidden_size",
-           "load_config", "validate", "validate_world"]
+           "OptimizerConfig", "ParallelConfig", "SparsityConfig", "TrainConfig",
+           "VOCAB_PAD_MULTIPLE", "ZeroConfig", "apply_overrides", "config_from_dict",
+           "config_reference", "ffn_hidden_size", "load_config", "padded_vocab_size",
+           "validate", "validate_world"]

@@ -14,6 +14,15 @@ class ConfigError(SlopeError, ValueError):
     """A configuration problem, with a message that names the key and the fix."""
 
 
+VOCAB_PAD_MULTIPLE = 64  # an unset model.vocab_size is the tokenizer's rounded up to this
+
+
+def padded_vocab_size(tokenizer_vocab: int) -> int:
+    """The default model.vocab_size: the tokenizer's vocabulary rounded up to a multiple of
+    VOCAB_PAD_MULTIPLE (the embedding and LM-head GEMMs run faster on such widths)."""
+    return -(-tokenizer_vocab // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+
+
 def _f(default: Any, help: str, **kw) -> Any:
     """A dataclass field with its help text; mutable defaults go through a factory."""
     if isinstance(default, (list, dict)):
@@ -32,8 +41,12 @@ class ModelConfig:
                                               "the multiple of 64 nearest 8/3*hidden (llama).")
     seq_len: int = _f(128, "Context length (tokens per training sample).")
     vocab_size: Optional[int] = _f(None, "Vocabulary size. Default: the tokenizer's, "
-                                         "rounded up to a multiple of 64.")
-    dropout: float = _f(0.0, "Dropout on attention output, MLP output and embeddings.")
+                                         f"rounded up to a multiple of {VOCAB_PAD_MULTIPLE}.")
+    dropout: float = _f(0.0, "Dropout probability on the attention probabilities (SDPA's "
+                             "dropout_p), the attention output, the MLP output and the "
+                             "embeddings. Must be 0 with parallel.tensor > 1 (every TP rank "
+                             "would draw its heads' attention-dropout masks from the same "
+                             "random stream).")
     tie_embeddings: bool = _f(True, "Share the token embedding with the LM head.")
     norm_eps: float = _f(1e-5, "Epsilon of LayerNorm / RMSNorm.")
     rope_theta: float = _f(10000.0, "Rotary base (llama only).")
@@ -102,14 +115,21 @@ class ParallelConfig:
 
 @dataclass
 class ZeroConfig:
-    stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (PP > 1 allows 0 or 1).")
+    stage: int = _f(0, "DeepSpeed ZeRO stage 0-3 (PP > 1 allows 0 or 1). Stage 0 in "
+                       "bf16/fp16 with `parallel.tensor` > 1 is refused: DeepSpeed's stage-0 "
+                       "wrapper then takes the gradient norm (and the clipping) from one "
+                       "tensor-parallel shard; use stage 1.")
     deepspeed_json: Optional[str] = _f(None, "DeepSpeed JSON merged over the generated engine "
                                              "config (e.g. configs/deepspeed/zero3.json for "
-                                             "bucket sizes or offload); batch sizes, precision "
-                                             "and the ZeRO stage always come from this config. "
-                                             "A relative path in a config file is looked up "
-                                             "next to that file, then in the current directory "
-                                             "(in --set: the current directory).")
+                                             "bucket sizes or offload); batch sizes, precision, "
+                                             "the ZeRO stage and gradient clipping "
+                                             "(optimizer.grad_clip: a different "
+                                             "gradient_clipping in the file is refused) always "
+                                             "come from this config. DeepSpeed's own config "
+                                             "parser checks the merged settings before any work. "
+                                             "A relative path in a config file is looked up next "
+                                             "to that file, then in the current directory (in "
+                                             "--set: the current directory).")
     grad_accum_dtype: str = _f("auto", "Dtype gradients are accumulated in over micro-batches: "
                                        "'fp32', 'model' (the training dtype) or 'auto' (fp32 "
                                        "where DeepSpeed supports it for a bf16 model - ZeRO "

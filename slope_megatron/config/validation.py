@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .schema import Config, ConfigError, ffn_hidden_size
+from .schema import VOCAB_PAD_MULTIPLE, Config, ConfigError, ffn_hidden_size
+
 
 def _require(cond: bool, key: str, value: Any, what: str) -> None:
     if not cond:
@@ -134,8 +135,19 @@ def _validate_layout(cfg: Config) -> None:
                      f"sparsity.m ({group})")
         _require(m.vocab_size is None or m.vocab_size % tp == 0, "parallel.tensor", tp,
                  f"must divide model.vocab_size ({m.vocab_size})")
-        _require(m.vocab_size is not None or 64 % tp == 0, "parallel.tensor", tp,
-                 "must divide 64 (the vocabulary is padded to a multiple of 64)")
+        pad = VOCAB_PAD_MULTIPLE
+        _require(m.vocab_size is not None or pad % tp == 0, "parallel.tensor", tp,
+                 f"must divide {pad} (an unset model.vocab_size is the tokenizer's vocabulary "
+                 f"padded to a multiple of {pad}); or set model.vocab_size to a multiple of "
+                 f"{tp} that is >= the tokenizer's vocabulary")
+        # SDPA draws the attention-probability dropout from the global RNG, which is seeded
+        # alike on every rank: each TP rank's heads would get the same masks (head h and head
+        # h + num_heads / TP always dropped together), unlike TP = 1.
+        _require(m.dropout == 0.0, "model.dropout", m.dropout,
+                 f"dropout is not supported with tensor parallelism (parallel.tensor = {tp}): "
+                 f"every TP rank would draw the same attention-dropout masks for its heads, "
+                 f"unlike one process. Set model.dropout: 0 (the pretraining default), or "
+                 f"parallel.tensor: 1 (use data or pipeline parallelism instead)")
     s = cfg.sparsity
     if s.enabled and s.sparse_lm_head and not m.tie_embeddings:
         _validate_sparse_lm_head(cfg)
@@ -161,12 +173,13 @@ def _validate_sparse_lm_head(cfg: Config) -> None:
                  f"a sparse LM head (sparsity.sparse_lm_head) needs a vocabulary divisible by "
                  f"sparsity.m ({group}){shards}: use a multiple of {unit} that is >= the "
                  f"tokenizer's vocabulary (e.g. {-(-m.vocab_size // unit) * unit}), {off}")
-    else:  # the trainer takes the tokenizer's vocabulary, rounded up to a multiple of 64
-        _require(64 % unit == 0, "model.vocab_size", None,
-                 f"unset, it becomes the tokenizer's vocabulary rounded up to a multiple of 64, "
-                 f"which a sparse LM head cannot always split into whole groups of sparsity.m "
-                 f"({group}){shards}: set model.vocab_size to a multiple of "
-                 f"{math.lcm(64, unit)} that is >= the tokenizer's vocabulary, {off}")
+    else:  # the trainer takes the tokenizer's vocabulary, rounded up (padded_vocab_size)
+        pad = VOCAB_PAD_MULTIPLE
+        _require(pad % unit == 0, "model.vocab_size", None,
+                 f"unset, it becomes the tokenizer's vocabulary rounded up to a multiple of "
+                 f"{pad}, which a sparse LM head cannot always split into whole groups of "
+                 f"sparsity.m ({group}){shards}: set model.vocab_size to a multiple of "
+                 f"{math.lcm(pad, unit)} that is >= the tokenizer's vocabulary, {off}")
 
 
 def read_deepspeed_json(path: str, also_tried: Iterable[str] = ()) -> dict:

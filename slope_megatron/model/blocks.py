@@ -80,8 +80,16 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, make_linear: LinearFactory, layer_idx: int):
         super().__init__()
-        h, bias = cfg.hidden_size, cfg.arch == "gpt"
-        self.num_heads = cfg.num_heads // make_linear.tp_size  # this rank's heads
+        h, bias, tp = cfg.hidden_size, cfg.arch == "gpt", make_linear.tp_size
+        if cfg.num_heads % tp:
+            raise ValueError(f"model.num_heads ({cfg.num_heads}) is not divisible by the "
+                             f"tensor-parallel size ({tp}): each TP rank must hold whole "
+                             f"attention heads; use a parallel.tensor that divides it")
+        if cfg.dropout > 0 and tp > 1:  # config validation says the same, for a config
+            raise ValueError(f"model.dropout ({cfg.dropout}) must be 0 with tensor "
+                             f"parallelism (TP={tp}): every TP rank would draw the same "
+                             f"attention-dropout masks for its heads")
+        self.num_heads = cfg.num_heads // tp  # this rank's heads
         self.head_dim = h // cfg.num_heads
         self.dropout = cfg.dropout
         self.qkv = make_linear("qkv", h, 3 * h, bias, layer_idx, chunks=3)
@@ -99,6 +107,8 @@ class Attention(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary.tables(x.shape[1], qkv.dtype)
         drop = self.dropout if self.training else 0.0
+        # dropout_p draws from the global RNG, seeded alike on every rank: hence no dropout
+        # under TP (__init__; config validation)
         y = causal_attention(qkv, self.num_heads, cos, sin, drop)
         return dropout(self.proj(y), drop)
 

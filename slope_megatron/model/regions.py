@@ -40,6 +40,19 @@ class Region:
     If compiling fails (no working compiler toolchain, an unsupported op on this torch
     version), the region logs one warning with the reason and runs eagerly from then on: the
     result is the same function, only slower, so a run is not lost to a compiler problem.
+
+    Under tensor parallelism the TP ranks agree on it: eager and compiled results are not
+    bitwise equal, so one rank running eagerly beside compiled peers would let the
+    activations every TP rank holds alike (residual stream, norms) drift apart. At each
+    region's first call after `enable_compile()` the TP ranks all-reduce a one-element
+    failure flag (one host sync per region, once), and if any rank failed, every rank runs
+    that region eagerly. This adds no deadlock the model does not have: TP ranks run the same
+    layers in the same order (their row-parallel all-reduces rely on it), so all reach a
+    region's first call together. A failure at a later recompilation (a new shape,
+    evaluation's no-grad mode) is not agreed on, as that would take a collective at every
+    call: a deterministic cause fails on every rank alike, but a one-rank failure there (say,
+    a compiler subprocess killed for memory) leaves that rank eager and the TP-replicated
+    activations differing by rounding.
     """
 
     def __init__(self, fn: Callable):
@@ -47,6 +60,7 @@ class Region:
         self.fn = fn
         self.compiled: Optional[Callable] = None
         self.failed = False
+        self.agreed = False  # whether the TP ranks compared failure flags since enabling
         _regions.append(self)
 
     def __call__(self, *args):
@@ -54,8 +68,9 @@ class Region:
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, fullgraph=True, backend=_settings["backend"])
+        out = None
         try:
-            return self.compiled(*args)
+            out = self.compiled(*args)
         except torch._dynamo.exc.TorchDynamoException as e:  # tracing or backend compile error
             self.failed = True
             cause = getattr(e, "inner_exception", None) or e
@@ -63,12 +78,36 @@ class Region:
                         "(set train.compile=false to skip compiling): %s: %s",
                         self.fn.__name__, type(cause).__name__, cause)
             log.debug("compile failure of region %s", self.fn.__name__, exc_info=True)
-            return self.fn(*args)
+        if not self.agreed:
+            self.agreed = True
+            if _any_tp_rank(self.failed, args) and not self.failed:
+                self.failed = True
+                log.warning("torch.compile failed for region %s on another tensor-parallel "
+                            "rank; it runs eagerly here too (TP ranks must compute alike)",
+                            self.fn.__name__)
+        return self.fn(*args) if self.failed else out
 
     @property
     def is_compiled(self) -> bool:
         """Whether calls run a compiled version (compiled at least once, never failed)."""
         return self.compiled is not None and not self.failed
+
+
+def _any_tp_rank(failed: bool, args: tuple) -> bool:
+    """Collective over the TP group (if there is one): whether any TP rank's `failed` is set.
+    The flag travels on the device of the region's first tensor argument (NCCL needs GPU
+    tensors)."""
+    from ..parallel.state import get_parallel_state
+
+    state = get_parallel_state()
+    if state is None or state.tp_size == 1 or state.tp_group is None:
+        return failed
+    import torch.distributed as dist
+
+    device = next((a.device for a in args if torch.is_tensor(a)), torch.device("cpu"))
+    flag = torch.tensor([1.0 if failed else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=state.tp_group)
+    return bool(flag.item())
 
 
 def region(fn: Callable) -> Region:
@@ -88,7 +127,7 @@ def enable_compile(enabled: bool = True, backend: Optional[str] = None) -> None:
     for r in _regions:
         if backend != _settings["backend"]:
             r.compiled = None
-        r.failed = False
+        r.failed = r.agreed = False
     # Compile each backward together with its forward, so that a backward compile error is
     # raised (and caught, see Region) in the forward call rather than inside loss.backward().
     torch._functorch.config.force_non_lazy_backward_lowering = True

@@ -1,8 +1,9 @@
 """The decoder-only language model: embedding -> blocks -> final norm -> LM head.
 
-Built as three kinds of stage (Embedding, Block, Head) so that the same pieces can be laid
-out as a pipeline later. The LM head is tied to the token embedding by default; the loss is
-computed in float32.
+Built as three kinds of stage (Embedding, Block, Head), which `pipeline.py` also lays out as
+the stages of a DeepSpeed PipelineModule for parallel.pipeline > 1 (same pieces, same
+seeds). The LM head is tied to the token embedding by default; the loss is computed in
+float32.
 """
 from __future__ import annotations
 

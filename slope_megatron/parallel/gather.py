@@ -32,7 +32,13 @@ def _column_full(parts: list[torch.Tensor], chunks: int) -> torch.Tensor:
 
 @torch.no_grad()
 def gather_full_state_dict(model: nn.Module) -> dict:
-    """Collective over the TP group: every TP rank gets the full (TP = 1) state dict."""
+    """Collective over the TP group: every TP rank gets the full (TP = 1) state dict.
+
+    Under ZeRO-3 call it inside `deepspeed.zero.GatheredParameters(model.parameters())`:
+    partitioned parameters are otherwise empty placeholders and their shards would be
+    gathered as such (`training.run_setup.consolidated_state_dict` does so). Under pipeline
+    parallelism it gathers this stage's modules only, under the stage's own keys
+    (`model.pipeline.pipeline_to_model_keys` renames them)."""
     state = model.state_dict()
     full: dict = {}
     handled: set = set()

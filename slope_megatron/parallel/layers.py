@@ -194,7 +194,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         loss = sum_exp.log() - picked
         valid = targets != -1  # as lm_loss's ignore_index
         ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_t, inside & valid, valid)
-        return (loss * valid).sum() / valid.sum().clamp(min=1)
+        # No valid target: NaN (0 / 0), as lm_loss's F.cross_entropy at TP = 1. Such a micro-
+        # batch is no data point; the trainer sees a non-finite loss (skips the step, or
+        # stops) where a 0 would silently pull the mean over micro-batches down.
+        return (loss * valid).sum() / valid.sum()
 
     @staticmethod
     def backward(ctx, g):
@@ -202,11 +205,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = softmax * valid.unsqueeze(-1)
         grad.scatter_add_(-1, local_t.clamp(0, grad.shape[-1] - 1).unsqueeze(-1),
                           -hit.unsqueeze(-1).to(grad.dtype))
+        # no valid target: a zero gradient (clamp), as F.cross_entropy's
         return grad * (g / valid.sum().clamp(min=1)), None, None, None
 
 
 def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, start: int,
                            group) -> torch.Tensor:
-    """Mean next-token loss from this rank's vocab shard of the logits (targets of -1 ignored)."""
+    """Mean next-token loss from this rank's vocab shard of the logits (targets of -1 ignored;
+    NaN when every target is, with zero gradients: the same as `lm_loss` at TP = 1)."""
     return _VocabParallelCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]),
                                             targets.reshape(-1), start, group)

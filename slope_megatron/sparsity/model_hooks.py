@@ -17,12 +17,6 @@ def slope_layers(model: nn.Module) -> Iterator[SlopeLinear]:
     return (m for m in model.modules() if isinstance(m, SlopeLinear))
 
 
-def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """All adapter parameters (A and B of every layer that has an adapter)."""
-    return [p for layer in slope_layers(model) if layer.adapter_a is not None
-            for p in (layer.adapter_a, layer.adapter_b)]
-
-
 def is_adapter_parameter_name(name: str) -> bool:
     return name.endswith("adapter_a") or name.endswith("adapter_b")
 

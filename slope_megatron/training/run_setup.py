@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 import yaml
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, padded_vocab_size
 from ..errors import SlopeError
 from ..fileio import write_text_atomic
 from .checkpoint import (LATEST, MANIFEST, NOT_IDENTITY_KEYS, TAG_RE, check_identity,
@@ -230,7 +230,7 @@ def _open_run_data(cfg: Config, log: Callable) -> RunData:
 
     info = prepare_data(cfg.data, log=log)
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = -(-info.vocab_size // 64) * 64  # round up: faster GEMMs
+        cfg.model.vocab_size = padded_vocab_size(info.vocab_size)  # round up: faster GEMMs
     elif cfg.model.vocab_size < info.vocab_size:
         raise ConfigError(f"config key 'model.vocab_size' = {cfg.model.vocab_size} is smaller "
                           f"than the tokenizer's vocabulary ({info.vocab_size}); unset it or "
