@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,21 @@ def test_a_failing_end_of_run_sample_is_one_warning(corpus, tmp_path, monkeypatc
     assert len(warned) == 1 and warned[0].startswith("warning: "), err[-2000:]
     assert "Traceback" not in err
     assert [r["iter"] for r in records(tmp_path / "run") if "loss" in r] == [1, 2]
+
+
+@pytest.mark.slow
+def test_the_end_of_run_sample_fits_a_short_context(corpus, tmp_path):
+    """The demo's sample asks for 48 new tokens; a 32-token model gets what fits, quietly
+    (no generation warning about the context)."""
+    from slope_megatron.training.run_setup import sample_from_checkpoint
+
+    assert launch(tiny_run_args(corpus, corpus.parent / "cache", tmp_path / "run", 2, 2), 1) \
+        == [0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = sample_from_checkpoint(tmp_path / "run" / "checkpoints" / "iter_00000002")
+    assert text.startswith("The") and len(text) > len("The")
+    assert not [str(w.message) for w in caught if "context" in str(w.message)]
 
 
 # ---- the window alone -------------------------------------------------------------------

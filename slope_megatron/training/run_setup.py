@@ -371,7 +371,9 @@ def sample_from_checkpoint(tag_dir: Path, prompt: str = "The", new_tokens: int =
     config, state, tokenizer_file = load_artifact(tag_dir / "slope_model")
     tokenizer = load_tokenizer(tokenizer_file)
     model = InferenceModel(config, state)
-    result = generate(model, [tokenizer.encode(prompt)], new_tokens,
+    ids = tokenizer.encode(prompt)
+    new_tokens = max(1, min(new_tokens, model.seq_len - len(ids)))  # a short demo context
+    result = generate(model, [ids], new_tokens,
                       SamplingConfig(temperature=0.8, top_k=40, seed=seed), {tokenizer.eos_id},
                       vocab_limit=min(tokenizer.vocab_size, model.vocab_size))
     return prompt + tokenizer.decode(result[0].tokens)
