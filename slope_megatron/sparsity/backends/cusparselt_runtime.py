@@ -17,6 +17,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+# the start-up checks' product (out, in, tokens): small enough to cost nothing, on the
+# multiples cuSPARSELt needs (FEATURE_MULTIPLE, TOKEN_MULTIPLE), and more than one row block
+# and several 2:4 groups per row, so a misplaced value or bias shows in the error
+PROBE_SHAPE = (128, 256, 64)
 CALL_FAILED = "cuSPARSELt call "  # how the binding's CSLT_CHECK starts its errors (cslt_plan.h)
 
 
@@ -97,7 +101,7 @@ class Runtime:
 
     def _check_bias(self, device, dtype) -> tuple[bool, str]:
         from kernels.cslt_plans import dtype_name
-        rows, cols, tokens = 128, 256, 64
+        rows, cols, tokens = PROBE_SHAPE
         gen = torch.Generator(device=device).manual_seed(4321)
         w = torch.randn(rows, cols, device=device, dtype=dtype, generator=gen)
         keep = torch.rand(rows, cols // 4, 4, device=device, generator=gen).argsort(-1)[..., :2]
@@ -117,7 +121,7 @@ class Runtime:
         return True, ""
 
     def _check_layout(self, device, dtype) -> tuple[bool, str]:
-        rows, cols, tokens = 128, 256, 64
+        rows, cols, tokens = PROBE_SHAPE
         gen = torch.Generator(device=device).manual_seed(1234)
         w = torch.randn(rows, cols, device=device, dtype=dtype, generator=gen)
         w = torch.where(w == 0, torch.ones_like(w), w)
