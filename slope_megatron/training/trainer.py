@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 from pathlib import Path
 
 import torch
@@ -227,7 +227,31 @@ def _print_sample(tag_dir: Path, out: Path, say) -> None:
     say(f"generate more: python launch/generate.py --checkpoint {out} --prompt \"...\"")
 
 
-def train(cfg: Config, dist: DistInfo) -> TrainResult:
+@dataclass
+class _Run:
+    """What start-up produces, for the loop and the end of the run."""
+    cfg: Config
+    dist: DistInfo
+    par: Any  # the tensor/pipeline layout; None without model parallelism
+    dp_size: int
+    dp_rank: int
+    main: bool
+    out: Path
+    ckpt_dir: Path
+    data: Any
+    model: Any
+    engine: Any
+    optimizer: Any
+    identity: dict
+    client: Optional[dict]  # the resumed checkpoint's client state; None for a fresh run
+    recorded: Any  # run_config.yaml as it was before this run (re)wrote it
+    stored: int  # parameters stored on this rank, counted before the checkpoint loaded
+    say: Callable[[str], None]  # a line on rank 0 (through tqdm: the bar stays below)
+
+
+def _start_run(cfg: Config, dist: DistInfo) -> _Run:
+    """Checks, output directory, data, engine and the newest checkpoint if any. The config
+    checks come first: a bad config stops before anything is written."""
     dp_size = validate_world(cfg, dist.world_size)
     check_precision_layout(cfg)
     check_deepspeed_json(cfg, dp_size)
@@ -251,152 +275,254 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     client = checkpoint.load(engine, ckpt_dir, dist.rank, identity) if ckpt_dir.is_dir() \
         else None
     if client:  # DeepSpeed put the checkpoint's optimizer settings back: this run's config wins
-        for change in apply_optimizer_settings(optimizer, cfg, adapters_active(model)):
+        adapters_on = adapters_active(model)
+        for change in apply_optimizer_settings(optimizer, cfg, adapters_on):
             say(f"resume: {change}")
-    start = client["iteration"] if client else 0
-    skipped_total = client.get("skipped_total", 0) if client else 0
-    consecutive = client.get("consecutive_skips", 0) if client else 0
-    adapters_on = adapters_active(model)
-    adapters_since = client.get("adapters_since") if client else None
-    old_iters = previous_train_iters(client, recorded.as_dict()) if client else None
-    if adapters_on:  # resumed with them on; an older checkpoint lacks adapters_since
-        adapters_since = adapters_on_since(cfg, adapters_since, old_iters)
-    # after the resume: with the adapters already on it says since when (as the warning of
-    # a resume with another train.iters does), not this run's switch point
-    say(f"model: {cfg.model.arch}, {stored:,} stored parameters on rank 0, "
+        if adapters_on:  # a checkpoint taken past the switch: the adapter group's lr stays on
+            mark_adapters_active(optimizer, cfg)
+    return _Run(cfg=cfg, dist=dist, par=par, dp_size=dp_size, dp_rank=dp_rank, main=main,
+                out=out, ckpt_dir=ckpt_dir, data=data, model=model, engine=engine,
+                optimizer=optimizer, identity=identity, client=client, recorded=recorded,
+                stored=stored, say=say)
+
+
+@dataclass
+class _LoopState:
+    """The loop's counters: they come from the resumed checkpoint's client state and go into
+    the next checkpoint's (`client_state`)."""
+    start: int  # the first iteration this process runs
+    skipped_total: int  # skipped steps so far: they do not advance the LR schedule
+    consecutive: int  # skipped in a row: train.max_skipped_steps of them stop the run
+    # adapters_active(model), kept here so that a pipeline stage without SLoPe layers
+    # switches once, not at every iteration
+    adapters_on: bool
+    adapters_since: Optional[int]  # the iteration they switched on at
+    old_iters: Optional[int]  # train.iters of the run that wrote the resumed checkpoint
+    val_loss: float = float("nan")
+    train_loss: float = float("nan")
+
+    @classmethod
+    def resumed(cls, client: Optional[dict], cfg: Config, model, recorded) -> "_LoopState":
+        """The counters as `client` (None: a fresh run) left them."""
+        adapters_on = adapters_active(model)
+        adapters_since = client.get("adapters_since") if client else None
+        old_iters = previous_train_iters(client, recorded.as_dict()) if client else None
+        if adapters_on:  # resumed with them on; an older checkpoint lacks adapters_since
+            adapters_since = adapters_on_since(cfg, adapters_since, old_iters)
+        return cls(start=client["iteration"] if client else 0,
+                   skipped_total=client.get("skipped_total", 0) if client else 0,
+                   consecutive=client.get("consecutive_skips", 0) if client else 0,
+                   adapters_on=adapters_on, adapters_since=adapters_since, old_iters=old_iters)
+
+    def client_state(self, cfg: Config, done: int, time_s: float, log_window: dict) -> dict:
+        """A checkpoint's client state after iteration `done` (what `resumed` reads back)."""
+        return {"iteration": done, "skipped_total": self.skipped_total,
+                "consecutive_skips": self.consecutive, "train_iters": cfg.train.iters,
+                "adapters_since": self.adapters_since, "time_s": time_s,
+                "log_window": log_window}
+
+
+def _print_banner(run: _Run, s: _LoopState) -> None:
+    """What this run is, and what it resumed from. After the resume: with the adapters
+    already on it says since when (as the warning of a resume with another train.iters
+    does), not this run's switch point."""
+    cfg, say = run.cfg, run.say
+    say(f"model: {cfg.model.arch}, {run.stored:,} stored parameters on rank 0, "
         f"sparsity {'%d:%d' % (cfg.sparsity.n, cfg.sparsity.m) if cfg.sparsity.enabled else 'off'}"
         f", ZeRO-{cfg.zero.stage}, tp={cfg.parallel.tensor}, pp={cfg.parallel.pipeline}, "
-        f"dp={dp_size}, {adapter_phase(cfg, adapters_on, adapters_since, start)}, "
+        f"dp={run.dp_size}, {adapter_phase(cfg, s.adapters_on, s.adapters_since, s.start)}, "
         f"torch.compile {'on (first step compiles)' if compile_enabled() else 'off'}, "
-        f"optimizer {type(engine.optimizer).__name__}")
+        f"optimizer {type(run.engine.optimizer).__name__}")
     if not cfg.train.save_interval:
         say("train.save_interval=0: this run writes no checkpoints; if it stops, it cannot be "
             "resumed from where it stopped")
-    if client:
-        say(f"resumed from {ckpt_dir / checkpoint.tag_for(start)} (iteration {start})")
-        if adapters_on:
-            mark_adapters_active(optimizer, cfg)
-        warning = iters_change_warning(cfg, old_iters, start, skipped_total, adapters_on,
-                                       adapters_since)
-        if main and warning and start < cfg.train.iters:
+    if run.client:
+        say(f"resumed from {run.ckpt_dir / checkpoint.tag_for(s.start)} (iteration {s.start})")
+        warning = iters_change_warning(cfg, s.old_iters, s.start, s.skipped_total,
+                                       s.adapters_on, s.adapters_since)
+        if run.main and warning and s.start < cfg.train.iters:
             print(warning, file=sys.stderr, flush=True)
+
+
+@dataclass
+class _LoopSetup:
+    """What the iterations use, set up once before the first."""
+    client_norm: Optional[ClientGradNorm]  # None unless ZeRO-0 in fp32
+    metrics: MetricsWriter
+    order: GlobalBatchOrder
+    tokens_per_iter: int
+    flops_per_token: float
+    val_batches: list
+    peak: Optional[float]
+    save_artifact: Callable[[Path], None]
+    t0: float
+    window: LogWindow  # the open log window, as the checkpoint left it
+
+
+def _set_up_loop(run: _Run, s: _LoopState) -> _LoopSetup:
+    """The optimizer guard, metrics, batch order and validation batches; the clock starts
+    last, and a window the checkpoint left open mid-interval goes on."""
+    cfg, client, engine = run.cfg, run.client, run.engine
     guard_client_optimizer(engine)
-    client_norm = ClientGradNorm.attach(engine)  # None unless ZeRO-0 in fp32
-    metrics = MetricsWriter(out, main, start, client.get("time_s") if client else None)
-    order = GlobalBatchOrder(len(data.train), cfg.train.global_batch_size, cfg.train.seed)
+    client_norm = ClientGradNorm.attach(engine)
+    metrics = MetricsWriter(run.out, run.main, s.start, client.get("time_s") if client else None)
+    order = GlobalBatchOrder(len(run.data.train), cfg.train.global_batch_size, cfg.train.seed)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_len
     flops_per_token = dense_flops_per_token(cfg.model)
-    val_batches = [make_batch(data.val, idx, engine.device)
-                   for idx in eval_indices(cfg, len(data.val), dp_rank, dp_size)]
+    val_batches = [make_batch(run.data.val, idx, engine.device)
+                   for idx in eval_indices(cfg, len(run.data.val), run.dp_rank, run.dp_size)]
     peak = peak_flops()
-    save_artifact = artifact_writer(engine, cfg, data, par)
-
+    save_artifact = artifact_writer(engine, cfg, run.data, run.par)
     t0 = time.time()
-    # the open log window, as the checkpoint left it (one ending mid-window goes on)
-    window = LogWindow.restore(client.get("log_window") if client else None, dist.rank,
-                               dist.world_size, t0)
-    val_loss = train_loss = float("nan")
-    bar = tqdm(total=cfg.train.iters, initial=start, disable=not main, desc="train",
+    window = LogWindow.restore(client.get("log_window") if client else None, run.dist.rank,
+                               run.dist.world_size, t0)
+    return _LoopSetup(client_norm, metrics, order, tokens_per_iter, flops_per_token,
+                      val_batches, peak, save_artifact, t0, window)
+
+
+def _switch_on_adapters(run: _Run, s: _LoopState, it: int) -> None:
+    """The lazy low-rank adapters' switch, at iteration `it`."""
+    faults.point("before_adapter_switch", it)
+    n = switch_on_adapters(run.model, run.optimizer, run.cfg)
+    s.adapters_on, s.adapters_since = True, it
+    run.say(f"iter {it}: lazy low-rank adapters switched on ({n} layers on rank 0)")
+    faults.point("after_adapter_switch", it)
+
+
+def _step(run: _Run, loop: _LoopSetup, it: int, logged: bool) -> tuple[float, bool, bool]:
+    """Iteration `it`'s optimizer step -> (loss, non-finite loss on any rank, applied). A
+    non-finite loss that was applied stops the run: the weights took it."""
+    cfg = run.cfg
+    batches = [make_batch(run.data.train, mb, run.engine.device) for mb in
+               loop.order.micro_batches(it, run.dp_rank, run.dp_size, cfg.train.micro_batch_size)]
+    if loop.client_norm is not None:
+        loop.client_norm.wanted = logged  # the norm of a step that is not logged: not needed
+    loss, loss_bad = guarded_train_step(run.engine, batches, it)
+    applied = run.engine.was_step_applied()
+    if applied and not math.isfinite(loss):
+        raise TrainingStopped(f"iteration {it + 1}: the loss is {loss} but the optimizer "
+                              f"step was applied; the model is no longer trustworthy - "
+                              f"{rerun_advice(cfg, 'with a lower optimizer.lr')}")
+    return loss, loss_bad, applied
+
+
+def _record_skip(run: _Run, s: _LoopState, metrics: MetricsWriter, done: int, loss: float,
+                 loss_bad: bool) -> None:
+    """A skipped step: counted, recorded and said; too many in a row stop the run."""
+    cfg = run.cfg
+    s.skipped_total, s.consecutive = s.skipped_total + 1, s.consecutive + 1
+    reason = "loss" if loss_bad else "gradient"
+    metrics.write({"iter": done, "skipped": True, "reason": f"non-finite {reason}",
+                   # not "loss": that tag's curve holds applied steps only
+                   "skipped_loss": loss if math.isfinite(loss) else None,
+                   "skipped_steps": s.skipped_total, "consecutive_skips": s.consecutive})
+    run.say(f"iter {done:>6} | step skipped: non-finite {reason} "
+            f"({s.consecutive} in a row, {s.skipped_total} in total)")
+    if s.consecutive >= cfg.train.max_skipped_steps:
+        raise TrainingStopped(
+            f"stopping at iteration {done}: {s.consecutive} consecutive optimizer steps "
+            f"were skipped for a non-finite loss or gradient (train.max_skipped_steps "
+            f"= {cfg.train.max_skipped_steps}); lower optimizer.lr, raise "
+            f"optimizer.warmup_iters or check the data, then "
+            f"{rerun_advice(cfg, '', run.ckpt_dir)}")
+
+
+def _log_window(run: _Run, s: _LoopState, loop: _LoopSetup, done: int, lr: float) -> float:
+    """The train record of the window ending at `done` (none if it had no applied step),
+    then the next window -> the mean loss over ranks (NaN without an applied step)."""
+    window = loop.window
+    now = time.time()
+    train_loss = all_reduce_mean(window.loss_sum / window.steps) if window.steps \
+        else float("nan")
+    tps = loop.tokens_per_iter * window.iters / window.elapsed(now)
+    peak = loop.peak
+    record = {"iter": done, "loss": train_loss if window.steps else None, "lr": lr,
+              "tokens": done * loop.tokens_per_iter, "tokens_per_s": tps,
+              "adapters_active": s.adapters_on, "time_s": now - loop.t0,
+              "mfu": loop.flops_per_token * tps / (peak * run.dist.world_size) if peak else None,
+              "skipped_steps": s.skipped_total, "max_mem_gb": max_memory_gb(),
+              "resident_mem_gb": resident_memory_gb(),
+              "grad_norm": global_grad_norm(run.engine)}
+    if window.steps:
+        loop.metrics.write(record)
+        run.say(format_train_line(record))
+    window.reset(now)
+    return train_loss
+
+
+def _evaluate(run: _Run, loop: _LoopSetup, it: int, done: int) -> float:
+    """The validation loss (mean over ranks), recorded and said; its time is taken out of
+    the log window's (which counts training only)."""
+    _device_sync()
+    began = time.time()
+    val_loss = all_reduce_mean(eval_loss(run.engine, faults.during("eval", it,
+                                                                   loop.val_batches)))
+    eval_s = time.time() - began
+    loop.window.exclude(eval_s)
+    loop.metrics.write({"iter": done, "val_loss": val_loss,
+                        "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf"),
+                        "eval_s": eval_s})
+    run.say(f"iter {done:>6} | val loss {val_loss:.4f} | "
+            f"val ppl {math.exp(min(val_loss, 700)):.2f}")
+    return val_loss
+
+
+def _save(run: _Run, s: _LoopState, loop: _LoopSetup, done: int) -> None:
+    """A checkpoint after iteration `done`; its time is taken out of the log window's."""
+    _device_sync()
+    began = time.time()
+    time_s = loop.metrics.run_time(began - loop.t0)
+    log_window = loop.window.state(began, _all_gather_float(loop.window.loss_sum))
+    path = checkpoint.save(run.engine, run.ckpt_dir, done,
+                           s.client_state(run.cfg, done, time_s, log_window), run.dist.rank,
+                           loop.save_artifact, run.cfg.train.keep_checkpoints, run.identity)
+    save_s = time.time() - began
+    loop.window.exclude(save_s)
+    run.say(f"saved checkpoint {path} ({save_s:.1f} s)")
+
+
+def train(cfg: Config, dist: DistInfo) -> TrainResult:
+    """Set the run up, run its iterations (or the rest of them, after a resume), end it."""
+    run = _start_run(cfg, dist)
+    s = _LoopState.resumed(run.client, cfg, run.model, run.recorded)
+    _print_banner(run, s)
+    loop = _set_up_loop(run, s)
+    iters = cfg.train.iters
+    bar = tqdm(total=iters, initial=s.start, disable=not run.main, desc="train",
                dynamic_ncols=True)
     try:  # on any way out, the bar ends its line before an error is printed
-        for it in range(start, cfg.train.iters):
+        for it in range(s.start, iters):
             faults.point("step_start", it)
-            # `>=`: a resume that starts past the switch point (train.iters changed) switches
-            # too; adapters_on is adapters_active(model), kept here so that a pipeline stage
-            # without SLoPe layers switches once, not at every iteration
-            if it >= cfg.adapter_start_iter and not adapters_on:
-                faults.point("before_adapter_switch", it)
-                n = switch_on_adapters(model, optimizer, cfg)
-                adapters_on, adapters_since = True, it
-                say(f"iter {it}: lazy low-rank adapters switched on ({n} layers on rank 0)")
-                faults.point("after_adapter_switch", it)
-            lr = lr_at(cfg, it - skipped_total)  # skipped steps do not advance the schedule
-            set_lr(optimizer, lr)
-            batches = [make_batch(data.train, mb, engine.device) for mb in
-                       order.micro_batches(it, dp_rank, dp_size, cfg.train.micro_batch_size)]
-            logged = (it + 1) % cfg.train.log_interval == 0 or it + 1 == cfg.train.iters
-            if client_norm is not None:
-                client_norm.wanted = logged  # the norm of a step that is not logged: not needed
-            loss, loss_bad = guarded_train_step(engine, batches, it)
-            applied = engine.was_step_applied()
-            if applied and not math.isfinite(loss):
-                raise TrainingStopped(f"iteration {it + 1}: the loss is {loss} but the optimizer "
-                                      f"step was applied; the model is no longer trustworthy - "
-                                      f"{rerun_advice(cfg, 'with a lower optimizer.lr')}")
-            faults.point("after_step", it)
+            # `>=`: a resume that starts past the switch point (train.iters changed) switches too
+            if it >= cfg.adapter_start_iter and not s.adapters_on:
+                _switch_on_adapters(run, s, it)
+            lr = lr_at(cfg, it - s.skipped_total)  # skipped steps do not advance the schedule
+            set_lr(run.optimizer, lr)
             done = it + 1
+            logged = done % cfg.train.log_interval == 0 or done == iters
+            loss, loss_bad, applied = _step(run, loop, it, logged)
+            faults.point("after_step", it)
             bar.update(1)
-            window.add(loss, applied)
+            loop.window.add(loss, applied)
             if applied:
-                after_optimizer_step(model)
-                consecutive = 0
+                after_optimizer_step(run.model)
+                s.consecutive = 0
             else:
-                skipped_total, consecutive = skipped_total + 1, consecutive + 1
-                reason = "loss" if loss_bad else "gradient"
-                metrics.write({"iter": done, "skipped": True, "reason": f"non-finite {reason}",
-                               # not "loss": that tag's curve holds applied steps only
-                               "skipped_loss": loss if math.isfinite(loss) else None,
-                               "skipped_steps": skipped_total, "consecutive_skips": consecutive})
-                say(f"iter {done:>6} | step skipped: non-finite {reason} "
-                    f"({consecutive} in a row, {skipped_total} in total)")
-                if consecutive >= cfg.train.max_skipped_steps:
-                    raise TrainingStopped(
-                        f"stopping at iteration {done}: {consecutive} consecutive optimizer steps "
-                        f"were skipped for a non-finite loss or gradient (train.max_skipped_steps "
-                        f"= {cfg.train.max_skipped_steps}); lower optimizer.lr, raise "
-                        f"optimizer.warmup_iters or check the data, then "
-                        f"{rerun_advice(cfg, '', ckpt_dir)}")
+                _record_skip(run, s, loop.metrics, done, loss, loss_bad)
             if logged:
-                now = time.time()
-                train_loss = all_reduce_mean(window.loss_sum / window.steps) if window.steps \
-                    else float("nan")
-                tps = tokens_per_iter * window.iters / window.elapsed(now)
-                record = {"iter": done, "loss": train_loss if window.steps else None, "lr": lr,
-                          "tokens": done * tokens_per_iter, "tokens_per_s": tps,
-                          "adapters_active": adapters_on, "time_s": now - t0,
-                          "mfu": flops_per_token * tps / (peak * dist.world_size) if peak else None,
-                          "skipped_steps": skipped_total, "max_mem_gb": max_memory_gb(),
-                          "resident_mem_gb": resident_memory_gb(),
-                          "grad_norm": global_grad_norm(engine)}
-                if window.steps:
-                    metrics.write(record)
-                    say(format_train_line(record))
-                window.reset(now)
-            # evaluation and saves: their time is taken out of the window's (training only)
-            if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) \
-                    or done == cfg.train.iters:
-                _device_sync()
-                began = time.time()
-                val_loss = all_reduce_mean(eval_loss(engine, faults.during("eval", it,
-                                                                           val_batches)))
-                eval_s = time.time() - began
-                window.exclude(eval_s)
-                metrics.write({"iter": done, "val_loss": val_loss,
-                               "val_ppl": math.exp(val_loss) if val_loss < 700 else float("inf"),
-                               "eval_s": eval_s})
-                say(f"iter {done:>6} | val loss {val_loss:.4f} | "
-                    f"val ppl {math.exp(min(val_loss, 700)):.2f}")
-            if cfg.train.save_interval and (done % cfg.train.save_interval == 0
-                                            or done == cfg.train.iters):
-                _device_sync()
-                began = time.time()
-                state = {"iteration": done, "skipped_total": skipped_total,
-                         "consecutive_skips": consecutive, "train_iters": cfg.train.iters,
-                         "adapters_since": adapters_since, "time_s": metrics.run_time(began - t0),
-                         "log_window": window.state(began, _all_gather_float(window.loss_sum))}
-                path = checkpoint.save(engine, ckpt_dir, done, state, dist.rank, save_artifact,
-                                       cfg.train.keep_checkpoints, identity)
-                save_s = time.time() - began
-                window.exclude(save_s)
-                say(f"saved checkpoint {path} ({save_s:.1f} s)")
+                s.train_loss = _log_window(run, s, loop, done, lr)
+            if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) or done == iters:
+                s.val_loss = _evaluate(run, loop, it, done)
+            if cfg.train.save_interval and (done % cfg.train.save_interval == 0 or done == iters):
+                _save(run, s, loop, done)
     finally:
         bar.close()
-        metrics.close()
-    if start >= cfg.train.iters:
-        say(f"nothing to do: {out} already holds a checkpoint at iteration {start} "
-            f"(train.iters = {cfg.train.iters})")
-    elif main and cfg.train.save_interval:
-        _print_sample(ckpt_dir / checkpoint.tag_for(cfg.train.iters), out, say)
+        loop.metrics.close()
+    if s.start >= iters:
+        run.say(f"nothing to do: {run.out} already holds a checkpoint at iteration {s.start} "
+                f"(train.iters = {iters})")
+    elif run.main and cfg.train.save_interval:
+        _print_sample(run.ckpt_dir / checkpoint.tag_for(iters), run.out, run.say)
     barrier()
-    _destroy_engine(engine)
-    return TrainResult(cfg.train.iters, val_loss, train_loss, start)
+    _destroy_engine(run.engine)
+    return TrainResult(iters, s.val_loss, s.train_loss, s.start)
