@@ -211,7 +211,8 @@ def _stage0_norms_by_hand(clip: float) -> dict:
     import torch
 
     from slope_megatron.training.grad_norm import ClientGradNorm
-    from slope_megatron.training.trainer import global_grad_norm, guard_client_optimizer
+    from slope_megatron.training.grad_norm import global_grad_norm
+    from slope_megatron.training.step_guard import guard_client_optimizer
 
     def engine_for(stage, model):
         config = {"train_batch_size": 1, "gradient_clipping": clip,
@@ -264,7 +265,7 @@ def test_grad_norm_without_zero_is_the_norm_of_the_gradients(clip):
 def test_grad_norm_reads_a_device_tensor_or_nothing():
     import torch
 
-    from slope_megatron.training.trainer import global_grad_norm
+    from slope_megatron.training.grad_norm import global_grad_norm
 
     class Engine:
         def __init__(self, norm):

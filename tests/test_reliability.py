@@ -258,7 +258,7 @@ def _skip_worker(stage: int, bad_rank: int):
     from slope_megatron.config import config_from_dict
     from slope_megatron.training.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
-    from slope_megatron.training.trainer import (
+    from slope_megatron.training.step_guard import (
         guard_client_optimizer,
         guarded_train_step,
     )

@@ -18,6 +18,8 @@ A step the overflow guard skips reports inf, as DeepSpeed's optimizers do.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -73,3 +75,15 @@ class ClientGradNorm:
         # a rank with nothing to count still joins the model-parallel all-reduce
         return get_global_norm_of_tensors(grads or [torch.zeros(1, device=self.engine.device)],
                                           mpu=mpu)
+
+
+def global_grad_norm(engine) -> Optional[float]:
+    """The global gradient norm (before clipping) of the engine's last optimizer step, as
+    DeepSpeed's optimizers compute it (ZeRO 1-3 and ZeRO-0's bf16/fp16 wrappers, pipeline
+    included; ZeRO-0 in fp32 through grad_norm.ClientGradNorm, on logged steps); None where
+    none was computed. Read at log intervals only: on a GPU it is a device tensor, and
+    reading it waits for the step."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)

@@ -37,9 +37,9 @@ from ..parallel import initialize_parallel
 from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint, faults
 from .data_order import GlobalBatchOrder
-from .distributed import DistInfo, all_reduce_mean, barrier
+from .distributed import DistInfo, all_gather_float, all_reduce_mean, barrier
 from .engine import build_engine, check_deepspeed_json, check_precision_layout
-from .grad_norm import ClientGradNorm
+from .grad_norm import ClientGradNorm, global_grad_norm
 from .metrics import (LogWindow, MetricsWriter, format_train_line, max_memory_gb, peak_flops,
                       resident_memory_gb)
 from .optimizer import (
@@ -64,7 +64,8 @@ from .run_setup import (
     run_identity,
     sample_from_checkpoint,
 )
-from .steps import eval_indices, eval_loss, is_pipelined, make_batch, train_step
+from .step_guard import guard_client_optimizer, guarded_train_step
+from .steps import eval_indices, eval_loss, make_batch
 
 log = logging.getLogger(__name__)
 
@@ -89,108 +90,6 @@ def _device_sync() -> None:
     """Wait for the queued GPU work (before timing something that is not training)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _all_gather_float(value: float) -> list[float]:
-    """`value` of every rank, by global rank (one all-gather; [value] on a single process)."""
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized() or tdist.get_world_size() == 1:
-        return [value]
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    mine = torch.tensor([value], dtype=torch.float64, device=device)
-    every = [torch.empty_like(mine) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(every, mine)
-    return [t.item() for t in every]
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on any (one scalar all-reduce)."""
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized() or tdist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    if torch.cuda.is_available():
-        t = t.cuda()
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def guard_client_optimizer(engine) -> None:
-    """Without ZeRO (and in fp32) DeepSpeed steps our torch AdamW with no overflow check.
-
-    Give it the check DeepSpeed's ZeRO optimizers have: before stepping, look for a
-    non-finite gradient on any rank; if there is one, do nothing and report `overflow`, so
-    the engine counts the step as skipped (was_step_applied() is False) and zeroes the
-    gradients. Parameters, Adam moments and step counts stay bit-identical.
-    """
-    opt = engine.optimizer
-    if not isinstance(opt, torch.optim.Optimizer) or getattr(opt, "_slope_guarded", False):
-        return
-    step = opt.step
-
-    def guarded_step(*args, **kwargs):
-        finite = [torch.isfinite(p.grad).all() for g in opt.param_groups for p in g["params"]
-                  if p.grad is not None]
-        bad = bool(finite) and not bool(torch.stack(finite).all())  # one device sync
-        opt.overflow = _any_rank(bad)
-        if opt.overflow:
-            return None
-        return step(*args, **kwargs)
-
-    opt.step, opt.overflow, opt._slope_guarded = guarded_step, False, True
-
-
-def global_grad_norm(engine) -> Optional[float]:
-    """The global gradient norm (before clipping) of the engine's last optimizer step, as
-    DeepSpeed's optimizers compute it (ZeRO 1-3 and ZeRO-0's bf16/fp16 wrappers, pipeline
-    included; ZeRO-0 in fp32 through grad_norm.ClientGradNorm, on logged steps); None where
-    none was computed. Read at log intervals only: on a GPU it is a device tensor, and
-    reading it waits for the step."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if torch.is_tensor(norm) else norm)
-
-
-def guarded_train_step(engine, batches: list, it: int) -> tuple[float, bool]:
-    """One optimizer step -> (mean loss, whether any rank saw a non-finite loss).
-
-    A non-finite loss on any rank makes every ZeRO stage skip the step.
-
-    The plain engine is driven micro-batch by micro-batch; before the last backward the
-    ranks agree (one all-reduce) whether any loss of this step was non-finite, and if so
-    the last loss is multiplied by NaN, so every gradient is NaN and DeepSpeed's overflow
-    check (ZeRO 1-3) or ours (guard_client_optimizer, no ZeRO) discards the whole step.
-    The pipeline engine runs the step inside train_batch; there we rely on the gradient
-    check alone (a NaN loss gives NaN gradients) and stop if a non-finite loss was applied.
-    """
-    if is_pipelined(engine):
-        loss_fn = engine.module.loss_fn
-        if faults.active() and loss_fn is not None:  # injection only: wrap the last stage's loss
-            engine.module.loss_fn = lambda out, y: faults.corrupt_loss(loss_fn(out, y), it)
-        try:
-            loss = train_step(engine, batches)
-        finally:
-            engine.module.loss_fn = loss_fn
-        return loss, not math.isfinite(loss)
-    losses: list = []
-    for i, (x, y) in enumerate(batches):
-        loss = faults.corrupt_loss(engine(x, y), it)
-        losses.append(loss.detach())
-        if i == len(batches) - 1:
-            # The step's one host sync (not one per micro-batch: each would drain the GPU).
-            values = torch.stack(losses).float().tolist()
-            bad_any = _any_rank(not all(math.isfinite(v) for v in values))
-            if bad_any:
-                loss = loss * float("nan")
-        engine.backward(loss)
-        if i == 0:
-            faults.point("after_backward", it)
-        engine.step()
-    return (float("nan") if bad_any else sum(values) / len(values)), bad_any
 
 
 @dataclass
@@ -472,7 +371,7 @@ def _save(run: _Run, s: _LoopState, loop: _LoopSetup, done: int) -> None:
     _device_sync()
     began = time.time()
     time_s = loop.metrics.run_time(began - loop.t0)
-    log_window = loop.window.state(began, _all_gather_float(loop.window.loss_sum))
+    log_window = loop.window.state(began, all_gather_float(loop.window.loss_sum))
     path = checkpoint.save(run.engine, run.ckpt_dir, done,
                            s.client_state(run.cfg, done, time_s, log_window), run.dist.rank,
                            loop.save_artifact, run.cfg.train.keep_checkpoints, run.identity)
