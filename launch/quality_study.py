@@ -76,9 +76,11 @@ def parse_args(argv=None):
 
 def study_identity(args) -> dict:
     """What two invocations must share for their arms to belong to one study."""
+    from slope_megatron.training.data_order import ORDER_VERSION  # lazily: imports torch
+
     text = Path(args.config).read_bytes()
     return {"config": args.config, "config_sha256": hashlib.sha256(text).hexdigest(),
-            "overrides": list(args.set), "arm_overrides": ARMS}
+            "overrides": list(args.set), "arm_overrides": ARMS, "data_order": ORDER_VERSION}
 
 
 class StudyError(Exception):
@@ -98,7 +100,9 @@ def load_study(path: Path | None, ident: dict, arms: list[str]) -> dict:
                          "--json")
     # arm_overrides: what each arm sets (a study JSON written before it was recorded ran
     # other settings, e.g. adapter ranks of each layer's input width, and is not continued)
-    for key in ("config_sha256", "overrides", "arm_overrides"):
+    # data_order: the sample order's version (a study from before it was recorded trained
+    # its arms in order 1, and new arms in another order would not compare like for like)
+    for key in ("config_sha256", "overrides", "arm_overrides", "data_order"):
         if study.get(key) != ident[key]:
             raise StudyError(f"{path} holds a different study ({key}: {study.get(key)!r} "
                              f"there, {ident[key]!r} here); use the same --config file and "

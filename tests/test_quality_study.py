@@ -212,3 +212,15 @@ def test_a_study_recorded_with_other_arm_settings_is_not_continued(tmp_path):
         study_mod.load_study(path, ident, ["slope-adapters"])
     path.write_text(json.dumps({**ident, "arms": {"dense": {}}}))
     assert "dense" in study_mod.load_study(path, ident, ["slope-adapters"])["arms"]
+
+
+def test_a_study_from_the_first_data_order_is_not_continued(tmp_path):
+    """Arms trained in sample order 1 (before the order's version was recorded) do not
+    compare like for like with arms trained in a newer order."""
+    args = type("Args", (), {"config": str(ROOT / "configs" / "demo.yaml"), "set": []})()
+    ident = study_mod.study_identity(args)
+    old = {k: v for k, v in ident.items() if k != "data_order"}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps({**old, "arms": {"dense": {}}}))
+    with pytest.raises(study_mod.StudyError, match="data_order"):
+        study_mod.load_study(path, ident, ["slope-adapters"])

@@ -36,7 +36,7 @@ from ..model.regions import compile_enabled
 from ..parallel import initialize_parallel
 from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint, faults
-from .data_order import GlobalBatchOrder
+from .data_order import ORDER_VERSION, GlobalBatchOrder
 from .distributed import DistInfo, all_gather_float, all_reduce_mean, barrier
 from .engine import build_engine, check_deepspeed_json, check_precision_layout
 from .grad_norm import ClientGradNorm, global_grad_norm
@@ -197,6 +197,7 @@ class _LoopState:
     adapters_on: bool
     adapters_since: Optional[int]  # the iteration they switched on at
     old_iters: Optional[int]  # train.iters of the run that wrote the resumed checkpoint
+    data_order: int  # GlobalBatchOrder's version: a resume keeps the checkpoint's
     val_loss: float = float("nan")
     train_loss: float = float("nan")
 
@@ -211,14 +212,16 @@ class _LoopState:
         return cls(start=client["iteration"] if client else 0,
                    skipped_total=client.get("skipped_total", 0) if client else 0,
                    consecutive=client.get("consecutive_skips", 0) if client else 0,
-                   adapters_on=adapters_on, adapters_since=adapters_since, old_iters=old_iters)
+                   adapters_on=adapters_on, adapters_since=adapters_since, old_iters=old_iters,
+                   # a checkpoint from before the version was recorded: the first order
+                   data_order=client.get("data_order", 1) if client else ORDER_VERSION)
 
     def client_state(self, cfg: Config, done: int, time_s: float, log_window: dict) -> dict:
         """A checkpoint's client state after iteration `done` (what `resumed` reads back)."""
         return {"iteration": done, "skipped_total": self.skipped_total,
                 "consecutive_skips": self.consecutive, "train_iters": cfg.train.iters,
                 "adapters_since": self.adapters_since, "time_s": time_s,
-                "log_window": log_window}
+                "log_window": log_window, "data_order": self.data_order}
 
 
 def _print_banner(run: _Run, s: _LoopState) -> None:
@@ -265,7 +268,8 @@ def _set_up_loop(run: _Run, s: _LoopState) -> _LoopSetup:
     guard_client_optimizer(engine)
     client_norm = ClientGradNorm.attach(engine)
     metrics = MetricsWriter(run.out, run.main, s.start, client.get("time_s") if client else None)
-    order = GlobalBatchOrder(len(run.data.train), cfg.train.global_batch_size, cfg.train.seed)
+    order = GlobalBatchOrder(len(run.data.train), cfg.train.global_batch_size, cfg.train.seed,
+                             s.data_order)
     tokens_per_iter = cfg.train.global_batch_size * cfg.model.seq_len
     flops_per_token = dense_flops_per_token(cfg.model)
     val_batches = [make_batch(run.data.val, idx, engine.device)
