@@ -200,27 +200,17 @@ def test_the_diagnostic_adapter_arm_runs_only_when_asked_for():
     assert study_mod.parse_args(["--arms", "slope-adapters-10pct"]).arms == ["slope-adapters-10pct"]
 
 
-def test_a_study_recorded_with_other_arm_settings_is_not_continued(tmp_path):
-    """A study JSON from before the arms' settings were recorded (e.g. adapter ranks of each
-    layer's input width) is another study: its arms are not merged with new ones."""
+@pytest.mark.parametrize("key", ["arm_overrides", "data_order"])
+def test_a_study_recorded_before_a_setting_was_is_not_continued(tmp_path, key):
+    """A study JSON from before the arms' settings (e.g. adapter ranks of each layer's input
+    width) or the sample order's version were recorded is another study: its arms were
+    trained otherwise and are not merged with new ones."""
     args = type("Args", (), {"config": str(ROOT / "configs" / "demo.yaml"), "set": []})()
     ident = study_mod.study_identity(args)
-    old = {k: v for k, v in ident.items() if k != "arm_overrides"}
+    old = {k: v for k, v in ident.items() if k != key}
     path = tmp_path / "study.json"
     path.write_text(json.dumps({**old, "arms": {"dense": {}}}))
-    with pytest.raises(study_mod.StudyError, match="arm_overrides"):
+    with pytest.raises(study_mod.StudyError, match=key):
         study_mod.load_study(path, ident, ["slope-adapters"])
     path.write_text(json.dumps({**ident, "arms": {"dense": {}}}))
     assert "dense" in study_mod.load_study(path, ident, ["slope-adapters"])["arms"]
-
-
-def test_a_study_from_the_first_data_order_is_not_continued(tmp_path):
-    """Arms trained in sample order 1 (before the order's version was recorded) do not
-    compare like for like with arms trained in a newer order."""
-    args = type("Args", (), {"config": str(ROOT / "configs" / "demo.yaml"), "set": []})()
-    ident = study_mod.study_identity(args)
-    old = {k: v for k, v in ident.items() if k != "data_order"}
-    path = tmp_path / "study.json"
-    path.write_text(json.dumps({**old, "arms": {"dense": {}}}))
-    with pytest.raises(study_mod.StudyError, match="data_order"):
-        study_mod.load_study(path, ident, ["slope-adapters"])
