@@ -181,6 +181,13 @@ def write_manifest(tag_dir: Path, identity: dict) -> None:
             {"format": 1, "identity": identity, "files": entries}, indent=1, sort_keys=True))
 
 
+def _tags_newest_first(ckpt_dir: Path, at_most: Optional[str]) -> list[str]:
+    """The checkpoint dirs (iter_*) in `ckpt_dir`, newest first; only those at or before
+    `at_most` where it is given."""
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)
+                   and (at_most is None or p.name <= at_most)), reverse=True)
+
+
 def check_identity(tag_dir: Path, saved: dict, identity: dict) -> None:
     """Refuse a checkpoint whose manifest identity `saved` differs from this run's."""
     old = with_added_keys(saved, identity)
@@ -203,9 +210,7 @@ def saved_identity(ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
         bound = _latest_or_none(ckpt_dir)
         if bound is None and (ckpt_dir / LATEST).exists():
             return None
-        tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir()
-                       and TAG_RE.match(p.name) and (bound is None or p.name <= bound)),
-                      reverse=True)
+        tags = _tags_newest_first(ckpt_dir, bound)
     except OSError:  # no dir, or one we cannot read: the load says so
         return None
     for tag in tags:
@@ -358,8 +363,7 @@ def choose(ckpt_dir: Path, identity: Optional[dict]) -> Optional[str]:
     if tag is None:
         return None
     rank = _world()[0]
-    candidates = sorted((p.name for p in ckpt_dir.iterdir()
-                         if p.is_dir() and TAG_RE.match(p.name) and p.name <= tag), reverse=True)
+    candidates = _tags_newest_first(ckpt_dir, tag)
     seen: list[str] = []
     failed: dict[str, list[str]] = {}
     for cand in candidates:
