@@ -46,17 +46,11 @@ def _stdout_closed() -> int:
 
 def _raised_on_every_rank(error: BaseException) -> bool:
     """Whether every rank raises this same error, so that rank 0's `error:` line says it for
-    all: errors marked so (`every_rank`: a failure the ranks shared, e.g. preparing the data,
-    or a check of the checkpoint they all read), config errors (every rank checks the same
-    config) and a stopped run (the ranks decide to stop together). Anything else - one rank's
-    own checkpoint file refused, say - may be that rank's alone."""
-    marked = getattr(error, "every_rank", None)
-    if marked is not None:
-        return bool(marked)
-    from slope_megatron.config import ConfigError
-
-    trainer = sys.modules.get("slope_megatron.training.trainer")
-    return isinstance(error, (ConfigError, getattr(trainer, "TrainingStopped", ConfigError)))
+    all: errors marked so (`every_rank`: config errors - every rank checks the same config -,
+    a stopped run, a failure the ranks shared, e.g. preparing the data, or a check of the
+    checkpoint they all read). Anything else - one rank's own checkpoint file refused, say -
+    may be that rank's alone."""
+    return bool(getattr(error, "every_rank", False))
 
 
 def main(argv=None) -> int:

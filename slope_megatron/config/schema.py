@@ -13,6 +13,8 @@ from ..errors import SlopeError
 class ConfigError(SlopeError, ValueError):
     """A configuration problem, with a message that names the key and the fix."""
 
+    every_rank = True  # every rank checks the same config: rank 0's `error:` line says it
+
 
 VOCAB_PAD_MULTIPLE = 64  # an unset model.vocab_size is the tokenizer's rounded up to this
 

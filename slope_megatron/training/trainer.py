@@ -85,6 +85,8 @@ class TrainingStopped(SlopeError):
     says why and what to do. A SlopeError, so launch/pretrain.py prints it as one clean
     `error:` line with exit code 2 instead of a traceback."""
 
+    every_rank = True  # the ranks decide to stop together: rank 0's line says it
+
 
 def _device_sync() -> None:
     """Wait for the queued GPU work (before timing something that is not training)."""
