@@ -13,9 +13,11 @@ setup(
     version="0.1.0",
     description="SLoPe (double-pruned N:M sparse + lazy low-rank adapter) LLM pretraining",
     python_requires=">=3.10",
-    packages=find_packages(include=["slope_megatron", "slope_megatron.*", "kernels",
-                                    "kernels.*"]),
-    package_data={"kernels": ["*.cpp", "*.cu", "*.h"]},
+    # kernels/ (top-level in the checkout) installs as slope_megatron.kernels
+    packages=find_packages(include=["slope_megatron", "slope_megatron.*"])
+    + ["slope_megatron.kernels"],
+    package_dir={"slope_megatron.kernels": "kernels"},
+    package_data={"slope_megatron.kernels": ["*.cpp", "*.cu", "*.h"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "deepspeed==0.19.8",

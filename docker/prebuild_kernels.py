@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the cuSPARSELt binding into TORCH_EXTENSIONS_DIR where there is no GPU (docker build).
 
-`kernels.cslt_loader.load_extension()` builds the binding on first use and refuses to when
+`slope_megatron.kernels.cslt_loader.load_extension()` builds the binding on first use and refuses to when
 CUDA is not available, so that a CPU process never compiles it. At `docker build` time there
 is a CUDA toolkit but no GPU, and the build itself needs none (the binding and the native layer
 step: three C++ files and one CUDA file compiled against the CUDA and cuSPARSELt headers for
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     import torch
 
-    from kernels import cslt_loader
+    from slope_megatron.kernels import cslt_loader
 
     if torch.version.cuda is None:
         print("prebuild_kernels: this torch is a CPU build; nothing to build", file=sys.stderr)

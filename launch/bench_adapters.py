@@ -13,7 +13,7 @@ def bench_adapter(layer, xs, torch):
     the adapter added after the GEMM (`lowrank.add_adapter`: X A, then one Triton pass
     Y + (X A)(B / r)); plus the pieces: X A by cuBLAS, the widening pass, the plain and the
     widened sparse GEMM, the Triton pass."""
-    from kernels.lowrank_triton import lowrank_add, widen_with_lowrank
+    from slope_megatron.kernels.lowrank_triton import lowrank_add, widen_with_lowrank
     from slope_megatron.sparsity.backends.cusparselt_adapter import (augmented_linear,
                                                                      inside_pays, padded_rank)
     from slope_megatron.sparsity.backends.lowrank import add_adapter

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4  # noqa: E402
+from slope_megatron.kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4  # noqa: E402
 from slope_megatron.sparsity import SlopeLinear  # noqa: E402
 from slope_megatron.sparsity.functional import dense_from_values, values_from_dense  # noqa: E402
 

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         return 1
     x2 = x.detach()
     backend = get_backend("cusparselt")
-    from kernels.nm_triton import gather_kept_2to4
+    from slope_megatron.kernels.nm_triton import gather_kept_2to4
     from slope_megatron.sparsity.backends.cusparselt_function import CsltSlopeLinearFunction
 
     with torch.no_grad():

@@ -287,7 +287,7 @@ class SlopeLinear(nn.Module):
         if self.double_prune and self._fast_double_prune():
             # one pass over the kept values and packed mask (kernels/double_prune_triton.py),
             # bit for bit the masks.double_prune_mask below; copy_ bumps the bits' version
-            from kernels.double_prune_triton import double_prune_bits_2to4
+            from slope_megatron.kernels.double_prune_triton import double_prune_bits_2to4
             self.column_mask_bits.copy_(double_prune_bits_2to4(self.weight.detach(),
                                                                self.mask_bits))
         elif self.double_prune:

@@ -12,7 +12,7 @@ the right result when that shape is later routed sparse (the cache re-syncs from
 import pytest
 import torch
 
-from layer_helpers import compare_step, make_pair, rel_err
+from helpers.layer import compare_step, make_pair, rel_err
 from slope_megatron.sparsity.backends import get_backend
 from slope_megatron.sparsity.backends.auto import AutoBackend, routes_sparse
 

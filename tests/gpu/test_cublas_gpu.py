@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layer_helpers import compare_step, make_pair
-from launch_helpers import load_launch
+from helpers.layer import compare_step, make_pair
+from helpers.launch import load_launch
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from layer_helpers import chain_pairs, same_update
+from helpers.layer import chain_pairs, same_update
 from slope_megatron.sparsity import SlopeLinear
 
 pytestmark = pytest.mark.gpu
@@ -252,7 +252,7 @@ def test_adapter_path_falls_back_when_the_widened_gemm_is_refused(monkeypatch, c
 def test_stored_algorithm_is_reused_by_a_new_cache(tmp_path):
     """Search once, persist, and a fresh PlanCache builds the plan from the file (this path
     once segfaulted when the plan was re-initialised after changing its algorithm)."""
-    from kernels.cslt_plans import PlanCache
+    from slope_megatron.kernels.cslt_plans import PlanCache
     from slope_megatron.sparsity.backends.cusparselt_runtime import runtime
     from slope_megatron.sparsity.masks import nm_mask
     rt = runtime()

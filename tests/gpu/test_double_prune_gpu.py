@@ -4,7 +4,7 @@ same layer refreshed by the torch path (`SLOPE_TRITON_DOUBLE_PRUNE=0`), gradient
 import pytest
 import torch
 
-from layer_helpers import compare_step
+from helpers.layer import compare_step
 
 pytestmark = pytest.mark.gpu
 
@@ -12,8 +12,8 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("rows,cols,ties", [(2048, 8192, False), (8192, 2048, False),
                                             (64, 260, True)])
 def test_kernels_match_torch_in_bf16(rows, cols, ties):
-    from kernels.double_prune_triton import double_prune_bits_2to4, wt_tag_from_bits
-    from kernels.nm_triton import wt_tag_matrix
+    from slope_megatron.kernels.double_prune_triton import double_prune_bits_2to4, wt_tag_from_bits
+    from slope_megatron.kernels.nm_triton import wt_tag_matrix
     from slope_megatron.sparsity.functional import dense_from_values
     from slope_megatron.sparsity.masks import double_prune_mask, nm_mask, pack_bits, unpack_bits
     torch.manual_seed(0)

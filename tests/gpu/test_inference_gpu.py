@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from inference_helpers import CASES, tiny
-from launch_helpers import load_launch
+from helpers.inference import CASES, saved, tiny
+from helpers.launch import load_launch
 
-from slope_megatron.inference import InferenceModel, generate, save_artifact
+from slope_megatron.inference import (InferenceModel, SamplingConfig, generate, load_artifact,
+                                      save_artifact)
 from slope_megatron.inference.compressed import unavailable_reason
 from slope_megatron.sparsity import slope_layers
 
@@ -90,3 +91,18 @@ def test_generate_cli_uses_compressed_kernels(tmp_path, tokenizer_file, capsys):
     assert cli.main(["--checkpoint", str(path), "--prompt", "the", "--device", "cuda",
                      "--dtype", "fp32", "--kernels", "cusparselt"]) == 2  # fp32 cannot
     assert "kernels='cusparselt' cannot run here: dtype torch.float32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_cuda_generation_matches_cpu(tmp_path, arch):
+    _, _, path = saved(tmp_path, arch)
+    config, state, _ = load_artifact(path)
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    cpu = generate(InferenceModel(config, state), prompts, 8)
+    gpu_model = InferenceModel(config, state, device="cuda")
+    assert [r.tokens for r in generate(gpu_model, prompts, 8)] == [r.tokens for r in cpu]
+    hot = SamplingConfig(temperature=1.0, top_p=0.9, seed=3)
+    assert [r.tokens for r in generate(gpu_model, prompts, 8, hot)] == \
+        [r.tokens for r in generate(gpu_model, prompts, 8, hot)]
+    [r] = generate(InferenceModel(config, state, dtype="bf16", device="cuda"), [[1, 2]], 6)
+    assert len(r.tokens) == 6

@@ -10,8 +10,8 @@ than the Python function (the reason it exists).
 import pytest
 import torch
 
-from layer_helpers import compare_step, make_pair, same_update
-from launch_helpers import load_launch
+from helpers.layer import compare_step, make_pair, same_update
+from helpers.launch import load_launch
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +37,7 @@ def random_mask_bits(rows, cols, col_subset=False):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("offset", [0, 1, 3])  # element offsets: 16-byte aligned or not
 def test_cuda_gather_scatter_equal_triton(ext, dtype, offset):
-    from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
+    from slope_megatron.kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
     rows, cols = 96, 200
     bits, col_bits = random_mask_bits(rows, cols, col_subset=True)
     dense = torch.randn(rows * cols + offset, device="cuda", dtype=dtype)[offset:].view(rows, cols)
@@ -52,7 +52,7 @@ def test_cuda_gather_scatter_equal_triton(ext, dtype, offset):
 
 def test_cuda_gather_scatter_equal_triton_on_any_mask_byte(ext):
     """Groups with 0, 1, 3 or 4 bits (not 2:4 masks, but the kernels must agree anyway)."""
-    from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
+    from slope_megatron.kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
     rows, cols = 64, 256
     bits = torch.randint(0, 256, (rows, cols // 8), device="cuda", dtype=torch.uint8)
     col = torch.randint(0, 256, (rows, cols // 8), device="cuda", dtype=torch.uint8)
@@ -151,7 +151,7 @@ def test_native_per_call_layers_share_the_scratch(ext, monkeypatch):
 
 
 def test_native_wt_gather_equals_triton(ext):
-    from kernels.nm_triton import gather_wt_values
+    from slope_megatron.kernels.nm_triton import gather_wt_values
     lay, _ = make_pair(1024, 2048, False, "cusparselt", keep_compressed=False)
     x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     lay(x).sum().backward()  # builds the W^T codes

@@ -3,8 +3,8 @@ the sparse GEMM) and Inductor-compiled regions, recomputing the blocks gives the
 gradients of the plain step, and the step's peak memory falls."""
 import pytest
 import torch
-from layer_helpers import same_update
-from train_helpers import loss_and_grads, worst_grad_rel
+from helpers.layer import same_update
+from helpers.train import loss_and_grads, worst_grad_rel
 
 from slope_megatron.config import load_config
 from slope_megatron.model import GPTModel, regions

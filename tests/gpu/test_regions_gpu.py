@@ -2,7 +2,7 @@
 GEMMs (cuSPARSELt) left outside the graphs."""
 import pytest
 import torch
-from train_helpers import loss_and_grads, worst_grad_rel
+from helpers.train import loss_and_grads, worst_grad_rel
 
 from slope_megatron.config import load_config
 from slope_megatron.model import GPTModel, regions

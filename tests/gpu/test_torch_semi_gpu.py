@@ -2,7 +2,7 @@
 (bf16 tolerance) over optimizer steps, and widths it cannot take go to the dense path."""
 import pytest
 
-from layer_helpers import compare_step, make_pair
+from helpers.layer import compare_step, make_pair
 
 pytestmark = pytest.mark.gpu
 

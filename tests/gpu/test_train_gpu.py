@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from corpus_helpers import write_corpus  # noqa: E402
+from helpers.paths import ROOT
+from helpers.corpus import write_corpus
 
 
 def pretrain_losses(tmp_path, corpus, name, *overrides) -> list:

@@ -42,7 +42,7 @@ def unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available"
     try:
-        from kernels.nm_triton import scatter_kept_2to4
+        from slope_megatron.kernels.nm_triton import scatter_kept_2to4
     except ImportError as e:
         return f"triton is not installed ({e})"
     try:  # Triton imports without a C compiler but fails at its first launch: launch one now
@@ -69,7 +69,7 @@ class CublasSlopeLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask_bits, column_bits):
-        from kernels.nm_triton import scatter_kept_2to4
+        from slope_megatron.kernels.nm_triton import scatter_kept_2to4
         values = weight if weight.is_contiguous() else weight.contiguous()
         y = F.linear(x, scatter_kept_2to4(values, mask_bits), bias)
         ctx.save_for_backward(x, weight, mask_bits, column_bits)
@@ -78,7 +78,7 @@ class CublasSlopeLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
+        from slope_megatron.kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
         x, weight, mask_bits, column_bits = ctx.saved_tensors
         values = weight if weight.is_contiguous() else weight.contiguous()
         grad_x = grad_values = grad_bias = None

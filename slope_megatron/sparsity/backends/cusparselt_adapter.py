@@ -9,7 +9,7 @@ adapter becomes extra reduction columns of the one sparse GEMM:
 "Spread 2:4": rank entries 2g and 2g+1 sit in positions 0 and 1 of group g, positions 2 and 3
 are zero, so the adapter's columns are 2:4 like W's and the GEMM stays on sparse tensor cores.
 It costs 2R more of `in` (R: the rank padded to a multiple of 16, so that in + 2R keeps
-cuSPARSELt's alignment) plus one pass over X (`kernels.lowrank_triton.widen_with_lowrank`
+cuSPARSELt's alignment) plus one pass over X (`slope_megatron.kernels.lowrank_triton.widen_with_lowrank`
 writes the wide input and X A together). The compressed operand is never compressed again
 after its metadata is made from the pattern: its values block is, row by row, W's kept values
 followed by B's column (the row-major layout `cusparselt_runtime` checks at start-up; the 1/r
@@ -223,7 +223,7 @@ class AugmentedAdapterFunction(_AdapterLayerFunction):
 
     @staticmethod
     def forward(ctx, x, weight, bias, adapter_a, adapter_b, operand, layer):
-        from kernels.lowrank_triton import widen_with_lowrank
+        from slope_megatron.kernels.lowrank_triton import widen_with_lowrank
         x2 = _rows(x)
         buf = operand.sync(layer)
         scale = layer.adapter_scale
@@ -236,12 +236,12 @@ class AugmentedAdapterFunction(_AdapterLayerFunction):
 
 class AfterAdapterFunction(_AdapterLayerFunction):
     """The adapter added after the plain sparse GEMM, by one Triton pass over Y
-    (`kernels.lowrank_triton.lowrank_add`): where it does not pay inside (narrowing layers)
+    (`slope_megatron.kernels.lowrank_triton.lowrank_add`): where it does not pay inside (narrowing layers)
     or cuSPARSELt refused the widened GEMM."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, adapter_a, adapter_b, cache, layer):
-        from kernels.lowrank_triton import lowrank_add
+        from slope_megatron.kernels.lowrank_triton import lowrank_add
         x2 = _rows(x)
         factors = after_factors(cache, layer)
         cache.sync_forward(layer)

@@ -5,7 +5,7 @@ a matmul. Because the mask is static, the compressed forward operand W (out x in
 compressing again: its values block IS the kept-values parameter (row-major mask order), so a
 refresh is one copy. The double-pruned W_RC^T (in x out, 2:4 along `out`) is compressed only
 when its column mask changes; in between, its values block is refreshed by a gather
-(`kernels.nm_triton.gather_wt_values`). Every buffer records the (data_ptr, version) of the
+(`slope_megatron.kernels.nm_triton.gather_wt_values`). Every buffer records the (data_ptr, version) of the
 tensor it was made from (for the weight also the layer's optimizer-step count:
 `weight_key`), so a re-pointed (ZeRO), updated or externally modified weight is noticed.
 
@@ -157,7 +157,7 @@ class LayerKernelCache:
 
     # ---- input-gradient operand W_RC^T ---------------------------------------------------
     def _build_wt(self, layer) -> None:
-        from kernels.double_prune_triton import wt_tag_from_bits
+        from slope_megatron.kernels.double_prune_triton import wt_tag_from_bits
         in_scratch = not self._wt_owned()
         if in_scratch:  # per-call: compress into the scratch, keep metadata and codes only
             buf, _ = self._scratch_for_build("wt", self.inp, self.out)
@@ -208,7 +208,7 @@ class LayerKernelCache:
         if not self._wt_owned():
             self.wt_buf, self.wt_vals = self._scratch("wt", self.wt_meta, self.inp)
         if self.wt_row_major:
-            from kernels.nm_triton import gather_wt_values
+            from slope_megatron.kernels.nm_triton import gather_wt_values
             gather_wt_values(w, self.wt_codes, self.wt_vals)
         else:
             w_rc = dense_from_values(w, layer.mask) * layer.column_mask
@@ -300,5 +300,5 @@ class LayerKernelCache:
     def grad_weight(self, gy2: torch.Tensor, x2: torch.Tensor, mask_bits: torch.Tensor
                     ) -> torch.Tensor:
         """d(kept values) (out, in/2) = (dY^T X) at the mask's positions (the packed mask)."""
-        from kernels.nm_triton import gather_kept_2to4
+        from slope_megatron.kernels.nm_triton import gather_kept_2to4
         return gather_kept_2to4(torch.mm(gy2.t(), x2), mask_bits)

@@ -63,7 +63,7 @@ class Runtime:
 
     def compressed_buffer_size(self, rows: int, cols: int, dtype: torch.dtype,
                                device: torch.device) -> int:
-        from kernels.cslt_plans import dtype_name
+        from slope_megatron.kernels.cslt_plans import dtype_name
         size, _ = self.ext.compressed_size(rows, cols, dtype_name(dtype), device.index)
         return size
 
@@ -100,7 +100,7 @@ class Runtime:
         return self._bias[key]
 
     def _check_bias(self, device, dtype) -> tuple[bool, str]:
-        from kernels.cslt_plans import dtype_name
+        from slope_megatron.kernels.cslt_plans import dtype_name
         rows, cols, tokens = PROBE_SHAPE
         gen = torch.Generator(device=device).manual_seed(4321)
         w = torch.randn(rows, cols, device=device, dtype=dtype, generator=gen)
@@ -141,7 +141,7 @@ class Runtime:
             return False, "metadata depends on the values, not only on the pattern"
         by_pattern[: n_val * dense.element_size()].view(dtype).copy_(dense[mask])
         x = torch.randn(tokens, cols, device=device, dtype=dtype, generator=gen)
-        from kernels.cslt_plans import dtype_name
+        from slope_megatron.kernels.cslt_plans import dtype_name
         y = self.ext.Plan(rows, cols, tokens, dtype_name(dtype), device.index).matmul(by_pattern, x)
         ref = x.float() @ dense.float().t()
         err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -153,7 +153,7 @@ class Runtime:
 @functools.lru_cache(maxsize=None)
 def runtime() -> Runtime:
     """Build/load the binding (first call compiles it) and create the plan cache."""
-    from kernels.cslt_loader import load_extension
-    from kernels.cslt_plans import PlanCache
+    from slope_megatron.kernels.cslt_loader import load_extension
+    from slope_megatron.kernels.cslt_plans import PlanCache
     ext = load_extension()
     return Runtime(ext, PlanCache(ext))

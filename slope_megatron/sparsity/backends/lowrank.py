@@ -5,7 +5,7 @@ Why a module of its own: the cublas backend and the calls the cusparselt backend
 cusparselt kernels take have the adapter in their own autograd functions
 (`cusparselt_adapter`), inside the sparse GEMM or after it. The rank is padded to a multiple of 8 (cuBLAS runs unaligned leading
 dimensions such as r = 82 on slow kernels) and, for bf16 / fp16 CUDA outputs, Y + (X A)(B / r)
-is one Triton pass over Y (`kernels.lowrank_triton`) instead of the three passes of matmul,
+is one Triton pass over Y (`slope_megatron.kernels.lowrank_triton`) instead of the three passes of matmul,
 scale and add. Adding it in cuSPARSELt's epilogue (its C input) or by cuBLAS addmm measured
 slower on an H100 (docs/KERNELS.md).
 """
@@ -17,11 +17,11 @@ TRITON_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class LowRankAddFunction(torch.autograd.Function):
-    """Y + (X A) B, computed by one Triton pass over Y (`kernels.lowrank_triton`)."""
+    """Y + (X A) B, computed by one Triton pass over Y (`slope_megatron.kernels.lowrank_triton`)."""
 
     @staticmethod
     def forward(ctx, y, xa, b):
-        from kernels.lowrank_triton import lowrank_add
+        from slope_megatron.kernels.lowrank_triton import lowrank_add
         ctx.save_for_backward(xa, b)
         return lowrank_add(y, xa, b)
 

@@ -35,7 +35,7 @@ def native_ops():
     if not torch.cuda.is_available():
         return None
     try:
-        from kernels.cslt_loader import load_extension
+        from slope_megatron.kernels.cslt_loader import load_extension
         ext = load_extension()
     except Exception as e:  # no cuSPARSELt wheel, no compiler, ...: the Python path is complete
         log.warning("native layer step unavailable, the Python autograd functions run (more "

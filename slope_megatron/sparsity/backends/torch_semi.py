@@ -60,7 +60,7 @@ class TorchSemiSlopeLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask_bits, column_bits):
-        from kernels.nm_triton import scatter_kept_2to4
+        from slope_megatron.kernels.nm_triton import scatter_kept_2to4
         values = weight if weight.is_contiguous() else weight.contiguous()
         x2 = x.reshape(-1, x.shape[-1])
         y = F.linear(x2, _semi_structured(scatter_kept_2to4(values, mask_bits)), bias)
@@ -71,7 +71,7 @@ class TorchSemiSlopeLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
+        from slope_megatron.kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
         x2, weight, mask_bits, column_bits = ctx.saved_tensors
         values = weight if weight.is_contiguous() else weight.contiguous()
         gy2 = grad_out.reshape(-1, grad_out.shape[-1])
