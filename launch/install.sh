@@ -9,6 +9,8 @@
 #   says which case it is in before pip starts, and which build it got at the end.
 # - DeepSpeed imports torch in its setup.py, hence --no-build-isolation.
 # - DeepSpeed's C++ op cache goes to this checkout's .torch_extensions/.
+# - EXTRAS picks setup.py's extras (default: test); CONSTRAINTS=FILE pins every package pip
+#   installs to FILE's versions (tests/run.sh passes tests/constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -36,7 +38,7 @@ else
   echo "keeping the torch already installed (import torch works)"
 fi
 "$PY" -m pip install -q setuptools wheel
-"$PY" -m pip install -q --no-build-isolation -e ".[${EXTRAS:-test}]"
+"$PY" -m pip install -q --no-build-isolation ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e ".[${EXTRAS:-test}]"
 echo "installed: $("$PY" -c 'import torch, deepspeed
 build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
 print("torch", torch.__version__, f"({build}) | deepspeed", deepspeed.__version__)' 2>/dev/null)"

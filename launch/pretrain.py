@@ -8,103 +8,18 @@
 
 Rerunning the same command resumes from the newest complete checkpoint in
 train.output_dir. `--help-config` prints every config key with its default and meaning.
-"""
-from __future__ import annotations
 
-import argparse
-import logging
-import os
+The code is slope_megatron/commands/pretrain.py; installed, the same command is `slope-pretrain`.
+"""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+try:
+    import slope_megatron  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def parse_args(argv=None):
-    from slope_megatron.cli import Once, add_set_argument
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action=Once, help="YAML config (see configs/)")
-    add_set_argument(p, "override config keys, e.g. --set train.iters=100 zero.stage=2")
-    p.add_argument("--help-config", action="store_true", help="print the config reference")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return p.parse_args(argv)
-
-
-def _stdout_closed() -> int:
-    """The reader of our stdout went away (`--help-config | head`): what was wanted was read,
-    so stop quietly instead of a BrokenPipeError traceback. stdout is pointed at devnull so
-    the interpreter's final flush of what is still buffered cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # no real file descriptor (e.g. a captured stdout)
-        pass
-    return 0
-
-
-def _raised_on_every_rank(error: BaseException) -> bool:
-    """Whether every rank raises this same error, so that rank 0's `error:` line says it for
-    all: errors marked so (`every_rank`: config errors - every rank checks the same config -,
-    a stopped run, a failure the ranks shared, e.g. preparing the data, or a check of the
-    checkpoint they all read). Anything else - one rank's own checkpoint file refused, say -
-    may be that rank's alone."""
-    return bool(getattr(error, "every_rank", False))
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)  # --help: argparse itself ignores a closed stdout
-    from slope_megatron.config import config_reference, load_config
-    from slope_megatron.errors import (EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, SlopeError,
-                                       out_of_memory_message)
-
-    if args.help_config:
-        try:
-            print(config_reference())
-            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
-        except BrokenPipeError:
-            return _stdout_closed()
-        return 0
-    from slope_megatron.training.distributed import process_rank
-
-    rank = process_rank()  # before any process group, by init_distributed's rules: who prints
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch  # here, not at the top: --help-config stays quick
-
-    from slope_megatron.training.distributed import shutdown_distributed
-
-    completed = started = False
-    try:
-        cfg = load_config(args.config, args.set)  # validated before any process group exists
-        from slope_megatron.training import train
-        from slope_megatron.training.distributed import init_distributed
-
-        dist = init_distributed()
-        started = True
-        train(cfg, dist)
-        completed = True
-    except SlopeError as e:  # config, data, checkpoint or a stopped run: one line, no traceback
-        # rank 0 says what every rank raised alike (all of it before train(): the config and
-        # the launch checks); a rank that failed in train() on its own says so itself, as with
-        # out-of-memory - its peers may be left waiting for it, with nothing to say
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        elif started and not _raised_on_every_rank(e):
-            print(f"error: rank {rank}: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError from 2.5 on is this
-        # whichever rank ran out says so (it may not be rank 0); no traceback to scroll past
-        print(f"error: {'' if rank == 0 else f'rank {rank}: '}{out_of_memory_message(e)}",
-              file=sys.stderr)
-        return EXIT_OUT_OF_MEMORY
-    finally:
-        # every rank, every way out: barrier (only after a finished run), destroy every group,
-        # drop the references that keep gloo's threads alive (see shutdown_distributed)
-        shutdown_distributed(completed)
-    return 0
-
+from slope_megatron.commands.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

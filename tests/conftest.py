@@ -1,4 +1,9 @@
-"""Shared pytest set-up: the `gpu` marker (skipped without CUDA) and deterministic CPU math."""
+"""Shared pytest set-up: the `gpu` marker (skipped without CUDA), strict skips, and
+deterministic CPU math.
+
+Strict skips (SLOPE_STRICT_SKIPS=1, set by tests/run.sh): on a machine without CUDA a test
+that skips without being GPU-marked fails instead, with its skip reason - a missing test
+dependency or tool must break the run, not quietly shrink it."""
 import os
 
 import pytest
@@ -19,6 +24,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and os.environ.get("SLOPE_STRICT_SKIPS") == "1"
+            and "gpu" not in item.keywords and not torch.cuda.is_available()):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"skipped outside the GPU tests ({reason}); install what it needs "
+                           f"(tests/run.sh builds the whole test environment)")
 
 
 @pytest.fixture(autouse=True)

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import DataError
-from .files import (file_lock, make_cache_dir, publish_dir, remove_stale_staging, sha256_file,
-                    staging_dir, write_json)
+from ..io import (file_lock, publish_dir, remove_stale_staging, sha256_file, staging_dir,
+                  write_json_atomic)
+from .files import make_cache_dir
 from .sources import normalise
 
 CORPUS_VERSION = "default-v1"
@@ -199,7 +200,7 @@ def collect_builtin_corpus(corpus_root: Path, log=print, packages=PACKAGES,
                 raise DataError(f"the built-in corpus '{version}' came out at {total} bytes, "
                                 f"less than the {min_bytes} expected; set data.path to your "
                                 "own text")
-            write_json(tmp / "manifest.json", {
+            write_json_atomic(tmp / "manifest.json", {
                 "version": version, "sources": sources, "bytes": total,
                 "documents": sum(s["documents"] for s in sources),
                 "corpus_sha256": sha256_file(tmp / "corpus.jsonl")})

@@ -26,8 +26,9 @@ from tqdm import tqdm
 from .builtin_corpora import builtin_corpus, corpus_with_version
 from .default_corpus import collect_builtin_corpus, read_manifest
 from .errors import DataError
-from .files import (file_lock, make_cache_dir, publish_dir, remove_stale_staging, sha256_bytes,
-                    sha256_file, staging_dir, write_json)
+from ..io import (file_lock, publish_dir, remove_stale_staging, sha256_bytes, sha256_file,
+                  staging_dir, write_json_atomic)
+from .files import make_cache_dir
 from .dataset import TokenDataset, check_shard_size, data_dir_of, read_meta
 from .shards import choose_val, shard_dtype, split_single_document, write_shards
 from .sources import WHAT_TO_DO, TextCorpus
@@ -203,7 +204,7 @@ def _build(cfg, key: dict, corpus: Optional[TextCorpus], root: Path, out: Path,
         n_docs=n_docs, progress=progress)
     tok_path = tok.save(out)
     splits = write_shards(docs(), is_val, n_docs, tok, out, progress=progress)
-    write_json(out / "meta.json", {
+    write_json_atomic(out / "meta.json", {
         "format": FORMAT, "key": key,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": source, "val_fraction": cfg.val_fraction, "splits": splits,

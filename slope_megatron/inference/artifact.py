@@ -39,8 +39,7 @@ from .. import __version__
 from ..config import Config, ConfigError, config_from_dict
 from ..config.history import fill_added_nested
 from ..errors import SlopeError
-from ..fileio import sha256_file
-from .atomic_dir import atomic_directory
+from ..io import atomic_directory, sha256_file
 
 FORMAT = "slope-megatron-artifact"
 VERSION = 1

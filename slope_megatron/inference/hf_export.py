@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..config import Config, ffn_hidden_size
 from ..sparsity import dense_from_values
-from .atomic_dir import atomic_directory
+from ..io import atomic_directory
 from .artifact import tokenizer_kind
 from .tokenizer import EOS_NAMES, load_tokenizer
 

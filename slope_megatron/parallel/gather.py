@@ -36,7 +36,7 @@ def gather_full_state_dict(model: nn.Module) -> dict:
 
     Under ZeRO-3 call it inside `deepspeed.zero.GatheredParameters(model.parameters())`:
     partitioned parameters are otherwise empty placeholders and their shards would be
-    gathered as such (`training.run_setup.consolidated_state_dict` does so). Under pipeline
+    gathered as such (`training.checkpoint.consolidated_state_dict` does so). Under pipeline
     parallelism it gathers this stage's modules only, under the stage's own keys
     (`model.pipeline.pipeline_to_model_keys` renames them)."""
     state = model.state_dict()

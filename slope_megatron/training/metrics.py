@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..io import write_text_atomic
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
                    "A10": 125e12, "V100": 125e12}
@@ -149,9 +150,7 @@ class MetricsWriter:
             keep.append(line)
             if isinstance(record.get("time_s"), (int, float)):
                 time_s = float(record["time_s"])
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in keep))
         return time_s
 
     def write(self, record: dict) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.layer import compare_step, make_pair
-from helpers.launch import load_launch
+from helpers.launch import load_benchmark
 
 pytestmark = pytest.mark.gpu
 
@@ -88,9 +88,9 @@ def test_cusparselt_fallback_runs_cublas(monkeypatch):
 
 
 def gpu_ms_per_step(fn) -> float:
-    """GPU time of one step with the host queued ahead (launch/layer_host_gpu.py), so the number
+    """GPU time of one step with the host queued ahead (benchmarks.layer_host_gpu), so the number
     is the kernels' time, not the host's time to issue them (docs/KERNELS.md has both)."""
-    return load_launch("layer_host_gpu").host_and_gpu_us(fn, n=20)[1] / 1e3
+    return load_benchmark("layer_host_gpu").host_and_gpu_us(fn, n=20)[1] / 1e3
 
 
 def test_cublas_step_gpu_time_near_plain_dense():

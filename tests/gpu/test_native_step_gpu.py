@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers.layer import compare_step, make_pair, same_update
-from helpers.launch import load_launch
+from helpers.launch import load_benchmark
 
 pytestmark = pytest.mark.gpu
 
@@ -197,7 +197,7 @@ def test_native_step_takes_less_host_time(ext, monkeypatch, backend):
 
     def step():
         lay(x).backward(g)
-    host_us = load_launch("host_overhead").host_us  # median host us per call, batches of 10
+    host_us = load_benchmark("host_overhead").host_us  # median host us per call, batches of 10
     step()  # the first call of a token count tunes its plans through the Python function
     ran = autograd_node_names(lay(x))
     native = host_us(step, 200)

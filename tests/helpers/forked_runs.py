@@ -17,7 +17,7 @@ from helpers.launch import pretrain_main
 
 from slope_megatron.training import faults
 
-importlib.import_module("slope_megatron.training.trainer")  # before forking: fast children
+importlib.import_module("slope_megatron.training.loop")  # before forking: fast children
 
 
 def _free_port() -> int:

@@ -29,7 +29,7 @@ def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1, extra=(),
                  final_state=False):
     from slope_megatron.parallel import initialize_parallel
     from slope_megatron.sparsity import after_optimizer_step
-    from slope_megatron.training.distributed import init_distributed
+    from slope_megatron.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
     from slope_megatron.training.optimizer import base_optimizer, set_lr, switch_on_adapters
 
@@ -71,7 +71,7 @@ def train_losses(tp=1, stage=0, check_state=False, arch="gpt", pp=1, extra=(),
         info["weight_step_after"] = int(state[layer.weight]["step"])
         info["adapter_step_after"] = int(state[layer.adapter_a]["step"])
     if final_state:  # collective; the state dict on rank 0 only
-        from slope_megatron.training.run_setup import consolidated_state_dict
+        from slope_megatron.training.checkpoint import consolidated_state_dict
 
         state = consolidated_state_dict(engine, cfg, par)
         if state is not None:

@@ -1,11 +1,11 @@
 """A run directory as an earlier run left it: its recorded run_config.yaml and a checkpoint,
-so that the recorded config binds a rerun (`run_setup.check_output_dir`)."""
+so that the recorded config binds a rerun (`run_dir.check_output_dir`)."""
 from pathlib import Path
 
 import yaml
 
 from slope_megatron.training.checkpoint import LATEST
-from slope_megatron.training.run_setup import RUN_CONFIG
+from slope_megatron.training.run_dir import RUN_CONFIG
 
 
 def recorded_run(out: Path, recorded: dict) -> Path:

@@ -1,4 +1,4 @@
-"""End-of-run teardown (slope_megatron/training/distributed.py: shutdown_distributed, called from
+"""End-of-run teardown (slope_megatron/distributed.py: shutdown_distributed, called from
 launch/pretrain.py's main on every way out).
 
 A PP=2 CPU run once exited non-zero after its final checkpoint with `terminate called without an
@@ -20,7 +20,7 @@ from helpers.launch import load_launch
 
 from slope_megatron.errors import EXIT_USER_ERROR, SlopeError
 from slope_megatron.parallel import state as parallel_state
-from slope_megatron.training import distributed
+from slope_megatron import distributed
 
 
 class _FakeDist:
@@ -214,7 +214,7 @@ def test_two_rank_gloo_teardown_destroys_every_subgroup_and_its_threads():
             assert r["threads_before"] > r["threads_after"] and r["threads_after"] <= 3, r
 
 
-# ---- trainer.train: the DeepSpeed engine is destroyed on every way out, before the groups
+# ---- training.train: the DeepSpeed engine is destroyed on every way out, before the groups
 
 def _run_recording_engine_teardown(argv):
     """pretrain main() on this rank with DeepSpeedEngine.destroy and the process-group
@@ -249,24 +249,25 @@ def test_a_finished_run_destroys_its_engine_before_the_groups(tmp_path):
 
 
 def _train_with_fake_engine(monkeypatch, tmp_path, destroy):
-    """trainer.train through build_engine with an engine whose first use raises "boom"."""
+    """training.train through build_engine with an engine whose first use raises "boom"."""
     import torch
 
-    import slope_megatron.training.trainer as trainer_mod
+    import slope_megatron.training.loop as loop_mod
+    import slope_megatron.training.startup as startup_mod
     from slope_megatron.config import load_config
-    from slope_megatron.training.distributed import DistInfo
+    from slope_megatron.distributed import DistInfo
 
     class Engine:
         @property
         def optimizer(self):  # the first use after build_engine
             raise RuntimeError("boom")
     Engine.destroy = destroy
-    monkeypatch.setattr(trainer_mod, "prepare_run_data", lambda cfg, main: None)
-    monkeypatch.setattr(trainer_mod, "build_engine",
+    monkeypatch.setattr(startup_mod, "prepare_run_data", lambda cfg, main: None)
+    monkeypatch.setattr(startup_mod, "build_engine",
                         lambda cfg, par, dp: (torch.nn.Linear(2, 2), Engine(), None))
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(RuntimeError, match="boom"):  # the run's own error, nothing else
-        trainer_mod.train(cfg, DistInfo(rank=0, world_size=1, local_rank=0, launcher="test"))
+        loop_mod.train(cfg, DistInfo(rank=0, world_size=1, local_rank=0, launcher="test"))
 
 
 def test_a_failing_run_leaves_its_engine_alone(monkeypatch, tmp_path):
@@ -278,7 +279,7 @@ def test_a_failing_run_leaves_its_engine_alone(monkeypatch, tmp_path):
 
 
 def test_an_engine_teardown_failure_is_a_warning(caplog):
-    from slope_megatron.training.trainer import _destroy_engine
+    from slope_megatron.training.loop import _destroy_engine
 
     class Engine:
         def destroy(self):

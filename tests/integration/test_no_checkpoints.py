@@ -7,8 +7,8 @@ and truncate the finished run's metrics) is refused before any work starts.
 import pytest
 
 from slope_megatron.config import ConfigError, load_config
-from slope_megatron.training.run_setup import check_output_dir
-from slope_megatron.training.trainer import rerun_advice
+from slope_megatron.training.run_dir import check_output_dir
+from slope_megatron.training.loop import rerun_advice
 
 
 def test_rerun_into_a_finished_run_without_checkpoints_is_refused(tmp_path):

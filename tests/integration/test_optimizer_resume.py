@@ -55,7 +55,7 @@ def _resume_worker(stage: int, ckpt_dir: str, dtype: str = "fp32"):
 
     from slope_megatron.sparsity import adapters_active
     from slope_megatron.training import checkpoint, engine as engine_mod
-    from slope_megatron.training.distributed import init_distributed
+    from slope_megatron.distributed import init_distributed
     from slope_megatron.training.optimizer import switch_on_adapters
 
     info = init_distributed()
@@ -191,14 +191,7 @@ def test_one_note_per_key_and_the_wrapper_and_base_groups_both_set():
 
 # ---- end to end: a killed run resumed with other optimizer settings -----------------------
 
-def _trainer_applies_the_settings() -> bool:
-    import slope_megatron.training.trainer as trainer_mod
-    return hasattr(trainer_mod, "apply_optimizer_settings")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _trainer_applies_the_settings(),
-                    reason="trainer.train does not call apply_optimizer_settings yet")
 def test_a_killed_run_resumed_with_other_optimizer_settings_uses_them(tmp_path, capfd):
     import signal
 

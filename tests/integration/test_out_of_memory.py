@@ -1,5 +1,6 @@
 """Running out of GPU memory: `launch/pretrain.py` says so in one line with what to change and
-exits with its own status; `launch/bench.py train` records such an arm and runs the rest."""
+exits with its own status; `python -m benchmarks.bench train` records such an arm and runs the
+rest."""
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,11 +9,10 @@ import torch
 
 from helpers.corpus import tiny_run_args, write_corpus
 from helpers.dist import run_distributed
-from helpers.launch import load_launch, pretrain_main
+from helpers.launch import load_benchmark, pretrain_main
 from slope_megatron.errors import EXIT_OUT_OF_MEMORY
 from slope_megatron.model.transformer import GPTModel
 
-from helpers.paths import ROOT
 # PyTorch's message, as an H100 printed it (docs/results/train_4p6b_recompute.json)
 ALLOCATOR_MESSAGE = (
     "CUDA out of memory. Tried to allocate 17.26 GiB. GPU 0 has a total capacity of 79.18 GiB "
@@ -54,7 +54,7 @@ def test_pretrain_reports_out_of_memory_in_one_line(tmp_path, monkeypatch, capfd
 def test_bench_train_records_an_arm_that_does_not_fit(tmp_path, monkeypatch, capsys):
     """The dense arm runs out of memory, the SLoPe arm fits: both are in the report, the
     SLoPe arm with its speed and memory, and no ratio against a dense run that did not run."""
-    bench_train = load_launch("bench_train")
+    bench_train = load_benchmark("bench_train")
 
     def fake_run(cmd, env, **kw):
         overrides = cmd[cmd.index("--set") + 1:]

@@ -34,7 +34,7 @@ def _pipeline_run_warnings(arch):
 
     from helpers.layout_worker import GLOBAL_BATCH, MICRO, tiny_config
     from slope_megatron.parallel import initialize_parallel
-    from slope_megatron.training.distributed import init_distributed
+    from slope_megatron.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
 
     with warnings.catch_warnings(record=True) as caught:

@@ -1,7 +1,6 @@
 """launch/pretrain.py end to end on 2 CPU processes: outputs, adapters, resume, bad input."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from helpers.corpus import tiny_run_args, write_corpus
 from helpers.dist import run_distributed
 from helpers.launch import pretrain_main
 
-from helpers.paths import ROOT
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))

@@ -19,9 +19,9 @@ import torch
 from helpers.corpus import tiny_run_args, write_corpus
 from helpers.forked_runs import launch
 
+from slope_megatron.io import write_text_atomic
 from slope_megatron.training import checkpoint, faults
 
-from helpers.paths import ROOT
 ITERS = 8  # saves at 2, 4, 6, 8; eval at 4, 8; adapters from iteration index 6
 
 
@@ -188,7 +188,7 @@ def test_prune_keeps_the_newest_complete_checkpoint(tmp_path):
     ckpts = tmp_path / "checkpoints"
     for i in (2, 4, 6, 8):
         (ckpts / checkpoint.tag_for(i)).mkdir(parents=True)
-    checkpoint.write_text_atomic(ckpts / "latest", checkpoint.tag_for(6))  # 8: incomplete
+    write_text_atomic(ckpts / "latest", checkpoint.tag_for(6))  # 8: incomplete
     checkpoint.prune(ckpts, keep=1)
     assert sorted(p.name for p in ckpts.glob("iter_*")) == ["iter_00000006", "iter_00000008"]
     checkpoint.prune(ckpts, keep=2)
@@ -256,9 +256,9 @@ def _tensors(obj) -> list:
 def _skip_worker(stage: int, bad_rank: int):
     """One engine per ZeRO stage: a NaN loss on one rank leaves everything bit-identical."""
     from slope_megatron.config import config_from_dict
-    from slope_megatron.training.distributed import init_distributed
+    from slope_megatron.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
-    from slope_megatron.training.step_guard import (
+    from slope_megatron.training.step import (
         guard_client_optimizer,
         guarded_train_step,
     )

@@ -24,7 +24,7 @@ import pytest
 from helpers.corpus import tiny_run_args, write_corpus
 from helpers.forked_runs import launch
 
-from slope_megatron.training import checkpoint, trainer
+from slope_megatron.training import checkpoint, loop
 from slope_megatron.training.metrics import LogWindow
 
 ITERS = 8
@@ -104,7 +104,7 @@ SLOW = 2.0  # seconds a patched save or evaluation takes; a training window take
 @pytest.mark.parametrize("log_interval", [2, 3])  # eval and save at a window's end / inside
 def test_a_slow_save_or_eval_does_not_depress_the_throughput(corpus, tmp_path, monkeypatch,
                                                               log_interval):
-    save, evaluate = checkpoint.save, trainer.eval_loss
+    save, evaluate = checkpoint.save, loop.eval_loss
 
     def slow_save(engine, ckpt_dir, iteration, *rest, **kw):
         if iteration == 4:
@@ -116,7 +116,7 @@ def test_a_slow_save_or_eval_does_not_depress_the_throughput(corpus, tmp_path, m
         return evaluate(*a, **kw)
 
     monkeypatch.setattr(checkpoint, "save", slow_save)
-    monkeypatch.setattr(trainer, "eval_loss", slow_eval)
+    monkeypatch.setattr(loop, "eval_loss", slow_eval)
     out = tmp_path / "run"
     argv = tiny_run_args(corpus, corpus.parent / "cache", out, ITERS, 4,
                          f"train.log_interval={log_interval}")
@@ -138,7 +138,7 @@ def test_a_failing_end_of_run_sample_is_one_warning(corpus, tmp_path, monkeypatc
     def broken(tag_dir, *a, **kw):
         raise RuntimeError("sampler exploded")
 
-    monkeypatch.setattr(trainer, "sample_from_checkpoint", broken)
+    monkeypatch.setattr(loop, "sample_from_checkpoint", broken)
     capfd.readouterr()
     assert launch(tiny_run_args(corpus, corpus.parent / "cache", tmp_path / "run", 2, 2), 2) \
         == [0, 0]
@@ -153,7 +153,7 @@ def test_a_failing_end_of_run_sample_is_one_warning(corpus, tmp_path, monkeypatc
 def test_the_end_of_run_sample_fits_a_short_context(corpus, tmp_path):
     """The demo's sample asks for 48 new tokens; a 32-token model gets what fits, quietly
     (no generation warning about the context)."""
-    from slope_megatron.training.run_setup import sample_from_checkpoint
+    from slope_megatron.training.checkpoint import sample_from_checkpoint
 
     assert launch(tiny_run_args(corpus, corpus.parent / "cache", tmp_path / "run", 2, 2), 1) \
         == [0]

@@ -24,15 +24,11 @@ from helpers.launch import load_launch
 
 from slope_megatron.config import ConfigError, load_config
 from slope_megatron.data import DataError
-from slope_megatron.fileio import sha256_file
+from slope_megatron.io import sha256_file
 from slope_megatron.training import checkpoint
 from slope_megatron.training.checkpoint import CheckpointError
-from slope_megatron.training.run_setup import (
-    RUN_CONFIG,
-    check_output_dir,
-    record_run_config,
-    run_identity,
-)
+from slope_megatron.training.run_dir import RUN_CONFIG, check_output_dir, record_run_config
+from slope_megatron.training.run_identity import run_identity
 
 
 def _errors(err: str) -> list[str]:
@@ -118,11 +114,11 @@ def test_an_output_dir_that_is_or_lies_beneath_a_file_is_refused(tmp_path):
 
 def test_which_errors_rank_0_prints_for_every_rank():
     every = load_launch("pretrain")._raised_on_every_rank
-    from slope_megatron.training.trainer import TrainingStopped
+    from slope_megatron.training.loop import TrainingStopped
 
     assert every(ConfigError("x")) and every(TrainingStopped("x"))
     assert every(CheckpointError("no usable checkpoint"))  # verification: shared
-    assert not every(DataError("x"))  # unless shared (run_setup._share_failure marks those)
+    assert not every(DataError("x"))  # unless shared (distributed.share_failure marks those)
     shared = DataError("x")
     shared.every_rank = True
     assert every(shared)

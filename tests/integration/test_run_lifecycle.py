@@ -22,22 +22,18 @@ import pytest
 import torch
 import yaml
 
-import slope_megatron.training.resume_notes as resume_notes
-import slope_megatron.training.trainer as trainer_mod
+import slope_megatron.training.adapter_schedule as adapter_schedule
+import slope_megatron.training.startup as startup_mod
 from helpers.corpus import tiny_run_args, write_corpus
 from helpers.dist import run_distributed
 from helpers.launch import pretrain_main
 from slope_megatron.config import ConfigError, load_config
 from slope_megatron.errors import EXIT_OUT_OF_MEMORY
+from slope_megatron.io import write_text_atomic
 from slope_megatron.training import checkpoint
 from slope_megatron.training.optimizer import lr_at
-from slope_megatron.training.run_setup import (
-    RUN_CONFIG,
-    _identity,
-    check_output_dir,
-    record_run_config,
-    run_identity,
-)
+from slope_megatron.training.run_dir import RUN_CONFIG, check_output_dir, record_run_config
+from slope_megatron.training.run_identity import identity_diff, identity_of, run_identity
 
 from helpers.paths import ROOT
 def run(argv) -> int:
@@ -72,7 +68,7 @@ def test_a_start_that_failed_before_its_first_checkpoint_does_not_bind_the_rerun
 
     def no_memory(*a, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
-    monkeypatch.setattr(trainer_mod, "build_engine", no_memory)  # the forked child has it
+    monkeypatch.setattr(startup_mod, "build_engine", no_memory)  # the forked child has it
     assert run(args(corpus, out, 2, 2, "zero.stage=0")) == EXIT_OUT_OF_MEMORY
     assert yaml.safe_load((out / RUN_CONFIG).read_text())["zero"]["stage"] == 0
     assert not (out / "checkpoints").exists()
@@ -114,7 +110,7 @@ def test_run_config_binds_only_once_the_output_dir_holds_a_checkpoint(tmp_path, 
         record_run_config(check_output_dir(fixed, out), out, main=True)
     assert not [r for r in caplog.records if RUN_CONFIG in r.getMessage()]
     # with a checkpoint (`latest`) the recorded run binds
-    checkpoint.write_text_atomic(out / "checkpoints" / "latest", "iter_00000004")
+    write_text_atomic(out / "checkpoints" / "latest", "iter_00000004")
     with pytest.raises(ConfigError, match=r"holds a different run \(model.num_layers: 3 -> 2\)"):
         check_output_dir(first, out)
     record_run_config(check_output_dir(fixed, out), out, main=True)
@@ -136,11 +132,11 @@ def test_where_the_data_cache_lives_is_not_part_of_the_run(tmp_path, monkeypatch
                                f"data.cache_dir={tmp_path / 'elsewhere'}",
                                f"data.path={tmp_path / 'corpus'}"])  # the same folder
     check_output_dir(moved, out)  # not refused
-    assert "data.cache_dir" not in _identity(moved.to_dict())
+    assert "data.cache_dir" not in identity_of(moved.to_dict())
     # manifests written while data.cache_dir was part of the identity still match
     new_ident = run_identity(moved, dp_size=1)
     old_ident = {**run_identity(old, dp_size=1), "data.cache_dir": "data_cache"}
-    assert checkpoint.identity_diff(old_ident, new_ident) == []
+    assert identity_diff(old_ident, new_ident) == []
     # ... while other data still is another run
     other = load_config(None, [f"train.output_dir={out}", "data.path=other_corpus"])
     with pytest.raises(ConfigError, match="data.path: 'corpus' -> 'other_corpus'"):
@@ -188,15 +184,15 @@ def test_changing_train_iters_on_resume_warns_and_switches_adapters_on(corpus, t
 
 
 def test_the_previous_train_iters_comes_from_the_checkpoint_else_run_config():
-    assert resume_notes.previous_train_iters({"train_iters": 12}, {"train": {"iters": 8}}) == 12
-    assert resume_notes.previous_train_iters({"iteration": 4}, {"train": {"iters": 8}}) == 8
-    assert resume_notes.previous_train_iters({"iteration": 4}, {}) is None
+    assert adapter_schedule.previous_train_iters({"train_iters": 12}, {"train": {"iters": 8}}) == 12
+    assert adapter_schedule.previous_train_iters({"iteration": 4}, {"train": {"iters": 8}}) == 8
+    assert adapter_schedule.previous_train_iters({"iteration": 4}, {}) is None
 
 
 def test_train_iters_warning_names_old_and_new_and_what_follows():
     cfg = load_config(None, ["train.iters=12", "adapters.fraction=0.25",
                              "optimizer.warmup_iters=2"])
-    said = resume_notes.iters_change_warning(cfg, old_iters=8, start=8, skipped=0,
+    said = adapter_schedule.iters_change_warning(cfg, old_iters=8, start=8, skipped=0,
                                             adapters_on=False, adapters_since=None)
     assert said.startswith("warning: train.iters changed from 8 to 12 on resume at "
                            "iteration 8")
@@ -204,15 +200,15 @@ def test_train_iters_warning_names_old_and_new_and_what_follows():
                              "optimizer.warmup_iters=2"])
     assert f"lr {lr_at(old, 8):.2e} on the old schedule -> {lr_at(cfg, 8):.2e}" in said
     assert "the adapter phase starts at iteration 9" in said
-    on = resume_notes.iters_change_warning(cfg, 8, 8, 0, adapters_on=True, adapters_since=None)
+    on = adapter_schedule.iters_change_warning(cfg, 8, 8, 0, adapters_on=True, adapters_since=None)
     assert "already on since iteration 6" in on  # the old total's switch point
-    assert resume_notes.iters_change_warning(cfg, 12, 8, 0, False, None) is None
+    assert adapter_schedule.iters_change_warning(cfg, 12, 8, 0, False, None) is None
     short = load_config(None, ["train.iters=9", "adapters.fraction=0.05"])
-    assert "no adapter phase" in resume_notes.iters_change_warning(short, 12, 8, 0, False, None)
+    assert "no adapter phase" in adapter_schedule.iters_change_warning(short, 12, 8, 0, False, None)
 
 
 def test_the_banner_says_when_there_is_no_adapter_phase():
-    phase = resume_notes.adapter_phase
+    phase = adapter_schedule.adapter_phase
     assert phase(load_config(None, ["train.iters=100", "adapters.fraction=0.1"])) == \
         "adapters from iter 90"
     none = phase(load_config(None, ["train.iters=50", "adapters.fraction=0.01"]))
@@ -230,7 +226,7 @@ def _fake_checkpoint(ckpts: Path, iteration: int) -> Path:
     (tag_dir / "mp_rank_00_model_states.pt").write_bytes(bytes(range(64)) * 4)
     (tag_dir / "rng_rank0.pt").write_bytes(b"rng" * 10)
     checkpoint.write_manifest(tag_dir, {})
-    checkpoint.write_text_atomic(ckpts / "latest", tag_dir.name)
+    write_text_atomic(ckpts / "latest", tag_dir.name)
     return tag_dir
 
 

@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-import slope_megatron.training.trainer as trainer_mod
+import slope_megatron.training.loop as loop_mod
+import slope_megatron.training.startup as startup_mod
 from helpers.corpus import tiny_run_args, write_corpus
 from helpers.dist import run_distributed
 from helpers.launch import pretrain_main
 from slope_megatron.config import ConfigError, load_config
-from slope_megatron.training import resume_notes
-from slope_megatron.training.distributed import DistInfo
-from slope_megatron.training.run_setup import (
+from slope_megatron.training import adapter_schedule
+from slope_megatron.distributed import DistInfo
+from slope_megatron.training.run_dir import (
     RUN_CONFIG,
     check_output_dir,
     read_recorded_config,
@@ -53,13 +54,13 @@ def _count_reads(monkeypatch) -> tuple[list, list]:
 
 def _start_up(cfg, monkeypatch):
     """trainer.train up to building the engine (no data, no model)."""
-    monkeypatch.setattr(trainer_mod, "prepare_run_data", lambda cfg, main: None)
+    monkeypatch.setattr(startup_mod, "prepare_run_data", lambda cfg, main: None)
 
     def stop(*a, **kw):
         raise _Stop
-    monkeypatch.setattr(trainer_mod, "build_engine", stop)
+    monkeypatch.setattr(startup_mod, "build_engine", stop)
     with pytest.raises(_Stop):
-        trainer_mod.train(cfg, DistInfo(rank=0, world_size=1, local_rank=0, launcher="test"))
+        loop_mod.train(cfg, DistInfo(rank=0, world_size=1, local_rank=0, launcher="test"))
 
 
 def test_start_up_reads_run_config_once_in_a_dir_holding_a_checkpoint(tmp_path, monkeypatch):
@@ -122,11 +123,11 @@ def test_the_recorded_config_read_once_keeps_each_readers_behaviour(tmp_path):
 
 def test_adapters_on_since_prefers_the_checkpoint_then_the_old_switch_point():
     cfg = load_config(None, ["train.iters=12", "adapters.fraction=0.25"])
-    assert resume_notes.adapters_on_since(cfg, 7, 8) == 7  # as the checkpoint recorded it
-    assert resume_notes.adapters_on_since(cfg, None, 8) == 6  # the 8-iteration switch point
-    assert resume_notes.adapters_on_since(cfg, None, None) is None
+    assert adapter_schedule.adapters_on_since(cfg, 7, 8) == 7  # as the checkpoint recorded it
+    assert adapter_schedule.adapters_on_since(cfg, None, 8) == 6  # the 8-iteration switch point
+    assert adapter_schedule.adapters_on_since(cfg, None, None) is None
     # the warning uses the same fallback
-    said = resume_notes.iters_change_warning(cfg, 8, 8, 0, adapters_on=True, adapters_since=None)
+    said = adapter_schedule.iters_change_warning(cfg, 8, 8, 0, adapters_on=True, adapters_since=None)
     assert "already on since iteration 6" in said
 
 
@@ -134,7 +135,7 @@ def test_adapters_on_since_prefers_the_checkpoint_then_the_old_switch_point():
 
 def test_the_banner_says_since_when_the_adapters_are_on():
     cfg = load_config(None, ["train.iters=14", "adapters.fraction=0.25"])
-    phase = resume_notes.adapter_phase
+    phase = adapter_schedule.adapter_phase
     assert phase(cfg) == "adapters from iter 11"  # a fresh start: this run's plan
     assert phase(cfg, adapters_on=False, adapters_since=None) == "adapters from iter 11"
     assert phase(cfg, adapters_on=True, adapters_since=9) == "adapters on since iter 9"

@@ -31,7 +31,7 @@ def _zero3_run(tp, ds_json):
     from slope_megatron.parallel import initialize_parallel
     from slope_megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
     from slope_megatron.sparsity import SlopeLinear, after_optimizer_step
-    from slope_megatron.training.distributed import init_distributed
+    from slope_megatron.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
     from slope_megatron.training.optimizer import set_lr, switch_on_adapters
 

@@ -5,8 +5,8 @@ Why: the cusparselt backend's layer step is 1.2-1.5x dense for large layers at T
 `sparsity.backend: auto` does not run every supported shape sparse. The first time a call
 with a new key (out, in, tokens, dtypes, device, bias, double pruning, grad mode) arrives, it
 times the whole SLoPe layer step on the real operands -- forward + backward (dX and the dW
-gather) + the after-step refresh of the compressed copies, as `launch/bench.py kernels` does
--- for the cusparselt path and for the cublas path (the reference's dense cuBLAS GEMMs on
+gather) + the after-step refresh of the compressed copies, as `benchmarks.bench kernels`
+does -- for the cusparselt path and for the cublas path (the reference's dense cuBLAS GEMMs on
 operands built by Triton, near plain `F.linear` GPU time): 2 warm-up reps, then the median of 5
 interleaved, CUDA-event-timed reps each (a few ms per shape; 15 for the re-timing below, which
 decides for good). The key is routed to cusparselt

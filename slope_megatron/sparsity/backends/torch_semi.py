@@ -1,9 +1,9 @@
 """The `torch-semi` backend: SLoPe's math on PyTorch's built-in 2:4 path, as a peer to measure.
 
 Why it exists: the paper's released code runs its sparse GEMMs through PyTorch's
-`to_sparse_semi_structured` (cuSPARSELt behind `torch._cslt_sparse_mm`). Issue 10 asks for that
-path in the same training run as ours, so `launch/bench.py train --arms slope-torch-semi` runs
-the whole model on it. It is not meant for training: torch builds a cuSPARSELt plan on every
+`to_sparse_semi_structured` (cuSPARSELt behind `torch._cslt_sparse_mm`). To compare that path
+with ours in the same training run, `python -m benchmarks.bench train --arms slope-torch-semi`
+runs the whole model on it. It is not meant for training: torch builds a cuSPARSELt plan on every
 call with an unsearched algorithm and its compression costs about a matmul (docs/KERNELS.md),
 so this backend compresses W*M and W*M*M_C^T on every call, as code on that API has to (the
 weights change every optimizer step). Using it sets torch's process-wide

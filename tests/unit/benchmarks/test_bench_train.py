@@ -1,4 +1,5 @@
-"""`launch/bench.py train` runs each arm as its own pretrain process and reports ratios."""
+"""`python -m benchmarks.bench train` runs each arm as its own pretrain process and reports
+ratios."""
 import json
 import subprocess
 import sys
@@ -8,20 +9,21 @@ from types import SimpleNamespace
 import pytest
 
 from helpers.corpus import write_corpus
-from helpers.launch import load_launch
-
+from helpers.launch import load_benchmark
 from helpers.paths import ROOT
+
+
 def test_bench_train_reports_each_arm_against_dense(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     out, report = tmp_path / "runs", tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "launch" / "bench.py"), "train", "--config",
+    cmd = [sys.executable, "-m", "benchmarks.bench", "train", "--config",
            str(ROOT / "configs" / "demo.yaml"), "--iters", "2", "--log-interval", "1",
            "--arms", "dense", "slope-reference", "--out", str(out), "--json", str(report),
            "--set", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
            "data.tokenizer_vocab_size=300", "data.val_fraction=0.1", "model.hidden_size=32",
            "model.num_layers=1", "model.num_heads=2", "model.seq_len=32",
            "train.micro_batch_size=2", "train.global_batch_size=4"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(report.read_text())["results"]
     assert [r["arm"] for r in results] == ["dense", "slope-reference"]
@@ -39,7 +41,7 @@ def test_bench_train_reports_each_arm_against_dense(tmp_path):
     assert f"[dense] (1/2) training; log: {out / 'dense' / 'stderr.log'}" in done.stdout
     assert "[slope-reference] (2/2) training; log: " in done.stdout
     # a second run into the same directories is refused, before any arm runs
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and again.stdout == ""
     assert again.stderr.startswith("error: ") and len(again.stderr.splitlines()) == 1
     assert f"{out / 'dense'}, {out / 'slope-reference'} exist;" in again.stderr
@@ -47,7 +49,7 @@ def test_bench_train_reports_each_arm_against_dense(tmp_path):
 
 def test_python_arm_turns_the_native_step_off(tmp_path, monkeypatch):
     """`slope-python` is `slope` with SLOPE_NATIVE_STEP=0 in its process (and only there)."""
-    bench_train = load_launch("bench_train")
+    bench_train = load_benchmark("bench_train")
     monkeypatch.delenv("SLOPE_NATIVE_STEP", raising=False)  # the caller's must not leak in
     seen = {}
 
@@ -65,7 +67,7 @@ def test_python_arm_turns_the_native_step_off(tmp_path, monkeypatch):
 
 
 def test_speed_is_the_median_of_the_settled_windows_in_the_last_adapter_state():
-    speed = load_launch("bench_train").speed
+    speed = load_benchmark("bench_train").speed
     windows = [{"tokens_per_s": t, "mfu": t / 1000, "adapters_active": a}
                for t, a in ((50, False), (300, False), (100, False), (90, False), (80, True),
                             (70, True), (75, True))]
@@ -88,6 +90,6 @@ def test_auto_decision_lines_are_kept_from_the_arm_log():
            "train:   7%|  | 2/30 [00:03<00:45]2026-11-25 01:44:50,156 INFO slope_megatron."
            "sparsity.backends.auto: auto: 2048x8192 T=16384 -> cusparselt (sparse step 1.14x "
            "dense)\nINFO sparse backend 'auto' -> 'reference': cusparselt unavailable\n")
-    assert load_launch("bench_train").auto_decisions(log) == [
+    assert load_benchmark("bench_train").auto_decisions(log) == [
         "2048x2048 T=16384 -> cublas (sparse step 0.99x dense; 0.687 vs 0.681 ms)",
         "2048x8192 T=16384 -> cusparselt (sparse step 1.14x dense)"]

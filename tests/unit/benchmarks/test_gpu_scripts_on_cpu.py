@@ -1,50 +1,75 @@
-"""The GPU-only measurement scripts say so in one line on a machine without CUDA, instead of a
-traceback from deep inside torch."""
+"""The GPU-only measurement tools say so in one line on a machine without CUDA, instead of a
+traceback from deep inside torch or triton, whether or not triton is installed."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.paths import ROOT
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
-@pytest.mark.parametrize("script", ["gpu_check.py", "layer_host_gpu.py",
-                                    "bench_reference_step.py", "bench_torchao.py",
-                                    "auto_timing_spread.py", "refresh_cost.py"])
-def test_gpu_script_refuses_cleanly_without_cuda(script):
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / script)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0
-    assert done.stderr.strip().splitlines()[-1] == f"error: {script} needs a CUDA GPU"
 
-
-def test_auto_timing_spread_refuses_a_bad_shape_before_any_work():
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "auto_timing_spread.py"),
-                           "--shapes", "2048"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 2
-    assert "--shapes takes IN x OUT pairs such as 2048x8192" in done.stderr
-
-
-# bench.py run as a script, with `import triton` failing as on a CPU machine without it
+# a tool run as `python -m benchmarks.<tool>`, with `import triton` failing as on a CPU machine
+# without it
 WITHOUT_TRITON = ("import runpy, sys; sys.modules['triton'] = None; "
-                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+                  "sys.argv = sys.argv[1:]; "
+                  "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+
+# (module, arguments, the tool's name in its message): every tool that needs CUDA
+CUDA_TOOLS = [
+    ("benchmarks.gpu_check", [], "benchmarks.gpu_check"),
+    ("benchmarks.layer_host_gpu", [], "benchmarks.layer_host_gpu"),
+    ("benchmarks.bench_reference_step", [], "benchmarks.bench_reference_step"),
+    ("benchmarks.bench_torchao", [], "benchmarks.bench_torchao"),
+    ("benchmarks.auto_timing_spread", [], "benchmarks.auto_timing_spread"),
+    ("benchmarks.refresh_cost", [], "benchmarks.refresh_cost"),
+    ("benchmarks.host_overhead", [], "benchmarks.host_overhead"),
+    ("benchmarks.profile_step", ["--arms", "dense"], "benchmarks.profile_step"),
+    ("benchmarks.bench", ["kernels", "--adapters-only"], "`bench kernels`"),
+    ("benchmarks.bench", ["inference"], "`bench inference`"),
+]
+
+
+def run_tool(module, argv, triton=True):
+    """`python -m module argv` from the checkout root (with triton unimportable unless
+    `triton`)."""
+    cmd = ([sys.executable, "-m", module, *argv] if triton else
+           [sys.executable, "-c", WITHOUT_TRITON, module, *argv])
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 @pytest.mark.parametrize("triton", [True, False], ids=["with-triton", "without-triton"])
-@pytest.mark.parametrize("what,extra", [("kernels", ["--adapters-only"]), ("inference", [])])
-def test_bench_gpu_subcommands_refuse_cleanly_without_cuda(what, extra, triton):
-    """One `error:` line on stderr, exit 2, whether or not triton is installed (it used to be
-    imported before the CUDA check: an ImportError traceback without it)."""
-    script = [str(ROOT / "launch" / "bench.py"), what, *extra]
-    cmd = [sys.executable, *script] if triton else [sys.executable, "-c", WITHOUT_TRITON,
-                                                    *script]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("module,argv,tool", CUDA_TOOLS,
+                         ids=[f"{m.split('.')[1]}{'-' + a[0] if a and m.endswith('bench') else ''}"
+                              for m, a, _ in CUDA_TOOLS])
+def test_gpu_script_refuses_cleanly_without_cuda(module, argv, tool, triton):
+    """One `error:` line on stderr, exit 2, no traceback, whether or not triton is installed
+    (a tool that imports it before the CUDA check fails with an ImportError without it)."""
+    done = run_tool(module, argv, triton)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stdout == "" and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines() == [f"error: `bench.py {what}` needs a CUDA GPU"]
+    assert done.stderr.strip().splitlines() == [f"error: {tool} needs a CUDA GPU"]
+
+
+def test_the_cuda_check_runs_without_triton_importable():
+    """`benchmarks.common.require_cuda` needs torch only, so every tool can call it first."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "from benchmarks.common import require_cuda\n"
+            "require_cuda('a tool')\n"
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    if torch.cuda.is_available():
+        assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    else:
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.strip().splitlines() == ["error: a tool needs a CUDA GPU"]
+
+
+def test_auto_timing_spread_refuses_a_bad_shape_before_any_work():
+    done = run_tool("benchmarks.auto_timing_spread", ["--shapes", "2048"])
+    assert done.returncode == 2
+    assert "--shapes takes IN x OUT pairs such as 2048x8192" in done.stderr
 
 
 @pytest.mark.parametrize("argv,says", [
@@ -57,16 +82,12 @@ def test_bench_gpu_subcommands_refuse_cleanly_without_cuda(what, extra, triton):
     (["inference", "--ranks", "0"], "error: --ranks takes rank ratios in (0, 1], got 0"),
 ])
 def test_bench_gpu_subcommands_check_arguments_before_the_gpu(argv, says):
-    done = subprocess.run([sys.executable, "-c", WITHOUT_TRITON,
-                           str(ROOT / "launch" / "bench.py"), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = run_tool("benchmarks.bench", argv, triton=False)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [says]
 
 
 def test_bench_kernels_adapter_flags_exclude_each_other():
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "kernels",
-                           "--adapters-only", "--no-adapters"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = run_tool("benchmarks.bench", ["kernels", "--adapters-only", "--no-adapters"])
     assert done.returncode == 2
     assert "not allowed with argument" in done.stderr

@@ -1,10 +1,10 @@
 """The per-op profile's kernel-name categories (the profile itself runs on a GPU only)."""
-from pathlib import Path
-
 import pytest
-from helpers.launch import load_launch
 
-profile_step = load_launch("profile_step")
+from helpers.launch import load_benchmark
+from helpers.paths import ROOT
+
+profile_step = load_benchmark("profile_step")
 
 
 @pytest.mark.parametrize("name,category", [
@@ -32,8 +32,10 @@ def test_profile_needs_a_gpu(capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-side refusal")
-    config = str(Path(__file__).resolve().parents[3] / "configs" / "gpt2-small.yaml")
-    assert profile_step.main(["--arms", "dense", "--config", config]) == 2
+    config = str(ROOT / "configs" / "gpt2-small.yaml")
+    with pytest.raises(SystemExit) as stopped:
+        profile_step.main(["--arms", "dense", "--config", config])
+    assert stopped.value.code == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
@@ -41,7 +43,9 @@ def test_host_overhead_needs_a_gpu(capsys):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU-side refusal")
-    assert load_launch("host_overhead").main([]) == 2
+    with pytest.raises(SystemExit) as stopped:
+        load_benchmark("host_overhead").main([])
+    assert stopped.value.code == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 

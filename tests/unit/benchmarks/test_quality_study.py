@@ -1,4 +1,5 @@
-"""`launch/quality_study.py` (issue 10's four arms) and `launch/plot_results.py`, on CPU."""
+"""`python -m benchmarks.quality_study` (the four arms of the quality study) and
+`python -m benchmarks.plot_results`, on CPU."""
 import json
 import subprocess
 import sys
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from helpers.corpus import write_corpus
-from helpers.launch import load_launch
-
+from helpers.launch import load_benchmark
 from helpers.paths import ROOT
-study_mod = load_launch("quality_study")
+
+study_mod = load_benchmark("quality_study")
 
 
 def test_all_arms_start_from_the_same_base_weights():
@@ -55,10 +56,10 @@ def test_summary_gaps_and_ratio():
 
 
 def _study(tmp_path, *args):
-    cmd = [sys.executable, str(ROOT / "launch" / "quality_study.py"), "--config",
+    cmd = [sys.executable, "-m", "benchmarks.quality_study", "--config",
            str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "runs"),
            "--json", str(tmp_path / "study.json"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -93,6 +94,8 @@ def test_four_arms_in_two_invocations(tmp_path):
     assert "sparsity.double_prune=false" in arms["static-2to4"]["command"]
     assert [inv["arms"] for inv in study["invocations"]] == [["dense", "static-2to4"],
                                                              ["slope", "slope-adapters"]]
+    assert all(" -m benchmarks.quality_study --config " in inv["command"]
+               for inv in study["invocations"])
     # same init and data: slope-adapters is slope until the adapters switch on at iter 99
     # (up to float rounding: the inactive adapters change the optimizer's parameter groups)
     at50 = {a: arms[a]["curve"][0]["val_loss"] for a in arms}
@@ -121,7 +124,7 @@ BENCH = {"environment": {"gpu": None}, "config": "configs/gpt2-small.yaml",
 @pytest.mark.parametrize("data", [QUALITY, BENCH], ids=["quality", "bench-train"])
 def test_plot_writes_a_small_png(tmp_path, data):
     pytest.importorskip("matplotlib")
-    plot = load_launch("plot_results")
+    plot = load_benchmark("plot_results")
     src = tmp_path / "study.json"
     src.write_text(json.dumps(data))
     assert plot.main([str(src)]) == 0
@@ -130,7 +133,7 @@ def test_plot_writes_a_small_png(tmp_path, data):
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
-    plot = load_launch("plot_results")
+    plot = load_benchmark("plot_results")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     src = tmp_path / "study.json"
     src.write_text(json.dumps(QUALITY))
@@ -143,7 +146,7 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch, caps
 
 def test_scaling_plot_from_several_bench_jsons(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    plot = load_launch("plot_results")
+    plot = load_benchmark("plot_results")
     files = []
     for h, speed in ((768, 0.8), (2048, 1.1)):
         report = dict(BENCH, config=str(ROOT / "configs" / "gpt2-small.yaml"),
@@ -164,7 +167,7 @@ def test_scaling_plot_from_several_bench_jsons(tmp_path, capsys):
 
 def test_memory_by_size_plot_draws_an_arm_that_did_not_fit(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    plot = load_launch("plot_results")
+    plot = load_benchmark("plot_results")
     oom = ("error: out of GPU memory: CUDA out of memory. Tried to allocate 17.26 GiB. GPU 0 "
            "has a total capacity of 79.18 GiB of which 16.72 GiB is free. To fit: ...")
     files = []

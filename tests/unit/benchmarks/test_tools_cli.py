@@ -1,5 +1,5 @@
-"""The measurement tools' command lines (bench.py train, quality_study.py, plot_results.py,
-profile_step.py, host_overhead.py, provenance.py): a bad argument is one `error:` line on
+"""The measurement tools' command lines (`python -m benchmarks.X`: bench train, quality_study,
+plot_results, profile_step, host_overhead, provenance): a bad argument is one `error:` line on
 stderr naming it, exit status 2, before any work (no arm launched, no GPU check first); long
 runs say what they are doing; help texts show defaults and name no internal issue."""
 import argparse
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.launch import load_launch
 
+from helpers.launch import load_benchmark
 from helpers.paths import ROOT
+
 DEMO = str(ROOT / "configs" / "demo.yaml")
 GPT2 = str(ROOT / "configs" / "gpt2-small.yaml")
 
@@ -33,10 +34,16 @@ def no_launch(*args, **kw):
     raise AssertionError("a run was launched before the arguments were checked")
 
 
-# ---- bench.py train ---------------------------------------------------------------------
+def run_module(module, *argv):
+    """`python -m module argv` from the checkout root, as a user runs a tool."""
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+# ---- bench train ------------------------------------------------------------------------
 
 def _bench_train(monkeypatch, fake_run=no_launch):
-    bench_train = load_launch("bench_train")
+    bench_train = load_benchmark("bench_train")
     monkeypatch.setattr(bench_train.subprocess, "run", fake_run)
     monkeypatch.setattr(bench_train, "machine_check", lambda: None)
     p = argparse.ArgumentParser()
@@ -75,10 +82,8 @@ def test_bench_train_refuses_a_taken_run_directory_before_the_first_arm(tmp_path
 
 
 def test_bench_train_from_the_command_line_exits_2_on_a_missing_config(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "bench.py"), "train",
-                           "--config", str(tmp_path / "nope.yaml"), "--out",
-                           str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = run_module("benchmarks.bench", "train", "--config", str(tmp_path / "nope.yaml"),
+                      "--out", str(tmp_path / "runs"))
     assert done.returncode == 2 and done.stdout == ""
     assert "nope.yaml' does not exist" in one_error_line(done.stderr)
     assert not (tmp_path / "runs").exists()
@@ -115,7 +120,7 @@ def test_bench_train_says_which_arm_runs_and_where_its_log_goes(tmp_path, monkey
     (first, before_dense), (second, before_ref) = seen
     assert (first, second) == ("dense", "slope-reference")
     assert before_dense.err.strip().splitlines() == [
-        "note: no CUDA GPU: the arms train on the CPU, which is slow (`bench.py train` is "
+        "note: no CUDA GPU: the arms train on the CPU, which is slow (`bench train` is "
         "meant for a GPU)"]
     assert before_dense.out.strip().splitlines()[-1] == \
         f"[dense] (1/2) training; log: {tmp_path / 'dense' / 'stderr.log'}"
@@ -126,7 +131,7 @@ def test_bench_train_says_which_arm_runs_and_where_its_log_goes(tmp_path, monkey
     assert "auto: 64x64" in log
 
 
-# ---- quality_study.py -------------------------------------------------------------------
+# ---- quality_study ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,says", [
     (["--config", "nope.yaml"], "config file 'nope.yaml' does not exist"),
@@ -135,7 +140,7 @@ def test_bench_train_says_which_arm_runs_and_where_its_log_goes(tmp_path, monkey
 ])
 def test_quality_study_checks_the_config_before_any_arm(tmp_path, monkeypatch, capsys, argv,
                                                         says):
-    qs = load_launch("quality_study")
+    qs = load_benchmark("quality_study")
     monkeypatch.setattr(qs.subprocess, "run", no_launch)
     assert qs.main(with_config(["--out", str(tmp_path / "runs"), *argv])) == 2
     captured = capsys.readouterr()
@@ -147,7 +152,7 @@ def test_quality_study_checks_the_config_before_any_arm(tmp_path, monkeypatch, c
                                           ("[1, 2]", "is not a quality-study JSON")])
 def test_quality_study_refuses_an_unusable_json_with_exit_2(tmp_path, monkeypatch, capsys,
                                                            content, says):
-    qs = load_launch("quality_study")
+    qs = load_benchmark("quality_study")
     monkeypatch.setattr(qs.subprocess, "run", no_launch)
     study = tmp_path / "study.json"
     study.write_text(content)
@@ -158,16 +163,15 @@ def test_quality_study_refuses_an_unusable_json_with_exit_2(tmp_path, monkeypatc
 
 
 def test_quality_study_from_the_command_line_exits_2_on_a_missing_config(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "quality_study.py"),
-                           "--config", "nope.yaml", "--out", str(tmp_path / "runs")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = run_module("benchmarks.quality_study", "--config", "nope.yaml", "--out",
+                      str(tmp_path / "runs"))
     assert done.returncode == 2 and done.stdout == ""
     assert "'nope.yaml' does not exist" in one_error_line(done.stderr)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only notice")
 def test_quality_study_notes_that_the_arms_run_on_the_cpu(tmp_path, monkeypatch, capsys):
-    qs = load_launch("quality_study")
+    qs = load_benchmark("quality_study")
     seen = []
     fake = _fake_pretrain(capsys, seen)
 
@@ -184,7 +188,7 @@ def test_quality_study_notes_that_the_arms_run_on_the_cpu(tmp_path, monkeypatch,
         before.out
 
 
-# ---- profile_step.py, host_overhead.py: arguments before the GPU ------------------------
+# ---- profile_step, host_overhead: arguments before the GPU ------------------------------
 
 @pytest.mark.parametrize("argv,says", [
     (["--steps", "0"], "error: --steps must be at least 1, got 0"),
@@ -194,7 +198,7 @@ def test_quality_study_notes_that_the_arms_run_on_the_cpu(tmp_path, monkeypatch,
     (["--set", "zero.stage=9"], "error: config key 'zero.stage' = 9 is invalid"),
 ])
 def test_profile_step_checks_its_arguments_before_the_gpu(monkeypatch, capsys, argv, says):
-    profile_step = load_launch("profile_step")
+    profile_step = load_benchmark("profile_step")
     monkeypatch.setattr(profile_step.subprocess, "run", no_launch)
     assert profile_step.main(with_config(argv, GPT2)) == 2
     assert one_error_line(capsys.readouterr().err).startswith(says)
@@ -209,11 +213,11 @@ def test_profile_step_checks_its_arguments_before_the_gpu(monkeypatch, capsys, a
     (["--tokens", "0"], "error: --tokens must be at least 1, got 0"),
 ])
 def test_host_overhead_checks_its_arguments_before_the_gpu(capsys, argv, says):
-    assert load_launch("host_overhead").main(argv) == 2
+    assert load_benchmark("host_overhead").main(argv) == 2
     assert one_error_line(capsys.readouterr().err).startswith(says)
 
 
-# ---- provenance.py --find ---------------------------------------------------------------
+# ---- provenance --find ------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,says", [
     (["--find", "zz", "--max-count", "-3"], "error: --find takes a source digest of 16 hex "
@@ -225,23 +229,21 @@ def test_host_overhead_checks_its_arguments_before_the_gpu(capsys, argv, says):
     (["--max-count", "5"], "error: --max-count applies to --find only"),
 ])
 def test_provenance_find_checks_digest_and_count(capsys, argv, says):
-    assert load_launch("provenance").main(argv) == 2
+    assert load_benchmark("provenance").main(argv) == 2
     captured = capsys.readouterr()
     assert one_error_line(captured.err).startswith(says) and captured.out == ""
 
 
 def test_provenance_find_takes_an_upper_case_digest():
-    provenance = load_launch("provenance")
-    if provenance._git(ROOT, "rev-parse", "HEAD") is None:
+    provenance = load_benchmark("provenance")
+    if provenance.git(ROOT, "rev-parse", "HEAD") is None:
         pytest.skip("needs a git checkout")
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / "provenance.py"), "--find",
-                           "ABCDEF0123456789", "--max-count", "1"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = run_module("benchmarks.provenance", "--find", "ABCDEF0123456789", "--max-count", "1")
     assert done.returncode == 1 and done.stderr == ""  # searched, not refused
     assert "no commit among the newest 1 has source digest abcdef0123456789" in done.stdout
 
 
-# ---- plot_results.py --------------------------------------------------------------------
+# ---- plot_results -----------------------------------------------------------------------
 
 BENCH = {"environment": {"gpu": None}, "config": GPT2, "overrides": [],
          "results": [{"arm": "dense", "vs_dense": 1.0}, {"arm": "slope", "vs_dense": 0.9}]}
@@ -252,7 +254,7 @@ QUALITY = {"config": "configs/quality-gpt2-small.yaml", "summary": {},
 
 
 def _plot(tmp_path, capsys, *argv):
-    code = load_launch("plot_results").main([str(a) for a in argv])
+    code = load_benchmark("plot_results").main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured
 
@@ -317,37 +319,40 @@ def test_plot_refuses_an_output_that_is_not_an_image(tmp_path, capsys):
 
 # ---- help texts -------------------------------------------------------------------------
 
-def _help(script, *argv):
-    done = subprocess.run([sys.executable, str(ROOT / "launch" / script), *argv, "--help"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _help(tool, *argv):
+    done = run_module(f"benchmarks.{tool}", *argv, "--help")
     assert done.returncode == 0, done.stderr
     return " ".join(done.stdout.split())  # argparse wraps lines
 
 
-@pytest.mark.parametrize("script,argv", [
-    ("bench.py", []), ("bench.py", ["kernels"]), ("bench.py", ["train"]),
-    ("bench.py", ["inference"]), ("quality_study.py", []), ("profile_step.py", []),
-    ("host_overhead.py", []), ("provenance.py", []), ("plot_results.py", [])])
-def test_help_names_no_internal_issue(script, argv):
-    assert "issue" not in _help(script, *argv).lower()
+@pytest.mark.parametrize("tool,argv", [
+    ("bench", []), ("bench", ["kernels"]), ("bench", ["train"]), ("bench", ["inference"]),
+    ("quality_study", []), ("profile_step", []), ("host_overhead", []), ("provenance", []),
+    ("plot_results", []), ("gpu_check", []), ("layer_host_gpu", []),
+    ("bench_reference_step", []), ("bench_torchao", []), ("auto_timing_spread", []),
+    ("refresh_cost", [])])
+def test_help_names_no_internal_issue(tool, argv):
+    text = _help(tool, *argv)
+    assert "issue" not in text.lower()
+    assert text.startswith(f"usage: python -m benchmarks.{tool} {' '.join(argv)}".rstrip())
 
 
 def test_bench_help_shows_every_option_with_its_default():
-    kernels = _help("bench.py", "kernels")
+    kernels = _help("bench", "kernels")
     assert "--tokens T [T ...] token counts" in kernels
     assert "(default: 1024 8192 16384)" in kernels
     assert "(default: docs/kernels_bench.json)" in kernels
     assert "(default: gpt2-small opt-1.3b opt-2.7b opt-6.7b llama-7b)" in kernels
-    train = _help("bench.py", "train")
+    train = _help("bench", "train")
     assert "--config CONFIG YAML config" in train and "(default: configs/gpt2-small.yaml)" in train
     assert "--iters ITERS training iterations per arm (default: 40)" in train
     assert "--json JSON write the results here" in train
-    inference = _help("bench.py", "inference")
+    inference = _help("bench", "inference")
     assert "(default: opt-2.7b opt-6.7b opt-13b llama-7b)" in inference
     assert "(default: docs/results/inference_bench.json)" in inference
 
 
 def test_quality_study_help_counts_its_arms():
-    text = _help("quality_study.py")
+    text = _help("quality_study")
     assert "four arms by default, a fifth, diagnostic, on request" in text
     assert "slope-adapters-10pct" in text

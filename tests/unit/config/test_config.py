@@ -186,7 +186,7 @@ def _write_config(directory: Path, ds_json: str) -> Path:
 
 
 def test_deepspeed_json_beside_the_config_is_found_from_any_directory(tmp_path, monkeypatch):
-    from slope_megatron.training.engine import deepspeed_config
+    from slope_megatron.config.deepspeed_json import deepspeed_config
 
     config = _write_config(tmp_path / "exp", "ds/zero.json")
     (tmp_path / "exp" / "ds").mkdir()

@@ -1,10 +1,9 @@
 """Every shipped config loads and validates; every DeepSpeed JSON parses and merges."""
-from pathlib import Path
 
 import pytest
 
 from slope_megatron.config import load_config
-from slope_megatron.training.engine import deepspeed_config
+from slope_megatron.config.deepspeed_json import deepspeed_config
 
 from helpers.paths import ROOT
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

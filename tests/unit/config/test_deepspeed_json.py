@@ -5,12 +5,11 @@ that optimizer.grad_clip would silently override is refused."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from slope_megatron.config import ConfigError, load_config
-from slope_megatron.training.engine import check_deepspeed_json, deepspeed_config
+from slope_megatron.config.deepspeed_json import check_deepspeed_json, deepspeed_config
 
 from helpers.paths import ROOT
 def _cfg(tmp_path, settings, *overrides):
@@ -74,7 +73,6 @@ def test_the_shipped_files_and_settings_deepspeed_ignores_pass(tmp_path, name):
 
 @pytest.mark.slow
 def test_a_run_with_a_bad_deepspeed_json_stops_with_one_line(tmp_path, capfd):
-    import slope_megatron.training.trainer as trainer_mod
     from helpers.corpus import tiny_run_args, write_corpus
     from helpers.forked_runs import launch
 
@@ -90,5 +88,4 @@ def test_a_run_with_a_bad_deepspeed_json_stops_with_one_line(tmp_path, capfd):
     assert len(errors) == 1 and "Traceback" not in err, err
     assert "'zero.deepspeed_json'" in errors[0] and \
         "'zero_optimization.reduce_bucket_size' = 'big'" in errors[0]
-    if hasattr(trainer_mod, "check_deepspeed_json"):  # checked first thing in train()
-        assert not cache.exists()
+    assert not cache.exists()  # checked before any work: no data was prepared

@@ -3,9 +3,8 @@ combinations, and the checkpoint identity that keeps resumes on the same wrapper
 import pytest
 
 from slope_megatron.config import ConfigError, load_config
-from slope_megatron.training.checkpoint import identity_diff
-from slope_megatron.training.engine import check_precision_layout, deepspeed_config
-from slope_megatron.training.run_setup import run_identity
+from slope_megatron.config.deepspeed_json import check_precision_layout, deepspeed_config
+from slope_megatron.training.run_identity import identity_diff, run_identity
 
 
 def _ds(*overrides, dtype="bf16"):

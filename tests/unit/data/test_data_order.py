@@ -1,4 +1,4 @@
-"""The sample order (training/data_order.py): a pure function of (seed, iteration), the same
+"""The sample order (slope_megatron/data/order.py): a pure function of (seed, iteration), the same
 global batch in every parallel layout, epochs independent across seeds (order version 2),
 and checkpoints from before the version was recorded resuming in the first order."""
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 
 from slope_megatron.config import load_config
 from slope_megatron.errors import SlopeError
-from slope_megatron.training.data_order import ORDER_VERSION, GlobalBatchOrder
-from slope_megatron.training.trainer import _LoopState
+from slope_megatron.data.order import ORDER_VERSION, GlobalBatchOrder
+from slope_megatron.training.loop import _LoopState
 
 N, GLOBAL = 40, 8  # 5 iterations per epoch
 

@@ -78,11 +78,11 @@ def test_a_data_error_stops_every_rank_cleanly(tmp_path, capfd):
 def _share(failing_rank, error):
     import torch.distributed as dist
 
-    from slope_megatron.training.run_setup import _share_failure
+    from slope_megatron.distributed import share_failure
 
     dist.init_process_group("gloo")
     try:
-        _share_failure(error if dist.get_rank() == failing_rank else None)
+        share_failure(error if dist.get_rank() == failing_rank else None, "preparing the data")
     except Exception as e:  # noqa: BLE001 - what each rank raised is the result
         return type(e).__name__, str(e)
     return None

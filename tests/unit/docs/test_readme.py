@@ -1,5 +1,4 @@
 """The README's commands and config reference match the code."""
-from pathlib import Path
 
 from slope_megatron.config import config_reference
 

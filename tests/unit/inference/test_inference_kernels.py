@@ -4,7 +4,7 @@ tests/gpu/test_inference_gpu.py."""
 
 import pytest
 from helpers.inference import tiny
-from helpers.launch import load_launch
+from helpers.launch import load_benchmark
 
 from slope_megatron.inference import InferenceModel
 from slope_megatron.inference.compressed import token_bucket
@@ -38,7 +38,7 @@ def test_dense_model_needs_no_sparse_kernels():
 
 
 def test_bench_inference_per_block_and_whole_model_arithmetic(capsys):
-    bench = load_launch("bench_inference")
+    bench = load_benchmark("bench_inference")
     # 1 block: 3 ms (embedding + head + first block), 5 blocks: 11 ms -> 2 ms per block
     m = {"all": {"bytes": 900, "prefill": {512: 11.0}, "decode": {8: 5.0}},
          "one": {"bytes": 300, "prefill": {512: 3.0}, "decode": {8: 2.0}}}
@@ -46,5 +46,5 @@ def test_bench_inference_per_block_and_whole_model_arithmetic(capsys):
     assert d["block_bytes"] == 150 and d["model_bytes"] == 300 + 31 * 150
     assert d["prefill"][512] == {"block_ms": 2.0, "model_ms": 3.0 + 31 * 2.0}
     assert d["decode"][8]["block_ms"] == 0.75
-    assert load_launch("bench").main(["inference", "--layers", "1"]) == 2
+    assert load_benchmark("bench").main(["inference", "--layers", "1"]) == 2
     assert "--layers must be at least 2" in capsys.readouterr().err

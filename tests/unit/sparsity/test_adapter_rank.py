@@ -9,11 +9,11 @@ from helpers.inference import saved
 from helpers.run_dir import recorded_run
 
 from slope_megatron.config import Config, ConfigError, ffn_hidden_size, load_config
-from slope_megatron.fileio import sha256_file
+from slope_megatron.io import sha256_file
 from slope_megatron.inference import load_artifact
 from slope_megatron.model import GPTModel
 from slope_megatron.sparsity import slope_layers
-from slope_megatron.training.run_setup import check_output_dir
+from slope_megatron.training.run_dir import check_output_dir
 
 TINY = ["model.vocab_size=96", "model.hidden_size=64", "model.num_heads=4", "model.num_layers=2",
         "model.seq_len=16", "adapters.rank_ratio=0.1"]

@@ -81,8 +81,7 @@ def test_runs_saved_before_the_new_keys_still_resume():
     """run_config.yaml / checkpoint manifests written before adapters.lr_scale and data.corpus
     existed read as holding their defaults; other values are a different run."""
     from slope_megatron.config import load_config
-    from slope_megatron.training.checkpoint import identity_diff, with_added_keys
-    from slope_megatron.training.run_setup import run_identity
+    from slope_megatron.training.run_identity import identity_diff, run_identity, with_added_keys
 
     ident = run_identity(load_config(None, []), dp_size=1)
     old = {k: v for k, v in ident.items() if k not in ("adapters.lr_scale", "data.corpus")}

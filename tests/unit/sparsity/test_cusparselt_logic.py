@@ -9,7 +9,6 @@ of bug found in the eighth session (an operand left stale by an optimizer write 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

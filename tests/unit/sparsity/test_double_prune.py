@@ -200,8 +200,8 @@ def test_tensor_parallel_layers_honour_it(kind):
 def test_runs_saved_before_the_key_existed_still_resume(tmp_path):
     from helpers.run_dir import recorded_run
 
-    from slope_megatron.training.checkpoint import identity_diff
-    from slope_megatron.training.run_setup import _identity, check_output_dir
+    from slope_megatron.training.run_dir import check_output_dir
+    from slope_megatron.training.run_identity import identity_diff, identity_of
 
     old = Config().to_dict()
     del old["sparsity"]["double_prune"]
@@ -210,7 +210,7 @@ def test_runs_saved_before_the_key_existed_still_resume(tmp_path):
     with pytest.raises(ConfigError, match="sparsity.double_prune"):
         check_output_dir(load_config(None, ["sparsity.double_prune=false"]), tmp_path)
     # the checkpoint manifests' identity follows the same rule
-    old_ident = _identity(old)
-    assert identity_diff(old_ident, _identity(Config().to_dict())) == []
+    old_ident = identity_of(old)
+    assert identity_diff(old_ident, identity_of(Config().to_dict())) == []
     new = load_config(None, ["sparsity.double_prune=false"]).to_dict()
-    assert identity_diff(old_ident, _identity(new)) == ["sparsity.double_prune"]
+    assert identity_diff(old_ident, identity_of(new)) == ["sparsity.double_prune"]

@@ -1,4 +1,6 @@
-"""Process-group start-up for every way users launch us.
+"""Process groups and the one set of collectives every part of a run uses.
+
+Start-up, for every way users launch us:
 
 - `deepspeed launch/pretrain.py` and `torchrun`: RANK / WORLD_SIZE / LOCAL_RANK /
   MASTER_ADDR / MASTER_PORT are set by the launcher.
@@ -12,6 +14,10 @@
 An environment that contradicts itself (a rank not below its world size, a step without its
 task count, ...) raises SlopeError, which launch/pretrain.py prints as one `error:` line.
 The backend is NCCL on GPUs and gloo on CPUs (what DeepSpeed's accelerator reports).
+
+Collectives (each a no-op in a world of one, so single-process code needs no branch):
+barrier, all_reduce_mean, all_gather_float, all_gather_object, any_rank, and share_failure,
+which turns one rank's error into the same clean error on every rank.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import SlopeError
+from .errors import SlopeError
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
@@ -226,7 +232,7 @@ def _release_group_references() -> None:
     (which only shuts the groups down; a gloo group's worker and transport threads are joined
     when its last reference goes): our ParallelState and the pipeline engine's p2p grid
     (every pipe/data/slice group), which DeepSpeed never releases."""
-    from ..parallel.state import reset_parallel_state
+    from .parallel.state import reset_parallel_state
 
     reset_parallel_state()
     p2p = sys.modules.get("deepspeed.runtime.pipe.p2p")
@@ -303,3 +309,63 @@ def any_rank(flag: bool) -> bool:
         t = t.cuda()
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(global rank, world size); (0, 1) before any process group exists."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_object(obj) -> list:
+    """`obj` of every rank, by global rank ([obj] in a world of one)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mark_every_rank(error: Exception) -> Exception:
+    """Mark an error that every rank raises alike, so rank 0's `error:` line says it for all
+    (launch/pretrain.py prints a non-zero rank's own error only when not so marked)."""
+    try:
+        error.every_rank = True
+    except AttributeError:  # an exception type that takes no attributes
+        pass
+    return error
+
+
+def share_failure(error: Exception | None, doing: str) -> None:
+    """Collective: raise on every rank when any rank failed (instead of the others dying in
+    the next collective, or hanging in it). The failing rank raises its own exception; the
+    others raise the same user error (a SlopeError of the same class and message) when rank
+    0 failed with one, else a SlopeError naming the rank and what it was `doing`, so each
+    rank exits 2 and rank 0 prints the one `error:` line (every raised error is marked
+    `every_rank`). Also a barrier."""
+    if rank_and_world()[1] == 1:
+        if error is not None:
+            raise error
+        return
+    mine = None
+    if isinstance(error, SlopeError):
+        mine = (type(error), str(error))
+    elif error is not None:
+        mine = (None, f"{type(error).__name__}: {error}")
+    everyone = all_gather_object(mine)
+    if error is not None:
+        mark_every_rank(error)
+        raise error
+    for rank, failure in enumerate(everyone):
+        if failure is None:
+            continue
+        cls, message = failure
+        if rank != 0 or cls is None:
+            raise mark_every_rank(SlopeError(f"rank {rank} failed while {doing}: {message}"))
+        try:
+            shared = cls(message)
+        except Exception:  # noqa: BLE001 - a SlopeError class that takes other arguments
+            shared = SlopeError(message)
+        raise mark_every_rank(shared)

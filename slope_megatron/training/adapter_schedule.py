@@ -1,4 +1,5 @@
-"""What the trainer says about the adapter phase and about a resume that changes train.iters.
+"""When the lazy adapters switch on, and what the loop says about it and about a resume that
+changes train.iters.
 
 A resume may change train.iters (to extend or shorten a run): the trainer says so in one
 warning (old and new totals, the learning rate on both schedules, when the adapter phase

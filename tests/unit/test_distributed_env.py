@@ -1,4 +1,4 @@
-"""Which process layout the environment describes (slope_megatron/training/distributed.py).
+"""Which process layout the environment describes (slope_megatron/distributed.py).
 
 Inside an sbatch script or an salloc shell SLURM sets SLURM_PROCID=0 and the job's
 SLURM_NTASKS: that is one process, not rank 0 of N. Only an srun job step (SLURM_STEP_ID a
@@ -7,13 +7,12 @@ normal step number, SLURM_STEP_NUM_TASKS its task count) is a multi-rank SLURM l
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers.corpus import write_corpus
 
 from slope_megatron.errors import EXIT_USER_ERROR, SlopeError
-from slope_megatron.training import distributed
+from slope_megatron import distributed
 
 from helpers.paths import ROOT
 BATCH_STEP = str(0xFFFFFFFB)  # SLURM_BATCH_SCRIPT (slurm.h)

@@ -8,7 +8,7 @@ continue after a stop.
 
 Everything stateful lives somewhere a checkpoint reaches: weights, masks, layer counters and
 the adapter switch in the module; Adam state in the optimizer; RNG per rank; the data
-position is the iteration number (see data_order.py); the learning rate is a function of the
+position is the iteration number (see data/order.py); the learning rate is a function of the
 iteration; the skip counters, the open log window (metrics.LogWindow) and time_s in the
 client state.
 
@@ -23,49 +23,33 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from ..config import Config, validate_world
+from ..config import Config
+from ..data.order import ORDER_VERSION, GlobalBatchOrder
+from ..distributed import DistInfo, all_gather_float, all_reduce_mean, barrier
 from ..errors import SlopeError
 from ..model import dense_flops_per_token
 from ..model.regions import compile_enabled
-from ..parallel import initialize_parallel
 from ..sparsity import adapters_active, after_optimizer_step
 from . import checkpoint, faults
-from .data_order import ORDER_VERSION, GlobalBatchOrder
-from .distributed import DistInfo, all_gather_float, all_reduce_mean, barrier
-from .engine import build_engine, check_deepspeed_json, check_precision_layout
-from .grad_norm import ClientGradNorm, global_grad_norm
-from .metrics import (LogWindow, MetricsWriter, format_train_line, max_memory_gb, peak_flops,
-                      resident_memory_gb)
-from .optimizer import (
-    apply_optimizer_settings,
-    lr_at,
-    mark_adapters_active,
-    set_lr,
-    switch_on_adapters,
-)
-from .resume_notes import (
+from .adapter_schedule import (
     adapter_phase,
     adapters_on_since,
     iters_change_warning,
     previous_train_iters,
 )
-from .run_setup import (
-    artifact_writer,
-    check_output_dir,
-    prepare_run_data,
-    read_recorded_config,
-    record_run_config,
-    run_identity,
-    sample_from_checkpoint,
-)
-from .step_guard import guard_client_optimizer, guarded_train_step
-from .steps import eval_indices, eval_loss, make_batch
+from .checkpoint import artifact_writer, sample_from_checkpoint
+from .grad_norm import ClientGradNorm, global_grad_norm
+from .metrics import (LogWindow, MetricsWriter, format_train_line, max_memory_gb, peak_flops,
+                      resident_memory_gb)
+from .optimizer import lr_at, set_lr, switch_on_adapters
+from .startup import Run, start_run
+from .step import eval_indices, eval_loss, guard_client_optimizer, guarded_train_step, make_batch
 
 log = logging.getLogger(__name__)
 
@@ -129,65 +113,6 @@ def _print_sample(tag_dir: Path, out: Path, say) -> None:
 
 
 @dataclass
-class _Run:
-    """What start-up produces, for the loop and the end of the run."""
-    cfg: Config
-    dist: DistInfo
-    par: Any  # the tensor/pipeline layout; None without model parallelism
-    dp_size: int
-    dp_rank: int
-    main: bool
-    out: Path
-    ckpt_dir: Path
-    data: Any
-    model: Any
-    engine: Any
-    optimizer: Any
-    identity: dict
-    client: Optional[dict]  # the resumed checkpoint's client state; None for a fresh run
-    recorded: Any  # run_config.yaml as it was before this run (re)wrote it
-    stored: int  # parameters stored on this rank, counted before the checkpoint loaded
-    say: Callable[[str], None]  # a line on rank 0 (through tqdm: the bar stays below)
-
-
-def _start_run(cfg: Config, dist: DistInfo) -> _Run:
-    """Checks, output directory, data, engine and the newest checkpoint if any. The config
-    checks come first: a bad config stops before anything is written."""
-    dp_size = validate_world(cfg, dist.world_size)
-    check_precision_layout(cfg)
-    check_deepspeed_json(cfg, dp_size)
-    par = None
-    if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:
-        par = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
-    dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
-    out = Path(cfg.train.output_dir)
-    recorded = read_recorded_config(out)  # the one read, before it is (re)written
-    given = check_output_dir(cfg, out, recorded, dp_size)
-    data = prepare_run_data(cfg, main)  # sets model.vocab_size from the tokenizer
-    record_run_config(given, out, main, recorded)
-    say = tqdm.write if main else (lambda *_: None)
-
-    torch.manual_seed(cfg.train.seed)
-    model, engine, optimizer = build_engine(cfg, par, dp_size)
-    stored = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 too
-
-    ckpt_dir = out / "checkpoints"
-    identity = run_identity(cfg, dp_size)
-    client = checkpoint.load(engine, ckpt_dir, dist.rank, identity) if ckpt_dir.is_dir() \
-        else None
-    if client:  # DeepSpeed put the checkpoint's optimizer settings back: this run's config wins
-        adapters_on = adapters_active(model)
-        for change in apply_optimizer_settings(optimizer, cfg, adapters_on):
-            say(f"resume: {change}")
-        if adapters_on:  # a checkpoint taken past the switch: the adapter group's lr stays on
-            mark_adapters_active(optimizer, cfg)
-    return _Run(cfg=cfg, dist=dist, par=par, dp_size=dp_size, dp_rank=dp_rank, main=main,
-                out=out, ckpt_dir=ckpt_dir, data=data, model=model, engine=engine,
-                optimizer=optimizer, identity=identity, client=client, recorded=recorded,
-                stored=stored, say=say)
-
-
-@dataclass
 class _LoopState:
     """The loop's counters: they come from the resumed checkpoint's client state and go into
     the next checkpoint's (`client_state`)."""
@@ -226,7 +151,7 @@ class _LoopState:
                 "log_window": log_window, "data_order": self.data_order}
 
 
-def _print_banner(run: _Run, s: _LoopState) -> None:
+def _print_banner(run: Run, s: _LoopState) -> None:
     """What this run is, and what it resumed from. After the resume: with the adapters
     already on it says since when (as the warning of a resume with another train.iters
     does), not this run's switch point."""
@@ -263,7 +188,7 @@ class _LoopSetup:
     window: LogWindow  # the open log window, as the checkpoint left it
 
 
-def _set_up_loop(run: _Run, s: _LoopState) -> _LoopSetup:
+def _set_up_loop(run: Run, s: _LoopState) -> _LoopSetup:
     """The optimizer guard, metrics, batch order and validation batches; the clock starts
     last, and a window the checkpoint left open mid-interval goes on."""
     cfg, client, engine = run.cfg, run.client, run.engine
@@ -285,7 +210,7 @@ def _set_up_loop(run: _Run, s: _LoopState) -> _LoopSetup:
                       val_batches, peak, save_artifact, t0, window)
 
 
-def _switch_on_adapters(run: _Run, s: _LoopState, it: int) -> None:
+def _switch_on_adapters(run: Run, s: _LoopState, it: int) -> None:
     """The lazy low-rank adapters' switch, at iteration `it`."""
     faults.point("before_adapter_switch", it)
     n = switch_on_adapters(run.model, run.optimizer, run.cfg)
@@ -294,7 +219,7 @@ def _switch_on_adapters(run: _Run, s: _LoopState, it: int) -> None:
     faults.point("after_adapter_switch", it)
 
 
-def _step(run: _Run, loop: _LoopSetup, it: int, logged: bool) -> tuple[float, bool, bool]:
+def _step(run: Run, loop: _LoopSetup, it: int, logged: bool) -> tuple[float, bool, bool]:
     """Iteration `it`'s optimizer step -> (loss, non-finite loss on any rank, applied). A
     non-finite loss that was applied stops the run: the weights took it."""
     cfg = run.cfg
@@ -311,7 +236,7 @@ def _step(run: _Run, loop: _LoopSetup, it: int, logged: bool) -> tuple[float, bo
     return loss, loss_bad, applied
 
 
-def _record_skip(run: _Run, s: _LoopState, metrics: MetricsWriter, done: int, loss: float,
+def _record_skip(run: Run, s: _LoopState, metrics: MetricsWriter, done: int, loss: float,
                  loss_bad: bool) -> None:
     """A skipped step: counted, recorded and said; too many in a row stop the run."""
     cfg = run.cfg
@@ -332,7 +257,7 @@ def _record_skip(run: _Run, s: _LoopState, metrics: MetricsWriter, done: int, lo
             f"{rerun_advice(cfg, '', run.ckpt_dir)}")
 
 
-def _log_window(run: _Run, s: _LoopState, loop: _LoopSetup, done: int, lr: float) -> float:
+def _log_window(run: Run, s: _LoopState, loop: _LoopSetup, done: int, lr: float) -> float:
     """The train record of the window ending at `done` (none if it had no applied step),
     then the next window -> the mean loss over ranks (NaN without an applied step)."""
     window = loop.window
@@ -355,7 +280,7 @@ def _log_window(run: _Run, s: _LoopState, loop: _LoopSetup, done: int, lr: float
     return train_loss
 
 
-def _evaluate(run: _Run, loop: _LoopSetup, it: int, done: int) -> float:
+def _evaluate(run: Run, loop: _LoopSetup, it: int, done: int) -> float:
     """The validation loss (mean over ranks), recorded and said; its time is taken out of
     the log window's (which counts training only)."""
     _device_sync()
@@ -372,7 +297,7 @@ def _evaluate(run: _Run, loop: _LoopSetup, it: int, done: int) -> float:
     return val_loss
 
 
-def _save(run: _Run, s: _LoopState, loop: _LoopSetup, done: int) -> None:
+def _save(run: Run, s: _LoopState, loop: _LoopSetup, done: int) -> None:
     """A checkpoint after iteration `done`; its time is taken out of the log window's."""
     _device_sync()
     began = time.time()
@@ -388,7 +313,7 @@ def _save(run: _Run, s: _LoopState, loop: _LoopSetup, done: int) -> None:
 
 def train(cfg: Config, dist: DistInfo) -> TrainResult:
     """Set the run up, run its iterations (or the rest of them, after a resume), end it."""
-    run = _start_run(cfg, dist)
+    run = start_run(cfg, dist)
     s = _LoopState.resumed(run.client, cfg, run.model, run.recorded)
     _print_banner(run, s)
     loop = _set_up_loop(run, s)
