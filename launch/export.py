@@ -12,14 +12,11 @@ output_dir (newest complete checkpoint). `hf` merges adapters into dense weights
 The code is slope_megatron/commands/export.py; installed, the same command is `slope-export`.
 """
 import sys
-from pathlib import Path
 
 try:
-    import slope_megatron  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slope_megatron.commands.export import main  # noqa: E402
+    from slope_megatron.commands.export import main
+except ImportError as e:  # a checkout that was not installed
+    sys.exit(f"error: {e}; install the project first: bash launch/install.sh (see README.md)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,14 +15,11 @@ they run the reference math (a dense GEMM on W*M, see docs/INFERENCE.md).
 The code is slope_megatron/commands/generate.py; installed, the same command is `slope-generate`.
 """
 import sys
-from pathlib import Path
 
 try:
-    import slope_megatron  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slope_megatron.commands.generate import main  # noqa: E402
+    from slope_megatron.commands.generate import main
+except ImportError as e:  # a checkout that was not installed
+    sys.exit(f"error: {e}; install the project first: bash launch/install.sh (see README.md)")
 
 if __name__ == "__main__":
     sys.exit(main())

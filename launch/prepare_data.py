@@ -12,14 +12,11 @@ tokens than one train.global_batch_size) is an error here too: exit status 2.
 The code is slope_megatron/commands/prepare_data.py; installed, the same command is `slope-prepare-data`.
 """
 import sys
-from pathlib import Path
 
 try:
-    import slope_megatron  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slope_megatron.commands.prepare_data import main  # noqa: E402
+    from slope_megatron.commands.prepare_data import main
+except ImportError as e:  # a checkout that was not installed
+    sys.exit(f"error: {e}; install the project first: bash launch/install.sh (see README.md)")
 
 if __name__ == "__main__":
     sys.exit(main())

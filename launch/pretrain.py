@@ -12,14 +12,11 @@ train.output_dir. `--help-config` prints every config key with its default and m
 The code is slope_megatron/commands/pretrain.py; installed, the same command is `slope-pretrain`.
 """
 import sys
-from pathlib import Path
 
 try:
-    import slope_megatron  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from slope_megatron.commands.pretrain import main  # noqa: E402
+    from slope_megatron.commands.pretrain import main
+except ImportError as e:  # a checkout that was not installed
+    sys.exit(f"error: {e}; install the project first: bash launch/install.sh (see README.md)")
 
 if __name__ == "__main__":
     sys.exit(main())
