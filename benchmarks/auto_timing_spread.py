@@ -2,13 +2,13 @@
 
 Why: `sparsity.backend: auto` routes each layer shape by short timings (2 warm-up reps, then
 the median of 5 for the provisional decision and of 15 for the one that decides for good). In
-training runs the same shape was timed 0.91x in one run's first step and 1.2x in another,
-which flips it between the sparse and the dense path (docs/RESULTS.md). This repeats exactly
-those timings (`AutoBackend._step` + `cuda_event_measure`, 5 and 15 reps) several times per
-shape in a quiet process, for operands kept and per call, and once more with 41 reps, so a
-decision's spread can be told from a disturbed measurement.
+training runs the same shape was timed on either side of 1x in different runs, which flips it
+between the sparse and the dense path (docs/RESULTS.md). This repeats exactly those timings
+(`AutoBackend._step` + `cuda_event_measure`, 5 and 15 reps) several times per shape in a quiet
+process, for operands kept and per call, and once more with 41 reps, so a decision's spread
+can be told from a disturbed measurement.
 
-    python launch/auto_timing_spread.py [--shapes 2048x8192 2048x2048] [--tokens 16384]
+    python -m benchmarks.auto_timing_spread [--shapes 2048x8192 2048x2048] [--tokens 16384]
         [--repeats 8] [--json out.json]      (the defaults: ~1.3B's four shapes)
 """
 from __future__ import annotations
@@ -18,13 +18,14 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+from benchmarks.common import require_cuda
 
 DEFAULT_SHAPES = ["2048x8192", "2048x2048", "2048x6144", "8192x2048"]  # ~1.3B: fc1 proj qkv fc2
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.auto_timing_spread",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, metavar="INxOUT")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--repeats", type=int, default=8, help="timings per shape and rep count")
@@ -70,10 +71,8 @@ def spread(inn: int, out: int, tokens: int, keep: bool, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    require_cuda("benchmarks.auto_timing_spread")
     import torch
-    if not torch.cuda.is_available():
-        print("error: auto_timing_spread.py needs a CUDA GPU", file=sys.stderr)
-        return 2
     rows = []
     for inn, out in args.shapes:
         for keep in (True, False):

@@ -1,11 +1,12 @@
-#!/usr/bin/env python
 """Benchmarks. `kernels`: SLoPe's sparse linear on a GPU vs dense and vs torch's built-in 2:4.
-`train`: whole-model training throughput, dense vs SLoPe (see launch/bench_train.py).
+`train`: whole-model training throughput, dense vs SLoPe (see benchmarks/bench_train.py).
 `inference`: prefill/decode latency and weight bytes, dense vs compressed SLoPe
-(see launch/bench_inference.py).
+(see benchmarks/bench_inference.py).
 
-    python launch/bench.py kernels [--tokens 1024 8192 16384] [--models gpt2-small llama-7b]
-                                   [--json docs/kernels_bench.json]
+    python -m benchmarks.bench kernels [--tokens 1024 8192 16384] [--models gpt2-small llama-7b]
+                                       [--json docs/kernels_bench.json]
+    python -m benchmarks.bench train [--config configs/gpt2-small.yaml] [--arms dense slope]
+    python -m benchmarks.bench inference [--models llama-7b] [--prefill 512 2048]
 
 For every (model, layer shape, T) it times, in one process and with the same random bf16 data:
   dense   torch matmuls (cuBLAS): forward, dX = dY W, dW = dY^T X, and the autograd step
@@ -27,14 +28,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train.py beside this file
-
-from bench_timing import Rotor, bench_ms, rel_err  # noqa: E402 - launch/ siblings
-from provenance import source_identity  # noqa: E402
-from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
+from benchmarks.common import Rotor, bench_ms, rel_err, require_cuda, source_identity
+from slope_megatron.errors import EXIT_USER_ERROR
 
 # (model, layer, in_features, out_features, bias)
 MODELS = {
@@ -258,11 +254,8 @@ def run_kernels(args) -> int:
         print(f"error: --tokens takes token counts of at least 1, got {bad[0]}",
               file=sys.stderr)
         return EXIT_USER_ERROR
+    require_cuda("`bench kernels`")  # before triton: a CPU machine may not have it
     import torch
-
-    if not torch.cuda.is_available():  # before triton: a CPU machine may not have it
-        print("error: `bench.py kernels` needs a CUDA GPU", file=sys.stderr)
-        return EXIT_USER_ERROR
     import triton
 
     from slope_megatron.sparsity.backends.cusparselt import unavailable_reason
@@ -303,7 +296,7 @@ def run_kernels(args) -> int:
                     results["layers"].append(bench_layer(model, name, fast, ref, xs, gys, T,
                                                          torch))
                 if T >= 4096 and args.adapters:
-                    from bench_adapters import bench_adapter
+                    from benchmarks.bench_adapters import bench_adapter
                     ad = bench_adapter(fast, xs, torch)
                     ad.update(model=model, layer=name, T=T)
                     results["adapters"].append(ad)
@@ -348,7 +341,8 @@ class DefaultsShown(argparse.HelpFormatter):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench",
+                                description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     defaults = DefaultsShown  # every option's help shows its default
     k = sub.add_parser("kernels", help="sparse linear kernels vs dense and torch's 2:4 path",
@@ -367,13 +361,12 @@ def main(argv=None) -> int:
                        help="only the layer table, no adapter forward overhead")
     which.add_argument("--adapters-only", action="store_true",
                        help="only the adapter forward overhead (T >= 4096), no layer table")
-    import bench_inference
-    import bench_train
+    from benchmarks import bench_inference, bench_train
 
     bench_train.add_arguments(sub.add_parser(
         "train", help="training throughput, dense vs SLoPe", formatter_class=defaults,
         description="whole-model training throughput and memory, dense vs SLoPe: each arm "
-                    "is a launch/pretrain.py run on the same config, data and seed"))
+                    "is a `launch/pretrain.py` run on the same config, data and seed"))
     bench_inference.add_arguments(sub.add_parser(
         "inference", help="prefill/decode latency and weight memory, dense vs SLoPe",
         formatter_class=defaults,

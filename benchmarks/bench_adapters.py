@@ -1,10 +1,10 @@
-"""The lazy adapter's forward overhead for `bench.py kernels` (docs/KERNELS.md, section "The
+"""The lazy adapter's forward overhead for `bench kernels` (docs/KERNELS.md, section "The
 adapter inside the sparse GEMM"): the adapter inside the widened sparse GEMM vs added after it,
 timed alone and back to back, with the pieces each path is made of.
 """
 from __future__ import annotations
 
-from bench_timing import bench_ms, loop_ms, rel_err  # launch/ sibling
+from benchmarks.common import bench_ms, loop_ms, rel_err
 
 
 def bench_adapter(layer, xs, torch):

@@ -1,5 +1,6 @@
-"""`launch/bench.py inference`: prefill and decode latency of whole transformer blocks on a
-GPU, dense vs SLoPe with compressed 2:4 weights (adapters off and at given rank ratios).
+"""`python -m benchmarks.bench inference`: prefill and decode latency of whole transformer
+blocks on a GPU, dense vs SLoPe with compressed 2:4 weights (adapters off and at given rank
+ratios).
 
 What is timed: `InferenceModel.step` - the real inference forward (embedding, blocks with
 KV-cached attention, final norm, last-token LM head) - in bf16, each call captured once in a
@@ -25,11 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout
-
-from provenance import source_identity  # noqa: E402 - launch/ sibling
-from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
+from benchmarks.common import bench_ms, require_cuda, source_identity
+from slope_megatron.errors import EXIT_USER_ERROR
 
 # OPT-shaped models use this project's gpt arch (LayerNorm, GELU, learned positions, biases).
 PRESETS = {
@@ -120,7 +118,6 @@ def reference_error(cfg, state, fast) -> float:
 def graph_ms(inf, batch: int, new: int, context: int) -> float:
     """Median ms of one `step` of `new` tokens per sequence after `context` cached ones."""
     import torch
-    from triton.testing import do_bench
     cache = inf.new_cache(batch, context + new)
     cache.valid[:, :context] = True
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -140,7 +137,7 @@ def graph_ms(inf, batch: int, new: int, context: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    return float(do_bench(graph.replay, warmup=10, rep=60, return_mode="median"))
+    return bench_ms(graph.replay, warmup=10, rep=60)
 
 
 def measure(inf, args) -> dict:
@@ -180,10 +177,8 @@ def run_inference(args) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
+    require_cuda("`bench inference`")  # before triton: a CPU machine may not have it
     import torch
-    if not torch.cuda.is_available():  # before triton: a CPU machine may not have it
-        print("error: `bench.py inference` needs a CUDA GPU", file=sys.stderr)
-        return EXIT_USER_ERROR
     import triton
     from slope_megatron.inference import InferenceModel
     from slope_megatron.sparsity.backends.cusparselt_runtime import runtime

@@ -1,6 +1,6 @@
 """GPU microbench: the dense-GEMM SLoPe layer step (reference and cublas backends) vs F.linear.
 
-    python launch/bench_reference_step.py [--json out.json]   (one CUDA GPU; docs/KERNELS.md)
+    python -m benchmarks.bench_reference_step [--json out.json]  (one CUDA GPU; docs/KERNELS.md)
 
 Times with `triton.testing.do_bench` (median) one bf16 layer step (forward + dX + dW + db
 through autograd) of `F.linear` on the dense W*M ("plain"), of the reference SlopeLinear and
@@ -12,19 +12,19 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from triton.testing import do_bench
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from slope_megatron.kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4  # noqa: E402
-from slope_megatron.sparsity import SlopeLinear  # noqa: E402
-from slope_megatron.sparsity.functional import dense_from_values, values_from_dense  # noqa: E402
+from benchmarks.common import bench_ms, require_cuda
 
 SHAPES = [(768, 768, 1024), (768, 3072, 16384), (2048, 2048, 16384), (4096, 11008, 8192)]
 
 
 def bench_shape(inn: int, out: int, tokens: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from slope_megatron.kernels.nm_triton import gather_kept_2to4, scatter_kept_2to4
+    from slope_megatron.sparsity import SlopeLinear
+    from slope_megatron.sparsity.functional import dense_from_values, values_from_dense
+
     dev = "cuda"
     ref = SlopeLinear(inn, out, bias=True, backend="reference").to(dev, torch.bfloat16)
     fast = SlopeLinear(inn, out, bias=True, backend="cublas").to(dev, torch.bfloat16)
@@ -58,18 +58,20 @@ def bench_shape(inn: int, out: int, tokens: int) -> dict:
 
     fns = (plain_step, ref_step, cublas_step, scatter_masked, scatter_triton, gather_index,
            gather_triton)
-    ms = {f.__name__: do_bench(f, warmup=20, rep=100, return_mode="median") for f in fns}
+    ms = {f.__name__: bench_ms(f, warmup=20, rep=100) for f in fns}
     return {"in": inn, "out": out, "tokens": tokens, "ms": ms,
             "cublas_vs_plain": ms["plain_step"] / ms["cublas_step"],
             "reference_vs_plain": ms["plain_step"] / ms["ref_step"]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_reference_step",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench_reference_step.py needs a CUDA GPU")
+    args = p.parse_args(argv)
+    require_cuda("benchmarks.bench_reference_step")  # before triton: a CPU machine may lack it
+    import torch
+
     torch.manual_seed(0)
     rows = []
     for inn, out, tokens in SHAPES:
@@ -82,7 +84,8 @@ def main() -> None:
     if args.json:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
         Path(args.json).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,34 +1,36 @@
 """The torchao peer: torchao's `SemiSparseLinear` (runtime 2:4 pruning every forward) against
 `nn.Linear`, one bf16 layer step (forward + backward) per shape on one GPU.
 
-    python launch/bench_torchao.py [--json docs/results/torchao_peer.json]
+    python -m benchmarks.bench_torchao [--json docs/results/torchao_peer.json]
 
-Issue 10 asks for torchao 0.18's runtime-pruning training next to ours, or the error if it
-refuses sm90. It is a different method from SLoPe (the mask is recomputed from the dense
-weight at every call, which stays dense in memory), so this compares its layer step with a
-dense step in the same process; the same shapes' SLoPe steps are in docs/KERNELS.md. Errors
-are recorded per shape, not raised. torchao is not a dependency: install it to run this.
+torchao's runtime-pruning training is a different method from SLoPe (the mask is recomputed
+from the dense weight at every call, which stays dense in memory), so this compares its layer
+step with a dense step in the same process; the same shapes' SLoPe steps are in
+docs/KERNELS.md. Errors (e.g. a GPU architecture torchao refuses) are recorded per shape, not
+raised. torchao is not a dependency: install it to run this.
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
-from triton.testing import do_bench
+from benchmarks.common import bench_ms, require_cuda
+from slope_megatron.errors import EXIT_USER_ERROR
 
 SHAPES = [(768, 3072, 16384), (2048, 8192, 16384), (8192, 2048, 16384), (4096, 11008, 8192)]
 
 
-def step_ms(layer: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor) -> float:
+def step_ms(layer, x, gy) -> float:
+    import torch
     params = [p for p in layer.parameters()]
 
     def step():
         torch.autograd.grad(layer(x), [x, *params], gy)
-    return do_bench(step, warmup=20, rep=100, return_mode="median")
+    return bench_ms(step, warmup=20, rep=100)
 
 
 def bench_shape(inn: int, out: int, tokens: int) -> dict:
+    import torch
     from torchao.sparsity.training import SemiSparseLinear
     dense = torch.nn.Linear(inn, out, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, inn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -46,16 +48,18 @@ def bench_shape(inn: int, out: int, tokens: int) -> dict:
     return row
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_torchao",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench_torchao.py needs a CUDA GPU")
+    args = p.parse_args(argv)
+    require_cuda("benchmarks.bench_torchao")  # before triton: a CPU machine may not have it
+    import torch
     try:
         import torchao
     except ImportError as e:
-        raise SystemExit(f"error: torchao is not installed ({e}); `pip install torchao`")
+        print(f"error: torchao is not installed ({e}); `pip install torchao`", file=sys.stderr)
+        return EXIT_USER_ERROR
     rows = []
     for inn, out, tokens in SHAPES:
         row = bench_shape(inn, out, tokens)

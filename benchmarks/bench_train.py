@@ -1,20 +1,19 @@
-"""`launch/bench.py train`: whole-model training throughput, dense vs SLoPe, one process.
+"""`python -m benchmarks.bench train`: whole-model training throughput, dense vs SLoPe.
 
 Each arm is a separate `launch/pretrain.py` run (a fresh process, so kernels, caches and
 memory peaks do not leak between arms) on the same config, data and seed, differing only
 in `sparsity.*`. Speed (tokens/s, MFU against the dense model's FLOPs) is the median over
 the log windows of its metrics.jsonl after the first `--skip-windows` (which hold compilation,
 the GEMM algorithm search and `auto`'s timings), in the last one's adapter state and after
-the window of the switch; every window's tokens/s is kept in the JSON, so the spread
-shows. Loss, peak GPU memory and
-the memory resident between steps (model state: weights, master copies, gradients, optimizer
-state, masks - what the paper's memory figures count) come from the last window. Why the
-median: one 10-step window of GPT-2 small lasts ~2 s, and single windows of the same code
-differed by up to 15% (docs/RESULTS.md, seventh session). Ratios are against
-the dense arm of the same invocation. Writes a JSON with the GPU name and versions. Each arm
-keeps its metrics and stderr log; no checkpoint is written unless --keep-checkpoints. An
-arm that runs out of GPU memory is recorded as such (`out_of_memory`, and the allocator's
-message) and the others still run: at the largest sizes, what fits is the result.
+the window of the switch; every window's tokens/s is kept in the JSON, so the spread shows.
+Loss, peak GPU memory and the memory resident between steps (model state: weights, master
+copies, gradients, optimizer state, masks - what the paper's memory figures count) come from
+the last window. Why the median: a window of a small model lasts a few seconds, and single
+windows of the same code differ noticeably (docs/RESULTS.md). Ratios are against the dense
+arm of the same invocation. Writes a JSON with the GPU name and versions. Each arm keeps its
+metrics and stderr log; no checkpoint is written unless --keep-checkpoints. An arm that runs
+out of GPU memory is recorded as such (`out_of_memory`, and the allocator's message) and the
+others still run: at the largest sizes, what fits is the result.
 """
 from __future__ import annotations
 
@@ -25,12 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from child_env import checkout_env  # launch/ siblings
-from provenance import run_environment
+from benchmarks.common import ROOT, checkout_env, gpu_speed, run_environment
 from slope_megatron.cli import Once, add_set_argument, config_error
 from slope_megatron.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 
-ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
     "dense": ["sparsity.enabled=false"],
     "slope": ["sparsity.enabled=true", "sparsity.backend=auto"],
@@ -47,8 +44,8 @@ ARMS = {
     # adapters on from the middle of the run: the measured windows are those with them active
     "slope-adapters": ["sparsity.enabled=true", "sparsity.backend=auto", "adapters.enabled=true",
                        "adapters.fraction=0.5"],
-    # the same with the adapter rule before the eleventh session: rank 2% of each layer's input
-    # width (MLP-down's rank ffn/hidden times the others')
+    # the same with the earlier adapter rule: rank 2% of each layer's input width (MLP-down's
+    # rank ffn/hidden times the others')
     "slope-adapters-input-rank": ["sparsity.enabled=true", "sparsity.backend=auto",
                                   "adapters.enabled=true", "adapters.fraction=0.5",
                                   "adapters.rank_of=input"],
@@ -80,8 +77,8 @@ def add_arguments(p) -> None:
                    help="write the results here (by default they are only printed)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="save each arm's final checkpoint and keep it (by default none is "
-                        "written: at 2.7B one is ~47 GB and took ~2 minutes to save and "
-                        "sample from on an H100 machine)")
+                        "written: a large model's checkpoint takes tens of GB and minutes to "
+                        "save)")
 
 
 def arm_overrides(args, arm: str) -> list[str]:
@@ -160,14 +157,13 @@ def speed(windows: list[dict], skip: int) -> dict:
 
 
 def machine_check() -> dict | None:
-    """launch/gpu_check.py's matmul and copy speed (None without CUDA), printed before the arms
-    run: a degraded machine shows here, not as odd ratios afterwards."""
+    """`benchmarks.gpu_check`'s matmul and copy speed (None without CUDA), printed before the
+    arms run: a degraded machine shows here, not as odd ratios afterwards."""
     import torch
     if not torch.cuda.is_available():
         return None
-    from gpu_check import measure  # launch/ sibling
     try:
-        check = measure()
+        check = gpu_speed()
     except Exception as e:  # record it; the arms may still run
         return {"error": f"{type(e).__name__}: {e}"[:300]}
     print(f"gpu check: bf16 matmul {check['matmul_tflops']:.0f} TFLOP/s, copy "
@@ -207,7 +203,7 @@ def run_train(args) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
-    cpu_notice("`bench.py train`")
+    cpu_notice("`bench train`")
     check = machine_check()
     results = [_run_arm(args, arm, f" ({i}/{len(args.arms)})")
                for i, arm in enumerate(args.arms, 1)]

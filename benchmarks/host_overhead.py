@@ -1,14 +1,14 @@
 """Host (CPU) time per SLoPe layer call, by piece: where a host-bound training step goes.
 
-Why: at ~1.3B the sparse model's GPU kernels take less time than dense's, yet its step is
-slower, because the host cannot issue them fast enough (docs/RESULTS.md). This times, on a
+Why: a sparse model's step can be slower than dense's although its GPU kernels take less
+time, because the host cannot issue them fast enough (docs/RESULTS.md). This times, on a
 CUDA machine, the host side of one layer step (forward + backward through autograd) for
 dense `nn.Linear`, the reference, cublas and cusparselt backends (native step, and again
 through the Python autograd functions), then the pieces of the cusparselt call, at a small
 token count so the GPU never makes the host wait. A cProfile of the cusparselt steps lists the
 Python functions that cost the most.
 
-    python launch/host_overhead.py [--features 2048] [--tokens 64] [--reps 300]
+    python -m benchmarks.host_overhead [--features 2048] [--tokens 64] [--reps 300]
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
+from benchmarks.common import require_cuda
+from slope_megatron.errors import EXIT_USER_ERROR
 
 
 def host_us(fn, reps: int) -> float:
@@ -56,7 +56,8 @@ def argument_error(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--features", type=int, default=2048,
                    help="input and output width of the layer (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=64,
@@ -70,12 +71,10 @@ def main(argv=None) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
+    require_cuda("benchmarks.host_overhead")
     import torch
     from torch import nn
 
-    if not torch.cuda.is_available():
-        print("error: host_overhead.py needs a CUDA GPU", file=sys.stderr)
-        return EXIT_USER_ERROR
     from slope_megatron.sparsity import SlopeLinear
     from slope_megatron.sparsity.backends import get_backend
 

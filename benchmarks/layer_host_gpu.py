@@ -1,6 +1,6 @@
 """Host time vs GPU time of one bf16 layer step: plain F.linear, reference and cublas SlopeLinear.
 
-    python launch/layer_host_gpu.py [--shapes 768x3072 2048x2048] [--tokens 16384]
+    python -m benchmarks.layer_host_gpu [--shapes 768x3072 2048x2048] [--tokens 16384]
 
 `do_bench` starts each rep from an idle GPU, so for a host-bound step it measures host time.
 This separates the two: the host time to issue 50 steps (no waiting on the GPU), then the GPU
@@ -10,16 +10,13 @@ Numbers in docs/KERNELS.md, "The dense path".
 import argparse
 import sys
 import time
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from slope_megatron.sparsity import SlopeLinear  # noqa: E402
+from benchmarks.common import require_cuda
 
 
 def host_and_gpu_us(fn, n: int = 50) -> tuple[float, float]:
+    """(host us to issue one call, GPU us of one call) of fn, over n calls each."""
+    import torch
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
@@ -38,13 +35,18 @@ def host_and_gpu_us(fn, n: int = 50) -> tuple[float, float]:
     return host * 1e6, start.elapsed_time(end) / n * 1e3
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.layer_host_gpu",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["768x3072", "2048x2048"], help="INxOUT")
     p.add_argument("--tokens", type=int, default=16384)
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: layer_host_gpu.py needs a CUDA GPU")
+    args = p.parse_args(argv)
+    require_cuda("benchmarks.layer_host_gpu")
+    import torch
+    import torch.nn.functional as F
+
+    from slope_megatron.sparsity import SlopeLinear
+
     torch.manual_seed(0)
     for shape in args.shapes:
         inn, out = map(int, shape.split("x"))
@@ -65,7 +67,8 @@ def main() -> None:
             host, gpu = host_and_gpu_us(fn)
             print(f"{inn}x{out} T={args.tokens} {name}: host {host:.1f} us, gpu {gpu:.1f} us",
                   flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

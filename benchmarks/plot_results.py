@@ -1,16 +1,17 @@
-#!/usr/bin/env python
 """Plot a study JSON as a small PNG (matplotlib, Agg backend; `pip install -e .[plots]`).
 
-    python launch/plot_results.py quality.json [--out quality.png]
-    python launch/plot_results.py bench_train.json [--out bench_train.png]
-    python launch/plot_results.py small.json medium.json 1p3b.json --out scaling.png [--arm slope]
-    python launch/plot_results.py small.json ... 4p6b.json --memory --out memory.png [--arm slope]
+    python -m benchmarks.plot_results quality.json [--out quality.png]
+    python -m benchmarks.plot_results bench_train.json [--out bench_train.png]
+    python -m benchmarks.plot_results small.json medium.json 1p3b.json --out scaling.png \\
+        [--arm slope]
+    python -m benchmarks.plot_results small.json ... 4p6b.json --memory --out memory.png \\
+        [--arm slope]
 
-- a quality-study JSON (`launch/quality_study.py --json`): validation loss against iteration
-  for every arm, and each sparse arm's gap to dense at the same iteration; the title gives
-  the study's ratio gap(slope-adapters) / gap(static-2to4) when all its arms are present.
-- a bench-train JSON (`launch/bench.py train --json`): training throughput relative to dense
-  and peak GPU memory per arm, as bars.
+- a quality-study JSON (`python -m benchmarks.quality_study --json`): validation loss against
+  iteration for every arm, and each sparse arm's gap to dense at the same iteration; the title
+  gives the study's ratio gap(slope-adapters) / gap(static-2to4) when all its arms are present.
+- a bench-train JSON (`python -m benchmarks.bench train --json`): training throughput relative
+  to dense and peak GPU memory per arm, as bars.
 - several bench-train JSONs (one model size each): an arm's throughput and model-state memory
   relative to dense against the dense model's size (GEMM parameters, from each JSON's config
   and overrides), with the dense arm's MFU at each point; with --memory instead, the peak
@@ -25,14 +26,16 @@ import math
 import sys
 from pathlib import Path
 
+from benchmarks.common import ROOT
+
 DPI = 110
 COLORS = {"dense": "black", "static-2to4": "tab:red", "slope": "tab:blue",
           "slope-adapters": "tab:green", "slope-reference": "tab:purple",
           "slope-kept": "tab:cyan", "slope-per-call": "tab:orange"}
 
 
-ACCEPTS = ("a quality-study JSON (launch/quality_study.py --json) or a bench-train JSON "
-           "(launch/bench.py train --json); several bench-train JSONs for the by-model-size "
+ACCEPTS = ("a quality-study JSON (benchmarks.quality_study --json) or a bench-train JSON "
+           "(benchmarks.bench train --json); several bench-train JSONs for the by-model-size "
            "plot")
 IMAGE_SUFFIXES = (".png", ".svg", ".pdf")  # what --out may be (matplotlib's format by name)
 
@@ -132,14 +135,13 @@ def plot_bench_train(report: dict, out: Path) -> None:
 def model_label(report: dict) -> tuple[float, str]:
     """(dense GEMM parameters, 'h2048 L24') of a bench-train JSON's model (its config file
     with its overrides, as the run resolved them)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
     from slope_megatron.config import ffn_hidden_size, load_config
     if not report.get("config"):
         raise PlotError("a bench-train JSON records no 'config'; the by-model-size plot needs "
                         "it for the model's size")
     config = Path(report["config"])
     if not config.is_absolute() and not config.exists():  # recorded relative to the checkout
-        config = Path(__file__).resolve().parent.parent / config
+        config = ROOT / config
     from slope_megatron.errors import SlopeError
     try:
         cfg = load_config(config, [o for o in report.get("overrides") or []
@@ -288,8 +290,8 @@ def read_json(path: Path) -> tuple[str, dict]:
         raise PlotError(f"{path} is not JSON ({e}); give {ACCEPTS}") from None
     kind = kind_of(data)
     if kind is None:
-        raise PlotError(f"{path} is neither a quality-study JSON (launch/quality_study.py "
-                        f"--json, with 'arms') nor a bench-train JSON (launch/bench.py train "
+        raise PlotError(f"{path} is neither a quality-study JSON (benchmarks.quality_study "
+                        f"--json, with 'arms') nor a bench-train JSON (benchmarks.bench train "
                         f"--json, with per-arm 'results'); several bench-train JSONs make the "
                         f"by-model-size plot")
     return kind, data
@@ -319,7 +321,8 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot_results",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("json", nargs="+", help="quality-study or bench-train JSON; several "
                                            "bench-train JSONs give the by-model-size plot")
     p.add_argument("--out", default=None, help="PNG to write (default: the JSON's name, .png)")
@@ -356,7 +359,7 @@ def _main(argv=None) -> int:
     _, kind, data = files[0]
     if kind == "quality" and not data["arms"]:
         raise PlotError(f"{src} is a quality-study JSON that holds no arm yet; run some "
-                        "with launch/quality_study.py --json first")
+                        "with benchmarks.quality_study --json first")
     out.parent.mkdir(parents=True, exist_ok=True)  # after every check: an error leaves nothing
     if kind == "quality":
         plot_quality(data, out)

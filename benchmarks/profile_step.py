@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Where the GPU time of a training step goes, dense vs SLoPe (a per-op profile).
 
-    python launch/profile_step.py --config configs/gpt2-small.yaml --arms dense slope \\
+    python -m benchmarks.profile_step --config configs/gpt2-small.yaml --arms dense slope \\
         [--set model.hidden_size=2048 ...] [--steps 3] [--json profile.json]
 
 Each arm runs in its own process and builds the real training stack (`build_engine`:
@@ -28,14 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_train import ARMS  # launch/ siblings: the arms are the same as the benchmark's
-from provenance import run_environment
-from child_env import checkout_env
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout
-from slope_megatron.cli import Once, add_set_argument, config_error  # noqa: E402
-from slope_megatron.errors import EXIT_USER_ERROR  # noqa: E402
+from benchmarks.bench_train import ARMS  # the arms are the same as the benchmark's
+from benchmarks.common import checkout_env, require_cuda, run_environment
+from slope_megatron.cli import Once, add_set_argument, config_error
+from slope_megatron.errors import EXIT_USER_ERROR
 
 # (category, substrings of a lower-cased kernel name); the first match wins
 CATEGORIES = [
@@ -73,7 +68,7 @@ def add_arguments(p) -> None:
     p.add_argument("--config", action=Once, default="configs/gpt2-small.yaml",
                    help="YAML config every arm builds (default: %(default)s)")
     p.add_argument("--arms", nargs="+", default=["dense", "slope"], choices=list(ARMS),
-                   metavar="ARM", help="arms to profile, as `bench.py train --arms` names "
+                   metavar="ARM", help="arms to profile, as `bench train --arms` names "
                                        "them (default: dense slope)")
     add_set_argument(p, "overrides for every arm (model size, micro batch, ...)")
     p.add_argument("--warmup", type=int, default=3,
@@ -92,10 +87,10 @@ def profile_arm(args) -> dict:
 
     from slope_megatron.config import load_config
     from slope_megatron.sparsity import after_optimizer_step
-    from slope_megatron.training.distributed import init_distributed
+    from slope_megatron.distributed import init_distributed
     from slope_megatron.training.engine import build_engine
     from slope_megatron.training.optimizer import switch_on_adapters
-    from slope_megatron.training.steps import train_step
+    from slope_megatron.training.step import train_step
 
     cfg = load_config(args.config, [*args.set, *ARMS[args.one_arm]])
     if cfg.model.vocab_size is None:
@@ -228,7 +223,7 @@ def run(args) -> int:
     for arm in args.arms:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--config", args.config,
+            cmd = [sys.executable, "-m", "benchmarks.profile_step", "--config", args.config,
                    "--one-arm", arm, "--result", str(out), "--warmup", str(args.warmup),
                    "--steps", str(args.steps), *(["--set", *args.set] if args.set else [])]
             done = subprocess.run(cmd, env=checkout_env(), text=True, capture_output=True)
@@ -273,7 +268,8 @@ def argument_error(args) -> str | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step",
+                                description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
     if not args.one_arm:  # the parent checks the arguments first, then the GPU
@@ -281,10 +277,7 @@ def main(argv=None) -> int:
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_USER_ERROR
-        import torch
-        if not torch.cuda.is_available():
-            print("error: profile_step.py needs a CUDA GPU", file=sys.stderr)
-            return EXIT_USER_ERROR
+        require_cuda("benchmarks.profile_step")
     return run(args)
 
 

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """The quality study: how much of 2:4 sparsity's loss gap to dense SLoPe recovers (four arms by
 default, a fifth, diagnostic, on request).
 
-    python launch/quality_study.py --config configs/quality-gpt2-small-extended.yaml \\
+    python -m benchmarks.quality_study --config configs/quality-gpt2-small-extended.yaml \\
         --out runs/quality --json quality.json [--arms dense static-2to4 slope slope-adapters]
 
 Arms (same config, seed, data order and LR schedule; each a fresh `launch/pretrain.py`
-process, as `launch/bench.py train` runs them):
+process, as `python -m benchmarks.bench train` runs them):
   dense           sparsity off, no adapters
   static-2to4     2:4 mask, dX = dY (W*M) (no double pruning), no adapters, reference backend
   slope           2:4 mask, double-pruned dX, no adapters
@@ -35,13 +34,11 @@ import sys
 import time
 from pathlib import Path
 
-from bench_train import cpu_notice, speed  # launch/ siblings
-from child_env import checkout_env
-from provenance import run_environment
+from benchmarks.bench_train import cpu_notice, speed
+from benchmarks.common import ROOT, checkout_env, run_environment
 from slope_megatron.cli import Once, add_set_argument
 from slope_megatron.cli import config_error as cli_config_error
 
-ROOT = Path(__file__).resolve().parent.parent
 ARMS = {
     "dense": ["sparsity.enabled=false", "adapters.enabled=false"],
     "static-2to4": ["sparsity.enabled=true", "sparsity.double_prune=false",
@@ -55,11 +52,12 @@ STUDY_ARMS = list(ARMS)  # the four the goal is about: the default --arms
 ARMS["slope-adapters-10pct"] = [*(o for o in ARMS["slope-adapters"]
                                    if not o.startswith("adapters.fraction=")),
                                  "adapters.fraction=0.1"]
-GOAL_RATIO = 0.60  # issue 10: gap(slope-adapters) <= 60% of gap(static-2to4)
+GOAL_RATIO = 0.60  # the goal: gap(slope-adapters) <= 60% of gap(static-2to4)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality_study",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action=Once, default="configs/quality-gpt2-small-extended.yaml",
                    help="YAML config every arm trains with (default: %(default)s, fresh "
                         "data from the extended corpus; configs/quality-gpt2-small.yaml "
@@ -76,7 +74,7 @@ def parse_args(argv=None):
 
 def study_identity(args) -> dict:
     """What two invocations must share for their arms to belong to one study."""
-    from slope_megatron.training.data_order import ORDER_VERSION  # lazily: imports torch
+    from slope_megatron.data.order import ORDER_VERSION  # lazily: imports torch
 
     text = Path(args.config).read_bytes()
     return {"config": args.config, "config_sha256": hashlib.sha256(text).hexdigest(),
@@ -90,7 +88,7 @@ class StudyError(Exception):
 def load_study(path: Path | None, ident: dict, arms: list[str]) -> dict:
     """The existing study JSON to merge into (or a new one); refuses a different study."""
     if path is None or not path.exists():
-        return {"study": "issue 10 quality study", **ident, "arms": {}, "invocations": []}
+        return {"study": "quality study", **ident, "arms": {}, "invocations": []}
     try:
         study = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -128,7 +126,7 @@ def read_metrics(run_dir: Path) -> dict:
     return {"curve": curve, "final_iter": curve[-1]["iter"],
             "final_val_loss": curve[-1]["val_loss"], "final_val_ppl": curve[-1]["val_ppl"],
             "final_train_loss": train[-1].get("loss"),
-            "tokens_per_s": speed(train, skip=1)["tokens_per_s"],  # as bench.py train
+            "tokens_per_s": speed(train, skip=1)["tokens_per_s"],  # as `bench train`
             "max_mem_gb": max(mem) if mem else None,
             "skipped_steps": train[-1].get("skipped_steps", 0)}
 
@@ -161,7 +159,8 @@ def _finite(x) -> bool:
 
 
 def summarize(arms: dict) -> dict:
-    """Gaps to dense (final val loss and perplexity) and the issue-10 ratio."""
+    """Gaps to dense (final val loss and perplexity) and the goal's ratio
+    gap(slope-adapters) / gap(static-2to4)."""
     dense = arms.get("dense")
     summary: dict = {"gap_to_dense": {}, "ppl_gap_to_dense": {}, "goal_ratio": GOAL_RATIO,
                      "gap_ratio": None, "ppl_gap_ratio": None, "goal_met": None}
@@ -224,9 +223,8 @@ def config_error(args, arms: list[str]) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     from slope_megatron.errors import EXIT_USER_ERROR
-    from slope_megatron.fileio import write_text_atomic
+    from slope_megatron.io import write_text_atomic
 
     def usage_error(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
@@ -249,8 +247,8 @@ def main(argv=None) -> int:
     cpu_notice("the quality study")
     given = sys.argv[1:] if argv is None else list(argv)
     study["invocations"].append({"date": run_environment()["date"], "arms": arms,
-                                 "command": " ".join([sys.executable, str(Path(
-                                     __file__).resolve().relative_to(ROOT)), *given])})
+                                 "command": " ".join([sys.executable, "-m",
+                                                      "benchmarks.quality_study", *given])})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for i, arm in enumerate(arms, 1):
         study["arms"][arm] = run_arm(args, arm, f" ({i}/{len(arms)})")

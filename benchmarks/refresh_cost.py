@@ -1,9 +1,9 @@
 """What one refresh of the double-pruned column mask costs a bf16 layer on a GPU.
 
-    python launch/refresh_cost.py [--shapes 2048x8192 8192x2048 2048x2048] [--tokens 16384]
+    python -m benchmarks.refresh_cost [--shapes 2048x8192 8192x2048 2048x2048] [--tokens 16384]
 
 For each layer shape (cusparselt backend, operands kept) it times, with CUDA events after a
-warm-up, back-to-back calls (`bench_timing.loop_ms`: per call, median of 9 loops) of:
+warm-up, back-to-back calls (`benchmarks.common.loop_ms`: per call, median of 9 loops) of:
   mask     `refresh_column_mask()` alone: the new M_R * M_C from the current weights
   rebuild  the next training step's extra work: a refresh and the layer step after it (W_RC^T
            rebuilt: tag matrix, cuSPARSELt compress, gather), minus mask and a plain step
@@ -18,14 +18,14 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from bench_timing import loop_ms  # noqa: E402 - launch/ sibling
-from slope_megatron.sparsity import SlopeLinear  # noqa: E402
+from benchmarks.common import loop_ms, require_cuda, run_environment
 
 
 def measure(inn: int, out: int, tokens: int, kernels: bool) -> dict:
+    import torch
+
+    from slope_megatron.sparsity import SlopeLinear
+
     os.environ["SLOPE_TRITON_DOUBLE_PRUNE"] = "1" if kernels else "0"
     torch.manual_seed(0)
     layer = SlopeLinear(inn, out, bias=True, backend="cusparselt", device="cuda",
@@ -47,15 +47,15 @@ def measure(inn: int, out: int, tokens: int, kernels: bool) -> dict:
             "mask_ms": mask, "rebuild_ms": after - mask - plain, "refresh_ms": after - plain}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.refresh_cost",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["2048x8192", "8192x2048", "2048x2048"],
                    help="INxOUT")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--json", default=None, help="write the rows here")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: refresh_cost.py needs a CUDA GPU")
+    args = p.parse_args(argv)
+    require_cuda("benchmarks.refresh_cost")
     rows = []
     print(f"{'shape':>10s} {'path':>7s} {'step ms':>8s} {'mask ms':>8s} {'rebuild ms':>11s} "
           f"{'refresh ms':>11s}")
@@ -67,7 +67,6 @@ def main() -> int:
             print(f"{shape:>10s} {'triton' if kernels else 'torch':>7s} {r['step_ms']:8.3f} "
                   f"{r['mask_ms']:8.3f} {r['rebuild_ms']:11.3f} {r['refresh_ms']:11.3f}")
     if args.json:
-        from provenance import run_environment  # launch/ sibling
         Path(args.json).write_text(json.dumps({"environment": run_environment(),
                                                "rows": rows}, indent=2))
     return 0
