@@ -20,9 +20,6 @@ def load_launch(name):
     if name in ENTRY_POINTS:
         return importlib.import_module(f"slope_megatron.commands.{name}")
     path = LAUNCH / f"{name}.py"
-    if not path.is_file() and (ROOT / "benchmarks" / f"{name}.py").is_file():
-        # the measurement tools moved to benchmarks/; callers not yet updated get them there
-        return load_benchmark(name)
     spec = importlib.util.spec_from_file_location(f"launch_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

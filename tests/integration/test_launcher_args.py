@@ -12,7 +12,7 @@ import yaml
 from helpers.corpus import tiny_run_args, write_corpus
 from helpers.dist import run_distributed
 from helpers.inference import saved
-from helpers.launch import load_launch
+from helpers.launch import load_benchmark, load_launch
 
 from slope_megatron.config import load_config
 
@@ -24,9 +24,9 @@ WANT = ["train.iters=8", "optimizer.warmup_iters=2", "train.output_dir=/tmp/x"]
 
 
 def _parser(name):
-    """The argparse parser of a launcher that fills one through add_arguments."""
+    """The argparse parser of a measurement tool that fills one through add_arguments."""
     p = argparse.ArgumentParser()
-    load_launch(name).add_arguments(p)
+    load_benchmark(name).add_arguments(p)
     return p
 
 
@@ -47,7 +47,7 @@ def test_pretrain_repeated_set_keeps_every_override():
 @pytest.mark.parametrize("launcher", ["bench_train", "profile_step", "quality_study"])
 def test_study_launchers_repeated_set_keeps_every_override(launcher):
     if launcher == "quality_study":
-        parse = load_launch(launcher).parse_args
+        parse = load_benchmark(launcher).parse_args
     else:
         parse = _parser(launcher).parse_args
     assert parse(SPLIT).set == parse(JOINED).set == WANT
@@ -66,7 +66,7 @@ def test_prepare_data_takes_several_values_per_set_and_repeated_sets(tmp_path, c
 
 
 def test_bench_train_passes_every_override_to_each_arm(tmp_path, monkeypatch):
-    bench_train = load_launch("bench_train")
+    bench_train = load_benchmark("bench_train")
     seen = []
 
     def fake_run(cmd, env, **kw):
@@ -87,7 +87,7 @@ def test_bench_train_passes_every_override_to_each_arm(tmp_path, monkeypatch):
 def test_profile_step_child_command_parses_back(tmp_path, monkeypatch, given):
     """run() starts each arm as `profile_step.py ... [--set *args.set]` (no --set when no
     override was given), which must parse back to the same overrides."""
-    profile_step = load_launch("profile_step")
+    profile_step = load_benchmark("profile_step")
     seen = []
 
     def fake_run(cmd, env, **kw):
@@ -96,12 +96,12 @@ def test_profile_step_child_command_parses_back(tmp_path, monkeypatch, given):
     monkeypatch.setattr(profile_step.subprocess, "run", fake_run)
     args = _parser("profile_step").parse_args(["--arms", "dense", *given])
     assert profile_step.run(args) == 1
-    child = _parser("profile_step").parse_args(seen[0][2:])
+    child = _parser("profile_step").parse_args(seen[0][3:])  # python -m benchmarks.profile_step
     assert child.set == args.set and child.one_arm == "dense"
 
 
 def test_quality_study_identity_is_the_same_for_both_forms():
-    qs = load_launch("quality_study")
+    qs = load_benchmark("quality_study")
     split, joined = qs.parse_args(SPLIT), qs.parse_args(JOINED)
     assert qs.study_identity(split) == qs.study_identity(joined)
     assert qs.study_identity(split)["overrides"] == WANT
@@ -132,8 +132,10 @@ def test_pretrain_run_applies_overrides_from_two_set_flags(tmp_path):
 
 def _config_twice(launcher):
     argv = ["--config", DEMO, "--config", str(ROOT / "configs" / "gpt2-small.yaml")]
-    if launcher in ("pretrain", "quality_study"):
+    if launcher == "pretrain":
         return load_launch(launcher).parse_args(argv)
+    if launcher == "quality_study":
+        return load_benchmark(launcher).parse_args(argv)
     if launcher == "prepare_data":
         return load_launch(launcher).main(argv)
     return _parser(launcher).parse_args(argv)
