@@ -1,8 +1,8 @@
 """Triton kernels for refreshing SLoPe's double-pruned mask on a GPU (2:4), from packed masks.
 
 Why: `sparsity.column_mask_refresh: 1` (a fresh double-pruned mask every step, as the method
-allows) closed SLoPe's loss gap at GPT-2-small scale, but each refresh cost ~6.9 ms per layer
-on an H100 at 1.3B shapes (docs/RESULTS.md), more than the layer's whole training step. The
+allows) closes SLoPe's loss gap at small scale, but through torch each refresh costs more
+than the layer's whole training step (docs/RESULTS.md). The
 torch path unpacks the row mask, scatters the kept values into a dense W, sorts every group
 of 4 along `out`, packs the result, and then builds the W_RC^T tag matrix in a dozen more
 passes. Here each is one pass that reads the kept values and the packed masks:

@@ -2,7 +2,7 @@
 
 Why: the adapter's product (T x r) @ (r x out) is tiny in flops but, done with torch, costs
 several full passes over the T x out output (matmul output, scale, add; cuBLAS addmm with
-beta = 1 ran at ~1.1 TB/s on an H100). Two ways round that:
+beta = 1 streams well below copy bandwidth: docs/KERNELS.md). Two ways round that:
 - `lowrank_add` (the cublas backend): each program computes one (BM x BN) tile of (X A) @ B
   with K = r in registers and writes Y_tile + it: one read and one write of Y.
 - `widen_with_lowrank` (the cusparselt backend): no pass over Y at all. It writes
@@ -42,9 +42,8 @@ def lowrank_add(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, bm: int = 64
                 bn: int = 128, num_warps: int = 4) -> torch.Tensor:
     """Return y + xa @ b for y (M, N), xa (M, K), b (K, N), all contiguous, same dtype.
 
-    Tile default from an H100 sweep at 8192 x 11008, K = 88 (.device micro-benchmark,
-    docs/KERNELS.md): 64x128/4 warps 0.181 ms (2.0 TB/s), 128x128/8 0.216 ms, 128x256/8
-    0.201 ms; a plain copy of Y runs at 2.9 TB/s."""
+    The tile default is the fastest of a sweep over tile shapes and warps on an H100 at an
+    LLM MLP shape (docs/KERNELS.md)."""
     m, n = y.shape
     k = xa.shape[1]
     assert xa.shape == (m, k) and b.shape == (k, n), (y.shape, xa.shape, b.shape)
@@ -97,8 +96,8 @@ def widen_with_lowrank(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, bm:
     K + 4g + 1, zeros at K + 4g + 2 and K + 4g + 3. One read of x per rank block of `br`
     columns (default: the whole rank, up to 128); the matmul is fp32-accumulated.
 
-    Tile default from an H100 sweep (docs/KERNELS.md): 64x128 with 8 warps, 0.062 ms at
-    8192 x 4096, R = 96, where a copy of x takes 0.049 ms."""
+    The tile default is the fastest of a sweep on an H100, close to the time of a plain copy
+    of x (docs/KERNELS.md)."""
     m, k = x.shape
     r = a.shape[1]
     assert a.shape == (k, r) and r % 2 == 0, (x.shape, a.shape)

@@ -201,7 +201,7 @@ def init_distributed() -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     elif "OMP_NUM_THREADS" not in os.environ:
-        # CPU ranks share the cores; oversubscribed BLAS threads made a 2-rank run ~20x slower
+        # CPU ranks share the cores; oversubscribed BLAS threads slow every rank down many times
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     if not dist.is_initialized():

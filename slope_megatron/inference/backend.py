@@ -5,8 +5,8 @@ for the input gradient (an (out, in) buffer per layer, recomputed whenever gradi
 enabled); inference needs neither. This backend computes exactly the reference forward -
 F.linear(x, dense_from_values(values, mask), bias) - from the kept values and the mask.
 
-Rebuilding W*M costs far more than the GEMM of a single decoded token (CPU, 3072x768:
-~30 ms scatter vs ~0.3 ms GEMM), so a generation call may hold a dense copy of every sparse
+Rebuilding W*M costs far more than the GEMM of a single decoded token (a scatter over the
+whole weight against one row of products), so a generation call may hold a dense copy of every sparse
 weight for its duration (`dense_cache`), freed when it returns. The model itself never keeps
 one. Backends are plain objects on each SlopeLinear (`layer.backend`), the extension point
 sparsity/backends provides, so no model code changes.

@@ -20,7 +20,7 @@ What the reference path keeps in memory, honestly (forward-only `InferenceBacken
   W*M = dense_from_values(values, mask): with `dense_cache=True` (default) W*M of every
   sparse layer is built once per `generate` call and freed when it returns (peak memory +
   the dense weights; decoding is GEMM-bound); with False it is rebuilt inside every layer
-  call (peak memory + one layer's dense weight; decoding is ~100x slower on CPU).
+  call (peak memory + one layer's dense weight; decoding is far slower).
 - active adapters are applied as (x A) B / r by SlopeLinear.forward, never merged.
 - construction runs GPTModel's random init once, on the target device (then overwrites it):
   it transiently allocates the model's dense fp32 init tensors there.

@@ -13,8 +13,8 @@ layers may take another kernel path in the recomputation than in the first forwa
 first call of a token count runs the Python function that searches the GEMM algorithms and
 later calls the native step; `auto` times and re-times its choices; the first forward, run
 without gradients, takes the no-grad path), and non-reentrant checkpointing feeds the
-recomputed tensors to the first forward's autograd nodes, which then refuse them (measured:
-a 3.3B SLoPe run on an H100 stopped with a CheckpointError). Their compressed operands and
+recomputed tensors to the first forward's autograd nodes, which then refuse them (the run
+stops with torch's CheckpointError). Their compressed operands and
 plans are per-layer state that the recomputation finds as the first forward left it.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The non-GEMM regions of a transformer step, as pure tensor functions torch.compile can fuse.
 
-Why: in eager mode about 40% of a training step's GPU time is outside the GEMMs (residual
+Why: in eager mode a large share of a training step's GPU time is outside the GEMMs (residual
 adds, norms, activations, head reshapes, the fp32 cross-entropy; docs/RESULTS.md, per-op
 profile), and it is the same for dense and SLoPe - so it caps SLoPe's end-to-end gain. These
 functions hold that work; `enable_compile()` makes every later call run a torch.compile'd

@@ -54,7 +54,7 @@ def initial_adapter_a(in_features: int, rank: int) -> torch.Tensor:
 
     Its generator is seeded from a draw of a *fork* of the global CPU RNG, so creating
     adapters changes no other parameter's initial value: a model built with adapters has
-    exactly the base weights of the same model built without (issue 10's quality study
+    exactly the base weights of the same model built without (the quality study
     compares such arms from one seed). Consecutive calls with no draw in between would get
     the same A; model construction always initialises a weight between two adapters.
     """

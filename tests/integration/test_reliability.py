@@ -1,4 +1,4 @@
-"""Reliability (issue 6): kill -9 at named points and resume exactly; atomic, verified,
+"""Reliability: kill -9 at named points and resume exactly; atomic, verified,
 safely loaded checkpoints; NaN/Inf steps skipped; bad data stopped before work.
 
 Runs are fork-started children of this process (torch/DeepSpeed already imported, so a

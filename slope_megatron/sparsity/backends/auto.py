@@ -1,7 +1,7 @@
 """The `auto` backend: per (layer shape, token count, dtype, device), sparse only where it wins.
 
-Why: the cusparselt backend's layer step is 1.2-1.5x dense for large layers at T >= 8192 but
-0.15-0.5x dense for small layers or small token counts (host-bound; docs/KERNELS.md). So
+Why: the cusparselt backend's layer step beats dense for large layers at large token counts
+but loses to it for small layers or small token counts (host-bound; docs/KERNELS.md). So
 `sparsity.backend: auto` does not run every supported shape sparse. The first time a call
 with a new key (out, in, tokens, dtypes, device, bias, double pruning, grad mode) arrives, it
 times the whole SLoPe layer step on the real operands -- forward + backward (dX and the dW
@@ -28,10 +28,8 @@ taken `SETTLE_STEPS` (2) more optimizer steps times both paths again, with a med
 and that timing decides for good (logged as "re-timed"). Why: a key is first timed while the
 run is not settled -- the first training step (or the first evaluation) compiles its regions
 and grows the allocator -- and it misjudged shapes there that a quiet process times
-consistently (1.3B fc1, 2048x8192 at T=16384: 0.91x in one training run's first step,
-1.19-1.21x in eight timings in a quiet process on the same kind of H100; docs/RESULTS.md).
-Single 5-rep timings stray even in a quiet process (fc1 again: one of eight 0.80x, the other
-seven 1.19-1.22x; 41 reps 1.199x), hence the longer median of the decisive timing. Counting
+consistently (docs/RESULTS.md). Single 5-rep timings stray even in a quiet process, hence the
+longer median of the decisive timing. Counting
 steps from the decision, not from the start, makes resumed runs re-time too. Untimed
 decisions are final, and so are timings of layers that count no optimizer steps (they are
 taken with 15 reps at once).

@@ -1,8 +1,7 @@
-"""The `cusparselt` backend: SLoPe's three GEMMs on 2:4 sparse tensor cores (issue 9).
+"""The `cusparselt` backend: SLoPe's three GEMMs on 2:4 sparse tensor cores.
 
 Why: PyTorch's built-in 2:4 path rebuilds its cuSPARSELt plan on every call and never searches
-an algorithm, which leaves it slower than dense on Hopper (measured on an H100:
-docs/KERNELS.md). This backend uses `kernels/` (a native binding with cached plans and searched
+an algorithm, which leaves it slower than dense on Hopper (docs/KERNELS.md). This backend uses `kernels/` (a native binding with cached plans and searched
 algorithms, Triton gathers) and keeps the compressed operands in the layer's cache, refreshed
 by copy/gather after each optimizer step instead of compressing. Once a token count's plans are
 tuned (its first call), the layer step runs as one C++ autograd function (`backends.native`),

@@ -1,7 +1,7 @@
 """The lazy adapter inside the sparse GEMM (cusparselt backend): K-augmentation.
 
 Why: adding (X A)(B / r) after the sparse GEMM costs at least one more read and write of the
-T x out output, 29-59% of the layer's forward at rank 2% on an H100 (docs/KERNELS.md). Here the
+T x out output, a large share of the layer's forward at rank 2% (docs/KERNELS.md). Here the
 adapter becomes extra reduction columns of the one sparse GEMM:
 
     [X | (X A) / r spread 2:4] @ [W*M | B^T spread 2:4]^T  =  X (W*M)^T + (X A)(B / r)

@@ -18,7 +18,7 @@ Calls it cannot take (no CUDA, not 2:4, not bf16/fp16, widths torch's path rejec
 trained without double pruning) run the cublas backend (dense GEMMs) instead. Without double
 pruning (`sparsity.double_prune: false`) the dX operand is (W*M)^T, which is not 2:4 along its
 rows, and `to_sparse_semi_structured` does not check the pattern: it would silently multiply
-by a different matrix (dX rel. error 0.9 on an H100), so such layers are refused as the
+by a different matrix (dX entirely wrong), so such layers are refused as the
 cusparselt backend refuses them. Importing this module touches no CUDA.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Property-based config validation (issue 6.3): for any config a user could write, the
+"""Property-based config validation: for any config a user could write, the
 run either starts cleanly or stops with a ConfigError naming the key - never a traceback
 from deep inside torch or DeepSpeed.
 

@@ -3,8 +3,7 @@ operand modes and the adapter inside the GEMM, against the reference backend, wi
 cuSPARSELt runtime (tests/helpers/fake_cusparselt.py) and the real Triton kernels in the interpreter.
 
 Why: the GPU tests run only on the device machine; this catches on every CI run the class
-of bug found in the eighth session (an operand left stale by an optimizer write through
-`.data`). It cannot check the real library's layout or speed: the GPU tests do.
+of bug where an operand is left stale by an optimizer write through `.data`. It cannot check the real library's layout or speed: the GPU tests do.
 """
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""`sparsity.double_prune: false`: plain static N:M training (the static-2:4 arm of issue 10).
+"""`sparsity.double_prune: false`: plain static N:M training (the static-2:4 arm of the quality study).
 
 Forward and dW are SLoPe's; only the input gradient changes: dX = dY (W*M) instead of
 dY (W*M*M_C). Checked against an independent float64 formula, against the double-pruned
