@@ -15,6 +15,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() e
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where there is none")
     config.addinivalue_line("markers", "slow: multi-process or end-to-end; still runs in CI")
+    config.addinivalue_line("markers", "matrix: the full layout-conversion matrix (slow);"
+                                       " deselected by default, run with -m matrix")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -38,6 +38,8 @@ POINTS = {
     "save_after_engine": "DeepSpeed's model/optimizer files written, RNG/artifact not",
     "save_before_latest": "checkpoint and manifest complete, `latest` not yet moved",
     "save_after_latest": "`latest` moved to the new checkpoint, old ones not yet pruned",
+    "convert_write": "converting a checkpoint to another layout: tensors written, not yet "
+                     "published (iter: the checkpoint's)",
 }
 
 

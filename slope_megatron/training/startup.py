@@ -16,8 +16,8 @@ from ..config.deepspeed_json import check_launch
 from ..distributed import DistInfo
 from ..parallel import initialize_parallel
 from ..sparsity import adapters_active
-from . import checkpoint
 from .engine import build_engine
+from .layout_resume import resume_any_layout
 from .optimizer import apply_optimizer_settings, mark_adapters_active
 from .run_data import prepare_run_data
 from .run_dir import check_output_dir, read_recorded_config, record_run_config
@@ -68,8 +68,8 @@ def start_run(cfg: Config, dist: DistInfo) -> Run:
 
     ckpt_dir = out / "checkpoints"
     identity = run_identity(cfg, dp_size)
-    client = checkpoint.load(engine, ckpt_dir, dist.rank, identity) if ckpt_dir.is_dir() \
-        else None
+    client = resume_any_layout(engine, cfg, par, ckpt_dir, dist.rank, dist.world_size,
+                               identity, say) if ckpt_dir.is_dir() else None
     if client:  # DeepSpeed put the checkpoint's optimizer settings back: this run's config wins
         adapters_on = adapters_active(model)
         for change in apply_optimizer_settings(optimizer, cfg, adapters_on):

@@ -1,0 +1,88 @@
+"""A checkpoint resumes in any layout: TP / PP / DP size, ZeRO stage and micro-batch size may
+change between a run's allocations, and the run goes on as if uninterrupted.
+
+Six layouts (one process, DP2 ZeRO-1, DP2 ZeRO-3, TP2, PP2, TP2 x PP2): a 16-iteration run
+in layout A saves at iteration 8 (adapters on since 6); its checkpoint there is resumed in
+layout B for iterations 9-16, whose train and val losses and final TP = 1 weights must equal
+the uninterrupted A run's within 1e-5 relative (helpers/layout_runs.py). CI runs a cycle
+through the six (each layout once as source, once as target), two reversed pairs and a
+micro-batch change; the full 30-pair matrix is `-m matrix`.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+
+import pytest
+from helpers.layout_runs import (HALF, LAYOUTS, References, final_state, halfway_copy,
+                                 losses, model_relative, resume_and_compare, run,
+                                 worst_relative)
+
+from slope_megatron.training import checkpoint
+from slope_megatron.training.checkpoint.universal import UNIVERSAL
+
+NAMES = list(LAYOUTS)
+CYCLE = list(zip(NAMES, NAMES[1:] + NAMES[:1]))  # 1 -> dp2-zero1 -> ... -> tp2-pp2 -> 1
+REVERSED = [("dp2-zero1", "1"), ("tp2-pp2", "tp2")]
+MATRIX = [pair for pair in itertools.permutations(NAMES, 2)]
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    return References(tmp_path_factory.mktemp("layouts"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source,target", CYCLE + REVERSED, ids=lambda x: x)
+def test_a_checkpoint_resumes_in_another_layout_like_the_uninterrupted_run(refs, source,
+                                                                            target):
+    resume_and_compare(refs, source, target)
+
+
+@pytest.mark.slow
+def test_a_micro_batch_change_with_a_layout_change_resumes_alike(refs):
+    """Global batch 8: 4 micro-batches of 2 per step in one process become 1 of 4 on each
+    of two ZeRO-1 ranks (and with no layout change, 8 of 1: DeepSpeed's own load)."""
+    resume_and_compare(refs, "1", "dp2-zero1", "train.micro_batch_size=4")
+    resume_and_compare(refs, "1", "1", "train.micro_batch_size=1")
+
+
+def _hashes(tag_dir):
+    return {str(p.relative_to(tag_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(tag_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_conversion_leaves_the_checkpoint_whole_and_the_rerun_converts(
+        refs, capfd):
+    ref = refs("dp2-zero1")
+    out = halfway_copy(ref, refs.root / "killed-conversion")
+    tag_dir = out / "checkpoints" / checkpoint.tag_for(HALF)
+    before = _hashes(tag_dir)
+    assert run(refs.root, out, "tp2", fault=f"kill:convert_write:iter={HALF}")[0] < 0
+    assert _hashes(tag_dir) == before  # the original is only read
+    universal = out / "checkpoints" / UNIVERSAL
+    assert not (universal / tag_dir.name).exists()  # no snapshot, only a staging leftover
+    assert [p.name.startswith(".tmp-") for p in universal.iterdir()] == [True]
+    capfd.readouterr()
+    assert run(refs.root, out, "tp2") == [0, 0]
+    said = capfd.readouterr().out
+    assert f"resume: converted checkpoint {tag_dir.name} (tp=1 pp=1 ZeRO-1 dp=2) to this " \
+           f"run's layout (tp=2 pp=1 ZeRO-0)" in said
+    assert _hashes(tag_dir) == before
+    want = {k: v for k, v in losses(ref).items() if abs(k) > HALF}
+    got = {k: v for k, v in losses(out).items() if abs(k) > HALF}
+    assert worst_relative(got, want)[0] <= 1e-5
+    assert model_relative(final_state(out), final_state(ref)) <= 1e-5
+    # the new layout saved its own checkpoint: its rerun loads DeepSpeed's files directly
+    latest = (out / "checkpoints" / checkpoint.LATEST).read_text()
+    manifest = json.loads((out / "checkpoints" / latest / checkpoint.MANIFEST).read_text())
+    assert manifest["identity"]["parallel.tensor"] == 2
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("source,target", MATRIX, ids=lambda x: x)
+def test_every_layout_pair_resumes_like_the_uninterrupted_run(refs, source, target):
+    diff = resume_and_compare(refs, source, target)
+    print(f"{source} -> {target}: largest relative difference {diff:.2e}")
