@@ -12,6 +12,12 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-losses", action="store_true",
+                     help="rewrite the pinned loss curves in tests/assets/losses/ from this run "
+                          "(tests/integration/test_loss_regression.py) instead of checking them")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where there is none")
     config.addinivalue_line("markers", "slow: multi-process or end-to-end; still runs in CI")
