@@ -2,8 +2,8 @@
 
 One dataclass per concern (model, sparsity, adapters, parallel, zero, optimizer, data,
 train; `schema.py`), loaded from YAML plus ``--set key=value`` overrides (`loading.py`).
-Every field carries its help text, so ``launch/pretrain.py --help-config`` and the README's
-config reference come from the same source. Validation (`validation.py`) happens before any
+Every field carries its help text, so ``launch/pretrain.py --help-config`` and the reference in
+docs/CONFIG.md come from the same source. Validation (`validation.py`) happens before any
 process allocates a model, and every error names the key, the bad value and what to do.
 """
 from .loading import apply_overrides, config_from_dict, load_config
