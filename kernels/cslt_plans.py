@@ -15,8 +15,11 @@ import json
 import logging
 import os
 import threading
+from pathlib import Path
 
 import torch
+
+from ..io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +74,7 @@ class PlanCache:
             return
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            tmp = f"{self.path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self._stored, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
+            write_text_atomic(Path(self.path), json.dumps(self._stored, indent=1, sort_keys=True))
         except OSError as e:
             log.warning("could not write cuSPARSELt algorithm cache %s: %s", self.path, e)
 

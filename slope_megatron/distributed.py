@@ -328,6 +328,17 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def gather_object_on_rank_0(obj) -> list | None:
+    """`obj` of every rank, by global rank, on rank 0; None on the others ([obj] in a world of
+    one)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world if rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def mark_every_rank(error: Exception) -> Exception:
     """Mark an error that every rank raises alike, so rank 0's `error:` line says it for all
     (launch/pretrain.py prints a non-zero rank's own error only when not so marked)."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from ...config import Config
+from ...distributed import gather_object_on_rank_0, rank_and_world
 
 if TYPE_CHECKING:
     from ..run_data import RunData
@@ -22,8 +23,6 @@ def consolidated_state_dict(engine, cfg: Config, par) -> Optional[dict]:
     stages send their (renamed) pieces to rank 0.
     """
     import contextlib
-
-    import torch.distributed as dist
 
     module = engine.module
     gather3 = contextlib.nullcontext()
@@ -49,14 +48,13 @@ def consolidated_state_dict(engine, cfg: Config, par) -> Optional[dict]:
             if par.pp_rank > 0:  # the last stage's tied copy of the embedding module: its
                 # tokens are tied, but its positions are an unused, untrained duplicate
                 mine = {k: v for k, v in mine.items() if not k.startswith("embedding.")}
-        pieces = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(mine, pieces, dst=0)
-        if dist.get_rank() != 0:
+        pieces = gather_object_on_rank_0(mine)
+        if pieces is None:
             return None
         state = {}
         for piece in pieces:
             state.update(piece or {})
-    return state if dist.get_rank() == 0 else None
+    return state if rank_and_world()[0] == 0 else None
 
 
 def artifact_writer(engine, cfg: Config, data: RunData, par) -> Callable[[Path], None]:
