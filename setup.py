@@ -44,5 +44,6 @@ setup(
         "slope-prepare-data=slope_megatron.commands.prepare_data:main",
         "slope-generate=slope_megatron.commands.generate:main",
         "slope-export=slope_megatron.commands.export:main",
+        "slope-convert-checkpoint=slope_megatron.commands.convert_checkpoint:main",
     ]},
 )

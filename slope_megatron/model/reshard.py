@@ -1,5 +1,5 @@
 """How each tensor of the TP = 1 model is cut over tensor-parallel ranks, by its state-dict key:
-the rules of layers.py (shard) and gather.py (merge) written once as data, so a checkpoint
+the rules of parallel/layers.py (shard) and parallel/gather.py (merge) written once as data, so a checkpoint
 can be resharded from its files alone, without building the model of either layout.
 
 A key under a parallel wrapper has `.local.` in it (`blocks.0.attn.qkv.local.weight`); its
@@ -56,6 +56,16 @@ def cut_of(key: str, arch: str) -> Cut:
         return Cut(full_key, dim)
     dim = {"adapter_a": None, "adapter_b": 1, "_extra_state": None}.get(name, 0)
     return Cut(full_key, dim, _chunks(role, arch))
+
+
+def cut_of_stage_key(key: str, arch: str, num_layers: int, pipelined: bool) -> Cut:
+    """`cut_of` a key of a live module: a pipeline stage's key (`3.attn.qkv.local.weight`)
+    where `pipelined`, GPTModel's otherwise."""
+    if pipelined:
+        from .pipeline import pipeline_to_model_keys
+
+        key = next(iter(pipeline_to_model_keys({key: None}, num_layers)))
+    return cut_of(key, arch)
 
 
 def shard(full: torch.Tensor, cut: Cut, tp: int, rank: int) -> torch.Tensor:

@@ -15,11 +15,13 @@ def initialize(model, optimizer, cfg: Config, dp_size: int, mpu=None):
     return engine, engine_optimizer
 
 
-def build_engine(cfg: Config, par, dp_size: int):
+def build_engine(cfg: Config, par, dp_size: int, pretrained=None):
     """Model (plain, or a PipelineModule when PP > 1), client AdamW and DeepSpeed engine.
 
     Returns (model, engine, engine_optimizer). With PP DeepSpeed takes the groups from the
     PipelineModule's topology; otherwise our ParallelState is the `mpu` (None for TP = 1).
+    `pretrained` (init_from.check_init_from's checkpoint) is loaded into the model before
+    DeepSpeed wraps it, so every ZeRO stage partitions the pretrained weights.
     """
     from ..model import GPTModel
     from ..model.regions import enable_compile, resolve_compile
@@ -34,6 +36,10 @@ def build_engine(cfg: Config, par, dp_size: int):
     else:
         model = GPTModel.from_config(cfg, par)
         mpu = par
+    if pretrained is not None:
+        from .init_from import load_pretrained
+
+        load_pretrained(model, cfg, par, pretrained)
     if cfg.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     engine, optimizer = initialize(model, build_optimizer(model, cfg), cfg, dp_size, mpu=mpu)

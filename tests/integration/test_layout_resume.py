@@ -86,3 +86,40 @@ def test_a_kill_during_the_conversion_leaves_the_checkpoint_whole_and_the_rerun_
 def test_every_layout_pair_resumes_like_the_uninterrupted_run(refs, source, target):
     diff = resume_and_compare(refs, source, target)
     print(f"{source} -> {target}: largest relative difference {diff:.2e}")
+
+
+@pytest.mark.slow
+def test_the_convert_command_writes_the_snapshot_a_resume_then_uses(refs, capfd):
+    from slope_megatron.commands.convert_checkpoint import main
+    from slope_megatron.training.checkpoint.universal import ModelFacts, usable_snapshot
+    from slope_megatron.training.layout_resume import ensure_snapshot
+
+    ref = refs("dp2-zero3")
+    out = halfway_copy(ref, refs.root / "converted-first")
+    ckpts, tag = out / "checkpoints", checkpoint.tag_for(HALF)
+    capfd.readouterr()
+    assert main(["--checkpoint", str(out)]) == 0
+    snap = ckpts / UNIVERSAL / tag
+    assert f"wrote {snap} (checkpoint {tag}, written in tp=1 pp=1 ZeRO-3 dp=2)" \
+        in capfd.readouterr().out
+    assert main(["--checkpoint", str(ckpts / tag)]) == 0
+    assert f"up to date: {snap}" in capfd.readouterr().out
+    assert run(refs.root, out, "pp2") == [0, 0]
+    assert f"resume: loaded the converted copy of checkpoint {tag} (tp=1 pp=1 ZeRO-3 dp=2) " \
+           f"to this run's layout (tp=1 pp=2 ZeRO-0)" in capfd.readouterr().out
+    want = {k: v for k, v in losses(ref).items() if abs(k) > HALF}
+    got = {k: v for k, v in losses(out).items() if abs(k) > HALF}
+    assert worst_relative(got, want)[0] <= 1e-5
+    # a damaged snapshot is derived data: it is converted again, never loaded
+    victim = snap / "exp_avg.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert "does not match the snapshot's manifest" in usable_snapshot(snap, ckpts / tag)
+    facts = ModelFacts.of_checkpoint(ckpts / tag)
+    assert ensure_snapshot(ckpts, tag, facts) == (snap, True)
+    assert usable_snapshot(snap, ckpts / tag) is None
+    # a checkpoint that does not verify is not converted
+    (ckpts / tag / "rng_rank1.pt").write_bytes(b"")
+    assert main(["--checkpoint", str(out), "--tag", tag]) == 2
+    assert "does not verify" in capfd.readouterr().err

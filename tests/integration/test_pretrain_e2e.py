@@ -80,8 +80,8 @@ def test_bad_inputs_stop_before_work_with_one_message(corpus, tmp_path, capfd):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,change,key", [(1, "model.num_layers=3", "model.num_layers"),
-                                              (2, "parallel.tensor=2", "parallel.tensor")])
-def test_a_different_model_or_layout_in_the_same_output_dir_is_refused(
+                                              (2, "sparsity.n=1", "sparsity.n")])
+def test_a_different_model_or_sparsity_in_the_same_output_dir_is_refused(
         corpus, tmp_path, capfd, world, change, key):
     out = tmp_path / "run"
     assert run_distributed(pretrain_main, 1, args(corpus, out, "train.iters=2")) == [0]

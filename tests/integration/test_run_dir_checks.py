@@ -74,20 +74,26 @@ def test_without_run_config_the_checkpoints_identity_binds_a_rerun(tmp_path):
         check_output_dir(first, out)
 
 
-def test_a_changed_data_parallel_size_under_zero_is_refused_up_front(tmp_path):
+def test_a_changed_layout_is_no_other_run_but_a_changed_identity_is(tmp_path):
+    """The DP size, ZeRO stage and TP / PP sizes say how the files are cut: a rerun with other
+    ones passes the output-dir checks (start-up then converts the checkpoint:
+    training/layout_resume.py); the run's identity still binds."""
     out = tmp_path / "run"
     cfg = load_config(None, [f"train.output_dir={out}", "zero.stage=2"])
     _sealed(out, run_identity(cfg, 2))
     record_run_config(cfg.to_dict(), out, main=True)  # with its run_config.yaml, as a run has
     check_output_dir(cfg, out, dp_size=2)
     for dp in (1, None):  # None: the process group's (none here: one process)
-        with pytest.raises(CheckpointError, match=r"data_parallel_size: 2 \(checkpoint\) vs 1 "
-                                                  r"\(this run\)"):
-            check_output_dir(cfg, out, dp_size=dp)
-    # without ZeRO the DP size is not part of the identity: another one resumes
-    zero0 = load_config(None, [f"train.output_dir={tmp_path / 'z0'}"])
-    _sealed(tmp_path / "z0", run_identity(zero0, 2))
-    check_output_dir(zero0, tmp_path / "z0", dp_size=1)
+        check_output_dir(cfg, out, dp_size=dp)
+    for layout in ("zero.stage=1", "parallel.tensor=2", "parallel.pipeline=2"):
+        check_output_dir(load_config(None, [f"train.output_dir={out}", layout]), out, dp_size=1)
+    with pytest.raises(ConfigError, match=r"holds a different run \(train.seed: 1234 -> 5\)"):
+        check_output_dir(load_config(None, [f"train.output_dir={out}", "zero.stage=2",
+                                            "train.seed=5"]), out, dp_size=2)
+    (out / RUN_CONFIG).unlink()  # the checkpoint's manifest says the same
+    with pytest.raises(CheckpointError, match=r"train.seed: 1234 \(checkpoint\) vs 5"):
+        check_output_dir(load_config(None, [f"train.output_dir={out}", "train.seed=5"]), out,
+                         dp_size=1)
 
 
 # ---- train.output_dir must be a directory (unit) -------------------------------------------
@@ -194,16 +200,17 @@ def test_a_refused_rerun_does_not_lock_the_original_settings_out(corpus, zero2_r
 
 
 @pytest.mark.slow
-def test_a_changed_data_parallel_size_stops_before_the_data_and_the_engine(corpus, zero2_run,
-                                                                           tmp_path, capfd):
+def test_another_identity_stops_before_the_data_and_the_engine(corpus, zero2_run, tmp_path,
+                                                               capfd):
+    """(Another data-parallel size is no other run: it converts, test_layout_resume.py.)"""
     out = _copy(zero2_run, tmp_path)
     fresh_cache = tmp_path / "other_cache"
     capfd.readouterr()
-    assert launch(_args(corpus, out, fresh_cache, "zero.stage=2", "train.iters=4"), 1) == [2]
+    assert launch(_args(corpus, out, fresh_cache, "zero.stage=2", "train.iters=4",
+                        "train.seed=5"), 1) == [2]
     cap = capfd.readouterr()
     assert _errors(cap.err) == [_errors(cap.err)[0]] and "Traceback" not in cap.err
-    assert "belongs to a different run (data_parallel_size: 2 (checkpoint) vs 1 (this run))" \
-        in cap.err
+    assert "holds a different run (train.seed: 1234 -> 5)" in cap.err
     assert not fresh_cache.exists() and "model:" not in cap.out  # no data, no engine
 
 

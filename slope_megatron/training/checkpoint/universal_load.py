@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ...model.reshard import Cut, cut_of, shard
+from ...model.reshard import Cut, cut_of_stage_key, shard
 from ..optimizer import base_optimizer
 from .errors import CheckpointError
 from .rng import set_rng_state
@@ -42,12 +42,7 @@ class _Slicer:
         self.pipelined = pipelined
 
     def cut(self, local_key: str) -> Cut:
-        key = local_key
-        if self.pipelined:
-            from ...model.pipeline import pipeline_to_model_keys
-
-            key = next(iter(pipeline_to_model_keys({local_key: None}, self.num_layers)))
-        return cut_of(key, self.arch)
+        return cut_of_stage_key(local_key, self.arch, self.num_layers, self.pipelined)
 
     def get(self, local_key: str, what: str = "model"):
         cut = self.cut(local_key)
