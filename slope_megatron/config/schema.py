@@ -185,6 +185,15 @@ class TrainConfig:
                                  "cannot be resumed.")
     keep_checkpoints: int = _f(2, "Newest complete checkpoints to keep (>= 1).")
     seed: int = _f(1234, "Seed for init, data order and dropout.")
+    init_from: Optional[str] = _f(None, "A local Hugging Face checkpoint directory (GPT-2 or "
+                                        "LLaMA; config.json, safetensors weights, tokenizer "
+                                        "files) whose weights start this run, in any layout: "
+                                        "the model.* keys must equal its settings, each sparse "
+                                        "layer's N:M mask is chosen by magnitude from its "
+                                        "pretrained weights (SLoPe's rule), and its tokenizer "
+                                        "prepares the data (data.tokenizer at its default "
+                                        "becomes hf:<dir>). An unset model.vocab_size becomes "
+                                        "its vocabulary size. A resume ignores it.")
     dtype: str = _f("auto", "'auto' (bf16 on GPUs that support it, else fp32), 'bf16', 'fp16' "
                             "or 'fp32'.")
     max_skipped_steps: int = _f(10, "Stop after this many consecutive steps skipped for a "
@@ -198,12 +207,6 @@ class TrainConfig:
                                                "block inputs plus one block's, for one more "
                                                "forward of compute (~1/3 more). For models or "
                                                "micro-batches that do not fit otherwise.")
-    stop_signals: list = _f(["SIGTERM", "SIGINT", "SIGUSR1"],
-                            "Signals that make the run finish its iteration, save a checkpoint "
-                            "and exit with status 75 (a second one exits at once): SIGTERM is "
-                            "what schedulers send at pre-emption and at the time limit, SIGINT "
-                            "is Ctrl-C, SIGUSR1 is what `sbatch --signal=USR1@<seconds>` sends "
-                            "ahead of the time limit. [] keeps the default actions.")
 
 
 @dataclass

@@ -1,8 +1,7 @@
 """A run's start-up, top to bottom: the config checked against this launch (world size,
 precision, DeepSpeed's JSON: config/deepspeed_json.check_launch), the process groups of the
 layout, the run directory (run_dir.py), the data (run_data.py), the recorded run config,
-the DeepSpeed engine (engine.py) and the newest checkpoint if there is one. The run directory
-is locked (run_lock.py) before anything in it is read or written."""
+the DeepSpeed engine (engine.py) and the newest checkpoint if there is one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ from ..distributed import DistInfo
 from ..parallel import initialize_parallel
 from ..sparsity import adapters_active
 from .engine import build_engine
+from .init_from import check_init_from
 from .layout_resume import resume_any_layout
 from .optimizer import apply_optimizer_settings, mark_adapters_active
 from .run_data import prepare_run_data
-from .run_dir import check_directory, check_output_dir, read_recorded_config, record_run_config
-from .run_lock import hold_run_lock
+from .run_dir import check_output_dir, read_recorded_config, record_run_config
+from .run_dir import holds_checkpoint
 from .run_identity import run_identity
 
 
@@ -53,13 +53,14 @@ def start_run(cfg: Config, dist: DistInfo) -> Run:
     order: a bad config stops before anything is written, a bad output directory before the
     data is prepared, bad data before the model is built."""
     dp_size = check_launch(cfg, dist.world_size)  # every check of the config, DeepSpeed's too
+    # train.init_from: the checkpoint against the config; it may set data.tokenizer and
+    # model.vocab_size, so before the run directory's identity check and the data
+    pretrained = check_init_from(cfg, print if dist.is_main else (lambda *_: None))
     par = None
     if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:
         par = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
     dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
-    check_directory(out)  # a writable directory, or a path that can become one
-    hold_run_lock(out, main)  # one run at a time in it, until this process ends (run_lock.py)
     recorded = read_recorded_config(out)  # the one read, before it is (re)written
     given = check_output_dir(cfg, out, recorded, dp_size)
     data = prepare_run_data(cfg, main)  # sets model.vocab_size from the tokenizer
@@ -67,7 +68,9 @@ def start_run(cfg: Config, dist: DistInfo) -> Run:
     say = tqdm.write if main else (lambda *_: None)
 
     torch.manual_seed(cfg.train.seed)
-    model, engine, optimizer = build_engine(cfg, par, dp_size)
+    resuming = holds_checkpoint(out)  # then the checkpoint's weights, not train.init_from's
+    model, engine, optimizer = build_engine(cfg, par, dp_size,
+                                            None if resuming else pretrained)
     stored = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 too
 
     ckpt_dir = out / "checkpoints"
