@@ -2,8 +2,12 @@
 exit statuses (so a benchmark that runs `launch/pretrain.py` can tell "does not fit" from a
 crash)."""
 
-EXIT_USER_ERROR = 2  # a SlopeError: config, data, checkpoint or a stopped run
+EXIT_USER_ERROR = 2  # a SlopeError: config, data, checkpoint, a full disk or a stopped run
 EXIT_OUT_OF_MEMORY = 3  # the GPU ran out of memory (the model or batch does not fit)
+# stopped by SIGTERM/SIGINT/SIGUSR1 (train.stop_signals) after saving a checkpoint, or during
+# start-up before there was anything to save: rerun (or requeue) the same command to resume.
+# 75 is sysexits.h's EX_TEMPFAIL ("a temporary failure; the user is invited to retry").
+EXIT_STOPPED_BY_SIGNAL = 75
 
 
 class SlopeError(Exception):

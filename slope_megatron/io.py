@@ -76,6 +76,16 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def torch_save(obj, path: Path, **kwargs) -> None:
+    """torch.save into a Python file object rather than to a path: torch's C++ writer, given a
+    path, reports a full disk as a RuntimeError without errno ("unexpected pos ..."); through a
+    file object the OSError(ENOSPC) and the file name reach the caller (disk_space.py)."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f, **kwargs)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """write_bytes_atomic of `text` in UTF-8."""
     write_bytes_atomic(path, text.encode("utf-8"))

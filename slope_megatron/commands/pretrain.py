@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -52,6 +53,7 @@ def _raised_on_every_rank(error: BaseException) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)  # --help: argparse itself ignores a closed stdout
     from slope_megatron.config import config_reference, load_config
+    from slope_megatron.disk_space import is_disk_full, no_space_error
     from slope_megatron.errors import (EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, SlopeError,
                                        out_of_memory_message)
 
@@ -70,17 +72,25 @@ def main(argv=None) -> int:
     import torch  # here, not at the top: --help-config stays quick
 
     from slope_megatron.distributed import shutdown_distributed
+    from slope_megatron.training import run_lock, stop_signals
 
     completed = started = False
+    cfg = None
     try:
         cfg = load_config(args.config, args.set)  # validated before any process group exists
+        _prepare_process(cfg)
         from slope_megatron.training import train
         from slope_megatron.distributed import init_distributed
 
-        dist = init_distributed()
+        dist = init_distributed()  # builds DeepSpeed's CPU communication op (build_lock.py)
         started = True
         train(cfg, dist)
         completed = True
+    except stop_signals.StoppedBySignal as e:  # saved (or nothing to save yet): not an error
+        if rank == 0:
+            print(e, file=sys.stderr, flush=True)
+        completed = bool(getattr(e, "agreed", False))  # every rank stopped at one iteration
+        return e.exit_code
     except SlopeError as e:  # config, data, checkpoint or a stopped run: one line, no traceback
         # rank 0 says what every rank raised alike (all of it before train(): the config and
         # the launch checks); a rank that failed in train() on its own says so itself, as with
@@ -95,11 +105,39 @@ def main(argv=None) -> int:
         print(f"error: {'' if rank == 0 else f'rank {rank}: '}{out_of_memory_message(e)}",
               file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        # a full disk wherever it was met (metrics, TensorBoard, run_config.yaml, ...): one line
+        error = no_space_error(e, Path(cfg.train.output_dir if cfg else "."))
+        print(f"error: {'' if rank == 0 else f'rank {rank}: '}{error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C before its handler was installed (or SIGINT not in
+        # train.stop_signals): one line instead of a traceback from every rank
+        if rank == 0:
+            print("interrupted (SIGINT); nothing was saved since the last checkpoint",
+                  file=sys.stderr)
+        return 130
     finally:
+        stop_signals.leave_loop()  # a signal from here on no longer raises (nor saves)
         # every rank, every way out: barrier (only after a finished run), destroy every group,
         # drop the references that keep gloo's threads alive (see shutdown_distributed)
         shutdown_distributed(completed)
+        run_lock.release_all()
+        stop_signals.uninstall()
     return 0
+
+
+def _prepare_process(cfg) -> None:
+    """Before the process group (and DeepSpeed's first JIT build) exists: the signals that stop
+    and save (train.stop_signals), the watch on a `deepspeed` launcher that goes away, and
+    kernel build locks that a dead process left behind cleared instead of waited for."""
+    from slope_megatron.build_lock import install as install_build_lock
+    from slope_megatron.training import launcher_watch, stop_signals
+
+    stop_signals.install(cfg.train.stop_signals)
+    launcher_watch.start()
+    install_build_lock()
 
 
 if __name__ == "__main__":

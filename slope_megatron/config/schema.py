@@ -207,6 +207,12 @@ class TrainConfig:
                                                "block inputs plus one block's, for one more "
                                                "forward of compute (~1/3 more). For models or "
                                                "micro-batches that do not fit otherwise.")
+    stop_signals: list = _f(["SIGTERM", "SIGINT", "SIGUSR1"],
+                            "Signals that make the run finish its iteration, save a checkpoint "
+                            "and exit with status 75 (a second one exits at once): SIGTERM is "
+                            "what schedulers send at pre-emption and at the time limit, SIGINT "
+                            "is Ctrl-C, SIGUSR1 is what `sbatch --signal=USR1@<seconds>` sends "
+                            "ahead of the time limit. [] keeps the default actions.")
 
 
 @dataclass

@@ -123,6 +123,20 @@ def validate(cfg: Config) -> None:
     _require(t.init_from is None or (Path(t.init_from).expanduser() / "config.json").is_file(),
              "train.init_from", t.init_from, "must be a local Hugging Face checkpoint directory "
              "(config.json, model.safetensors and the tokenizer files save_pretrained writes)")
+    _validate_stop_signals(t.stop_signals)
+
+
+def _validate_stop_signals(names) -> None:
+    """train.stop_signals: names of signals a handler may catch (not SIGKILL/SIGSTOP)."""
+    import signal
+
+    _require(isinstance(names, list) and all(isinstance(n, str) for n in names),
+             "train.stop_signals", names, "must be a list of signal names, e.g. "
+             "[SIGTERM, SIGINT, SIGUSR1]")
+    bad = [n for n in names if not n.startswith("SIG") or not hasattr(signal, n)
+           or n in ("SIGKILL", "SIGSTOP") or not isinstance(getattr(signal, n), signal.Signals)]
+    _require(not bad, "train.stop_signals", names, f"{bad} cannot be caught or are not signal "
+             f"names here; use names such as SIGTERM, SIGINT, SIGUSR1, SIGUSR2")
 
 
 def _validate_layout(cfg: Config) -> None:

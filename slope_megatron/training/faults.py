@@ -8,6 +8,8 @@ dictionary lookup and returns at once:
     SLOPE_FAULT="inf:loss:iter=3"              ... +Inf
     SLOPE_FAULT="nan:grad:iter=3"              the loss stays finite, its gradient is NaN
     SLOPE_FAULT="nan:loss:iter=3-5,rank=1"     iterations 3..5, global rank 1 only
+    SLOPE_FAULT="signal:after_backward:iter=5,sig=SIGUSR1"   send this process SIGUSR1 there
+                                               (SIGTERM by default): a scheduler's stop
 
 Several faults are separated by ';'. `iter` is the 0-based training iteration for step
 points and the checkpoint's iteration for save points; leave it out to fire every time.
@@ -45,11 +47,12 @@ POINTS = {
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str                 # kill | nan | inf
+    kind: str                 # kill | signal | nan | inf
     point: str                # a POINTS name, or loss / grad
     first: Optional[int]      # iteration range (None: any)
     last: Optional[int]
     rank: Optional[int]
+    sig: str = "SIGTERM"      # what a `signal` fault sends
 
     def fires(self, iteration: Optional[int]) -> bool:
         if self.rank is not None and self.rank != int(os.environ.get("RANK", "0")):
@@ -66,13 +69,13 @@ def parse(raw: str) -> tuple[Fault, ...]:
     faults = []
     for item in filter(None, (s.strip() for s in raw.split(";"))):
         parts = item.split(":")
-        if len(parts) not in (2, 3) or parts[0] not in ("kill", "nan", "inf"):
-            raise ValueError(f"{ENV}: '{item}' must look like kill:<point>[:iter=N] or "
+        if len(parts) not in (2, 3) or parts[0] not in ("kill", "signal", "nan", "inf"):
+            raise ValueError(f"{ENV}: '{item}' must look like kill|signal:<point>[:iter=N] or "
                              f"nan|inf:loss|grad[:iter=N]")
         kind, point = parts[0], parts[1]
-        if kind == "kill" and point not in POINTS:
+        if kind in ("kill", "signal") and point not in POINTS:
             raise ValueError(f"{ENV}: unknown kill point '{point}'; known: {', '.join(POINTS)}")
-        if kind != "kill" and point not in ("loss", "grad"):
+        if kind in ("nan", "inf") and point not in ("loss", "grad"):
             raise ValueError(f"{ENV}: '{kind}' faults apply to 'loss' or 'grad', not '{point}'")
         opts = dict(kv.split("=", 1) for kv in parts[2].split(",")) if len(parts) == 3 else {}
         first = last = None
@@ -80,7 +83,7 @@ def parse(raw: str) -> tuple[Fault, ...]:
             lo, _, hi = opts["iter"].partition("-")
             first, last = int(lo), int(hi or lo)
         rank = int(opts["rank"]) if "rank" in opts else None
-        faults.append(Fault(kind, point, first, last, rank))
+        faults.append(Fault(kind, point, first, last, rank, opts.get("sig", "SIGTERM")))
     return tuple(faults)
 
 
@@ -95,8 +98,11 @@ def active() -> tuple[Fault, ...]:
 
 
 def point(name: str, iteration: Optional[int] = None) -> None:
-    """A named kill point: SIGKILL this process if a fault names it (and the iteration)."""
+    """A named kill point: SIGKILL this process if a fault names it (and the iteration), or
+    send it the signal a `signal` fault names (its handler runs; the code goes on)."""
     for f in active():
+        if f.kind == "signal" and f.point == name and f.fires(iteration):
+            os.kill(os.getpid(), getattr(signal, f.sig))
         if f.kind == "kill" and f.point == name and f.fires(iteration):
             sys.stdout.flush()
             sys.stderr.flush()

@@ -36,7 +36,7 @@ from ..errors import SlopeError
 from ..model import dense_flops_per_token
 from ..model.regions import compile_enabled
 from ..sparsity import adapters_active, after_optimizer_step
-from . import checkpoint, faults
+from . import checkpoint, faults, stop_signals
 from .adapter_schedule import (
     adapter_phase,
     adapters_on_since,
@@ -311,6 +311,22 @@ def _save(run: Run, s: _LoopState, loop: _LoopSetup, done: int) -> None:
     run.say(f"saved checkpoint {path} ({save_s:.1f} s)")
 
 
+def _stop_on_signal(run: Run, s: _LoopState, loop: _LoopSetup, done: int, saved: bool,
+                    what: str) -> None:
+    """Every rank, after iteration `done`, when any rank received a stop signal: save (unless
+    this iteration just did), then stop with the one line and exit status 75."""
+    if run.cfg.train.save_interval:
+        if not saved:
+            _save(run, s, loop, done)
+        message = f"saved iter {done} on {what}; rerun the same command to resume"
+    else:
+        message = (f"stopped after iter {done} on {what}; train.save_interval=0, so nothing "
+                   f"was saved and this run cannot be resumed")
+    stop = stop_signals.StoppedBySignal(message)
+    stop.agreed = True  # every rank stops here: the end of the run may meet at a barrier
+    raise stop
+
+
 def train(cfg: Config, dist: DistInfo) -> TrainResult:
     """Set the run up, run its iterations (or the rest of them, after a resume), end it."""
     run = start_run(cfg, dist)
@@ -320,6 +336,7 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
     iters = cfg.train.iters
     bar = tqdm(total=iters, initial=s.start, disable=not run.main, desc="train",
                dynamic_ncols=True)
+    stop_signals.enter_loop()  # from here a stop signal saves before it stops the run
     try:  # on any way out, the bar ends its line before an error is printed
         for it in range(s.start, iters):
             faults.point("step_start", it)
@@ -343,9 +360,15 @@ def train(cfg: Config, dist: DistInfo) -> TrainResult:
                 s.train_loss = _log_window(run, s, loop, done, lr)
             if (cfg.train.eval_interval and done % cfg.train.eval_interval == 0) or done == iters:
                 s.val_loss = _evaluate(run, loop, it, done)
-            if cfg.train.save_interval and (done % cfg.train.save_interval == 0 or done == iters):
+            saved = bool(cfg.train.save_interval) and (done % cfg.train.save_interval == 0
+                                                       or done == iters)
+            if saved:
                 _save(run, s, loop, done)
+            stop = stop_signals.agreed_stop() if done < iters else None  # collective
+            if stop is not None:
+                _stop_on_signal(run, s, loop, done, saved, stop)
     finally:
+        stop_signals.leave_loop()
         bar.close()
         loop.metrics.close()
     if s.start >= iters:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,9 +20,10 @@ from typing import Any, Optional
 import yaml
 
 from ..config import Config, ConfigError
+from ..disk_space import check_free_space, dir_bytes, is_disk_full, no_space_error
 from ..distributed import barrier
 from ..io import write_text_atomic
-from .checkpoint import LATEST, MANIFEST, TAG_RE, check_identity, saved_identity
+from .checkpoint import LATEST, MANIFEST, TAG_RE, candidates, check_identity, saved_identity
 from .run_identity import flatten, identity_diff, identity_of, run_identity, with_added_keys
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,10 @@ def _data_parallel_size(cfg: Config) -> int:
     return max(1, world // (cfg.parallel.tensor * cfg.parallel.pipeline))
 
 
-def _check_directory(out: Path) -> None:
+def check_directory(out: Path) -> None:
     """train.output_dir must be a directory, or a path whose nearest existing ancestor is one,
-    that we can write to."""
+    that we can write to (as far as permissions say: check_output_dir writes a probe once the
+    directory is locked)."""
     if out.is_symlink() and not out.exists():
         raise ConfigError(f"train.output_dir '{out}' is a broken symbolic link (to "
                           f"'{os.readlink(out)}'); remove it or choose another directory")
@@ -54,10 +57,74 @@ def _check_directory(out: Path) -> None:
         raise ConfigError(f"train.output_dir '{out}' is not writable; choose another directory")
 
 
+CHECKPOINTS = "checkpoints"
+# what a run creates in train.output_dir, and what each must be: found before any work, not
+# at the first save after hours of training
+_LAYOUT = {CHECKPOINTS: "directory", "tensorboard": "directory", "metrics.jsonl": "file",
+           RUN_CONFIG: "file"}
+
+
+def check_layout(out: Path) -> None:
+    """Refuse an output directory where something the run writes has the wrong kind: a file
+    named `checkpoints` where the checkpoint directory belongs, a directory named
+    `metrics.jsonl`, a broken symbolic link."""
+    for name, kind in _LAYOUT.items():
+        path = out / name
+        if path.is_symlink() and not path.exists():
+            raise ConfigError(f"train.output_dir '{out}' holds '{name}', a broken symbolic link "
+                              f"(to '{os.readlink(path)}') where the run writes its {name}; "
+                              f"restore its target, or use another train.output_dir")
+        if not path.exists():
+            continue
+        if (kind == "directory") != path.is_dir():
+            what = "a directory" if path.is_dir() else "a file"
+            raise ConfigError(f"train.output_dir '{out}' holds {what} named '{name}' where the "
+                              f"run writes its {name} ({kind}); move it away or use another "
+                              f"train.output_dir")
+
+
+def probe_writes(out: Path) -> None:
+    """Write (and remove) a small file in the output directory and its checkpoint directory:
+    a read-only file system, missing permissions (which os.access does not show to root) or a
+    full disk stop the run here, before any work, in one line."""
+    for where in (out, out / CHECKPOINTS):
+        if not where.is_dir():
+            continue
+        probe = where / f".tmp-probe-{socket.gethostname()}-{os.getpid()}"
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if is_disk_full(e):
+                raise no_space_error(e, probe) from None
+            raise ConfigError(f"train.output_dir '{out}': cannot write in '{where}' "
+                              f"({e.strerror or e}); choose another train.output_dir or fix "
+                              f"its permissions") from None
+        finally:
+            probe.unlink(missing_ok=True)
+
+
+def check_room_for_a_checkpoint(ckpt_dir: Path) -> None:
+    """Refuse to start when the disk has less room than the newest checkpoint takes: the
+    first save would fail after the iterations before it were trained."""
+    if not ckpt_dir.is_dir():
+        return
+    try:
+        tags, _ = candidates(ckpt_dir)
+    except OSError:
+        return
+    sealed = [t for t in tags if (ckpt_dir / t / MANIFEST).is_file()]
+    if sealed:
+        check_free_space(ckpt_dir, dir_bytes(ckpt_dir / sealed[0]),
+                         f"the next checkpoint (as large as {sealed[0]})")
+
+
 def holds_checkpoint(out: Path) -> bool:
     """Whether `out` holds a checkpoint: `checkpoints/latest`, or a sealed (manifested)
     iter_* directory. Only then does its run_config.yaml bind a rerun."""
-    ckpts = out / "checkpoints"
+    ckpts = out / CHECKPOINTS
     if not ckpts.is_dir():
         return False
     return (ckpts / LATEST).is_file() or any(
@@ -107,7 +174,12 @@ def check_output_dir(cfg: Config, out: Path, recorded: Optional[RecordedConfig] 
 
     Returns the config as given (before derived values such as the vocabulary size) for
     `record_run_config` once the run's inputs are known to be good."""
-    _check_directory(out)
+    check_directory(out)
+    check_layout(out)
+    if out.is_dir():
+        probe_writes(out)
+        if cfg.train.save_interval:
+            check_room_for_a_checkpoint(out / CHECKPOINTS)
     if not cfg.train.save_interval and (out / "metrics.jsonl").is_file() \
             and not (out / "checkpoints").is_dir():
         raise ConfigError(f"train.output_dir '{out}' holds the metrics of a run without "

@@ -1,7 +1,8 @@
 """A run's start-up, top to bottom: the config checked against this launch (world size,
 precision, DeepSpeed's JSON: config/deepspeed_json.check_launch), the process groups of the
 layout, the run directory (run_dir.py), the data (run_data.py), the recorded run config,
-the DeepSpeed engine (engine.py) and the newest checkpoint if there is one."""
+the DeepSpeed engine (engine.py) and the newest checkpoint if there is one. The run directory
+is locked (run_lock.py) before anything in it is read or written."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from .init_from import check_init_from
 from .layout_resume import resume_any_layout
 from .optimizer import apply_optimizer_settings, mark_adapters_active
 from .run_data import prepare_run_data
-from .run_dir import check_output_dir, read_recorded_config, record_run_config
+from .run_dir import check_directory, check_output_dir, read_recorded_config, record_run_config
+from .run_lock import hold_run_lock
 from .run_dir import holds_checkpoint
 from .run_identity import run_identity
 
@@ -61,6 +63,8 @@ def start_run(cfg: Config, dist: DistInfo) -> Run:
         par = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
     dp_rank, main = (par.dp_rank if par else dist.rank), dist.is_main
     out = Path(cfg.train.output_dir)
+    check_directory(out)  # a writable directory, or a path that can become one
+    hold_run_lock(out, main)  # one run at a time in it, until this process ends (run_lock.py)
     recorded = read_recorded_config(out)  # the one read, before it is (re)written
     given = check_output_dir(cfg, out, recorded, dp_size)
     data = prepare_run_data(cfg, main)  # sets model.vocab_size from the tokenizer

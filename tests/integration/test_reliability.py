@@ -73,8 +73,10 @@ KILL_CHAIN = [
     ("kill:after_backward:iter=2", 2),         # during a step (mid gradient accumulation)
     ("kill:eval:iter=3", 2),                   # during evaluation
     ("kill:save_after_engine:iter=4", 2),      # during a checkpoint write
-    ("kill:save_before_latest:iter=4", 2),     # checkpoint + manifest written, `latest` not moved
     ("kill:save_after_latest:iter=4", 4),      # `latest` moved, old checkpoints not pruned
+    # checkpoint + manifest written, `latest` not moved: the sealed iter 6 is complete, so the
+    # next run resumes from it (and points `latest` at it) instead of redoing it
+    ("kill:save_before_latest:iter=6", 4),
     ("kill:before_adapter_switch:iter=6", 6),  # right before the adapter switch
     ("kill:after_adapter_switch:iter=6", 6),   # right after it, before its first step
     ("kill:after_step:iter=6", 6),             # first step with adapters taken
