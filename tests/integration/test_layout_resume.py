@@ -123,3 +123,46 @@ def test_the_convert_command_writes_the_snapshot_a_resume_then_uses(refs, capfd)
     (ckpts / tag / "rng_rank1.pt").write_bytes(b"")
     assert main(["--checkpoint", str(out), "--tag", tag]) == 2
     assert "does not verify" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_state_dict_export_loads_strictly_into_a_model_of_another_seed(refs, tmp_path,
+                                                                          capfd):
+    """`export --format state_dict` of a TP2 x PP2 checkpoint: GPTModel.load_state_dict(strict=
+    True) takes it, its masks replace those the new model drew, and the logits are the
+    checkpoint's. Kept values alone (what zero_to_fp32.py gives) under the new model's masks
+    give other logits."""
+    import torch
+    import yaml
+
+    from slope_megatron.commands.export import main
+    from slope_megatron.config import config_from_dict
+    from slope_megatron.config.history import fill_added_nested
+    from slope_megatron.model import GPTModel
+
+    ref = refs("tp2-pp2")
+    out = tmp_path / "exported"
+    assert main(["--checkpoint", str(ref), "--out", str(out), "--format", "state_dict"]) == 0
+    cfg = config_from_dict(fill_added_nested(yaml.safe_load((out / "config.yaml").read_text())))
+    cfg.sparsity.backend = "reference"
+    state = torch.load(out / "model.pt", weights_only=True)
+
+    def build(seed):
+        return GPTModel(cfg.model, cfg.sparsity, cfg.adapters, init_seed=seed).eval()
+
+    exported = build(seed=999)
+    exported.load_state_dict(state, strict=True)
+    artifact = build(seed=cfg.train.seed)
+    artifact.load_state_dict(final_state(ref), strict=False)  # the artifact: no column masks
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = artifact(ids)
+        torch.testing.assert_close(exported(ids), want, rtol=1e-6, atol=1e-6)
+        kept_only = build(seed=999)
+        kept_only.load_state_dict({k: v for k, v in state.items()
+                                   if not k.endswith("mask")}, strict=False)
+        assert (kept_only(ids) - want).abs().max() > 1e-2
+    assert main(["--checkpoint", str(ref / "checkpoints" / checkpoint.tag_for(16)), "--out",
+                 str(ref / "checkpoints" / checkpoint.tag_for(16) / "sd"), "--format",
+                 "state_dict"]) == 2
+    assert "is inside the checkpoint" in capfd.readouterr().err
