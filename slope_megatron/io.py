@@ -70,6 +70,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise_with_path(e, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -82,8 +85,23 @@ def torch_save(obj, path: Path, **kwargs) -> None:
     file object the OSError(ENOSPC) and the file name reach the caller (disk_space.py)."""
     import torch
 
-    with open(path, "wb") as f:
-        torch.save(obj, f, **kwargs)
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f, **kwargs)
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer may replace the write's OSError with its own RuntimeError
+        cause = e if isinstance(e, OSError) else (e.__cause__ or e.__context__)
+        if isinstance(cause, OSError) and cause.filename is None:
+            raise OSError(cause.errno, cause.strerror, str(path)) from e
+        raise
+
+
+def raise_with_path(error: OSError, path: Path) -> None:
+    """Raise `error`, with the file name a failed write() leaves out (ENOSPC from write or
+    close) when it has none."""
+    if error.filename is not None:
+        raise error
+    raise OSError(error.errno, error.strerror, str(path)) from error
 
 
 def write_text_atomic(path: Path, text: str) -> None:

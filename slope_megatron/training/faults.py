@@ -10,6 +10,9 @@ dictionary lookup and returns at once:
     SLOPE_FAULT="nan:loss:iter=3-5,rank=1"     iterations 3..5, global rank 1 only
     SLOPE_FAULT="signal:after_backward:iter=5,sig=SIGUSR1"   send this process SIGUSR1 there
                                                (SIGTERM by default): a scheduler's stop
+    SLOPE_FAULT="pause:after_step:iter=5"      wait there (at most seconds=60) until a stop
+                                               signal arrives: a run stopped from outside at a
+                                               known iteration
 
 Several faults are separated by ';'. `iter` is the 0-based training iteration for step
 points and the checkpoint's iteration for save points; leave it out to fire every time.
@@ -47,12 +50,13 @@ POINTS = {
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str                 # kill | signal | nan | inf
+    kind: str                 # kill | signal | pause | nan | inf
     point: str                # a POINTS name, or loss / grad
     first: Optional[int]      # iteration range (None: any)
     last: Optional[int]
     rank: Optional[int]
     sig: str = "SIGTERM"      # what a `signal` fault sends
+    seconds: float = 60.0     # how long a `pause` waits at most
 
     def fires(self, iteration: Optional[int]) -> bool:
         if self.rank is not None and self.rank != int(os.environ.get("RANK", "0")):
@@ -69,11 +73,11 @@ def parse(raw: str) -> tuple[Fault, ...]:
     faults = []
     for item in filter(None, (s.strip() for s in raw.split(";"))):
         parts = item.split(":")
-        if len(parts) not in (2, 3) or parts[0] not in ("kill", "signal", "nan", "inf"):
-            raise ValueError(f"{ENV}: '{item}' must look like kill|signal:<point>[:iter=N] or "
-                             f"nan|inf:loss|grad[:iter=N]")
+        if len(parts) not in (2, 3) or parts[0] not in ("kill", "signal", "pause", "nan", "inf"):
+            raise ValueError(f"{ENV}: '{item}' must look like kill|signal|pause:<point>[:iter=N] "
+                             f"or nan|inf:loss|grad[:iter=N]")
         kind, point = parts[0], parts[1]
-        if kind in ("kill", "signal") and point not in POINTS:
+        if kind in ("kill", "signal", "pause") and point not in POINTS:
             raise ValueError(f"{ENV}: unknown kill point '{point}'; known: {', '.join(POINTS)}")
         if kind in ("nan", "inf") and point not in ("loss", "grad"):
             raise ValueError(f"{ENV}: '{kind}' faults apply to 'loss' or 'grad', not '{point}'")
@@ -83,7 +87,8 @@ def parse(raw: str) -> tuple[Fault, ...]:
             lo, _, hi = opts["iter"].partition("-")
             first, last = int(lo), int(hi or lo)
         rank = int(opts["rank"]) if "rank" in opts else None
-        faults.append(Fault(kind, point, first, last, rank, opts.get("sig", "SIGTERM")))
+        faults.append(Fault(kind, point, first, last, rank, opts.get("sig", "SIGTERM"),
+                            float(opts.get("seconds", 60.0))))
     return tuple(faults)
 
 
@@ -103,10 +108,23 @@ def point(name: str, iteration: Optional[int] = None) -> None:
     for f in active():
         if f.kind == "signal" and f.point == name and f.fires(iteration):
             os.kill(os.getpid(), getattr(signal, f.sig))
+        if f.kind == "pause" and f.point == name and f.fires(iteration):
+            _pause(f.seconds)
         if f.kind == "kill" and f.point == name and f.fires(iteration):
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause(seconds: float) -> None:
+    """Wait until this process received a stop signal, or `seconds` passed."""
+    import time
+
+    from . import stop_signals
+
+    end = time.monotonic() + seconds
+    while stop_signals.received() is None and time.monotonic() < end:
+        time.sleep(0.05)
 
 
 class _Midway(list):

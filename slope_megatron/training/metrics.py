@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from ..io import write_text_atomic
+from ..io import raise_with_path, write_text_atomic
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
                    "A10": 125e12, "V100": 125e12}
@@ -161,8 +161,11 @@ class MetricsWriter:
             record["time_s"] += self.time_offset
         strict = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                   for k, v in record.items()}  # NaN/Inf are not JSON: written as null
-        with open(self.path, "a") as f:
-            f.write(json.dumps(strict) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(strict) + "\n")
+        except OSError as e:  # a full disk: the file named in the one-line error
+            raise_with_path(e, self.path)
         step = record["iter"]
         for key, value in record.items():
             if key != "iter" and isinstance(value, (int, float)) and math.isfinite(value):

@@ -26,13 +26,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.0,
-           stop_on_error: bool = False) -> list[int]:
-    """Run pretrain main() on `world` forked ranks; exit codes (negative: killed by signal).
-
-    When one rank dies by a signal, the others are killed too (the job is gone); with
-    `stop_on_error` also when one exits with an error status, as torchrun does (its peers
-    may be left waiting in a collective for it)."""
+def start(argv, world: int = 1, fault: str | None = None) -> list[int]:
+    """Fork `world` ranks running pretrain main(argv); their pids (see `wait`)."""
     port = _free_port()
     pids = []
     for rank in range(world):
@@ -55,9 +50,18 @@ def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.
                 sys.stderr.flush()
                 os._exit(code)
         pids.append(pid)
+    return pids
+
+
+def wait(pids: list[int], timeout: float = 120.0, stop_on_error: bool = False) -> list[int]:
+    """Exit codes of the ranks `start` forked (negative: killed by that signal).
+
+    When one rank dies by a signal, the others are killed too (the job is gone); with
+    `stop_on_error` also when one exits with an error status, as torchrun does (its peers
+    may be left waiting in a collective for it)."""
     codes: dict[int, int] = {}
     deadline = time.time() + timeout
-    while len(codes) < world:
+    while len(codes) < len(pids):
         for pid in pids:
             if pid in codes:
                 continue
@@ -78,3 +82,9 @@ def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.
             raise TimeoutError(f"run did not finish in {timeout}s")
         time.sleep(0.02)
     return [codes[p] for p in pids]
+
+
+def launch(argv, world: int = 1, fault: str | None = None, timeout: float = 120.0,
+           stop_on_error: bool = False) -> list[int]:
+    """Run pretrain main() on `world` forked ranks; exit codes (negative: killed by signal)."""
+    return wait(start(argv, world, fault), timeout, stop_on_error)
