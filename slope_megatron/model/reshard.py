@@ -1,6 +1,6 @@
 """How each tensor of the TP = 1 model is cut over tensor-parallel ranks, by its state-dict key:
-the rules of parallel/layers.py (shard) and parallel/gather.py (merge) written once as data, so a checkpoint
-can be resharded from its files alone, without building the model of either layout.
+the rules of parallel/layers.py (shard) and parallel/gather.py (merge) written once as data,
+so a checkpoint can be resharded from its files alone, without the model of either layout.
 
 A key under a parallel wrapper has `.local.` in it (`blocks.0.attn.qkv.local.weight`); its
 TP = 1 key drops it (`blocks.0.attn.qkv.weight`). The wrapper's role (the key's last part

@@ -29,8 +29,9 @@ def tiny_hf(kind: str, out: Path, tokenizer_file: Path, seed: int = 0, **config)
                                       embd_pdrop=0.0, attn_pdrop=0.0, **config)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                       num_attention_heads=HEADS, intermediate_size=FFN[kind],
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN,
+                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                       intermediate_size=FFN[kind],
                                        max_position_embeddings=POSITIONS, rms_norm_eps=1e-5,
                                        **config)
         model = transformers.LlamaForCausalLM(cfg)

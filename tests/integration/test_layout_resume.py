@@ -154,7 +154,8 @@ def test_the_state_dict_export_loads_strictly_into_a_model_of_another_seed(refs,
     exported.load_state_dict(state, strict=True)
     artifact = build(seed=cfg.train.seed)
     artifact.load_state_dict(final_state(ref), strict=False)  # the artifact: no column masks
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 16),
+                        generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = artifact(ids)
         torch.testing.assert_close(exported(ids), want, rtol=1e-6, atol=1e-6)

@@ -2,15 +2,20 @@
 module state (GPTModel keys, unpipelined) and, per parameter, the fp32 master weight, Adam's
 moments and step count - what a layout conversion (universal.py) merges into the TP = 1 model.
 
-What DeepSpeed 0.19.8 writes, and how each is read here:
-
-| layout | module state | fp32 master, exp_avg, exp_avg_sq, step |
-| --- | --- | --- |
-| ZeRO 0, fp32 | `mp_rank_XX_model_states.pt` `module` | its `optimizer`: torch AdamW's state dict (masters = the module's weights) |
-| ZeRO 0, fp16/bf16 | same | its `optimizer`: FP16_UnfusedOptimizer's (`fp32_groups` + torch's state dict) |
-| ZeRO 1/2, BF16_Optimizer | same | `[bf16_]zero_pp_rank_D_mp_rank_XX_optim_states.pt`: each DP rank's flat fp32 partition per param group and `param_slice_mappings` (name -> its slice) |
-| ZeRO 3 | `zero_pp_rank_0_mp_rank_XX_model_states.pt` (parameters empty) | `zero_pp_rank_D_..._optim_states.pt`: every parameter split in DP equal parts, in `param_shapes` order |
-| pipeline | `layer_II-model_TT-model_states.pt` per layer | as above, per stage (XX = stage x TP + TP rank) |
+What DeepSpeed 0.19.8 writes, and how each is read here (module state; fp32 master, moments,
+steps):
+- ZeRO 0, fp32: `mp_rank_XX_model_states.pt` `module`; its `optimizer`, torch AdamW's state
+  dict (the masters are the module's weights).
+- ZeRO 0, fp16/bf16: the same; its `optimizer`, FP16_UnfusedOptimizer's (`fp32_groups` and
+  torch's state dict).
+- ZeRO 1/2 and BF16_Optimizer: the same module; `[bf16_]zero_pp_rank_D_mp_rank_XX_optim_states
+  .pt`, each DP rank's flat fp32 partition per param group with `param_slice_mappings`
+  (parameter name -> its slice of the partition).
+- ZeRO 3: `zero_pp_rank_0_mp_rank_XX_model_states.pt` (parameters empty);
+  `zero_pp_rank_D_..._optim_states.pt`, every parameter cut in DP equal parts, laid out in
+  `param_shapes` order.
+- pipeline: `layer_II-model_TT-model_states.pt` per layer; the optimizer state as above, per
+  stage (XX = stage x TP + TP rank).
 
 A torch state dict keys its state by position; the position -> name map of a ZeRO-0 file is
 rebuilt the way it was made: the stage's parameters in module order (pipeline stages as

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from ...io import atomic_directory, remove_stale_staging, sha256_file
 from .. import faults
 from ...model.reshard import cut_of, merge_state
-from .deepspeed_files import (FileLayout, read_client_state, read_file_layout, read_param_groups,
+from .deepspeed_files import (read_client_state, read_file_layout, read_param_groups,
                               read_rank)
 from .errors import CheckpointError
 from .manifest import MANIFEST, TAG_RE
@@ -182,11 +182,11 @@ def remove_other_snapshots(ckpt_dir: Path, keep: Optional[str]) -> None:
     if not root.is_dir():
         return
     for path in root.iterdir():
-        if path.name != keep and (TAG_RE.match(path.name) or path.name.startswith(".")):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+        if path.name == keep or not (TAG_RE.match(path.name) or path.name.startswith(".")):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
     if not any(root.iterdir()):
         root.rmdir()
-
-
-def source_layout(snap: Snapshot) -> FileLayout:
-    return FileLayout(**snap.state["source"]["layout"])

@@ -4,12 +4,12 @@ stage, the module state (kept values, masks, column masks, adapters, extra state
 through the module's own load_state_dict, and the fp32 master weights and Adam state into
 whatever optimizer DeepSpeed built for this layout:
 
-| engine optimizer | fp32 master weight | Adam state keyed by |
-| --- | --- | --- |
-| torch AdamW (ZeRO 0, fp32) | the parameter itself | the parameter |
-| FP16_UnfusedOptimizer (ZeRO 0, 16-bit) | its fp32 copy (`fp32_groups`) | the fp32 copy |
-| ZeRO 1/2, BF16_Optimizer | this DP rank's fragment of the flat fp32 partition (`_hp_mapping`, DeepSpeed's own link) | the flat partition |
-| ZeRO 3 | `set_full_hp_param` (DeepSpeed's), then the 16-bit partitions from it, as its universal-checkpoint loader does | the flat sub-group partition |
+- torch AdamW (ZeRO 0, fp32): the master is the parameter itself, Adam's state keyed by it;
+- FP16_UnfusedOptimizer (ZeRO 0, 16-bit): its fp32 copy (`fp32_groups`), state keyed by that;
+- ZeRO 1/2, BF16_Optimizer: this DP rank's fragment of the flat fp32 partition, found through
+  DeepSpeed's own lp -> hp link (`_hp_mapping`); state keyed by the flat partition;
+- ZeRO 3: DeepSpeed's `set_full_hp_param` for the fp32 partitions and the state, then the
+  16-bit partitions from them, as its universal-checkpoint loader does.
 
 Adam's state is created here (torch creates it lazily at the first step); its step count is
 the snapshot's. DeepSpeed's counters (global steps and samples, skipped steps) and the RNG
