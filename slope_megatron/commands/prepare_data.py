@@ -17,6 +17,7 @@ from slope_megatron.cli import Once, add_set_argument
 from slope_megatron.config import ConfigError, load_config
 from slope_megatron.data import DataError, load_tokenizer, prepare_data
 from slope_megatron.data.prepare import open_training_splits
+from slope_megatron.training.init_from import check_init_from
 
 
 def main(argv=None) -> int:
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_init_from(cfg, print)  # train.init_from: its tokenizer, as training takes it
         info = prepare_data(cfg.data, progress=not args.no_progress, verify=args.verify)
         tok = load_tokenizer(info)
         seq = cfg.model.seq_len

@@ -264,7 +264,8 @@ def _train_with_fake_engine(monkeypatch, tmp_path, destroy):
     Engine.destroy = destroy
     monkeypatch.setattr(startup_mod, "prepare_run_data", lambda cfg, main: None)
     monkeypatch.setattr(startup_mod, "build_engine",
-                        lambda cfg, par, dp: (torch.nn.Linear(2, 2), Engine(), None))
+                        lambda cfg, par, dp, pretrained=None: (torch.nn.Linear(2, 2), Engine(),
+                                                               None))
     cfg = load_config(None, [f"train.output_dir={tmp_path / 'run'}"])
     with pytest.raises(RuntimeError, match="boom"):  # the run's own error, nothing else
         loop_mod.train(cfg, DistInfo(rank=0, world_size=1, local_rank=0, launcher="test"))
