@@ -87,6 +87,7 @@ def main(argv=None) -> int:
         train(cfg, dist)
         completed = True
     except stop_signals.StoppedBySignal as e:  # saved (or nothing to save yet): not an error
+        stop_signals.mark_finished()  # a launcher's SIGTERM on the way out: still status 75
         if rank == 0:
             print(e, file=sys.stderr, flush=True)
         completed = bool(getattr(e, "agreed", False))  # every rank stopped at one iteration
@@ -124,7 +125,8 @@ def main(argv=None) -> int:
         # drop the references that keep gloo's threads alive (see shutdown_distributed)
         shutdown_distributed(completed)
         run_lock.release_all()
-        stop_signals.uninstall()
+        if not stop_signals.finished():  # a stopped run keeps them until it has exited
+            stop_signals.uninstall()
     return 0
 
 

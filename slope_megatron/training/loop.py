@@ -318,6 +318,7 @@ def _stop_on_signal(run: Run, s: _LoopState, loop: _LoopSetup, done: int, saved:
     if run.cfg.train.save_interval:
         if not saved:
             _save(run, s, loop, done)
+        stop_signals.mark_finished()
         message = f"saved iter {done} on {what}; rerun the same command to resume"
     else:
         message = (f"stopped after iter {done} on {what}; train.save_interval=0, so nothing "

@@ -15,7 +15,12 @@ the last checkpoint. With it:
 - a second signal exits at once, by the signal's default action, without saving. A repeat
   within REPEAT_S of the first is the same request delivered twice - launchers forward a
   signal the scheduler (or the terminal, for Ctrl-C) has already sent to every process of the
-  job - and is not counted.
+  job - and is not counted;
+- once the stop is complete (saved, or nothing to save), the stop signals are ignored while
+  the process exits with 75: a launcher that ends the other ranks as soon as one of them exits
+  (srun --kill-on-bad-exit, deepspeed's launch.py) must not turn the saved stop into a
+  failure, and Python restores default actions during its shutdown for handlers, not for
+  ignored signals.
 
 A signal the process inherited as ignored (nohup, `&` in a script) stays ignored.
 """
@@ -49,7 +54,7 @@ class _State:
         self.previous: dict[int, object] = {}  # signal -> the handler before ours
         self.signum: Optional[int] = None  # the first signal received
         self.first_at = 0.0
-        self.phase = "startup"  # startup | loop | done
+        self.phase = "startup"  # startup | loop | done | finished (a stop, complete)
         self.cause: Optional[str] = None  # why a signal was sent to ourselves
 
 
@@ -131,7 +136,21 @@ def enter_loop() -> None:
 
 def leave_loop() -> None:
     """The iterations are over (finished, or stopped): a signal no longer saves anything."""
-    _state.phase = "done"
+    if _state.phase != "finished":
+        _state.phase = "done"
+
+
+def mark_finished() -> None:
+    """The stop is complete - its checkpoint saved, or nothing to save: the stop signals are
+    ignored from now on, while the process exits with status 75 (`finished` tells the caller
+    not to `uninstall`)."""
+    for signum in _state.previous:
+        signal.signal(signum, signal.SIG_IGN)
+    _state.phase = "finished"
+
+
+def finished() -> bool:
+    return _state.phase == "finished"
 
 
 def send_to_self(cause: str, signum: int = signal.SIGTERM) -> None:

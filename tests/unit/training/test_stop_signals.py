@@ -77,3 +77,14 @@ def test_stop_signals_config_names_catchable_signals():
     for bad in ("[SIGKILL]", "[TERM]", "SIGTERM", "[SIG_DFL]"):
         with pytest.raises(ConfigError, match="train.stop_signals"):
             load_config(None, [f"train.stop_signals={bad}"])
+
+
+def test_once_the_stop_is_complete_the_signals_are_ignored_while_the_process_exits(handled):
+    """srun --kill-on-bad-exit and deepspeed's launch.py SIGTERM the ranks still exiting once
+    the first one has: that must not turn a saved stop (75) into a kill (143)."""
+    stop_signals.enter_loop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    stop_signals.mark_finished()
+    assert stop_signals.finished()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    os.kill(os.getpid(), signal.SIGTERM)  # ignored
