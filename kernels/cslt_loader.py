@@ -4,7 +4,8 @@ Why a loader: the binding links against the cuSPARSELt shipped in the `nvidia-cu
 wheel (torch's own wheel depends on it), so it is compiled with
 torch.utils.cpp_extension.load against that wheel's header and library on the first call and
 cached by torch's extension cache afterwards. Every failure is turned into one clear message,
-which the backend reports when it falls back to the reference path.
+which the backend reports when it falls back to the reference path. The build's lock file is
+slope_megatron/build_lock.py's: a lock left by a killed build does not hang later runs.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def load_extension():
     import torch
     from torch.utils.cpp_extension import load
 
+    from slope_megatron.build_lock import install as install_build_lock
+
+    install_build_lock()  # a lock left by a build that was killed is cleared, not waited on
     if not torch.cuda.is_available():
         raise CusparseltUnavailable("CUDA is not available")
     inc, lib = cusparselt_dirs()

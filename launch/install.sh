@@ -8,7 +8,8 @@
 #   build, so there set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu. The script
 #   says which case it is in before pip starts, and which build it got at the end.
 # - DeepSpeed imports torch in its setup.py, hence --no-build-isolation.
-# - DeepSpeed's C++ op cache goes to this checkout's .torch_extensions/.
+# - DeepSpeed's C++ op cache goes to this checkout's .torch_extensions/; with nvidia-smi the
+#   project's kernels are built there now (PREBUILD_KERNELS=0 skips it).
 # - EXTRAS picks setup.py's extras (default: test); CONSTRAINTS=FILE pins every package pip
 #   installs to FILE's versions (tests/run.sh passes tests/constraints.txt).
 set -euo pipefail
@@ -39,6 +40,17 @@ else
 fi
 "$PY" -m pip install -q setuptools wheel
 "$PY" -m pip install -q --no-build-isolation ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e ".[${EXTRAS:-test}]"
+# On a GPU machine, build the project's kernels now (the cuSPARSELt binding and the native
+# layer step) into TORCH_EXTENSIONS_DIR (launch/env.sh's .torch_extensions/ unless set), which
+# launch/slurm/pretrain.sbatch shares with every node: the first job then loads them instead
+# of every rank waiting ~40 s on one build at start-up - the window in which a killed job
+# leaves a build lock behind (slope_megatron/build_lock.py clears such locks). PREBUILD_KERNELS=0
+# skips it; a build that fails here is said and left to the first use.
+if command -v nvidia-smi >/dev/null 2>&1 && [[ "${PREBUILD_KERNELS:-1}" != 0 ]]; then
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
+  echo "prebuilding the kernels into $TORCH_EXTENSIONS_DIR (PREBUILD_KERNELS=0 skips this)"
+  "$PY" docker/prebuild_kernels.py --lenient
+fi
 echo "installed: $("$PY" -c 'import torch, deepspeed
 build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
 print("torch", torch.__version__, f"({build}) | deepspeed", deepspeed.__version__)' 2>/dev/null)"

@@ -69,6 +69,18 @@ def test_cpu_machine_without_index_says_where_torch_comes_from(tmp_path):
     assert "installed: torch 9.9.9+fake (CPU build)" in done.stdout  # which build it got
 
 
+def test_the_kernels_are_prebuilt_on_a_gpu_machine_only(tmp_path):
+    """A prebuilt binding leaves no window at a job's start in which a killed rank leaves a
+    build lock behind (and no rank waits ~40 s for another's build)."""
+    for gpu in (False, True):
+        where = tmp_path / ("gpu" if gpu else "cpu")
+        where.mkdir()
+        done, _ = run_install(where, gpu=gpu, torch_present=True)
+        calls = (where / "calls.log").read_text().splitlines()
+        assert ("docker/prebuild_kernels.py --lenient" in calls) is gpu
+        assert ("prebuilding the kernels into" in done.stdout) is gpu
+
+
 def test_cpu_machine_with_the_cpu_index_uses_it(tmp_path):
     done, pips = run_install(tmp_path, index_url=CPU_INDEX)
     assert pips[0] == f"-m pip install -q torch==2.13.0 --index-url {CPU_INDEX}"
