@@ -54,7 +54,9 @@ def check_directory(out: Path) -> None:
         raise ConfigError(f"train.output_dir '{out}' cannot be created: '{probe}' is a file, "
                           f"not a directory; choose another train.output_dir")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"train.output_dir '{out}' is not writable; choose another directory")
+        why = " (a read-only file system)" if os.statvfs(probe).f_flag & os.ST_RDONLY else ""
+        raise ConfigError(f"train.output_dir '{out}' is not writable{why}; choose another "
+                          f"directory")
 
 
 CHECKPOINTS = "checkpoints"

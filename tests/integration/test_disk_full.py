@@ -76,3 +76,17 @@ def test_a_disk_that_fills_during_a_save_costs_one_line_and_the_run_resumes_exac
     resize(int(6 * size))  # space freed
     assert launch(argv, 1) == [0]
     assert comparable(out) == comparable(reference)  # resumed from iter 8, bitwise
+
+
+def test_a_disk_already_full_stops_a_run_before_any_work(small_disk):
+    from slope_megatron.disk_space import NoSpaceError
+    from slope_megatron.training.run_dir import probe_writes
+
+    disk, _ = small_disk
+    out = disk / "run"
+    out.mkdir()
+    with pytest.raises(OSError):
+        (disk / "filler").write_bytes(b"\0" * (1 << 20))  # more than the 64 KiB there
+    with pytest.raises(NoSpaceError, match=f"no space left on device writing {out}/.tmp-probe"):
+        probe_writes(out)
+    assert sorted(p.name for p in out.iterdir()) == []  # the probe is gone again
