@@ -115,7 +115,7 @@ def resume_and_compare(refs: References, source: str, target: str, *extra: str) 
     """Resume `source`'s checkpoint at HALF in `target` (with `extra` settings); assert
     iterations 9-16 (each train and val loss) and the final TP = 1 model (as one vector;
     masks and counters exactly) agree with the uninterrupted `source` run within TOLERANCE,
-    relative. Returns the larger of the two relative differences."""
+    relative. Returns (the largest loss difference, the weight difference), relative."""
     ref = refs(source)
     out = halfway_copy(ref, refs.root / f"resume-{source}-to-{target}{'-'.join(extra)}")
     assert run(refs.root, out, target, *extra) == [0] * LAYOUTS[target][0]
@@ -125,4 +125,4 @@ def resume_and_compare(refs: References, source: str, target: str, *extra: str) 
     assert loss_diff <= TOLERANCE, (source, target, at, got, want)
     weight_diff = model_relative(final_state(out), final_state(ref))
     assert weight_diff <= TOLERANCE, (source, target, weight_diff)
-    return max(loss_diff, weight_diff)
+    return loss_diff, weight_diff

@@ -84,8 +84,9 @@ def test_a_kill_during_the_conversion_leaves_the_checkpoint_whole_and_the_rerun_
 @pytest.mark.matrix
 @pytest.mark.parametrize("source,target", MATRIX, ids=lambda x: x)
 def test_every_layout_pair_resumes_like_the_uninterrupted_run(refs, source, target):
-    diff = resume_and_compare(refs, source, target)
-    print(f"{source} -> {target}: largest relative difference {diff:.2e}")
+    loss, weights = resume_and_compare(refs, source, target)
+    print(f"{source} -> {target}: losses within {loss:.2e}, final weights {weights:.2e} "
+          f"(relative)")
 
 
 @pytest.mark.slow
