@@ -99,14 +99,14 @@ def convert(tag_dir: Path, facts: ModelFacts) -> Snapshot:
     layout = read_file_layout(tag_dir)
     ranks = [read_rank(tag_dir, layout, t, facts.num_layers, facts.tie_embeddings)
              for t in range(layout.tp)]
-    module = merge_state([r.module for r in ranks], facts.arch)
-    master = merge_state([r.master for r in ranks], facts.arch)
-    missing = sorted(set(master) - set(module))
+    missing = sorted(set(ranks[0].master) - set(ranks[0].module))
     if missing:
         raise CheckpointError(f"{tag_dir}: optimizer state for {missing[:3]} has no parameter "
                               f"in the model files")
-    tensors = {k: (master[k] if k in master else v) for k, v in module.items()
-               if torch.is_tensor(v)}
+    # each parameter as its fp32 master (ZeRO-3's model files hold empty placeholders)
+    module = merge_state([{k: r.master.get(k, v) for k, v in r.module.items()} for r in ranks],
+                         facts.arch)
+    tensors = {k: v for k, v in module.items() if torch.is_tensor(v)}
     extra = {k: v for k, v in module.items() if not torch.is_tensor(v)}
     client = read_client_state(tag_dir, layout.stage)
     rng = {int(p.stem[len("rng_rank"):]): safe_torch_load(p)
