@@ -124,3 +124,21 @@ def test_unsupported_checkpoints_are_refused(checkpoints, tmp_path):
         read_hf_checkpoint(tmp_path / "gqa")
     with pytest.raises(ConfigError, match="train.init_from"):
         load_config(None, [f"train.init_from={tmp_path / 'nothing'}"])
+
+
+def test_a_larger_vocabulary_pads_with_the_mean_row(checkpoints):
+    """model.vocab_size above the checkpoint's (e.g. to split over TP): the extra rows start
+    as the mean of the pretrained ones, so no padded token outscores the real ones; the real
+    tokens' logits are the checkpoint's."""
+    path, hf = checkpoints["llama"]
+    cfg, model, _ = _ours("llama", path, "sparsity.enabled=false", "model.vocab_size=128")
+    rows = model.embedding.tokens.weight.detach()
+    assert rows.shape[0] == 128
+    pretrained = hf.model.embed_tokens.weight.detach()
+    assert torch.equal(rows[:96], pretrained)
+    assert torch.allclose(rows[96:], pretrained.mean(0).expand(32, -1))
+    head = model.head.lm_head.weight.detach()
+    assert torch.allclose(head[96:], hf.lm_head.weight.detach().mean(0).expand(32, -1))
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[..., :96], hf(ids).logits, rtol=1e-5, atol=1e-5)
