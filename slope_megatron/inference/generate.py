@@ -10,6 +10,11 @@ Context rules (the model has learned/rotary positions only for model.seq_len tok
 - a sequence generates at most seq_len - len(prompt) + 1 tokens (the last token generated
   is never fed back); if that is less than max_new_tokens it stops early with
   finish_reason 'context' and a warning. There is no sliding window.
+
+Two decoding loops share these rules (`decode`): 'eager' slices a KVCache to the current
+length each token; 'static' (`static_decode.py`) runs one fixed-shape step over a
+full-capacity cache, replayed as a CUDA graph on a GPU. Only the step differs: prefill,
+sampling, stop tokens, streaming and budgets are this module's, for both.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .model import InferenceModel
+from .model import DECODES, InferenceModel
 from .sampling import SamplingConfig, make_generator, next_tokens
 
 log = logging.getLogger(__name__)
@@ -80,12 +85,23 @@ def _truncate(prompts: list[list[int]], seq_len: int) -> list[int]:
 def generate(model: InferenceModel, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: Optional[SamplingConfig] = None, stop_tokens: Iterable[int] = (),
              on_token: Optional[Callable[[int, int], None]] = None,
-             vocab_limit: Optional[int] = None) -> list[GenerationResult]:
+             vocab_limit: Optional[int] = None,
+             decode: Optional[str] = None) -> list[GenerationResult]:
     """Generate for a batch of token-id prompts; `on_token(seq_index, token)` streams.
 
     `vocab_limit`: the tokenizer's vocabulary size. The model's output layer is padded to a
     multiple of 64 (`model.vocab_size`); ids at or above the limit decode to nothing, so they
-    are never chosen (and prompts and stop tokens must lie below it)."""
+    are never chosen (and prompts and stop tokens must lie below it).
+
+    `decode`: 'eager' (a KV cache sliced to the current length, every op launched from
+    Python) or 'static' (`static_decode.py`: a full-capacity cache with a length mask and one
+    fixed-shape step, replayed as a CUDA graph on a GPU, run eagerly on a CPU); None takes the
+    model's `decode` setting. Both give the same tokens (the logits differ by float rounding
+    only). 'eager' stays the default until a GPU run has verified and timed the graphed path
+    (tests/gpu/test_decode_gpu.py); then 'static' is meant to become the CUDA default."""
+    decode = model.decode if decode is None else decode
+    if decode not in DECODES:
+        raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
     sampling = sampling or SamplingConfig()
     sampling.validate()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -105,11 +121,29 @@ def generate(model: InferenceModel, prompts: Sequence[Sequence[int]], max_new_to
 
     with model.generation_scope():
         return _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops,
-                       on_token, limit)
+                       on_token, limit, decode)
+
+
+class _EagerSteps:
+    """Eager decoding: a KVCache sliced to the current length, one `model.forward` a token."""
+
+    def __init__(self, model, batch: int, slots: int):
+        self.model, self.cache = model, model.new_cache(batch, slots)
+
+    def prefill(self, ids, valid, positions, padded: bool) -> torch.Tensor:
+        self.last = positions[:, -1]
+        return self.model(ids, positions, self.cache, valid if padded else None,
+                          last_only=True)[:, -1]
+
+    def advance(self, chosen: torch.Tensor, running: list) -> torch.Tensor:
+        flags = torch.tensor(running, device=chosen.device)
+        self.last = torch.where(flags, self.last + 1, self.last)  # finished: position frozen
+        step_valid = None if all(running) else flags[:, None]  # finished rows: masked
+        return self.model(chosen[:, None], self.last[:, None], self.cache, step_valid)[:, -1]
 
 
 def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, on_token,
-            limit):
+            limit, decode):
     """The decoding loop of `generate` (inputs already checked)."""
     b, longest, device = len(prompts), max(map(len, prompts)), model.device
     ids = torch.zeros(b, longest, dtype=torch.long)
@@ -119,10 +153,10 @@ def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, o
         valid[i, longest - len(p):] = True
     ids, valid = ids.to(device), valid.to(device)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    cache = model.new_cache(b, longest + max(budgets) - 1)
+    slots = longest + max(budgets) - 1  # the last token generated is never fed back
+    steps = model.static_decoder(b, slots) if decode == "static" else _EagerSteps(model, b, slots)
     padded = any(len(p) < longest for p in prompts)
-    logits = model(ids, positions, cache, valid if padded else None, last_only=True)[:, -1]
-    last = positions[:, -1]
+    logits = steps.prefill(ids, valid, positions, padded)
     generator, seed = make_generator(sampling.seed, device)
 
     outputs: list[list[int]] = [[] for _ in range(b)]
@@ -146,9 +180,6 @@ def _decode(model, prompts, budgets, dropped, max_new_tokens, sampling, stops, o
                 reasons[i] = "length" if budgets[i] == max_new_tokens else "context"
         if all(r is not None for r in reasons):
             break
-        running = torch.tensor([r is None for r in reasons], device=device)
-        last = torch.where(running, last + 1, last)  # finished rows: masked, position frozen
-        step_valid = None if all(r is None for r in reasons) else running[:, None]
-        logits = model(chosen[:, None], last[:, None], cache, step_valid)[:, -1]
+        logits = steps.advance(chosen, [r is None for r in reasons])
     return [GenerationResult(outputs[i], reasons[i], stopped_by[i], prompts[i], dropped[i], seed)
             for i in range(b)]

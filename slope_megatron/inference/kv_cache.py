@@ -62,3 +62,47 @@ class KVCache:
     def end(self, t: int) -> None:
         """Mark the slots reserved by `begin` as filled (call after the last layer)."""
         self.length += t
+
+
+class StaticKVCache:
+    """The same keys, values and valid flags as a `KVCache`, written at a slot held in a
+    0-d device tensor: every call has the same shapes and reads no host state.
+
+    Why: a KVCache slices its tensors by the host-side `length` (a new shape for attention at
+    every token) and builds its mask from Python ints, so a decode step cannot be captured
+    once and replayed. Here `begin` writes the valid flags at `slot .. slot + t - 1` with
+    `index_copy_`, `write` stores keys/values there and returns the *whole* capacity, and the
+    mask (same rule as KVCache.begin: valid slots up to the query's own, plus its own)
+    hides the slots not filled yet. Masked slots get probability exactly 0, so the result is
+    the sliced attention's up to float rounding (the zeros must be finite: a KVCache starts
+    zeroed and only ever holds keys/values the model computed).
+    """
+
+    def __init__(self, cache: KVCache):
+        self.k, self.v, self.valid = cache.k, cache.v, cache.valid
+        self.capacity = cache.capacity
+        device = cache.valid.device
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # next slot to write
+        self._slots = torch.arange(cache.capacity, device=device)
+        self._index = self.slot.view(1)
+
+    def begin(self, t: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Reserve slots slot .. slot + t - 1; returns the (batch, 1, t, capacity) mask.
+        Writing past the capacity is the caller's to prevent (no host check here)."""
+        self._index = self.slot + self._slots[:t]
+        flags = torch.ones_like(self.valid[:, :t]) if valid is None else valid
+        self.valid.index_copy_(1, self._index, flags)
+        q = self._index[:, None]
+        slots = self._slots[None, :]
+        allowed = ((slots <= q)[None] & self.valid[:, None, :]) | (slots == q)[None]
+        return allowed[:, None]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's keys/values of `layer` at the reserved slots; returns all slots."""
+        self.k[layer].index_copy_(2, self._index, k)
+        self.v[layer].index_copy_(2, self._index, v)
+        return self.k[layer], self.v[layer]
+
+    def end(self, t: int) -> None:
+        """Advance the slot by t (on the device)."""
+        self.slot.add_(t)

@@ -9,7 +9,11 @@ Which sparse path (`kernels`): "cusparselt" compresses every 2:4 sparse linear a
 (`compressed.py`: the layer then holds one cuSPARSELt operand, 0.5625x of its dense bf16
 bytes, and runs on sparse tensor cores; CUDA + bf16 only); "reference" keeps the kept values
 and masks and emulates the sparse GEMM densely (below); "auto" (default) takes cusparselt
-where it can run and says why not otherwise (`kernels_note`).
+where it can run and says why not otherwise (`kernels_note`); "decode24" (an option, never
+chosen by "auto") runs our Triton 2:4 decode GEMM for calls of up to 64 tokens (`decode24.py`).
+
+How `generate` decodes (`decode`): "eager" (default) or "static", a fixed-shape step over a
+full-capacity cache captured as a CUDA graph on a GPU (`static_decode.py`, `static_decoder`).
 
 What the reference path keeps in memory, honestly (forward-only `InferenceBackend`):
 - sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
@@ -30,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -44,7 +49,9 @@ from .backend import InferenceBackend
 from .kv_cache import KVCache
 
 log = logging.getLogger(__name__)
-KERNELS = ("auto", "cusparselt", "reference")
+KERNELS = ("auto", "cusparselt", "reference", "decode24")
+DECODES = ("eager", "static")
+STATIC_DECODERS_KEPT = 4  # graphed decoders (each with its full-capacity cache) kept per model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,10 +90,17 @@ class InferenceModel(nn.Module):
 
     def __init__(self, config: Config, state_dict: dict, dtype="fp32",
                  device: torch.device | str = "cpu", dense_cache: bool = True,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", decode: str = "eager"):
         super().__init__()
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
+        if decode not in DECODES:
+            raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
+        # generate()'s default decoding loop: 'eager' until a GPU run verifies the graphed
+        # 'static' path (tests/gpu/test_decode_gpu.py), which is then meant to be the CUDA
+        # default; `static_graphs=False` runs the static step without capturing it
+        self.decode, self.static_graphs = decode, True
+        self._decoders: OrderedDict = OrderedDict()  # (batch, capacity) -> graphed decoder
         self.dtype = parse_dtype(dtype)
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -121,6 +135,9 @@ class InferenceModel(nn.Module):
         layers = list(slope_layers(self.model))
         if kernels == "reference" or not layers:
             return "reference", "reference kernels asked for" if layers else "no sparse layers"
+        if kernels == "decode24":  # never chosen by "auto" (not yet verified on a GPU)
+            from .decode24 import install
+            return "decode24", install(self.model, device, self.dtype)
         from .compressed import CompressedBackend, compress_model, unavailable_reason
         reason = unavailable_reason(device, self.dtype)
         if reason is not None:
@@ -133,12 +150,59 @@ class InferenceModel(nn.Module):
         note = f"{done} of {len(layers)} sparse linears compressed for cuSPARSELt"
         return ("cusparselt" if done else "reference"), note
 
+    def _reference_layers(self) -> list:
+        return [layer for layer in slope_layers(self.model) if layer.backend is self._backend]
+
+    @contextlib.contextmanager
     def generation_scope(self):
-        """Context for one generation call: holds dense W*M copies if `dense_cache`."""
+        """Context for one generation call: holds dense W*M copies if `dense_cache`.
+
+        Graphs captured inside it read those copies, so decoders graphed while reference
+        layers exist are dropped when it ends (the next call captures again)."""
         if not self.dense_cache:
-            return contextlib.nullcontext()
-        return self._backend.dense_cache(layer for layer in slope_layers(self.model)
-                                         if layer.backend is self._backend)
+            yield
+            return
+        layers = self._reference_layers()
+        try:
+            with self._backend.dense_cache(layers):
+                yield
+        finally:
+            if layers:
+                self._decoders.clear()
+
+    def static_decoder(self, batch: int, slots: int):
+        """A `StaticDecoder` for `batch` sequences with at least `slots` cache slots.
+
+        The capacity is rounded up like the compressed path's token buckets (at most 12.5%
+        more slots, few distinct sizes). On CUDA the decoder's step is captured in a CUDA
+        graph and the decoder is kept for later calls with the same (batch, capacity) (the
+        last STATIC_DECODERS_KEPT of them; `release_decoders` frees them); elsewhere it runs
+        eagerly and is built per call."""
+        from .compressed import token_bucket
+        from .static_decode import StaticDecoder
+        capacity = token_bucket(slots)
+        if not self._graphs_usable():
+            return StaticDecoder(self, batch, capacity)
+        key = (batch, capacity)
+        decoder = self._decoders.pop(key, None)
+        if decoder is None:
+            decoder = StaticDecoder(self, batch, capacity, graph=True)
+        self._decoders[key] = decoder
+        while len(self._decoders) > STATIC_DECODERS_KEPT:
+            self._decoders.popitem(last=False)
+        return decoder
+
+    def release_decoders(self) -> None:
+        """Free the kept graphed decoders (their caches and graphs)."""
+        self._decoders.clear()
+
+    def _graphs_usable(self) -> bool:
+        """CUDA graphs on a CUDA device, unless reference layers rebuild W*M inside each call
+        (`dense_cache=False`: a masked scatter per layer, not worth capturing)."""
+        from .decode_graph import graphs_available
+        if not (self.static_graphs and graphs_available(self.device)):
+            return False
+        return self.dense_cache or not self._reference_layers()
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +218,8 @@ class InferenceModel(nn.Module):
             st = layer.__dict__.get("_compressed")
             for kind, t in (("sparse_values", st.buf if st is not None else layer.weight),
                             ("masks", layer.mask_bits), ("adapters", layer.adapter_a),
-                            ("adapters", layer.adapter_b)):
+                            ("adapters", layer.adapter_b),
+                            ("masks", layer.__dict__.get("_decode24"))):  # decode metadata
                 if t is not None:
                     kinds[t.untyped_storage().data_ptr()] = (kind, t)
         for t in [*self.model.parameters(), *self.model.buffers()]:
@@ -182,8 +247,9 @@ class InferenceModel(nn.Module):
         """Logits (batch, t, vocab) in float32 for `t` new tokens appended to `cache`.
 
         positions: (batch, t) token positions of each sequence; valid: (batch, t) False for
-        left padding (None: all valid, which lets attention use its fastest kernels); last_only: logits of the last token only
-        (batch, 1, vocab), which spares a prompt-long LM-head GEMM when prefilling.
+        left padding (None: all valid, which lets attention use its fastest kernels);
+        last_only: logits of the last token only (batch, 1, vocab), which spares a
+        prompt-long LM-head GEMM when prefilling.
         """
         if int(positions.max()) >= self.seq_len:
             raise ValueError(f"position {int(positions.max())} is beyond the model's context "
@@ -195,7 +261,8 @@ class InferenceModel(nn.Module):
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              valid: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """`forward` without its position check: no host synchronisation, so one step can be
-        captured in a CUDA graph (benchmarks) once its shapes and plans are warm."""
+        captured in a CUDA graph once its shapes and plans are warm. `cache` may also be a
+        `StaticKVCache` (static decoding: fixed shapes, the slot a device tensor)."""
         attn_mask = cache.begin(input_ids.shape[1], valid)
         emb = self.model.embedding
         x = emb.tokens(input_ids)

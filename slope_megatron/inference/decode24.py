@@ -1,0 +1,155 @@
+"""The `decode24` inference kernels: our 2:4 decode GEMM for calls of 1 to 64 tokens.
+
+`InferenceModel(kernels="decode24")` (an option, never the default until a GPU run has
+verified and timed it): every 2:4 sparse linear gets the decode layout's metadata
+(`kernels/decode24_layout.py`, built here once from its mask, which is then dropped; the
+kept values stay as they are - they are the layout's values stream). A call of at most 64
+tokens for which the layer's plan (`decode24_plans.py`) names a config runs the Triton kernel
+(`kernels/decode24_triton.py`); every other call runs the fallback:
+- `HybridDecode24Backend` (CUDA + bf16, where cuSPARSELt can take the layer): the compressed
+  cuSPARSELt operand of `compressed.py`. Its values block *is* the kernel's values stream, so
+  the layer holds one copy of the values, the cuSPARSELt metadata and ours (+0.0625x of the
+  dense bf16 bytes). Which calls the kernel takes is measured at load (`decode24_plans.py`).
+- `Decode24Backend` (elsewhere: fp16/fp32, shapes cuSPARSELt refuses, Triton's CPU
+  interpreter in tests): values + metadata only (0.5625x of dense bf16). The kernel runs every
+  call of <= 64 tokens; longer ones (prefill) rebuild W*M in the call for a dense GEMM -
+  correct, and slow.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..sparsity import slope_layers
+from ..sparsity.backends.base import SparseLinearBackend
+from .compressed import CompressedBackend
+from .decode24_plans import Decode24Plans, measure_on_gpu, plan_mode
+
+log = logging.getLogger(__name__)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1: tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the decode kernel cannot run on `device`, or None."""
+    if torch.device(device).type != "cuda" and not interpreted():
+        return (f"device {device} is not a CUDA device (TRITON_INTERPRET=1 runs the kernel on "
+                f"a CPU, slowly, for tests)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+def layer_reason(layer) -> Optional[str]:
+    """Why a SlopeLinear cannot take the decode kernel, or None."""
+    if (layer.n, layer.m) != (2, 4):
+        return f"{layer.n}:{layer.m} sparsity (the kernel is 2:4 only)"
+    return None
+
+
+def _meta(layer) -> torch.Tensor:
+    return layer.__dict__["_decode24"]
+
+
+def _decode(plans: Decode24Plans, layer, x2: torch.Tensor) -> Optional[torch.Tensor]:
+    """The kernel's y for x2 (tokens, in), or None where the plan says: fallback."""
+    cfg = plans.choose(layer.out_features, layer.in_features, x2.shape[0])
+    if cfg is None:
+        return None
+    from slope_megatron.kernels.decode24_triton import decode24_linear
+    return decode24_linear(x2, layer.weight, _meta(layer), layer.bias, cfg)
+
+
+class Decode24Backend(SparseLinearBackend):
+    """Kept values + decode metadata only; the dense W*M is rebuilt for longer calls."""
+
+    name = "decode24-inference"
+
+    def __init__(self, plans: Optional[Decode24Plans] = None):
+        self.plans = plans or Decode24Plans(always=True)
+
+    def prepare(self, layer) -> None:
+        """Build the layer's metadata from its mask; drop the mask; attach this backend."""
+        from slope_megatron.kernels.decode24_layout import pack_meta
+        with torch.no_grad():
+            layer.__dict__["_decode24"] = pack_meta(layer.mask)
+        layer.mask_bits = torch.zeros(0, 0, dtype=torch.uint8, device=layer.weight.device)
+        layer.release_unpacked_masks()
+        layer.backend = self
+
+    def linear(self, layer, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _decode(self.plans, layer, x2)
+        if y is None:
+            from slope_megatron.kernels.decode24_layout import unpack_decode24
+            y = F.linear(x2, unpack_decode24(layer.weight, _meta(layer), layer.in_features),
+                         layer.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class HybridDecode24Backend(CompressedBackend):
+    """The cuSPARSELt operand plus decode metadata; the plan picks the kernel per call."""
+
+    name = "decode24+cusparselt-inference"
+
+    def __init__(self, plans: Optional[Decode24Plans] = None):
+        super().__init__()
+        self.plans = plans or Decode24Plans()
+
+    def compress(self, layer) -> None:
+        from slope_megatron.kernels.decode24_layout import pack_meta
+        with torch.no_grad():
+            meta = pack_meta(layer.mask)  # before compress drops the mask
+        super().compress(layer)           # layer.weight: a view of the values block
+        layer.__dict__["_decode24"] = meta
+
+    def _sparse(self, layer, x2: torch.Tensor) -> torch.Tensor:
+        y = _decode(self.plans, layer, x2)
+        return super()._sparse(layer, x2) if y is None else y
+
+
+def install(model, device: torch.device, dtype: torch.dtype) -> str:
+    """Give every 2:4 SlopeLinear of `model` a decode24 backend; returns the kernels note.
+    Raises ValueError where the kernel cannot run at all (it was asked for explicitly)."""
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(f"kernels='decode24' cannot run here: {reason}")
+    from .compressed import unavailable_reason as cusparselt_reason
+    from ..sparsity.backends.cusparselt import static_unsupported_reason
+    layers = list(slope_layers(model))
+    hybrid = None if cusparselt_reason(device, dtype) is not None else HybridDecode24Backend(
+        Decode24Plans(always=plan_mode() == "always"))
+    plain = Decode24Backend()
+    hybrid_layers, plain_count = [], 0
+    for layer in layers:
+        why = layer_reason(layer)
+        if why is not None:
+            log.warning("inference: SlopeLinear(out=%d, in=%d) stays on the reference path: %s",
+                        layer.out_features, layer.in_features, why)
+        elif hybrid is not None and static_unsupported_reason(layer) is None:
+            hybrid.compress(layer)
+            hybrid_layers.append(layer)
+        else:
+            plain.prepare(layer)
+            plain_count += 1
+    note = (f"{len(hybrid_layers) + plain_count} of {len(layers)} sparse linears on the decode "
+            f"kernel")
+    if hybrid_layers:
+        if not hybrid.plans.always:
+            def cusparselt(layer, x2):  # the fallback the kernel must beat
+                return CompressedBackend._sparse(hybrid, layer, x2)
+            hybrid.plans = measure_on_gpu(hybrid_layers, cusparselt, _meta)
+        note += (f" ({len(hybrid_layers)} with cuSPARSELt for other calls; "
+                 f"{hybrid.plans.describe()})")
+    if plain_count:
+        note += f" ({plain_count} rebuilding W*M for calls over 64 tokens)"
+    return note

@@ -1,0 +1,133 @@
+"""Which GEMM runs each small sparse-linear call: a timing table filled at load on CUDA.
+
+Why measured: whether the Triton decode kernel (`kernels/decode24_triton.py`) beats the GEMM
+a layer would otherwise run (cuSPARSELt's), and with which block sizes and split, depends on
+the GPU, the layer's shape and the token count, and none of it has been measured yet. So at
+load time every distinct (out, in) of the model's sparse layers is timed, for every token
+bucket (1, 2, 4, ..., 64), with a few candidate configs against the fallback; the table keeps
+a config only where it won. A call of t tokens looks up the bucket t rounds up to (the bucket
+was timed at its largest count). Where the table has no entry the fallback runs, so a kernel
+that loses is never used. On a CPU nothing is measured and nothing chosen.
+
+`SLOPE_DECODE24_PLAN=always` skips the timing and runs the kernel (default config) for every
+call of at most 64 tokens: for checks and benchmarks of the kernel itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+PLAN_MODES = ("measure", "always")
+
+
+def plan_mode() -> str:
+    """`SLOPE_DECODE24_PLAN`: 'measure' (default) or 'always'."""
+    mode = os.environ.get("SLOPE_DECODE24_PLAN", "measure")
+    if mode not in PLAN_MODES:
+        raise ValueError(f"SLOPE_DECODE24_PLAN={mode!r}; use one of {', '.join(PLAN_MODES)}")
+    return mode
+
+
+def candidate_configs(tokens: int, out: int, inp: int) -> list:
+    """The configs timed for one (shape, bucket): the default, and its neighbours in output
+    rows per program, input columns per step and split."""
+    from slope_megatron.kernels.decode24_triton import Decode24Config, default_config
+    base = default_config(tokens, out, inp)
+    seen, configs = set(), []
+    for block_n in (base.block_n, base.block_n * 2, max(16, base.block_n // 2)):
+        for block_k in (base.block_k, base.block_k * 2):
+            for split in {base.split_k, 1, min(16, base.split_k * 2)}:
+                cfg = Decode24Config(base.block_m, block_n, block_k, split)
+                if cfg not in seen:
+                    seen.add(cfg)
+                    configs.append(cfg)
+    return configs
+
+
+@dataclass
+class Decode24Plans:
+    """(out, in, token bucket) -> the decode-kernel config to run; no entry: the fallback."""
+
+    table: dict = field(default_factory=dict)
+    always: bool = False  # every call of <= 64 tokens runs the kernel (table or default)
+
+    def choose(self, out: int, inp: int, tokens: int):
+        """The config for a call of `tokens` rows, or None (run the fallback)."""
+        from slope_megatron.kernels.decode24_triton import MAX_TOKENS, default_config, rows_block
+        if tokens > MAX_TOKENS or tokens < 1:
+            return None
+        cfg = self.table.get((out, inp, rows_block(tokens)))
+        if cfg is None and self.always:
+            cfg = default_config(tokens, out, inp)
+        return cfg
+
+    def describe(self) -> str:
+        if self.always:
+            return "decode kernel for every call of <= 64 tokens"
+        return f"decode kernel where it measured faster ({len(self.table)} (shape, tokens) cases)"
+
+
+def measure_plans(shapes: Iterable[tuple], time_decode: Callable, time_fallback: Callable,
+                  candidates: Callable = candidate_configs) -> Decode24Plans:
+    """Fill the table: time_decode(out, in, tokens, cfg) and time_fallback(out, in, tokens)
+    return seconds (any unit, the same for both; inf for a config that cannot run)."""
+    table = {}
+    for out, inp in sorted(set(shapes)):
+        for tokens in TOKEN_BUCKETS:
+            fallback = time_fallback(out, inp, tokens)
+            timed = [(time_decode(out, inp, tokens, c), i, c)
+                     for i, c in enumerate(candidates(tokens, out, inp))]
+            best, _, cfg = min(timed)
+            if best < fallback:
+                table[(out, inp, tokens)] = cfg
+            log.info("decode24 plan (out=%d, in=%d, tokens=%d): %s (%.4g vs fallback %.4g)",
+                     out, inp, tokens, cfg if best < fallback else "fallback", best, fallback)
+    return Decode24Plans(table)
+
+
+def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torch.Tensor],
+                   meta_of: Callable[[object], torch.Tensor]) -> Decode24Plans:
+    """Time one layer of each shape on its GPU (median of triton.testing.do_bench, which
+    empties the L2 cache before every run, on random inputs) and fill the table."""
+    from triton.testing import do_bench
+
+    from slope_megatron.kernels.decode24_triton import decode24_linear
+
+    by_shape = {}
+    for layer in layers:
+        by_shape.setdefault((layer.out_features, layer.in_features), layer)
+    inputs = {}
+
+    def x_for(layer, tokens):
+        key = (layer.in_features, tokens)
+        if key not in inputs:
+            w = layer.weight
+            gen = torch.Generator(device=w.device).manual_seed(tokens)
+            inputs[key] = torch.randn(tokens, layer.in_features, generator=gen,
+                                      device=w.device).to(w.dtype)
+        return inputs[key]
+
+    def time_decode(out, inp, tokens, cfg):
+        layer = by_shape[(out, inp)]
+        x, meta = x_for(layer, tokens), meta_of(layer)
+        try:
+            return do_bench(lambda: decode24_linear(x, layer.weight, meta, layer.bias, cfg),
+                            warmup=5, rep=20, return_mode="median")
+        except Exception as e:  # e.g. a config needing more shared memory than the GPU has
+            log.info("decode24 config %s cannot run on (%d, %d): %s", cfg, out, inp, e)
+            return float("inf")
+
+    def time_fallback(out, inp, tokens):
+        layer = by_shape[(out, inp)]
+        x = x_for(layer, tokens)
+        return do_bench(lambda: fallback(layer, x), warmup=5, rep=20, return_mode="median")
+
+    with torch.inference_mode():
+        return measure_plans(by_shape, time_decode, time_fallback)

@@ -1,0 +1,162 @@
+"""Decoding on a GPU: the 2:4 decode kernel in bf16 for every token count 1..64, and CUDA-graph
+decoding (`generate(decode="static")`) against eager decoding, both archs (run on a CUDA
+machine: `pytest -m gpu tests/gpu/test_decode_gpu.py`).
+
+Token-for-token equality is asserted where both sides run the same kernels: graphed vs eager
+generation in fp32 (reference kernels, where attention over a masked full-capacity cache and
+over the sliced cache agree to fp32 rounding), and the graph's replay vs the same static step
+run eagerly in bf16 (identical kernels, so identical bits). Eager vs static decoding in bf16
+use different attention kernels (unmasked flash vs masked), so there the logits are compared
+within bf16 tolerance instead."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.inference import tiny
+
+from slope_megatron.inference import InferenceModel, generate
+from slope_megatron.inference.generate import _EagerSteps
+from slope_megatron.kernels.decode24_layout import pack_meta
+from slope_megatron.kernels.decode24_triton import (
+    Decode24Config,
+    decode24_linear,
+    default_config,
+    rows_block,
+)
+from slope_megatron.sparsity import slope_layers
+from slope_megatron.sparsity.functional import dense_from_values
+from slope_megatron.sparsity.masks import nm_mask
+
+pytestmark = pytest.mark.gpu
+WIDE = ("model.hidden_size=64", "model.num_heads=4")  # feature sizes cuSPARSELt takes
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9], [40, 50, 60]]
+SHAPES = [(96, 36), (768, 3072), (4096, 4096), (11008, 4096), (4096, 11008)]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def sparse_weight(out, inp, dtype=torch.bfloat16):
+    w = torch.randn(out, inp, device="cuda").to(dtype)
+    mask = nm_mask(w)
+    values = w[mask].view(out, -1).contiguous()
+    return values, pack_meta(mask), dense_from_values(values, mask)
+
+
+@pytest.mark.parametrize("out,inp", SHAPES)
+def test_decode_kernel_equals_the_reference_for_every_token_count_in_bf16(out, inp):
+    torch.manual_seed(0)
+    values, meta, dense = sparse_weight(out, inp)
+    bias = torch.randn(out, device="cuda", dtype=torch.bfloat16)
+    for m in range(1, 65):
+        x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
+        want = F.linear(x.float(), dense.float(), bias.float())
+        for cfg in (default_config(m, out, inp), Decode24Config(rows_block(m), 64, 128, 1)):
+            got = decode24_linear(x, values, meta, bias, cfg)
+            assert got.dtype == torch.bfloat16 and got.shape == (m, out)
+            assert rel(got, want) < 5e-3, (m, cfg)  # bf16 rounding of y (~2e-3)
+
+
+def test_decode_kernel_in_a_cuda_graph_replays_its_eager_result():
+    values, meta, _ = sparse_weight(4096, 4096)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = default_config(16, 4096, 4096)
+    assert cfg.split_k > 1  # the partial sums' reduction is captured too
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode24_linear(x, values, meta, None, cfg)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = decode24_linear(x, values, meta, None, cfg)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(y, decode24_linear(x, values, meta, None, cfg))
+
+
+def results(out):
+    return [(r.tokens, r.finish_reason, r.stop_token) for r in out]
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_graphed_generation_equals_eager_generation_token_for_token(arch):
+    cfg, model = tiny(arch)
+    inf = InferenceModel(cfg, model.state_dict(), device="cuda")  # fp32, reference kernels
+    assert inf._graphs_usable()
+    graphed = []
+    real = inf.static_decoder
+
+    def spy(*args):
+        decoder = real(*args)
+        graphed.append(decoder.graphed)
+        return decoder
+
+    inf.static_decoder = spy
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        eager = results(generate(inf, prompts, 12))
+        assert results(generate(inf, prompts, 12, decode="static")) == eager
+        stop = eager[0][0][1]
+        assert results(generate(inf, prompts, 12, decode="static", stop_tokens=[stop])) \
+            == results(generate(inf, prompts, 12, stop_tokens=[stop]))
+    assert graphed and all(graphed)
+    assert not inf._decoders  # captured over this call's W*M copies: dropped with them
+
+
+@pytest.mark.parametrize("kernels", ["cusparselt", "decode24"])
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_bf16_graph_replays_the_eager_static_step_bitwise(arch, kernels, monkeypatch):
+    monkeypatch.setenv("SLOPE_DECODE24_PLAN", "always")  # the kernel on every small call
+    cfg, model = tiny(arch, "active", *WIDE)
+    inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda", kernels=kernels)
+    assert inf.kernels == kernels
+    graphed = results(generate(inf, PROMPTS, 10, decode="static"))
+    [decoder] = inf._decoders.values()  # kept: compressed kernels hold no per-call copies
+    assert decoder.graphed
+    again = results(generate(inf, PROMPTS, 10, decode="static"))
+    assert again == graphed and list(inf._decoders.values()) == [decoder]  # replayed, kept
+    inf.static_graphs = False
+    assert results(generate(inf, PROMPTS, 10, decode="static")) == graphed
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_bf16_static_logits_match_eager_logits(arch):
+    cfg, model = tiny(arch, "active", *WIDE)
+    inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda",
+                         kernels="cusparselt")
+    b, longest = len(PROMPTS), max(map(len, PROMPTS))
+    ids = torch.zeros(b, longest, dtype=torch.long)
+    valid = torch.zeros(b, longest, dtype=torch.bool)
+    for i, p in enumerate(PROMPTS):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        valid[i, longest - len(p):] = True
+    ids, valid = ids.cuda(), valid.cuda()
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    eager, static = _EagerSteps(inf, b, longest + 8), inf.static_decoder(b, longest + 8)
+    assert static.graphed
+    want = eager.prefill(ids, valid, positions, True)
+    got = static.prefill(ids, valid, positions, True)
+    for step in range(8):
+        assert rel(got, want) < 1e-2, step
+        chosen = want.argmax(-1)
+        running = [True, step < 3, True]
+        want = eager.advance(chosen, running)
+        got = static.advance(chosen, running).clone()
+
+
+def test_decode24_model_measures_its_plan_and_matches_the_reference(monkeypatch):
+    monkeypatch.delenv("SLOPE_DECODE24_PLAN", raising=False)
+    cfg, model = tiny("llama", "active", *WIDE)
+    state = model.state_dict()
+    fast = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels="decode24")
+    ref = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels="reference")
+    layers = list(slope_layers(fast.model))
+    assert "with cuSPARSELt for other calls" in fast.kernels_note
+    dense_bf16 = sum(2 * layer.out_features * layer.in_features for layer in layers)
+    assert fast.weight_bytes()["masks"] == dense_bf16 // 16  # the decode metadata
+    for t in (1, 5, 64, 200):
+        ids = torch.randint(0, cfg.model.vocab_size, (1, t), device="cuda")
+        with ref.generation_scope():
+            want = ref.full_logits(ids)
+        assert rel(fast.full_logits(ids), want) < 1e-2, t

@@ -1,0 +1,108 @@
+"""`InferenceModel(kernels="decode24")`: the decode kernel wired into inference. In Triton's
+CPU interpreter, both archs (adapters on and off) give the reference kernels' logits for calls
+of 1 to 64 tokens (the kernel) and longer ones (the W*M fallback), and the same generated
+tokens, eager and static. The plan table's choice is tested with given timings (the real
+timings need a GPU: tests/gpu/test_decode_gpu.py)."""
+import math
+
+import pytest
+from helpers.inference import tiny
+from helpers.interpreter import run_interpreted
+
+from slope_megatron.inference import InferenceModel
+from slope_megatron.inference.decode24_plans import (
+    TOKEN_BUCKETS,
+    Decode24Plans,
+    candidate_configs,
+    measure_plans,
+    plan_mode,
+)
+
+
+def test_decode24_model_matches_the_reference_kernels_in_interpreter():
+    pytest.importorskip("triton")
+    run_interpreted(r'''
+import sys
+sys.path.insert(0, "tests")
+import torch
+from helpers.inference import CASES, VOCAB, tiny
+import slope_megatron.kernels.decode24_triton as kt
+from slope_megatron.inference import InferenceModel, generate
+from slope_megatron.inference.decode24 import Decode24Backend
+from slope_megatron.sparsity import slope_layers
+calls = [0]
+real = kt.decode24_linear
+def counting(*a, **k):
+    calls[0] += 1
+    return real(*a, **k)
+kt.decode24_linear = counting
+prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [40, 50, 60]]
+for arch, adapters in CASES:
+    cfg, model = tiny(arch, adapters)
+    ref = InferenceModel(cfg, model.state_dict(), kernels="reference")
+    dec = InferenceModel(cfg, model.state_dict(), kernels="decode24")
+    assert dec.kernels == "decode24" and dec.kernels_note.startswith("7 of 7"), dec.kernels_note
+    for layer in slope_layers(dec.model):
+        assert isinstance(layer.backend, Decode24Backend) and layer.mask_bits.numel() == 0
+    for b, t in ((1, 1), (3, 1), (2, 12), (4, 16), (5, 16)):  # 80 tokens: the fallback
+        ids = torch.randint(0, VOCAB, (b, t))
+        with ref.generation_scope():
+            want = ref.full_logits(ids)
+        before = calls[0]
+        got = dec.full_logits(ids)
+        assert (calls[0] > before) == (b * t <= 64), (b, t)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want = [r.tokens for r in generate(ref, prompts, 6)]
+    assert [r.tokens for r in generate(dec, prompts, 6)] == want
+    assert [r.tokens for r in generate(dec, prompts, 6, decode="static")] == want
+print("ok")
+''')
+
+
+def test_decode24_needs_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg, model = tiny("gpt")
+    with pytest.raises(ValueError, match="kernels='decode24' cannot run here: device cpu"):
+        InferenceModel(cfg, model.state_dict(), kernels="decode24")
+
+
+def test_plans_keep_the_kernel_only_where_it_measured_faster():
+    """Given timings: the kernel's best config wins where it beats the fallback (small token
+    counts of the big layer here), the fallback everywhere else; a config that cannot run
+    (inf) is never chosen."""
+    def time_decode(out, inp, tokens, cfg):
+        if cfg.split_k == 1 and out == 4096:
+            return math.inf
+        return tokens * (1.0 if out == 4096 else 5.0) + cfg.block_n / 1000
+
+    def time_fallback(out, inp, tokens):
+        return 16.0
+
+    plans = measure_plans([(4096, 4096), (64, 64), (4096, 4096)], time_decode, time_fallback)
+    big = {t: plans.table.get((4096, 4096, t)) for t in TOKEN_BUCKETS}
+    assert {t for t, c in big.items() if c} == {1, 2, 4, 8}
+    assert all(c.split_k > 1 and c.block_n == min(x.block_n for x in
+               candidate_configs(t, 4096, 4096)) for t, c in big.items() if c)
+    assert {k[2] for k in plans.table if k[0] == 64} == {1, 2}
+    assert plans.choose(4096, 4096, 3) is big[4]  # 3 tokens: the bucket of 4
+    assert plans.choose(4096, 4096, 9) is None    # 16 tokens lost: the fallback
+    assert plans.choose(1024, 1024, 1) is None    # a shape never timed
+    assert not plans.always and "measured faster" in plans.describe()
+
+
+def test_plan_always_runs_the_kernel_up_to_64_tokens(monkeypatch):
+    always = Decode24Plans(always=True)
+    assert all(always.choose(96, 32, t) is not None for t in range(1, 65))
+    assert always.choose(96, 32, 65) is None and always.choose(96, 32, 0) is None
+    monkeypatch.setenv("SLOPE_DECODE24_PLAN", "sometimes")
+    with pytest.raises(ValueError, match="SLOPE_DECODE24_PLAN"):
+        plan_mode()
+    monkeypatch.setenv("SLOPE_DECODE24_PLAN", "always")
+    assert plan_mode() == "always"
+
+
+def test_candidate_configs_are_distinct_and_cover_the_tokens():
+    for tokens in TOKEN_BUCKETS:
+        configs = candidate_configs(tokens, 4096, 11008)
+        assert len(configs) == len(set(configs)) >= 4
+        assert all(c.block_m == tokens for c in configs)
