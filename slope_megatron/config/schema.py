@@ -1,5 +1,5 @@
 """The configuration's schema: one dataclass per concern, each field with its default and its
-help text (`metadata["help"]`), from which `--help-config` and the README's reference come."""
+help text (`metadata["help"]`), from which `--help-config` and docs/CONFIG.md's reference come."""
 from __future__ import annotations
 
 import dataclasses
@@ -67,9 +67,8 @@ class SparsityConfig:
                                   "dX uses W*M.")
     column_mask_refresh: int = _f(100, "Recompute the double-pruned (input-gradient) column mask "
                                        "from the current weights every this many optimizer steps. "
-                                       "1 (a fresh mask every step) closed SLoPe's loss gap to "
-                                       "dense at GPT-2-small scale and ran 1.03x dense at 1.3B on "
-                                       "an H100, against 1.14x at 100 (docs/RESULTS.md).")
+                                       "Lower values follow the weights more closely (better "
+                                       "loss) and cost training speed: see docs/RESULTS.md.")
     backend: str = _f("auto", "'reference' (masked dense math, runs anywhere), 'cusparselt' "
                               "(sparse tensor cores, CUDA), 'cublas' (the same math on dense "
                               "cuBLAS GEMMs with Triton-built operands, CUDA), 'auto' "
@@ -79,9 +78,8 @@ class SparsityConfig:
     keep_compressed: bool = _f(True, "cusparselt: keep each layer's compressed W and W_RC^T "
                                      "between steps (2.25 bytes per weight entry in bf16, "
                                      "refreshed after each optimizer step). False builds them "
-                                     "at each GEMM call into one scratch buffer per device: 1.3B "
-                                     "model state 0.64x instead of 0.74x of dense, at 1.10-1.12x "
-                                     "instead of 1.14-1.15x dense speed (H100; docs/RESULTS.md).")
+                                     "at each GEMM call into one scratch buffer per device: less "
+                                     "memory, a little less speed (docs/RESULTS.md).")
     dense_first_qkv: bool = _f(True, "Keep the first block's QKV projection dense (as the paper).")
     sparse_lm_head: bool = _f(False, "Make the LM head N:M sparse too (needs untied embeddings).")
     modules: list = _f(["qkv", "proj", "fc1", "fc2"], "Which block linears are sparse: any of "
@@ -248,7 +246,7 @@ def ffn_hidden_size(m: ModelConfig) -> int:
 
 
 def config_reference() -> str:
-    """Markdown table of every key with its default and help (for --help-config/README)."""
+    """Markdown table of every key with its default and help (for --help-config, docs/CONFIG.md)."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.default_factory):
