@@ -57,9 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto (default): bf16 on a GPU (compressed 2:4 kernels), fp32 on a CPU")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--kernels", choices=("auto", "cusparselt", "reference"), default="auto",
+    p.add_argument("--kernels", choices=("auto", "cusparselt", "reference", "decode24"),
+                   default="auto",
                    help="sparse layers: compressed on cuSPARSELt (CUDA, bf16), the reference "
-                        "math, or auto = cusparselt where it can run (default)")
+                        "math, or auto = cusparselt where it can run (default); decode24 (the "
+                        "project's own 2:4 decode kernel for 1-64 tokens, experimental: not yet "
+                        "measured on a GPU)")
+    p.add_argument("--decode", choices=("eager", "static"), default="eager",
+                   help="eager (default) or static: fixed-shape decode steps over a full-capacity "
+                        "KV cache, replayed as a CUDA graph on a GPU (experimental: not yet "
+                        "measured on a GPU)")
     p.add_argument("--low-memory", action="store_true",
                    help="rebuild each sparse layer's W*M inside every call instead of holding "
                         "dense copies while generating (much slower, less memory)")
@@ -248,7 +255,8 @@ def main(argv=None) -> int:
         if args.dtype == "auto":
             args.dtype = "fp32" if device.type == "cpu" else "bf16"
         model = InferenceModel(config, state, dtype=args.dtype, device=device,
-                               dense_cache=not args.low_memory, kernels=args.kernels)
+                               dense_cache=not args.low_memory, kernels=args.kernels,
+                               decode=args.decode)
         del state
         stops = set(args.stop_token)
         if tokenizer.eos_id is not None and not args.no_eos_stop:

@@ -205,3 +205,22 @@ def test_prompt_is_echoed_even_when_the_first_token_stops(artifact, capsys):
                      "--stop-token", str(first), "--no-eos-stop"]) == 0
     out, err = capsys.readouterr()
     assert out == "the cat\n" and "finished: stop" in err
+
+
+def test_static_decode_prints_the_same_text_as_eager(artifact, capsys, monkeypatch):
+    """--decode static (fixed-shape steps; eager on the CPU) streams the same tokens, and only
+    it runs the static decoder's steps."""
+    from slope_megatron.inference.static_decode import StaticDecoder
+
+    steps = []
+    step = StaticDecoder.step
+    monkeypatch.setattr(StaticDecoder, "step", lambda self: steps.append(1) or step(self))
+    cli = load_launch("generate")
+    argv = ["--checkpoint", str(artifact), "--prompt", "the cat", "--prompt", "a dog ate",
+            "--max-new-tokens", "12"]
+    outputs, counted = {}, {}
+    for decode in ("eager", "static"):
+        assert cli.main([*argv, "--decode", decode]) == 0
+        outputs[decode], counted[decode] = capsys.readouterr().out, len(steps)
+    assert outputs["static"] == outputs["eager"] and "=== [1] ===" in outputs["eager"]
+    assert counted["eager"] == 0 and counted["static"] > 0
