@@ -94,17 +94,20 @@ def _start(cfg: Config, world: int) -> None:
     if cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1 or cfg.model.hidden_size > 128 \
             or (cfg.model.ffn_hidden_size or 0) > 512 or cfg.model.num_layers > 4:
         return  # validated only: multi-process layouts are covered by the layout tests
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = 64  # what the trainer takes from the tokenizer
     model = GPTModel.from_config(cfg, None)
     optimizer = build_optimizer(model, cfg)
     seq = min(cfg.model.seq_len, 8)
-    x = torch.randint(0, cfg.model.vocab_size or 64, (1, seq))
+    x = torch.randint(0, cfg.model.vocab_size, (1, seq))
     loss = model(x, x)
     loss.backward()
     optimizer.step()
 
 
 @pytest.mark.slow
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize=True)  # the same 300 examples on every run: CI does not flake
 @given(raw=raw_configs(), world=st.sampled_from([1, 1, 2, 2, 4, 8, 3]))
 def test_any_config_starts_cleanly_or_names_its_error(raw, world):
     try:
@@ -116,7 +119,7 @@ def test_any_config_starts_cleanly_or_names_its_error(raw, world):
         assert "config" in msg or "world size" in msg or "train." in msg, msg
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(overrides=st.lists(st.text(max_size=20), max_size=3))
 def test_any_override_string_is_applied_or_refused_cleanly(overrides):
     try:
