@@ -133,7 +133,11 @@ def main_with(monkeypatch):
                         lambda completed: events.append(("shutdown", completed)))
     for k in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    main = load_launch("pretrain").main
+    pretrain = load_launch("pretrain")
+    # the process set-up (signal handlers, launcher watch, build locks) reads a real config
+    # and changes this process; it is not what these tests are about
+    monkeypatch.setattr(pretrain, "_prepare_process", lambda cfg: None)
+    main = pretrain.main
 
     def run(train_fn):
         monkeypatch.setattr(training_pkg, "train", train_fn)
