@@ -1,7 +1,9 @@
 """launch/slurm/pretrain.sbatch on a real one-node SLURM cluster: a job stopped mid-run saves
 and exits 75, and continues with the losses of an uninterrupted run - resubmitted after
 `scancel --signal=TERM` (what pre-emption and the time limit send), or requeued by the script
-itself after the `--signal=B:USR1@<seconds>` warning ahead of the time limit.
+itself after the `--signal=B:USR1@<seconds>` warning ahead of the time limit (brought near with
+`scontrol update TimeLimit` once the run is paused, so that the warning's timing - SLURM checks
+about every 30 s - cannot race the start-up).
 
 The cluster (munge, slurmctld, slurmd; installed with apt-get when missing) is started for this
 module and stopped after it (tests/helpers/slurm_cluster.py). Two srun tasks train on CPU
@@ -95,11 +97,13 @@ def test_scancel_sigterm_saves_and_a_resubmitted_job_continues_exactly(cluster, 
 def test_the_time_limit_warning_saves_and_the_script_requeues_the_job(cluster, stop_corpus,
                                                                       uninterrupted, tmp_path):
     out = tmp_path / "run"
-    # USR1 to the batch shell 90 s before a 2-minute limit (SLURM checks every ~30 s)
-    job = _submit(cluster, stop_corpus, out, "--time=2", "--signal=B:USR1@90", REQUEUE="1",
+    # SIGUSR1 to the batch shell 90 s before the time limit; the limit is brought near only
+    # once the run is paused in iteration 6, so the warning cannot come during its start-up
+    job = _submit(cluster, stop_corpus, out, "--time=10", "--signal=B:USR1@90", REQUEUE="1",
                   SLOPE_FAULT=PAUSE)
     _wait_until_paused(cluster, out, job)
-    info = cluster.wait_state(job, {"PENDING"}, 120)  # stopped, saved, requeued by the script
+    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=2")  # warns within ~30 s
+    info = cluster.wait_state(job, {"PENDING"}, 150)  # stopped, saved, requeued by the script
     assert info["Restarts"] == "1"
     log = _job_log(out, job)
     assert "SIGUSR1: passed on to the ranks" in log
@@ -107,7 +111,10 @@ def test_the_time_limit_warning_saves_and_the_script_requeues_the_job(cluster, s
     assert "requeueing job" in log
     assert checkpoint.latest_tag(out / "checkpoints") == checkpoint.tag_for(6)
     assert _no_rank_left(out) == []
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # not SLURM's 2 min
+    # the limit far away again; SLURM starts the requeued job once its old credential has
+    # expired (cred_expire: 10 s on this cluster, 120 s by default)
+    cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
     info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 180)
     assert info["ExitCode"] == "0:0", _job_log(out, job)[-3000:]
+    assert info["Restarts"] == "1"
     assert comparable(out) == comparable(uninterrupted(2))
