@@ -187,7 +187,7 @@ def check_output_dir(cfg: Config, out: Path, recorded: Optional[RecordedConfig] 
         raise ConfigError(f"train.output_dir '{out}' holds the metrics of a run without "
                           f"checkpoints (train.save_interval=0), which cannot be resumed; "
                           f"rerunning there would overwrite them - use a new "
-                          f"train.output_dir or delete that one")
+                          f"train.output_dir (or move that one away)")
     if recorded is None:
         recorded = read_recorded_config(out)
     if recorded.found and holds_checkpoint(out):

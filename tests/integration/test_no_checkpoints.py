@@ -16,8 +16,10 @@ def test_rerun_into_a_finished_run_without_checkpoints_is_refused(tmp_path):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"iter": 10, "loss": 3.0}\n')
     cfg = load_config(None, ["train.save_interval=0", f"train.output_dir={out}"])
-    with pytest.raises(ConfigError, match="cannot be resumed; rerunning there would overwrite"):
+    with pytest.raises(ConfigError, match="cannot be resumed; rerunning there would overwrite") \
+            as refused:
         check_output_dir(cfg, out)
+    assert "delete" not in str(refused.value)  # no advice that loses the finished run's data
     assert (out / "metrics.jsonl").read_text() == '{"iter": 10, "loss": 3.0}\n'
     # with checkpoints to resume from, or checkpoints written by this run, it is a resume
     check_output_dir(load_config(None, [f"train.output_dir={out}"]), out)
