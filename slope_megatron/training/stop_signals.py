@@ -41,8 +41,8 @@ DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 class StoppedBySignal(BaseException):
     """The run stopped on a signal, after saving (or during start-up, with nothing to save).
     Not an error: launch/pretrain.py prints the message as it is and exits 75. A
-    BaseException, as KeyboardInterrupt is: raised from the handler during start-up, it must
-    not be swallowed by library code that catches Exception (DeepSpeed's op loading does)."""
+    BaseException, as KeyboardInterrupt is: raised from the handler during start-up, wherever
+    the main thread is, it must not be swallowed by library code that catches Exception."""
 
     every_rank = True  # the ranks agree on the stop; rank 0 says it
     exit_code = EXIT_STOPPED_BY_SIGNAL
