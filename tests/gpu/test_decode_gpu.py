@@ -12,7 +12,7 @@ within bf16 tolerance instead."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.inference import tiny
+from helpers.inference import left_padded, tiny
 
 from slope_megatron.inference import InferenceModel, generate
 from slope_megatron.inference.generate import _EagerSteps
@@ -126,13 +126,7 @@ def test_bf16_static_logits_match_eager_logits(arch):
     inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda",
                          kernels="cusparselt")
     b, longest = len(PROMPTS), max(map(len, PROMPTS))
-    ids = torch.zeros(b, longest, dtype=torch.long)
-    valid = torch.zeros(b, longest, dtype=torch.bool)
-    for i, p in enumerate(PROMPTS):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        valid[i, longest - len(p):] = True
-    ids, valid = ids.cuda(), valid.cuda()
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    ids, valid, positions = (t.cuda() for t in left_padded(PROMPTS))
     eager, static = _EagerSteps(inf, b, longest + 8), inf.static_decoder(b, longest + 8)
     assert static.graphed
     want = eager.prefill(ids, valid, positions, True)

@@ -38,3 +38,14 @@ def flip_byte(path, offset):
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
 
+
+def left_padded(prompts):
+    """(ids, valid, positions) of `prompts` left-padded into one batch, as generate() lays
+    them out: pads are token 0 and invalid, each sequence's positions count its real tokens."""
+    b, longest = len(prompts), max(map(len, prompts))
+    ids = torch.zeros(b, longest, dtype=torch.long)
+    valid = torch.zeros(b, longest, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        valid[i, longest - len(p):] = True
+    return ids, valid, (valid.long().cumsum(1) - 1).clamp(min=0)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.inference import SEQ, VOCAB, tiny
+from helpers.inference import SEQ, VOCAB, left_padded, tiny
 
 from slope_megatron.inference import InferenceModel, SamplingConfig, generate
 from slope_megatron.inference.generate import _EagerSteps
@@ -74,12 +74,7 @@ def test_static_logits_equal_eager_logits_step_by_step(inf):
     masked, its position frozen): the logits agree to fp32 rounding at every step."""
     prompts = BATCHES["three_padded"]
     b, longest = len(prompts), max(map(len, prompts))
-    ids = torch.zeros(b, longest, dtype=torch.long)
-    valid = torch.zeros(b, longest, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        valid[i, longest - len(p):] = True
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    ids, valid, positions = left_padded(prompts)
     slots = longest + 8
     eager, static = _EagerSteps(inf, b, slots), inf.static_decoder(b, slots)
     assert static.capacity >= slots and not static.graphed
