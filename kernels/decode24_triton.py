@@ -2,22 +2,27 @@
 
 Why our own kernel: decoding is a bandwidth problem, and cuSPARSELt's small-N kernels stream
 the compressed operand at about half the bandwidth cuBLAS reaches on the dense one, so 2:4
-decoding is slower than dense (docs/INFERENCE.md). Triton has no sparse MMA; this kernel reads
-only the two compressed streams of `decode24_layout.py` (kept values and their 2-bit
-positions, 0.5625x of the dense bf16 bytes) with wide loads, rebuilds the dense
-(BLOCK_N, BLOCK_K) tile of W*M in registers and multiplies it by the x tile:
-- `USE_DOT` (BLOCK_M >= 16): one tl.dot per tile, on the tensor cores (x's rows are padded to
-  the MMA's minimum by masked loads; the extra products cost nothing in a memory-bound loop);
-- otherwise (1 to 8 rows): multiply-adds on the CUDA cores, one x row at a time.
-Split-K: with few output tiles (small layers, `out` / BLOCK_N programs) the GPU would be
-mostly idle, so `SPLIT_K` programs share the K blocks of each tile (interleaved) and write
-fp32 partial sums that `decode24_linear` adds up in a fixed order (deterministic, so a CUDA
-graph replays bit for bit what the eager call computed).
+decoding with it is slower than dense (docs/INFERENCE.md). Triton has no sparse MMA; this
+kernel reads only the two compressed streams of `decode24_layout.py` (kept values and their
+2-bit positions, 0.5625x of the dense bf16 bytes) with wide loads and computes on them in one
+of three ways (`Decode24Config.mode`):
+- "gather" (a few rows): each kept value is multiplied by the x entry its position selects,
+  loaded by address (x is a few KB: the loads hit L1), on the CUDA cores - no dense tile;
+- "fma": the dense (BLOCK_N, BLOCK_K) tile of W*M is rebuilt in registers and multiplied by
+  one x row at a time on the CUDA cores;
+- "dot" / "dotT": the rebuilt tile goes through one tl.dot per step on the tensor cores, as
+  x @ tile^T or tile @ x^T (x's rows padded to 16 by masked loads: the extra products cost
+  nothing in a memory-bound loop).
+Split-K: with few output tiles (small layers, tensor-parallel shards) most SMs would idle, so
+SPLIT_K programs share the K blocks of each tile (interleaved) and write fp32 partial sums;
+the last of them to finish (an atomic arrival counter per tile) adds the partials up in a
+fixed order, adds the bias and writes y, and resets the counter. One launch per call, and
+deterministic, so a CUDA graph replays bit for bit what the eager call computed.
 
-`default_config` is a starting point, not a tuned choice: which block sizes and split the
-GPU prefers, and whether this kernel beats the cuSPARSELt or dense GEMM at all, is measured at
-load time (`slope_megatron/inference/decode24_plans.py`). The test suite checks the kernel
-against F.linear(x, W*M, b) in Triton's CPU interpreter (fp32) and on a GPU (bf16).
+`default_config` is a starting point; which config (and whether this kernel or the
+cuSPARSELt/dense GEMM) runs a call is measured at load time
+(`slope_megatron/inference/decode24_plans.py`). The tests check the kernel against
+F.linear(x, W*M, b) in Triton's CPU interpreter (fp32) and on a GPU (bf16).
 """
 from __future__ import annotations
 
@@ -28,18 +33,22 @@ import triton
 import triton.language as tl
 
 MAX_TOKENS = 64  # the token counts this kernel is meant (and planned) for
+MODES = ("gather", "fma", "dot", "dotT")
+_MODE_ID = {name: i for i, name in enumerate(MODES)}
 
 
 @dataclass(frozen=True)
 class Decode24Config:
-    """Launch parameters. block_m: rows of x per program (a power of two; >= 16 uses
-    tl.dot); block_n: output rows per program; block_k: input columns per step (a multiple
-    of 32: whole metadata words); split_k: programs sharing one output tile's K blocks."""
+    """Launch parameters. block_m: rows of x per program (a power of two, >= 16 for the dot
+    modes); block_n: output rows per program; block_k: input columns per step (a multiple of
+    32: whole metadata words); split_k: programs sharing one output tile's K blocks; mode:
+    how a step computes (module docstring)."""
 
     block_m: int
     block_n: int = 64
     block_k: int = 128
     split_k: int = 1
+    mode: str = "dot"
     num_warps: int = 4
     num_stages: int = 3
 
@@ -50,12 +59,14 @@ class Decode24Config:
                 raise ValueError(f"{name} must be a power of two, got {v}")
         if self.block_k < 32 or self.split_k < 1:
             raise ValueError(f"block_k must be >= 32 and split_k >= 1, got {self}")
-        if self.use_dot and self.block_n < 16:
-            raise ValueError(f"tl.dot needs block_n >= 16, got {self}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.use_dot and (self.block_m < 16 or self.block_n < 16):
+            raise ValueError(f"the dot modes need block_m and block_n >= 16, got {self}")
 
     @property
     def use_dot(self) -> bool:
-        return self.block_m >= 16
+        return self.mode in ("dot", "dotT")
 
 
 def rows_block(tokens: int) -> int:
@@ -64,23 +75,24 @@ def rows_block(tokens: int) -> int:
 
 
 def default_config(tokens: int, out: int, in_features: int, num_sms: int = 132) -> Decode24Config:
-    """An untuned starting point: one program per BLOCK_N output rows and per split, the split
+    """A starting point: the gather mode for up to 4 rows, the tensor cores above; the split
     chosen to give every SM about four programs when `out` alone gives too few."""
-    block_m = rows_block(min(tokens, MAX_TOKENS))
-    block_n = 64 if block_m >= 16 else 32
-    block_k = 128
-    tiles = -(-out // block_n) * -(-tokens // block_m)
-    k_blocks = -(-in_features // block_k)
+    rows = rows_block(min(tokens, MAX_TOKENS))
+    if rows <= 4:
+        cfg = dict(block_m=rows, block_n=32, block_k=256, mode="gather")
+    else:
+        cfg = dict(block_m=max(16, rows), block_n=64, block_k=128, mode="dotT")
+    tiles = -(-out // cfg["block_n"]) * -(-tokens // cfg["block_m"])
+    k_blocks = -(-in_features // cfg["block_k"])
     split = max(1, min(k_blocks, 16, -(-4 * num_sms // tiles)))
-    return Decode24Config(block_m, block_n, block_k, split)
+    return Decode24Config(split_k=split, **cfg)
 
 
 @triton.jit
-def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_vn,
-                     stride_ym, stride_ys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr, M, N, K,
+                     stride_xm, stride_vn, stride_ym, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -90,50 +102,103 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, stride_xm
     m_ok = rm < M
     kept = K // 2
     words = (K + 31) // 32
-    g = tl.arange(0, BLOCK_K // 4)            # groups of four input columns in a block
-    pair = tl.arange(0, 2)                    # a group's two kept values
-    sub = tl.arange(0, 8)                     # groups per metadata word
-    col = tl.arange(0, 4)[None, None, :]      # a column's place in its group
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MODE == 3:  # dotT accumulates y^T
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
         k0 = kb * BLOCK_K
-        # values: (BLOCK_N, groups, 2), BLOCK_N contiguous runs of BLOCK_K / 2
-        kk = k0 // 2 + 2 * g[None, :, None] + pair[None, None, :]
-        v = tl.load(v_ptr + rn[:, None, None].to(tl.int64) * stride_vn + kk,
-                    mask=n_ok[:, None, None] & (kk < kept), other=0.0)
-        v0, v1 = tl.split(v)
         # metadata: (BLOCK_N, BLOCK_K / 32) words, BLOCK_K / 32 contiguous runs of BLOCK_N
         w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         word = tl.load(meta_ptr + w[None, :].to(tl.int64) * N + rn[:, None],
                        mask=n_ok[:, None] & (w[None, :] < words), other=0)
-        nib = tl.reshape((word[:, :, None] >> (4 * sub)[None, None, :]) & 15,
-                         (BLOCK_N, BLOCK_K // 4))
-        p0 = (nib & 3)[:, :, None]
-        p1 = (nib >> 2)[:, :, None]
-        tile = tl.where(col == p0, v0[:, :, None], tl.where(col == p1, v1[:, :, None], 0.0))
-        dense = tl.reshape(tile, (BLOCK_N, BLOCK_K)).to(v_ptr.dtype.element_ty)
-        kx = k0 + tl.arange(0, BLOCK_K)
-        if USE_DOT:
-            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kx[None, :],
-                        mask=m_ok[:, None] & (kx[None, :] < K), other=0.0)
-            acc += tl.dot(x.to(dense.dtype), tl.trans(dense), input_precision=DOT_PRECISION)
-        else:
-            dense32 = dense.to(tl.float32)
+        if MODE == 0:
+            # kept values (BLOCK_N, BLOCK_K / 2) times the x entries their positions select
+            j = tl.arange(0, BLOCK_K // 2)
+            kk = k0 // 2 + j
+            v = tl.load(v_ptr + rn[:, None].to(tl.int64) * stride_vn + kk[None, :],
+                        mask=n_ok[:, None] & (kk[None, :] < kept), other=0.0).to(tl.float32)
+            pos = tl.reshape((word[:, :, None] >> (2 * tl.arange(0, 16))[None, None, :]) & 3,
+                             (BLOCK_N, BLOCK_K // 2))
+            xi = k0 + 4 * (j // 2)[None, :] + pos
+            x_ok = n_ok[:, None] & (xi < K)
             for i in tl.static_range(BLOCK_M):
                 row = pid_m * BLOCK_M + i
-                xr = tl.load(x_ptr + row.to(tl.int64) * stride_xm + kx,
-                             mask=(kx < K) & (row < M), other=0.0).to(tl.float32)
-                y_row = tl.sum(dense32 * xr[None, :], axis=1)
+                xg = tl.load(x_ptr + row.to(tl.int64) * stride_xm + xi,
+                             mask=x_ok & (row < M), other=0.0).to(tl.float32)
+                y_row = tl.sum(v * xg, axis=1)
                 acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, y_row[None, :], 0.0)
+        else:
+            # the dense tile of W*M rebuilt from values (BLOCK_N, groups, 2) and positions
+            g = tl.arange(0, BLOCK_K // 4)
+            kk = k0 // 2 + 2 * g[None, :, None] + tl.arange(0, 2)[None, None, :]
+            v = tl.load(v_ptr + rn[:, None, None].to(tl.int64) * stride_vn + kk,
+                        mask=n_ok[:, None, None] & (kk < kept), other=0.0)
+            v0, v1 = tl.split(v)
+            nib = tl.reshape((word[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15,
+                             (BLOCK_N, BLOCK_K // 4))
+            p0 = (nib & 3)[:, :, None]
+            p1 = (nib >> 2)[:, :, None]
+            col = tl.arange(0, 4)[None, None, :]
+            tile = tl.where(col == p0, v0[:, :, None],
+                            tl.where(col == p1, v1[:, :, None], 0.0))
+            dense = tl.reshape(tile, (BLOCK_N, BLOCK_K)).to(v_ptr.dtype.element_ty)
+            kx = k0 + tl.arange(0, BLOCK_K)
+            if MODE == 1:
+                dense32 = dense.to(tl.float32)
+                for i in tl.static_range(BLOCK_M):
+                    row = pid_m * BLOCK_M + i
+                    xr = tl.load(x_ptr + row.to(tl.int64) * stride_xm + kx,
+                                 mask=(kx < K) & (row < M), other=0.0).to(tl.float32)
+                    y_row = tl.sum(dense32 * xr[None, :], axis=1)
+                    acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, y_row[None, :], 0.0)
+            else:
+                x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kx[None, :],
+                            mask=m_ok[:, None] & (kx[None, :] < K), other=0.0).to(dense.dtype)
+                if MODE == 2:
+                    acc += tl.dot(x, tl.trans(dense), input_precision=DOT_PRECISION)
+                else:
+                    acc += tl.dot(dense, tl.trans(x), input_precision=DOT_PRECISION)
+    if MODE == 3:
+        acc = tl.trans(acc)
     out_mask = m_ok[:, None] & n_ok[None, :]
-    if PARTIAL:  # split-K: fp32 partial sums, added (with the bias) by the caller
-        tl.store(y_ptr + pid_k.to(tl.int64) * stride_ys + rm[:, None] * stride_ym + rn[None, :],
-                 acc, mask=out_mask)
+    offs = rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
+    if SPLIT_K > 1:
+        # this program's partial sums; the last of the tile's SPLIT_K programs adds them up
+        part = rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + part, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partials are written before the arrival
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # a fixed order: deterministic
+                acc += tl.load(part_ptr + s * M * N + part, mask=out_mask, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next call (or graph replay)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=out_mask)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+_LOCKS: dict = {}
+_LOCK_SLOTS = 1 << 16
+
+
+def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The per-device zeroed counters of the split-K reduction (each reduction resets its own
+    counter, so one buffer serves every call issued on one stream at a time)."""
+    if tiles > _LOCK_SLOTS:
+        raise ValueError(f"{tiles} output tiles exceed the {_LOCK_SLOTS} split-K counters; "
+                         f"use larger blocks or split_k=1")
+    locks = _LOCKS.get(device)
+    if locks is None:
+        locks = _LOCKS[device] = torch.zeros(_LOCK_SLOTS, dtype=torch.int32, device=device)
+    return locks
 
 
 def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
@@ -155,20 +220,16 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     cfg = config or default_config(tokens, out, in_features)
     grid = (triton.cdiv(out, cfg.block_n), cfg.split_k, triton.cdiv(tokens, cfg.block_m))
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: ignored for 16-bit x
-    partial = cfg.split_k > 1
-    if partial:
-        y = torch.empty(cfg.split_k, tokens, out, dtype=torch.float32, device=x.device)
+    y = torch.empty(tokens, out, dtype=x.dtype, device=x.device)
+    if cfg.split_k > 1:
+        part = torch.empty(cfg.split_k, tokens, out, dtype=torch.float32, device=x.device)
+        locks = _arrival_counters(x.device, grid[0] * grid[2])
     else:
-        y = torch.empty(tokens, out, dtype=x.dtype, device=x.device)
+        part = locks = y
     _decode24_kernel[grid](
-        x, values, meta, bias if bias is not None else values, y, tokens, out, in_features,
-        x.stride(0), values.stride(0), y.stride(-2), y.stride(0) if partial else 0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        USE_DOT=cfg.use_dot, HAS_BIAS=bias is not None, PARTIAL=partial,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if not partial:
-        return y
-    total = y.sum(0)
-    if bias is not None:
-        total += bias.float()
-    return total.to(x.dtype)
+        x, values, meta, bias if bias is not None else values, y, part, locks, tokens, out,
+        in_features, x.stride(0), values.stride(0), y.stride(0), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        MODE=_MODE_ID[cfg.mode], HAS_BIAS=bias is not None, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -38,13 +38,13 @@ def plan_mode() -> str:
 def candidate_configs(tokens: int, out: int, inp: int) -> list:
     """The configs timed for one (shape, bucket): the default, and its neighbours in output
     rows per program, input columns per step and split."""
-    from slope_megatron.kernels.decode24_triton import Decode24Config, default_config
+    from slope_megatron.kernels.decode24_triton import default_config
     base = default_config(tokens, out, inp)
     seen, configs = set(), []
     for block_n in (base.block_n, base.block_n * 2, max(16, base.block_n // 2)):
         for block_k in (base.block_k, base.block_k * 2):
             for split in {base.split_k, 1, min(16, base.split_k * 2)}:
-                cfg = Decode24Config(base.block_m, block_n, block_k, split)
+                cfg = replace(base, block_n=block_n, block_k=block_k, split_k=split)
                 if cfg not in seen:
                     seen.add(cfg)
                     configs.append(cfg)

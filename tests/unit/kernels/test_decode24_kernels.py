@@ -81,11 +81,12 @@ def test_config_rules():
     for tokens in range(1, 65):
         for out, inp in ((64, 64), (4096, 4096), (11008, 4096), (96, 36)):
             cfg = default_config(tokens, out, inp)
-            assert cfg.block_m >= tokens and cfg.block_m < 2 * tokens
+            assert cfg.block_m >= tokens and (cfg.block_m < 2 * tokens or cfg.block_m == 16)
             assert 1 <= cfg.split_k <= max(1, -(-inp // cfg.block_k))
-            assert cfg.use_dot == (tokens > 8)
+            assert cfg.use_dot == (tokens > 4)
     for bad in (dict(block_m=3), dict(block_m=1, block_k=16), dict(block_m=16, block_n=8),
-                dict(block_m=1, split_k=0)):
+                dict(block_m=1, split_k=0), dict(block_m=8, mode="dot"),
+                dict(block_m=2, mode="gather-ish")):
         with pytest.raises(ValueError):
             Decode24Config(**bad)
 
@@ -109,8 +110,10 @@ for out, inp in shapes:
     meta, dense, bias = pack_meta(mask), dense_from_values(values, mask), torch.randn(out)
     for m in (1, 2, 3, 7, 16, 33, 64):
         x = torch.randn(m, inp)
-        bm = rows_block(m)
-        configs = [None, Decode24Config(bm, 16, 32, 3), Decode24Config(bm, 64, 128, 1)]
+        bm, bd = rows_block(m), max(16, rows_block(m))
+        configs = [None, Decode24Config(bm, 16, 32, 3, "gather"),
+                   Decode24Config(bm, 64, 128, 1, "fma"), Decode24Config(bd, 16, 64, 2, "dot"),
+                   Decode24Config(bd, 32, 32, 1, "dotT")]
         for cfg in configs:
             for b in (bias, None):
                 want = F.linear(x, dense, b)
@@ -126,10 +129,10 @@ values = w[mask].view(48, -1).contiguous()
 torch.testing.assert_close(decode24_linear(x, values, pack_meta(mask)),
                            F.linear(x, dense_from_values(values, mask)), rtol=1e-5, atol=1e-5)
 x16, v16 = torch.randn(33, 96).half(), values.half()
-got = decode24_linear(x16, v16, pack_meta(mask), None, Decode24Config(64, 16, 32, 2))
+got = decode24_linear(x16, v16, pack_meta(mask), None, Decode24Config(64, 16, 32, 2, "dotT"))
 want = F.linear(x16.float(), dense_from_values(v16, mask).float())
 assert got.dtype == torch.float16
 torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
-assert paths == 4 * 7 * 3 * 2
+assert paths == 4 * 7 * 5 * 2
 print("ok")
 ''')
