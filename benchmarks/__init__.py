@@ -5,7 +5,7 @@ Run each as a module from the checkout root (most need one CUDA GPU and say so i
 
     python -m benchmarks.bench kernels      # the sparse linear layer vs dense and torch's 2:4
     python -m benchmarks.bench train        # training throughput and memory, dense vs SLoPe
-    python -m benchmarks.bench inference    # prefill/decode latency and weight bytes
+    python -m benchmarks.bench inference gemm|generate|blocks  # decode GEMM, generation, blocks
     python -m benchmarks.quality_study      # how much of 2:4's loss gap to dense SLoPe recovers
     python -m benchmarks.plot_results X.json  # a PNG of a study or bench-train JSON
     python -m benchmarks.profile_step       # where a training step's GPU time goes, per op

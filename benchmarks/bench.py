@@ -1,12 +1,14 @@
 """Benchmarks. `kernels`: SLoPe's sparse linear on a GPU vs dense and vs torch's built-in 2:4.
 `train`: whole-model training throughput, dense vs SLoPe (see benchmarks/bench_train.py).
-`inference`: prefill/decode latency and weight bytes, dense vs compressed SLoPe
-(see benchmarks/bench_inference.py).
+`inference gemm|generate|blocks`: the decode GEMM, whole-model generation and per-block
+latency, dense vs SLoPe (benchmarks/bench_decode_gemm.py, bench_generate.py, bench_inference.py).
 
     python -m benchmarks.bench kernels [--tokens 1024 8192 16384] [--models gpt2-small llama-7b]
                                        [--json docs/kernels_bench.json]
     python -m benchmarks.bench train [--config configs/gpt2-small.yaml] [--arms dense slope]
-    python -m benchmarks.bench inference [--models llama-7b] [--prefill 512 2048]
+    python -m benchmarks.bench inference gemm [--models llama-7b] [--tune]
+    python -m benchmarks.bench inference generate [--arms dense slope] [--batches 1 8 32]
+    python -m benchmarks.bench inference blocks [--models llama-7b] [--prefill 512 2048]
 
 For every (model, layer shape, T) it times, in one process and with the same random bf16 data:
   dense   torch matmuls (cuBLAS): forward, dX = dY W, dW = dY^T X, and the autograd step
@@ -361,14 +363,26 @@ def main(argv=None) -> int:
                        help="only the layer table, no adapter forward overhead")
     which.add_argument("--adapters-only", action="store_true",
                        help="only the adapter forward overhead (T >= 4096), no layer table")
-    from benchmarks import bench_inference, bench_train
+    from benchmarks import bench_decode_gemm, bench_generate, bench_inference, bench_train
 
     bench_train.add_arguments(sub.add_parser(
         "train", help="training throughput, dense vs SLoPe", formatter_class=defaults,
         description="whole-model training throughput and memory, dense vs SLoPe: each arm "
                     "is a `launch/pretrain.py` run on the same config, data and seed"))
-    bench_inference.add_arguments(sub.add_parser(
-        "inference", help="prefill/decode latency and weight memory, dense vs SLoPe",
+    inference = sub.add_parser(
+        "inference", help="inference: the decode GEMM, whole-model generation, blocks",
+        description="inference on a GPU, dense vs SLoPe: `gemm` the 2:4 decode GEMM alone "
+                    "(1-64 tokens), `generate` whole-model generate tokens/s and prefill, "
+                    "`blocks` prefill/decode latency and weight bytes per transformer block")
+    part = inference.add_subparsers(dest="part", required=True)
+    bench_decode_gemm.add_arguments(part.add_parser(
+        "gemm", help="the 2:4 decode GEMM vs cuBLAS and cuSPARSELt", formatter_class=defaults,
+        description=bench_decode_gemm.__doc__.split("\n\n")[0]))
+    bench_generate.add_arguments(part.add_parser(
+        "generate", help="whole-model generate tokens/s and prefill, each arm a process",
+        formatter_class=defaults, description=bench_generate.__doc__.split("\n\n")[0]))
+    bench_inference.add_arguments(part.add_parser(
+        "blocks", help="prefill/decode latency and weight memory per block",
         formatter_class=defaults,
         description="prefill and decode latency and weight bytes of whole transformer blocks "
                     "on a GPU, dense vs SLoPe with compressed 2:4 weights"))
@@ -376,7 +390,9 @@ def main(argv=None) -> int:
     if args.what == "kernels":
         return run_kernels(args)
     if args.what == "inference":
-        return bench_inference.run_inference(args)
+        run = {"gemm": bench_decode_gemm.run_gemm, "generate": bench_generate.run_generate,
+               "blocks": bench_inference.run_inference}[args.part]
+        return run(args)
     return bench_train.run_train(args)
 
 

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.bench inference`: prefill and decode latency of whole transformer
+"""`python -m benchmarks.bench inference blocks`: prefill and decode latency of whole transformer
 blocks on a GPU, dense vs SLoPe with compressed 2:4 weights (adapters off and at given rank
 ratios).
 
@@ -177,7 +177,7 @@ def run_inference(args) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
-    require_cuda("`bench inference`")  # before triton: a CPU machine may not have it
+    require_cuda("`bench inference blocks`")  # before triton: a CPU machine may not have it
     import torch
     import triton
     from slope_megatron.inference import InferenceModel

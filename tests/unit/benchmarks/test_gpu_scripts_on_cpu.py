@@ -25,7 +25,9 @@ CUDA_TOOLS = [
     ("benchmarks.host_overhead", [], "benchmarks.host_overhead"),
     ("benchmarks.profile_step", ["--arms", "dense"], "benchmarks.profile_step"),
     ("benchmarks.bench", ["kernels", "--adapters-only"], "`bench kernels`"),
-    ("benchmarks.bench", ["inference"], "`bench inference`"),
+    ("benchmarks.bench", ["inference", "blocks"], "`bench inference blocks`"),
+    ("benchmarks.bench", ["inference", "gemm"], "`bench inference gemm`"),
+    ("benchmarks.bench", ["inference", "generate"], "`bench inference generate`"),
 ]
 
 
@@ -40,7 +42,7 @@ def run_tool(module, argv, triton=True):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 @pytest.mark.parametrize("triton", [True, False], ids=["with-triton", "without-triton"])
 @pytest.mark.parametrize("module,argv,tool", CUDA_TOOLS,
-                         ids=[f"{m.split('.')[1]}{'-' + a[0] if a and m.endswith('bench') else ''}"
+                         ids=[f"{m.split('.')[1]}{'-' + '-'.join(a[:2]) if a and m.endswith('bench') else ''}"
                               for m, a, _ in CUDA_TOOLS])
 def test_gpu_script_refuses_cleanly_without_cuda(module, argv, tool, triton):
     """One `error:` line on stderr, exit 2, no traceback, whether or not triton is installed
@@ -75,11 +77,16 @@ def test_auto_timing_spread_refuses_a_bad_shape_before_any_work():
 @pytest.mark.parametrize("argv,says", [
     (["kernels", "--tokens", "1024", "0"], "error: --tokens takes token counts of at least 1, "
                                            "got 0"),
-    (["inference", "--layers", "1"], "error: --layers must be at least 2 (per-block time is a "
-                                     "difference), got 1"),
-    (["inference", "--prefill", "-5"], "error: --prefill takes values of at least 1, got -5"),
-    (["inference", "--context", "-1"], "error: --context must be at least 0, got -1"),
-    (["inference", "--ranks", "0"], "error: --ranks takes rank ratios in (0, 1], got 0"),
+    (["inference", "blocks", "--layers", "1"],
+     "error: --layers must be at least 2 (per-block time is a difference), got 1"),
+    (["inference", "blocks", "--prefill", "-5"],
+     "error: --prefill takes values of at least 1, got -5"),
+    (["inference", "blocks", "--context", "-1"], "error: --context must be at least 0, got -1"),
+    (["inference", "blocks", "--ranks", "0"],
+     "error: --ranks takes rank ratios in (0, 1], got 0"),
+    (["inference", "gemm", "--tokens", "65"], "error: --tokens takes token counts in 1..64, got 65"),
+    (["inference", "generate", "--batches", "0"],
+     "error: --batches and --prefill take values >= 1, got 0"),
 ])
 def test_bench_gpu_subcommands_check_arguments_before_the_gpu(argv, says):
     done = run_tool("benchmarks.bench", argv, triton=False)

@@ -327,6 +327,8 @@ def _help(tool, *argv):
 
 @pytest.mark.parametrize("tool,argv", [
     ("bench", []), ("bench", ["kernels"]), ("bench", ["train"]), ("bench", ["inference"]),
+    ("bench", ["inference", "gemm"]), ("bench", ["inference", "generate"]),
+    ("bench", ["inference", "blocks"]),
     ("quality_study", []), ("profile_step", []), ("host_overhead", []), ("provenance", []),
     ("plot_results", []), ("gpu_check", []), ("layer_host_gpu", []),
     ("bench_reference_step", []), ("bench_torchao", []), ("auto_timing_spread", []),
@@ -347,9 +349,11 @@ def test_bench_help_shows_every_option_with_its_default():
     assert "--config CONFIG YAML config" in train and "(default: configs/gpt2-small.yaml)" in train
     assert "--iters ITERS training iterations per arm (default: 40)" in train
     assert "--json JSON write the results here" in train
-    inference = _help("bench", "inference")
+    inference = _help("bench", "inference", "blocks")
     assert "(default: opt-2.7b opt-6.7b opt-13b llama-7b)" in inference
     assert "(default: docs/results/inference_bench.json)" in inference
+    assert "--batches BATCHES [BATCHES ...]" in _help("bench", "inference", "generate")
+    assert "(default: llama-7b llama-13b opt-6.7b)" in _help("bench", "inference", "gemm")
 
 
 def test_quality_study_help_counts_its_arms():

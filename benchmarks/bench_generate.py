@@ -1,0 +1,241 @@
+"""`python -m benchmarks.bench inference generate`: whole-model generation and prefill on a GPU,
+dense vs SLoPe vs SLoPe with adapters, each arm in a fresh process.
+
+The model: LLaMA-7B-shaped (32 blocks by default), random bf16 weights with no zeros. Each
+arm is one process (`--arm`; the parent starts one per arm so that no arm inherits another's
+allocator state, cuDNN/cuSPARSELt plans or compiled kernels) that:
+1. builds the model and, for sparse arms, checks the fast kernels' logits against the
+   reference kernels' on the same weights (rel. err < 1e-2);
+2. times `generate` (greedy, `--decode`, random prompts of `--prompt` tokens) at each batch
+   size B: the per-token decode time is (t[new tokens] - t[1 token]) / (new - 1), so prefill
+   and the first sample cancel; tokens/s = B / that time. Medians of `--repeats` calls after a
+   warm-up call (which captures the CUDA graph);
+3. times a prefill (one prompt of T tokens into an empty cache) for each T, median of 5;
+4. reports weight bytes, and the achieved weight-streaming bandwidth of a decode step
+   (weight bytes / step time) against the GPU's measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import checkout_env, gpu_speed, require_cuda, source_identity
+from slope_megatron.errors import EXIT_USER_ERROR
+
+PRESET = dict(arch="llama", hidden=4096, heads=32, layers=32, vocab=32000, ffn=11008)
+ARMS = {  # name: (sparse, kernels, adapter rank ratio)
+    "dense": (False, "auto", None),
+    "slope": (True, "auto", None),
+    "slope-cusparselt": (True, "cusparselt", None),
+    "slope-decode24": (True, "decode24", None),
+    "slope+adapters": (True, "auto", 0.0156),
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--arms", nargs="+", default=["dense", "slope", "slope+adapters"],
+                   choices=list(ARMS), help="what to build: " + ", ".join(ARMS))
+    p.add_argument("--layers", type=int, default=PRESET["layers"], help="transformer blocks")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32],
+                   help="generate batch sizes")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--new", type=int, default=128, help="new tokens per sequence")
+    p.add_argument("--prefill", nargs="*", type=int, default=[512, 2048, 8192],
+                   help="prefill lengths T (batch 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    p.add_argument("--decode", choices=("static", "eager"), default="static",
+                   help="generate()'s decoding loop")
+    p.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # one arm, in-process
+    p.add_argument("--json", default="docs/results/generate_bench.json",
+                   help="write the results (with the GPU name and versions) here")
+
+
+def argument_error(args) -> str | None:
+    if args.layers < 1 or args.prompt < 1 or args.new < 2 or args.repeats < 1:
+        return "--layers, --prompt and --repeats take values >= 1, --new >= 2"
+    bad = [v for v in args.batches + args.prefill if v < 1]
+    if bad:
+        return f"--batches and --prefill take values >= 1, got {bad[0]}"
+    return None
+
+
+def _config(args, sparse: bool, rank):
+    from slope_megatron.config import load_config
+    seq_len = max([args.prompt + args.new] + args.prefill)
+    sets = [f"model.arch={PRESET['arch']}", f"model.hidden_size={PRESET['hidden']}",
+            f"model.num_heads={PRESET['heads']}", f"model.vocab_size={PRESET['vocab']}",
+            f"model.ffn_hidden_size={PRESET['ffn']}", f"model.num_layers={args.layers}",
+            f"model.seq_len={seq_len}", f"sparsity.enabled={str(sparse).lower()}",
+            f"adapters.enabled={str(rank is not None).lower()}"]
+    if rank is not None:
+        sets += [f"adapters.rank_ratio={rank}", "adapters.rank_of=input"]
+    return load_config(None, sets)
+
+
+def random_state(cfg):
+    """The state dict of a random GPTModel built in bf16 on the GPU (no zeros: adapters get
+    a random B)."""
+    import torch
+
+    from slope_megatron.model import GPTModel
+    from slope_megatron.sparsity import enable_adapters, slope_layers
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = GPTModel.from_config(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    if cfg.adapters.enabled:
+        enable_adapters(model)
+        for layer in slope_layers(model):
+            torch.nn.init.normal_(layer.adapter_b, 0.0, 0.02)
+    return model.state_dict()
+
+
+def cuda_seconds(fn) -> float:
+    import torch
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def reference_error(cfg, state, fast) -> float:
+    """Rel. error of `fast`'s logits vs the reference kernels' on the same weights."""
+    import torch
+
+    from slope_megatron.inference import InferenceModel
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 64), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(1))
+    a = fast.full_logits(ids)
+    ref = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels="reference")
+    with ref.generation_scope():
+        b = ref.full_logits(ids)
+    del ref
+    torch.cuda.empty_cache()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_arm(args) -> dict:
+    """Build one arm's model and measure it (this process only)."""
+    import torch
+
+    from slope_megatron.inference import InferenceModel, generate
+    sparse, kernels, rank = ARMS[args.arm]
+    cfg = _config(args, sparse, rank)
+    t0 = time.time()
+    state = random_state(cfg)
+    inf = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels=kernels)
+    row = {"arm": args.arm, "kernels": inf.kernels, "kernels_note": inf.kernels_note,
+           "load_s": time.time() - t0, "weight_bytes": sum(inf.weight_bytes().values()),
+           "copy_gbps": gpu_speed()["copy_gbps"]}
+    if sparse:
+        row["err"] = reference_error(cfg, state, inf)
+    del state
+    torch.cuda.empty_cache()
+    gen = torch.Generator().manual_seed(0)
+    row["generate"] = {}
+    for b in args.batches:
+        prompts = torch.randint(0, cfg.model.vocab_size, (b, args.prompt), generator=gen).tolist()
+
+        def call(new):
+            return cuda_seconds(lambda: generate(inf, prompts, new, decode=args.decode))
+
+        call(args.new), call(1)  # warm-up: a graph per cache capacity, plans
+        full = statistics.median(call(args.new) for _ in range(args.repeats))
+        first = statistics.median(call(1) for _ in range(args.repeats))
+        step = (full - first) / (args.new - 1)
+        row["generate"][b] = {"step_ms": 1e3 * step, "tokens_per_s": b / step,
+                              "weight_gbps": row["weight_bytes"] / step / 1e9,
+                              "of_copy_bw": row["weight_bytes"] / step / 1e9 / row["copy_gbps"]}
+    inf.release_decoders()
+    row["prefill"] = {}
+    for t in args.prefill:
+        ids = torch.randint(0, cfg.model.vocab_size, (1, t), device="cuda")
+        pos = torch.arange(t, device="cuda")[None]
+
+        def prefill():
+            cache = inf.new_cache(1, t)
+            inf(ids, pos, cache, None, last_only=True)
+
+        prefill()
+        row["prefill"][t] = {"ms": 1e3 * statistics.median(cuda_seconds(prefill)
+                                                            for _ in range(5))}
+    return row
+
+
+def _print_row(row: dict, base: dict) -> None:
+    gen = " ".join(f"B={b}: {g['tokens_per_s']:7.1f} tok/s ({g['of_copy_bw']:4.0%} BW, "
+                   f"{base['generate'][b]['step_ms'] / g['step_ms']:4.2f}x)"
+                   for b, g in row["generate"].items())
+    pre = " ".join(f"T={t}: {p['ms']:7.1f} ms ({base['prefill'][t]['ms'] / p['ms']:4.2f}x)"
+                   for t, p in row["prefill"].items())
+    err = f"{row['err']:.1e}" if "err" in row else "-"
+    print(f"{row['arm']:16s} | {row['weight_bytes'] / 2**30:5.2f} GiB "
+          f"({row['weight_bytes'] / base['weight_bytes']:4.2f}x) | {gen} | prefill {pre} | "
+          f"err {err} | {row['kernels_note']}", flush=True)
+
+
+def run_generate(args) -> int:
+    problem = argument_error(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    require_cuda("`bench inference generate`")
+    if args.arm:  # a child: one arm, its row as JSON on the last line
+        print(json.dumps(run_arm(args)), flush=True)
+        return 0
+    import torch
+    import triton
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv), "layers": args.layers, "prompt": args.prompt,
+            "new": args.new, "decode": args.decode, **source_identity()}
+    print(f"# {meta['gpu']} | torch {meta['torch']} | {args.layers}-block LLaMA-7B shape | "
+          f"bf16 | decode {args.decode} | prompt {args.prompt} + {args.new} new", flush=True)
+    results, base = {"meta": meta, "rows": []}, None
+    for arm in args.arms:
+        cmd = [sys.executable, "-m", "benchmarks.bench_generate", "--arm", arm,
+               "--layers", str(args.layers), "--prompt", str(args.prompt), "--new",
+               str(args.new), "--repeats", str(args.repeats), "--decode", args.decode,
+               "--batches", *map(str, args.batches), "--prefill", *map(str, args.prefill)]
+        res = subprocess.run(cmd, env=checkout_env(), capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"error: arm {arm} failed:\n{res.stdout[-3000:]}{res.stderr[-3000:]}",
+                  file=sys.stderr)
+            return 1
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row["generate"] = {int(k): v for k, v in row["generate"].items()}
+        row["prefill"] = {int(k): v for k, v in row["prefill"].items()}
+        base = base or row
+        results["rows"].append(row)
+        _print_row(row, base)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    bad = [r["arm"] for r in results["rows"] if not r.get("err", 0.0) < 1e-2]
+    if bad:
+        print(f"# CORRECTNESS FAILED: {', '.join(bad)}")
+        return 1
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate",
+                                description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run_generate(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
