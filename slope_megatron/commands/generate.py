@@ -63,10 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "math, or auto = cusparselt where it can run (default); decode24 (the "
                         "project's own 2:4 decode kernel for 1-64 tokens, experimental: not yet "
                         "measured on a GPU)")
-    p.add_argument("--decode", choices=("eager", "static"), default="eager",
-                   help="eager (default) or static: fixed-shape decode steps over a full-capacity "
-                        "KV cache, replayed as a CUDA graph on a GPU (experimental: not yet "
-                        "measured on a GPU)")
+    p.add_argument("--decode", choices=("auto", "static", "eager"), default="auto",
+                   help="static: fixed-shape decode steps over a full-capacity KV cache, "
+                        "replayed as a CUDA graph; eager: every op launched from Python each "
+                        "token; auto (default): static on a GPU, eager on a CPU")
     p.add_argument("--low-memory", action="store_true",
                    help="rebuild each sparse layer's W*M inside every call instead of holding "
                         "dense copies while generating (much slower, less memory)")

@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from .model import DECODES, InferenceModel
+from .model import InferenceModel
 from .sampling import SamplingConfig, make_generator, next_tokens
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,11 @@ def generate(model: InferenceModel, prompts: Sequence[Sequence[int]], max_new_to
     are never chosen (and prompts and stop tokens must lie below it).
 
     `decode`: 'eager' (a KV cache sliced to the current length, every op launched from
-    Python) or 'static' (`static_decode.py`: a full-capacity cache with a length mask and one
-    fixed-shape step, replayed as a CUDA graph on a GPU, run eagerly on a CPU); None takes the
-    model's `decode` setting. Both give the same tokens (the logits differ by float rounding
-    only). 'eager' stays the default until a GPU run has verified and timed the graphed path
-    (tests/gpu/test_decode_gpu.py); then 'static' is meant to become the CUDA default."""
-    decode = model.decode if decode is None else decode
-    if decode not in DECODES:
-        raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
+    Python), 'static' (`static_decode.py`: a full-capacity cache with a length mask and one
+    fixed-shape step, replayed as a CUDA graph on a GPU, run eagerly on a CPU) or 'auto'
+    (static where CUDA graphs can be used, eager elsewhere); None takes the model's setting.
+    Both loops give the same tokens (the logits differ by float rounding only)."""
+    decode = model.decoding(decode)
     sampling = sampling or SamplingConfig()
     sampling.validate()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -12,8 +12,10 @@ and masks and emulates the sparse GEMM densely (below); "auto" (default) takes c
 where it can run and says why not otherwise (`kernels_note`); "decode24" (an option, never
 chosen by "auto") runs our Triton 2:4 decode GEMM for calls of up to 64 tokens (`decode24.py`).
 
-How `generate` decodes (`decode`): "eager" (default) or "static", a fixed-shape step over a
-full-capacity cache captured as a CUDA graph on a GPU (`static_decode.py`, `static_decoder`).
+How `generate` decodes (`decode`): "static", a fixed-shape step over a full-capacity cache
+captured as a CUDA graph (`static_decode.py`, `static_decoder`), or "eager", a cache sliced to
+the current length and every op launched from Python; "auto" (default) is static where CUDA
+graphs can be used and eager elsewhere.
 
 What the reference path keeps in memory, honestly (forward-only `InferenceBackend`):
 - sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
@@ -50,7 +52,7 @@ from .kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 KERNELS = ("auto", "cusparselt", "reference", "decode24")
-DECODES = ("eager", "static")
+DECODES = ("auto", "eager", "static")
 STATIC_DECODERS_KEPT = 4  # graphed decoders (each with its full-capacity cache) kept per model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,15 +92,14 @@ class InferenceModel(nn.Module):
 
     def __init__(self, config: Config, state_dict: dict, dtype="fp32",
                  device: torch.device | str = "cpu", dense_cache: bool = True,
-                 kernels: str = "auto", decode: str = "eager"):
+                 kernels: str = "auto", decode: str = "auto"):
         super().__init__()
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
         if decode not in DECODES:
             raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
-        # generate()'s default decoding loop: 'eager' until a GPU run verifies the graphed
-        # 'static' path (tests/gpu/test_decode_gpu.py), which is then meant to be the CUDA
-        # default; `static_graphs=False` runs the static step without capturing it
+        # generate()'s default decoding loop (`decoding`); `static_graphs=False` runs the
+        # static step without capturing it
         self.decode, self.static_graphs = decode, True
         self._decoders: OrderedDict = OrderedDict()  # (batch, capacity) -> graphed decoder
         self.dtype = parse_dtype(dtype)
@@ -191,6 +192,17 @@ class InferenceModel(nn.Module):
         while len(self._decoders) > STATIC_DECODERS_KEPT:
             self._decoders.popitem(last=False)
         return decoder
+
+    def decoding(self, decode: Optional[str] = None) -> str:
+        """The decoding loop `generate` runs for `decode` (None: this model's setting):
+        'auto' is 'static' where the step can be captured in a CUDA graph and 'eager'
+        elsewhere (on a CPU the fixed-shape step would only attend over more slots)."""
+        decode = self.decode if decode is None else decode
+        if decode not in DECODES:
+            raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
+        if decode == "auto":
+            return "static" if self._graphs_usable() else "eager"
+        return decode
 
     def release_decoders(self) -> None:
         """Free the kept graphed decoders (their caches and graphs)."""

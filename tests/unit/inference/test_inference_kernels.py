@@ -46,5 +46,5 @@ def test_bench_inference_per_block_and_whole_model_arithmetic(capsys):
     assert d["block_bytes"] == 150 and d["model_bytes"] == 300 + 31 * 150
     assert d["prefill"][512] == {"block_ms": 2.0, "model_ms": 3.0 + 31 * 2.0}
     assert d["decode"][8]["block_ms"] == 0.75
-    assert load_benchmark("bench").main(["inference", "--layers", "1"]) == 2
+    assert load_benchmark("bench").main(["inference", "blocks", "--layers", "1"]) == 2
     assert "--layers must be at least 2" in capsys.readouterr().err

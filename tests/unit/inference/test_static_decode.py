@@ -14,6 +14,7 @@ from helpers.inference import SEQ, VOCAB, left_padded, tiny
 from slope_megatron.inference import InferenceModel, SamplingConfig, generate
 from slope_megatron.inference.generate import _EagerSteps
 from slope_megatron.inference.kv_cache import KVCache, StaticKVCache
+from slope_megatron.inference.static_decode import StaticDecoder
 
 BATCHES = {"one": [[1, 2, 3, 4, 5]], "three_padded": [[1, 2, 3, 4, 5, 6, 7], [9], [40, 50, 60]]}
 
@@ -156,6 +157,21 @@ def test_decode_option_is_checked_and_the_models_setting_is_the_default(monkeypa
     generate(inf, [[1, 2]], 3)
     generate(inf, [[1, 2]], 3, decode="eager")
     assert calls == [(1, 4)]  # prompt 2 + 3 new - 1 slots, once: the model's default
+
+
+def test_auto_decoding_is_static_only_where_cuda_graphs_can_be_used(monkeypatch):
+    cfg, model = tiny("gpt")
+    inf = InferenceModel(cfg, model.state_dict())
+    assert inf.decode == "auto" and inf.decoding() == "eager"  # a CPU: no graphs
+    calls = []  # the static decoders asked for (built here without a graph: a CPU)
+    monkeypatch.setattr(inf, "static_decoder",
+                        lambda *a: calls.append(a) or StaticDecoder(inf, *a))
+    eager = generate(inf, [[1, 2]], 3)
+    assert calls == []
+    monkeypatch.setattr(inf, "_graphs_usable", lambda: True)
+    assert inf.decoding() == "static" and inf.decoding("eager") == "eager"
+    assert [r.tokens for r in generate(inf, [[1, 2]], 3)] == [r.tokens for r in eager]
+    assert calls == [(1, 4)]
 
 
 def test_without_cuda_graphs_no_decoder_is_kept_and_kept_ones_die_with_the_dense_copies():
