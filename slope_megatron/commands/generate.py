@@ -8,8 +8,9 @@ output_dir (the newest complete checkpoints/iter_*/slope_model/ is used). Severa
 --prompt-file (one whole file = one prompt) run as one batch, numbered in command-line order; a
 single prompt streams. Temperature 0 (the default) is greedy decoding (no seed: the random seed
 is printed only when sampling). With `--device cuda` (bf16 by default) the 2:4
-sparse layers are compressed and run on cuSPARSELt (`--kernels auto`, the default); elsewhere
-they run the reference math (a dense GEMM on W*M, see docs/INFERENCE.md).
+sparse layers are compressed and run on the project's decode GEMM and cuSPARSELt (`--kernels
+auto`), and each decode step is replayed as a CUDA graph (`--decode auto`); on a CPU they run
+the reference math (a dense GEMM on W*M) eagerly. See docs/INFERENCE.md.
 """
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto (default): bf16 on a GPU (compressed 2:4 kernels), fp32 on a CPU")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--kernels", choices=("auto", "cusparselt", "reference", "decode24"),
+    p.add_argument("--kernels", choices=("auto", "decode24", "cusparselt", "reference"),
                    default="auto",
-                   help="sparse layers: compressed on cuSPARSELt (CUDA, bf16), the reference "
-                        "math, or auto = cusparselt where it can run (default); decode24 (the "
-                        "project's own 2:4 decode kernel for 1-64 tokens, experimental: not yet "
-                        "measured on a GPU)")
+                   help="sparse layers: decode24 (compressed 2:4 weights, the project's decode "
+                        "GEMM for 1-64 tokens where it measured faster at load, cuSPARSELt for "
+                        "the rest; CUDA, bf16), cusparselt (cuSPARSELt only), reference (the "
+                        "masked dense math), or auto = the first of these that can run "
+                        "(default)")
     p.add_argument("--decode", choices=("auto", "static", "eager"), default="auto",
                    help="static: fixed-shape decode steps over a full-capacity KV cache, "
                         "replayed as a CUDA graph; eager: every op launched from Python each "

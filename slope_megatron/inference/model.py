@@ -9,8 +9,9 @@ Which sparse path (`kernels`): "cusparselt" compresses every 2:4 sparse linear a
 (`compressed.py`: the layer then holds one cuSPARSELt operand, 0.5625x of its dense bf16
 bytes, and runs on sparse tensor cores; CUDA + bf16 only); "reference" keeps the kept values
 and masks and emulates the sparse GEMM densely (below); "auto" (default) takes cusparselt
-where it can run and says why not otherwise (`kernels_note`); "decode24" (an option, never
-chosen by "auto") runs our Triton 2:4 decode GEMM for calls of up to 64 tokens (`decode24.py`).
+where it can run and says why not otherwise (`kernels_note`); "decode24" adds our Triton 2:4
+decode GEMM for calls of up to 64 tokens, where it measured faster at load (`decode24.py`), and
+is what "auto" takes on a GPU where both run.
 
 How `generate` decodes (`decode`): "static", a fixed-shape step over a full-capacity cache
 captured as a CUDA graph (`static_decode.py`, `static_decoder`), or "eager", a cache sliced to
@@ -132,15 +133,19 @@ class InferenceModel(nn.Module):
         self.kernels, self.kernels_note = self._select_kernels(kernels, device)
 
     def _select_kernels(self, kernels: str, device: torch.device) -> tuple[str, str]:
-        """Compress the sparse linears for cuSPARSELt if asked/possible; (choice, why)."""
+        """Set up the sparse linears' kernels; (choice, why). "auto" takes decode24 (the
+        decode kernel where it measured faster, cuSPARSELt for every other call) where both
+        can run, else cusparselt where it can run, else the reference."""
         layers = list(slope_layers(self.model))
         if kernels == "reference" or not layers:
             return "reference", "reference kernels asked for" if layers else "no sparse layers"
-        if kernels == "decode24":  # never chosen by "auto" (not yet verified on a GPU)
-            from .decode24 import install
-            return "decode24", install(self.model, device, self.dtype)
         from .compressed import CompressedBackend, compress_model, unavailable_reason
+        from .decode24 import install
+        from .decode24 import unavailable_reason as decode24_reason
         reason = unavailable_reason(device, self.dtype)
+        if kernels == "decode24" or (kernels == "auto" and reason is None
+                                     and decode24_reason(device) is None):
+            return "decode24", install(self.model, device, self.dtype)
         if reason is not None:
             if kernels == "cusparselt":
                 raise ValueError(f"kernels='cusparselt' cannot run here: {reason}")
