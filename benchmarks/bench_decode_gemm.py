@@ -4,8 +4,8 @@ cuSPARSELt, for 1 to 64 tokens at the layer shapes of 7B-13B models.
 Per (layer shape, token count M) it times, in one process and on the same random bf16 data
 (no zeros): dense `F.linear` (cuBLAS) on W*M held dense, cuSPARSELt on the compressed operand
 (the `cusparselt` inference kernels, token count padded as they pad it), and our kernel
-(`kernels/decode24_triton.py`) with its default config, or with `--tune` the fastest of a grid
-of configs. Each time is the median of triton.testing.do_bench (CUDA events, the L2 cache
+(`kernels/decode24_triton.py`) with the fastest of the configs the load-time plan would time
+(`decode24_plans.candidate_configs`), or with `--tune` the fastest of a wide grid. Each time is the median of triton.testing.do_bench (CUDA events, the L2 cache
 emptied before every call). Bytes streamed per call give the achieved GB/s, shown against the
 GPU's measured copy bandwidth (`benchmarks.common.gpu_speed`): the kernel's limit is the
 bytes ratio, 2 / 1.125 = 1.78x of dense in bf16. Every kernel result is checked against
@@ -28,9 +28,12 @@ from benchmarks.common import bench_ms, gpu_speed, rel_err, require_cuda, source
 from slope_megatron.errors import EXIT_USER_ERROR
 
 # (out_features, in_features) of the sparse linears of each model (bias: OPT's linears have one)
+# as this project's blocks hold them: fused qkv, attention out, fused gate+up (llama) or fc1, fc2
 SHAPES = {
-    "llama-7b": dict(bias=False, shapes=[(4096, 4096), (11008, 4096), (4096, 11008)]),
-    "llama-13b": dict(bias=False, shapes=[(5120, 5120), (13824, 5120), (5120, 13824)]),
+    "llama-7b": dict(bias=False, shapes=[(12288, 4096), (4096, 4096), (22016, 4096),
+                                         (4096, 11008)]),
+    "llama-13b": dict(bias=False, shapes=[(15360, 5120), (5120, 5120), (27648, 5120),
+                                          (5120, 13824)]),
     "opt-6.7b": dict(bias=True, shapes=[(12288, 4096), (4096, 4096), (16384, 4096),
                                         (4096, 16384)]),
 }
@@ -45,6 +48,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tune", action="store_true",
                    help="time a grid of kernel configs and report the fastest (slow: compiles "
                         "every config)")
+    p.add_argument("--save-configs", metavar="PATH",
+                   help="with --tune: write the two fastest configs of every (shape, token "
+                        "count) here, grouped by token bucket, for SLOPE_DECODE24_CONFIGS")
     p.add_argument("--deadline", type=float, default=0.0,
                    help="stop starting new shapes after this many seconds (0: no limit)")
     p.add_argument("--json", default="docs/results/decode_gemm_bench.json",
@@ -124,7 +130,8 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
     import torch.nn.functional as F
 
     from slope_megatron.inference.compressed import CompressedBackend
-    from slope_megatron.kernels.decode24_triton import decode24_linear, default_config
+    from slope_megatron.inference.decode24_plans import candidate_configs
+    from slope_megatron.kernels.decode24_triton import decode24_linear
     from slope_megatron.sparsity import SlopeLinear
     dense, values, meta, mask, b = _operands(out, inp, bias)
     layer = SlopeLinear.from_dense(dense, b, backend="reference")  # mask: dense's kept entries
@@ -139,8 +146,8 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
         t_dense = bench_ms(lambda: F.linear(x, dense, b))
         got_cslt = cslt.linear(layer, x)
         t_cslt = bench_ms(lambda: cslt.linear(layer, x))
-        candidates = tune_grid(m) if tune else [default_config(m, out, inp)]
-        best = None
+        candidates = tune_grid(m) if tune else candidate_configs(m, out, inp)
+        timed = []
         for cfg in candidates:
             try:
                 got = decode24_linear(x, values, meta, b, cfg)
@@ -151,13 +158,13 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
             if not err < 1e-2:
                 raise RuntimeError(f"decode24 {cfg} on ({out}, {inp}) M={m}: rel err {err:.2e}")
             t = bench_ms(lambda: decode24_linear(x, values, meta, b, cfg), warmup=5, rep=20)
-            if best is None or t < best[0]:
-                best = (t, cfg, err)
-        if tune:  # the winner again, timed as long as the baselines
-            best = (bench_ms(lambda: decode24_linear(x, values, meta, b, best[1])),) + best[1:]
-        t, cfg, err = best
+            timed.append((t, len(timed), cfg, err))
+        timed.sort()
+        _, _, cfg, err = timed[0]
+        t = bench_ms(lambda: decode24_linear(x, values, meta, b, cfg))  # as long as the others
         row = {"out": out, "in": inp, "bias": bias, "tokens": m, "dense_ms": t_dense,
                "cusparselt_ms": t_cslt, "decode24_ms": t, "config": cfg.__dict__,
+               "runner_up": timed[1][2].__dict__ if len(timed) > 1 else None,
                "err": err, "cusparselt_err": rel_err(got_cslt, want),
                "dense_gbps": _bytes(out, inp, m, False) / t_dense / 1e6,
                "decode24_gbps": _bytes(out, inp, m, True) / t / 1e6,
@@ -210,7 +217,25 @@ def run_gemm(args) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"# wrote {args.json} ({time.time() - t0:.0f} s)")
+    if args.tune and args.save_configs:
+        save_configs(results, args.save_configs)
+        print(f"# wrote {args.save_configs}: SLOPE_DECODE24_CONFIGS={args.save_configs} makes "
+              f"the load-time plans time these configs")
     return 0
+
+
+def save_configs(results: dict, path: str) -> None:
+    """The winners and runners-up of every measured (shape, tokens), per token bucket."""
+    from slope_megatron.kernels.decode24_triton import rows_block
+    buckets: dict = {}
+    for row in results["rows"]:
+        for cfg in (row["config"], row["runner_up"]):
+            if cfg is not None and cfg not in buckets.setdefault(str(rows_block(row["tokens"])),
+                                                                  []):
+                buckets[str(rows_block(row["tokens"]))].append(cfg)
+    Path(path).write_text(json.dumps({"gpu": results["meta"]["gpu"],
+                                      "triton": results["meta"]["triton"],
+                                      "configs": buckets}, indent=1))
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,9 @@ that loses is never used. On a CPU nothing is measured and nothing chosen.
 
 `SLOPE_DECODE24_PLAN=always` skips the timing and runs the kernel (default config) for every
 call of at most 64 tokens: for checks and benchmarks of the kernel itself.
+`SLOPE_DECODE24_CONFIGS=FILE` replaces the built-in candidates by the configs of a file
+written by `python -m benchmarks.bench inference gemm --tune --save-configs FILE` (tuned on
+one GPU: {"configs": {token bucket: [config fields, ...]}}).
 """
 from __future__ import annotations
 
@@ -35,11 +38,28 @@ def plan_mode() -> str:
     return mode
 
 
+def tuned_configs(path: str, tokens: int) -> list:
+    """The configs a `--save-configs` file lists for the bucket of `tokens`."""
+    import json
+
+    from slope_megatron.kernels.decode24_triton import Decode24Config, rows_block
+    try:
+        listed = json.loads(open(path).read())["configs"].get(str(rows_block(tokens)), [])
+        return [Decode24Config(**fields) for fields in listed]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"SLOPE_DECODE24_CONFIGS={path}: not a readable config file written "
+                         f"by `bench inference gemm --tune --save-configs` ({e})") from e
+
+
 def candidate_configs(tokens: int, out: int, inp: int) -> list:
     """The configs timed for one (shape, bucket): the default, and its neighbours in output
-    rows per program, input columns per step and split."""
+    rows per program, input columns per step and split (or, with SLOPE_DECODE24_CONFIGS, the
+    default and the file's configs)."""
     from slope_megatron.kernels.decode24_triton import default_config
     base = default_config(tokens, out, inp)
+    path = os.environ.get("SLOPE_DECODE24_CONFIGS")
+    if path:
+        return list(dict.fromkeys([base, *tuned_configs(path, tokens)]))
     seen, configs = set(), []
     for block_n in (base.block_n, base.block_n * 2, max(16, base.block_n // 2)):
         for block_k in (base.block_k, base.block_k * 2):

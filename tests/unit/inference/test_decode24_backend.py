@@ -106,3 +106,21 @@ def test_candidate_configs_are_distinct_and_cover_the_tokens():
         configs = candidate_configs(tokens, 4096, 11008)
         assert len(configs) == len(set(configs)) >= 4
         assert all(c.block_m == (max(16, tokens) if c.use_dot else tokens) for c in configs)
+
+
+def test_a_tuned_config_file_replaces_the_built_in_candidates(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from benchmarks.bench_decode_gemm import save_configs
+    from slope_megatron.kernels.decode24_triton import Decode24Config, default_config
+    tuned = [Decode24Config(1, 128, 256, 8, "gather", 8), Decode24Config(16, 32, 128, 4, "dotT")]
+    rows = [{"tokens": 1, "config": tuned[0].__dict__, "runner_up": None},
+            {"tokens": 12, "config": tuned[1].__dict__, "runner_up": tuned[1].__dict__}]
+    path = tmp_path / "tuned.json"
+    save_configs({"meta": {"gpu": "a GPU", "triton": "3"}, "rows": rows}, str(path))
+    monkeypatch.setenv("SLOPE_DECODE24_CONFIGS", str(path))
+    assert candidate_configs(1, 4096, 4096) == [default_config(1, 4096, 4096), tuned[0]]
+    assert candidate_configs(16, 4096, 4096) == [default_config(16, 4096, 4096), tuned[1]]
+    assert candidate_configs(4, 4096, 4096) == [default_config(4, 4096, 4096)]  # none listed
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="SLOPE_DECODE24_CONFIGS=.*tuned.json"):
+        candidate_configs(1, 4096, 4096)
