@@ -74,18 +74,31 @@ def rows_block(tokens: int) -> int:
     return 1 << max(0, (tokens - 1).bit_length())
 
 
-def default_config(tokens: int, out: int, in_features: int, num_sms: int = 132) -> Decode24Config:
-    """A starting point: the gather mode for up to 4 rows, the tensor cores above; the split
-    chosen to give every SM about four programs when `out` alone gives too few."""
+def auto_split(tokens: int, out: int, in_features: int, block_m: int, block_n: int,
+               block_k: int, num_sms: int = 132) -> int:
+    """The split-K giving every SM about four programs when the output tiles alone give
+    too few (at most one K block per program, at most 16)."""
+    tiles = -(-out // block_n) * -(-tokens // block_m)
+    k_blocks = -(-in_features // block_k)
+    return max(1, min(k_blocks, 16, -(-4 * num_sms // tiles)))
+
+
+def mode_config(tokens: int, out: int, in_features: int, mode: str, block_n: int,
+                block_k: int, split_scale: int = 1, num_warps: int = 4) -> Decode24Config:
+    """A config of `mode` for `tokens` rows: block_m from the rows (16 at least for the dot
+    modes), the split from `auto_split` times `split_scale` (capped at the K blocks)."""
     rows = rows_block(min(tokens, MAX_TOKENS))
-    if rows <= 4:
-        cfg = dict(block_m=rows, block_n=32, block_k=256, mode="gather")
-    else:
-        cfg = dict(block_m=max(16, rows), block_n=64, block_k=128, mode="dotT")
-    tiles = -(-out // cfg["block_n"]) * -(-tokens // cfg["block_m"])
-    k_blocks = -(-in_features // cfg["block_k"])
-    split = max(1, min(k_blocks, 16, -(-4 * num_sms // tiles)))
-    return Decode24Config(split_k=split, **cfg)
+    block_m = max(16, rows) if mode in ("dot", "dotT") else rows
+    split = auto_split(tokens, out, in_features, block_m, block_n, block_k) * split_scale
+    split = max(1, min(split, -(-in_features // block_k)))
+    return Decode24Config(block_m, block_n, block_k, split, mode, num_warps)
+
+
+def default_config(tokens: int, out: int, in_features: int) -> Decode24Config:
+    """A starting point: the gather mode for up to 4 rows, the tensor cores above."""
+    if rows_block(min(tokens, MAX_TOKENS)) <= 4:
+        return mode_config(tokens, out, in_features, "gather", 32, 256)
+    return mode_config(tokens, out, in_features, "dotT", 64, 128)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -52,23 +52,25 @@ def tuned_configs(path: str, tokens: int) -> list:
 
 
 def candidate_configs(tokens: int, out: int, inp: int) -> list:
-    """The configs timed for one (shape, bucket): the default, and its neighbours in output
-    rows per program, input columns per step and split (or, with SLOPE_DECODE24_CONFIGS, the
-    default and the file's configs)."""
-    from slope_megatron.kernels.decode24_triton import default_config
+    """The configs timed for one (shape, bucket): the default first, then for each mode that
+    suits the bucket (CUDA-core modes up to 8 rows, tensor-core modes from 8) its base tile,
+    twice the output rows, twice the input columns and twice the split. With
+    SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
+    from slope_megatron.kernels.decode24_triton import default_config, mode_config, rows_block
     base = default_config(tokens, out, inp)
     path = os.environ.get("SLOPE_DECODE24_CONFIGS")
     if path:
         return list(dict.fromkeys([base, *tuned_configs(path, tokens)]))
-    seen, configs = set(), []
-    for block_n in (base.block_n, base.block_n * 2, max(16, base.block_n // 2)):
-        for block_k in (base.block_k, base.block_k * 2):
-            for split in {base.split_k, 1, min(16, base.split_k * 2)}:
-                cfg = replace(base, block_n=block_n, block_k=block_k, split_k=split)
-                if cfg not in seen:
-                    seen.add(cfg)
-                    configs.append(cfg)
-    return configs
+    rows = rows_block(min(tokens, 64))
+    modes = {"gather": (32, 256), "fma": (32, 128), "dotT": (64, 128), "dot": (32, 128)}
+    suited = [m for m in modes if (m in ("gather", "fma")) == (rows <= 4) or rows == 8]
+    configs = [base]
+    for mode in suited:
+        bn, bk = modes[mode]
+        for block_n, block_k, scale in ((bn, bk, 1), (2 * bn, bk, 1), (bn, 2 * bk, 1),
+                                        (bn, bk, 2)):
+            configs.append(mode_config(tokens, out, inp, mode, block_n, block_k, scale))
+    return list(dict.fromkeys(configs))
 
 
 @dataclass
