@@ -265,7 +265,8 @@ def main(argv=None) -> int:
             stops.add(tokenizer.eos_id)
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
         print(f"[{artifact}] {config.model.arch}, {len(prompts)} prompt(s), {args.dtype}, "
-              f"{args.device}, sparse kernels: {model.kernels} ({model.kernels_note})",
+              f"{args.device}, sparse kernels: {model.kernels} ({model.kernels_note}), "
+              f"decoding: {model.decoding()}",
               file=sys.stderr)
         streamer = Streamer(tokenizer, texts[0]) if len(prompts) == 1 else None
         start = time.perf_counter()

@@ -151,5 +151,8 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
         x = x_for(layer, tokens)
         return do_bench(lambda: fallback(layer, x), warmup=5, rep=20, return_mode="median")
 
+    log.info("decode24: timing the decode kernel against cuSPARSELt for %d layer shapes x %d "
+             "token buckets (the first run on a machine also compiles the candidate kernels)",
+             len(by_shape), len(TOKEN_BUCKETS))
     with torch.inference_mode():
         return measure_plans(by_shape, time_decode, time_fallback)
