@@ -114,7 +114,7 @@ def reference_error(cfg, state, fast) -> float:
     import torch
 
     from slope_megatron.inference import InferenceModel
-    ids = torch.randint(0, cfg.model.vocab_size, (2, 64), device="cuda",
+    ids = torch.randint(0, cfg.model.vocab_size, (2, min(64, cfg.model.seq_len)), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(1))
     a = fast.full_logits(ids)
     ref = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels="reference")
