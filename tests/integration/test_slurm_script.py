@@ -109,6 +109,19 @@ def test_srun_mode_one_task_per_gpu(fakebin, tmp_path):
     assert not (ROOT / "runs" / "slurm" / "hostfile-4242").exists()
 
 
+@pytest.mark.parametrize("job_id", ["4242", "12999", "31999", "987654"])
+def test_the_rendezvous_port_stays_below_the_ephemeral_ports_and_moves_on_requeue(fakebin,
+                                                                                 job_id):
+    """Linux hands out ports from 32768 up to outgoing connections: a rendezvous port there
+    can be taken by any process on the node (EADDRINUSE)."""
+    ports = []
+    for restart in ("0", "1", "2"):
+        r = run_script(fakebin, SLURM_JOB_ID=job_id, SLURM_RESTART_COUNT=restart)
+        assert r.returncode == 0, r.stderr
+        ports.append(int(r.stdout.split("master gpu01:")[1].split(",")[0]))
+    assert all(20000 <= p < 32768 for p in ports) and len(set(ports)) == 3, ports
+
+
 def test_deepspeed_mode_writes_nothing_and_prints_hostfile_and_per_node_launch(fakebin,
                                                                                 tmp_path):
     hostfile = tmp_path / "shared" / "hosts"
