@@ -16,7 +16,6 @@ cache), so the timing process only loads them.
 """
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import os
@@ -24,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import bench_ms, gpu_speed, rel_err, require_cuda, source_identity
+from benchmarks.common import bench_ms, gpu_speed, rel_err, require_cuda, run_environment
 from slope_megatron.errors import EXIT_USER_ERROR
 
 # (out_features, in_features) of the sparse linears of each model (bias: OPT's linears have one)
@@ -184,14 +183,11 @@ def run_gemm(args) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
     require_cuda("`bench inference gemm`")
-    import torch
     import triton
     t0 = time.time()
     speed = gpu_speed()
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton.__version__, **speed,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), **source_identity()}
+    meta = {**run_environment(), "triton": triton.__version__, **speed,
+            "command": " ".join(sys.argv)}
     print(f"# {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | copy "
           f"{speed['copy_gbps']:.0f} GB/s | bf16, medians of do_bench (L2 emptied per call)",
           flush=True)
@@ -237,14 +233,3 @@ def save_configs(results: dict, path: str) -> None:
                                       "triton": results["meta"]["triton"],
                                       "configs": buckets}, indent=1))
 
-
-def main(argv=None) -> int:
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_decode_gemm",
-                                description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run_gemm(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

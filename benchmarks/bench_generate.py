@@ -17,7 +17,6 @@ allocator state, cuDNN/cuSPARSELt plans or compiled kernels) that:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import checkout_env, gpu_speed, require_cuda, source_identity
+from benchmarks.common import checkout_env, gpu_speed, require_cuda, run_environment
 from slope_megatron.errors import EXIT_USER_ERROR
 
 PRESET = dict(arch="llama", hidden=4096, heads=32, layers=32, vocab=32000, ffn=11008)
@@ -194,18 +193,14 @@ def run_generate(args) -> int:
     if args.arm:  # a child: one arm, its row as JSON on the last line
         print(json.dumps(run_arm(args)), flush=True)
         return 0
-    import torch
     import triton
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "triton": triton.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), "layers": args.layers, "prompt": args.prompt,
-            "new": args.new, "decode": args.decode, **source_identity()}
+    meta = {**run_environment(), "triton": triton.__version__, "command": " ".join(sys.argv),
+            "layers": args.layers, "prompt": args.prompt, "new": args.new, "decode": args.decode}
     print(f"# {meta['gpu']} | torch {meta['torch']} | {args.layers}-block LLaMA-7B shape | "
           f"bf16 | decode {args.decode} | prompt {args.prompt} + {args.new} new", flush=True)
     results, base = {"meta": meta, "rows": []}, None
     for arm in args.arms:
-        cmd = [sys.executable, "-m", "benchmarks.bench_generate", "--arm", arm,
+        cmd = [sys.executable, "-m", "benchmarks.bench", "inference", "generate", "--arm", arm,
                "--layers", str(args.layers), "--prompt", str(args.prompt), "--new",
                str(args.new), "--repeats", str(args.repeats), "--decode", args.decode,
                "--batches", *map(str, args.batches), "--prefill", *map(str, args.prefill)]
@@ -229,13 +224,3 @@ def run_generate(args) -> int:
         return 1
     return 0
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_generate",
-                                description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run_generate(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
