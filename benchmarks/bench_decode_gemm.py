@@ -23,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import bench_ms, gpu_speed, rel_err, require_cuda, run_environment
-from slope_megatron.errors import EXIT_USER_ERROR
+from benchmarks.common import argument_check_then_cuda, bench_ms, gpu_speed, rel_err, run_environment
 
 # (out_features, in_features) of the sparse linears of each model (bias: OPT's linears have one)
 # as this project's blocks hold them: fused qkv, attention out, fused gate+up (llama) or fc1, fc2
@@ -178,11 +177,9 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
 
 
 def run_gemm(args) -> int:
-    problem = argument_error(args)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    require_cuda("`bench inference gemm`")
+    refused = argument_check_then_cuda(argument_error(args), "`bench inference gemm`")
+    if refused is not None:
+        return refused
     import triton
     t0 = time.time()
     speed = gpu_speed()

@@ -25,8 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import checkout_env, gpu_speed, require_cuda, run_environment
-from slope_megatron.errors import EXIT_USER_ERROR
+from benchmarks.common import argument_check_then_cuda, checkout_env, gpu_speed, run_environment
 
 PRESET = dict(arch="llama", hidden=4096, heads=32, layers=32, vocab=32000, ffn=11008)
 ARMS = {  # name: (sparse, kernels, adapter rank ratio)
@@ -185,11 +184,9 @@ def _print_row(row: dict, base: dict) -> None:
 
 
 def run_generate(args) -> int:
-    problem = argument_error(args)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    require_cuda("`bench inference generate`")
+    refused = argument_check_then_cuda(argument_error(args), "`bench inference generate`")
+    if refused is not None:
+        return refused
     if args.arm:  # a child: one arm, its row as JSON on the last line
         print(json.dumps(run_arm(args)), flush=True)
         return 0

@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import bench_ms, require_cuda, source_identity
-from slope_megatron.errors import EXIT_USER_ERROR
+from benchmarks.common import argument_check_then_cuda, bench_ms, source_identity
 
 # OPT-shaped models use this project's gpt arch (LayerNorm, GELU, learned positions, biases).
 PRESETS = {
@@ -173,11 +172,9 @@ def derive(m: dict, layers: int, num_layers: int) -> dict:
 
 
 def run_inference(args) -> int:
-    problem = argument_error(args)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    require_cuda("`bench inference blocks`")  # before triton: a CPU machine may not have it
+    refused = argument_check_then_cuda(argument_error(args), "`bench inference blocks`")
+    if refused is not None:
+        return refused
     import torch
     import triton
     from slope_megatron.inference import InferenceModel

@@ -32,6 +32,16 @@ def require_cuda(tool: str) -> None:
         raise SystemExit(EXIT_USER_ERROR)
 
 
+def argument_check_then_cuda(problem: str | None, tool: str) -> int | None:
+    """A GPU tool's start: exit status 2 after one `error:` line if its arguments have a
+    `problem`, else the CUDA check (`require_cuda`); None when the tool may go on."""
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    require_cuda(tool)
+    return None
+
+
 # ---- timing: warm-up, medians, inputs rotated past the L2 cache, relative error -----------
 
 L2_ROTATE_BYTES = 256 << 20
