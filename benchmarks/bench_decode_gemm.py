@@ -5,8 +5,9 @@ Per (layer shape, token count M) it times, in one process and on the same random
 (no zeros): dense `F.linear` (cuBLAS) on W*M held dense, cuSPARSELt on the compressed operand
 (the `cusparselt` inference kernels, token count padded as they pad it), and our kernel
 (`kernels/decode24_triton.py`) with the fastest of the configs the load-time plan would time
-(`decode24_plans.candidate_configs`), or with `--tune` the fastest of a wide grid. Each time is the median of triton.testing.do_bench (CUDA events, the L2 cache
-emptied before every call). Bytes streamed per call give the achieved GB/s, shown against the
+(`decode24_plans.candidate_configs`), or with `--tune` the fastest of a wide grid. Each time
+is the median of triton.testing.do_bench (CUDA events, the L2 cache emptied before every
+call). Bytes streamed per call give the achieved GB/s, shown against the
 GPU's measured copy bandwidth (`benchmarks.common.gpu_speed`): the kernel's limit is the
 bytes ratio, 2 / 1.125 = 1.78x of dense in bf16. Every kernel result is checked against
 F.linear(x, W*M) before it is timed (rel. err < 1e-2).
@@ -23,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import argument_check_then_cuda, bench_ms, gpu_speed, rel_err, run_environment
+from benchmarks.common import (argument_check_then_cuda, bench_ms, gpu_speed, rel_err,
+                               run_environment)
 
 # (out_features, in_features) of the sparse linears of each model (bias: OPT's linears have one)
 # as this project's blocks hold them: fused qkv, attention out, fused gate+up (llama) or fc1, fc2
