@@ -30,10 +30,9 @@ from benchmarks.common import argument_check_then_cuda, checkout_env, gpu_speed,
 PRESET = dict(arch="llama", hidden=4096, heads=32, layers=32, vocab=32000, ffn=11008)
 ARMS = {  # name: (sparse, kernels, adapter rank ratio)
     "dense": (False, "auto", None),
-    "slope": (True, "auto", None),
+    "slope": (True, "decode24", None),
     "slope-cusparselt": (True, "cusparselt", None),
-    "slope-decode24": (True, "decode24", None),
-    "slope+adapters": (True, "auto", 0.0156),
+    "slope+adapters": (True, "decode24", 0.0156),
 }
 
 

@@ -8,9 +8,9 @@ output_dir (the newest complete checkpoints/iter_*/slope_model/ is used). Severa
 --prompt-file (one whole file = one prompt) run as one batch, numbered in command-line order; a
 single prompt streams. Temperature 0 (the default) is greedy decoding (no seed: the random seed
 is printed only when sampling). With `--device cuda` (bf16 by default) the 2:4
-sparse layers are compressed and run on the project's decode GEMM and cuSPARSELt (`--kernels
-auto`), and each decode step is replayed as a CUDA graph (`--decode auto`); on a CPU they run
-the reference math (a dense GEMM on W*M) eagerly. See docs/INFERENCE.md.
+sparse layers are compressed and run on cuSPARSELt (`--kernels auto`, the default); elsewhere
+they run the reference math (a dense GEMM on W*M). `--kernels decode24` and `--decode static`
+add the project's decode GEMM and CUDA-graph decoding (docs/INFERENCE.md).
 """
 from __future__ import annotations
 
@@ -60,15 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--kernels", choices=("auto", "decode24", "cusparselt", "reference"),
                    default="auto",
-                   help="sparse layers: decode24 (compressed 2:4 weights, the project's decode "
-                        "GEMM for 1-64 tokens where it measured faster at load, cuSPARSELt for "
-                        "the rest; CUDA, bf16), cusparselt (cuSPARSELt only), reference (the "
-                        "masked dense math), or auto = the first of these that can run "
-                        "(default)")
-    p.add_argument("--decode", choices=("auto", "static", "eager"), default="auto",
-                   help="static: fixed-shape decode steps over a full-capacity KV cache, "
-                        "replayed as a CUDA graph; eager: every op launched from Python each "
-                        "token; auto (default): static on a GPU, eager on a CPU")
+                   help="sparse layers: cusparselt (compressed 2:4 weights on cuSPARSELt; "
+                        "CUDA, bf16), decode24 (the same weights plus the project's decode GEMM "
+                        "for 1-64 tokens where it measures faster at load; not yet run on a "
+                        "GPU), reference (the masked dense math), or auto = cusparselt where it "
+                        "can run, else reference (default)")
+    p.add_argument("--decode", choices=("eager", "static", "auto"), default="eager",
+                   help="eager (default): every op launched from Python each token; static: "
+                        "fixed-shape decode steps over a full-capacity KV cache, replayed as a "
+                        "CUDA graph on a GPU (not yet run on a GPU); auto: static on a GPU, "
+                        "eager on a CPU")
     p.add_argument("--low-memory", action="store_true",
                    help="rebuild each sparse layer's W*M inside every call instead of holding "
                         "dense copies while generating (much slower, less memory)")

@@ -10,13 +10,14 @@ Which sparse path (`kernels`): "cusparselt" compresses every 2:4 sparse linear a
 bytes, and runs on sparse tensor cores; CUDA + bf16 only); "reference" keeps the kept values
 and masks and emulates the sparse GEMM densely (below); "auto" (default) takes cusparselt
 where it can run and says why not otherwise (`kernels_note`); "decode24" adds our Triton 2:4
-decode GEMM for calls of up to 64 tokens, where it measured faster at load (`decode24.py`), and
-is what "auto" takes on a GPU where both run.
+decode GEMM for calls of up to 64 tokens, where it measured faster at load (`decode24.py`); it
+is asked for by name until it has run on a GPU.
 
-How `generate` decodes (`decode`): "static", a fixed-shape step over a full-capacity cache
-captured as a CUDA graph (`static_decode.py`, `static_decoder`), or "eager", a cache sliced to
-the current length and every op launched from Python; "auto" (default) is static where CUDA
-graphs can be used and eager elsewhere.
+How `generate` decodes (`decode`): "eager" (default), a cache sliced to the current length
+and every op launched from Python, or "static", a fixed-shape step over a full-capacity cache
+captured as a CUDA graph (`static_decode.py`, `static_decoder`); "auto" is static where CUDA
+graphs can be used and eager elsewhere. The default stays eager until the graphed loop has
+run on a GPU (tests/gpu/test_decode_gpu.py).
 
 What the reference path keeps in memory, honestly (forward-only `InferenceBackend`):
 - sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
@@ -93,13 +94,14 @@ class InferenceModel(nn.Module):
 
     def __init__(self, config: Config, state_dict: dict, dtype="fp32",
                  device: torch.device | str = "cpu", dense_cache: bool = True,
-                 kernels: str = "auto", decode: str = "auto"):
+                 kernels: str = "auto", decode: str = "eager"):
         super().__init__()
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
         if decode not in DECODES:
             raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
-        # generate()'s default decoding loop (`decoding`); `static_graphs=False` runs the
+        # generate()'s default decoding loop (`decoding`): 'eager' until the graphed loop
+        # has run on a GPU (tests/gpu/test_decode_gpu.py); `static_graphs=False` runs the
         # static step without capturing it
         self.decode, self.static_graphs = decode, True
         self._decoders: OrderedDict = OrderedDict()  # (batch, capacity) -> graphed decoder
@@ -133,19 +135,17 @@ class InferenceModel(nn.Module):
         self.kernels, self.kernels_note = self._select_kernels(kernels, device)
 
     def _select_kernels(self, kernels: str, device: torch.device) -> tuple[str, str]:
-        """Set up the sparse linears' kernels; (choice, why). "auto" takes decode24 (the
-        decode kernel where it measured faster, cuSPARSELt for every other call) where both
-        can run, else cusparselt where it can run, else the reference."""
+        """Set up the sparse linears' kernels; (choice, why). "auto" takes cusparselt where it
+        can run, else the reference; "decode24" (asked for by name until it has run on a GPU)
+        adds the decode kernel where it measures faster at load."""
         layers = list(slope_layers(self.model))
         if kernels == "reference" or not layers:
             return "reference", "reference kernels asked for" if layers else "no sparse layers"
-        from .compressed import CompressedBackend, compress_model, unavailable_reason
-        from .decode24 import install
-        from .decode24 import unavailable_reason as decode24_reason
-        reason = unavailable_reason(device, self.dtype)
-        if kernels == "decode24" or (kernels == "auto" and reason is None
-                                     and decode24_reason(device) is None):
+        if kernels == "decode24":
+            from .decode24 import install
             return "decode24", install(self.model, device, self.dtype)
+        from .compressed import CompressedBackend, compress_model, unavailable_reason
+        reason = unavailable_reason(device, self.dtype)
         if reason is not None:
             if kernels == "cusparselt":
                 raise ValueError(f"kernels='cusparselt' cannot run here: {reason}")

@@ -81,18 +81,18 @@ def test_generation_on_compressed_weights_batches_and_repeats():
     assert len(alone.tokens) == 6
 
 
-def test_generate_cli_uses_the_decode_kernel_and_graphs_by_default(tmp_path, tokenizer_file, capsys):
+def test_generate_cli_runs_each_kernel_and_decoding_loop(tmp_path, tokenizer_file, capsys):
     cfg, model = tiny("gpt", "active", *WIDE)
     path = save_artifact(model.state_dict(), cfg, tokenizer_file, tmp_path / "art")
     cli = load_launch("generate")
     assert cli.main(["--checkpoint", str(path), "--prompt", "the cat", "--max-new-tokens", "5",
                      "--device", "cuda"]) == 0  # bf16 by default on a GPU
     err = capsys.readouterr().err
-    assert "sparse kernels: decode24" in err and "decoding: static" in err, err
-    assert cli.main(["--checkpoint", str(path), "--prompt", "the cat", "--max-new-tokens", "5",
-                     "--device", "cuda", "--kernels", "cusparselt", "--decode", "eager"]) == 0
-    err = capsys.readouterr().err
     assert "sparse kernels: cusparselt" in err and "decoding: eager" in err, err
+    assert cli.main(["--checkpoint", str(path), "--prompt", "the cat", "--max-new-tokens", "5",
+                     "--device", "cuda", "--kernels", "decode24", "--decode", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "sparse kernels: decode24" in err and "decoding: static" in err, err
     assert cli.main(["--checkpoint", str(path), "--prompt", "the", "--device", "cuda",
                      "--dtype", "fp32", "--kernels", "cusparselt"]) == 2  # fp32 cannot
     assert "kernels='cusparselt' cannot run here: dtype torch.float32" in capsys.readouterr().err
