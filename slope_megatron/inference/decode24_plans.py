@@ -2,10 +2,12 @@
 
 Why measured: whether the Triton decode kernel (`kernels/decode24_triton.py`) beats the GEMM
 a layer would otherwise run (cuSPARSELt's), and with which block sizes and split, depends on
-the GPU, the layer's shape and the token count, and none of it has been measured yet. So at
-load time every distinct (out, in) of the model's sparse layers is timed, for every token
-bucket (1, 2, 4, ..., 64), with a few candidate configs against the fallback; the table keeps
-a config only where it won. A call of t tokens looks up the bucket t rounds up to (the bucket
+the GPU, the layer's shape and the token count. So at load time every distinct (out, in) of
+the model's sparse layers is timed, for each token bucket of TIMED_BUCKETS, with a few
+candidate configs against the fallback; the table keeps a config only where it won. Only 1
+and 2 tokens are timed: on an H100 the kernel beat cuBLAS and cuSPARSELt at one token and lost
+to both from four tokens on (docs/INFERENCE.md), so timing larger buckets would only cost
+load time (compiles) for a kernel that is not chosen. A call of t tokens looks up the bucket t rounds up to (the bucket
 was timed at its largest count). Where the table has no entry the fallback runs, so a kernel
 that loses is never used. On a CPU nothing is measured and nothing chosen.
 
@@ -26,7 +28,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the kernel's token counts, as powers of two
+TIMED_BUCKETS = (1, 2)  # the buckets timed at load (module docstring)
 PLAN_MODES = ("measure", "always")
 
 
@@ -97,12 +100,13 @@ class Decode24Plans:
 
 
 def measure_plans(shapes: Iterable[tuple], time_decode: Callable, time_fallback: Callable,
-                  candidates: Callable = candidate_configs) -> Decode24Plans:
+                  candidates: Callable = candidate_configs,
+                  buckets: Iterable[int] = TIMED_BUCKETS) -> Decode24Plans:
     """Fill the table: time_decode(out, in, tokens, cfg) and time_fallback(out, in, tokens)
     return seconds (any unit, the same for both; inf for a config that cannot run)."""
     table = {}
     for out, inp in sorted(set(shapes)):
-        for tokens in TOKEN_BUCKETS:
+        for tokens in buckets:
             fallback = time_fallback(out, inp, tokens)
             timed = [(time_decode(out, inp, tokens, c), i, c)
                      for i, c in enumerate(candidates(tokens, out, inp))]
@@ -153,6 +157,6 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
 
     log.info("decode24: timing the decode kernel against cuSPARSELt for %d layer shapes x %d "
              "token buckets (the first run on a machine also compiles the candidate kernels)",
-             len(by_shape), len(TOKEN_BUCKETS))
+             len(by_shape), len(TIMED_BUCKETS))
     with torch.inference_mode():
         return measure_plans(by_shape, time_decode, time_fallback)

@@ -11,6 +11,7 @@ from helpers.interpreter import run_interpreted
 
 from slope_megatron.inference import InferenceModel
 from slope_megatron.inference.decode24_plans import (
+    TIMED_BUCKETS,
     TOKEN_BUCKETS,
     Decode24Plans,
     candidate_configs,
@@ -78,7 +79,8 @@ def test_plans_keep_the_kernel_only_where_it_measured_faster():
     def time_fallback(out, inp, tokens):
         return 16.0
 
-    plans = measure_plans([(4096, 4096), (64, 64), (4096, 4096)], time_decode, time_fallback)
+    plans = measure_plans([(4096, 4096), (64, 64), (4096, 4096)], time_decode, time_fallback,
+                          buckets=TOKEN_BUCKETS)
     big = {t: plans.table.get((4096, 4096, t)) for t in TOKEN_BUCKETS}
     assert {t for t, c in big.items() if c} == {1, 2, 4, 8}
     assert all(c.split_k > 1 and c.block_n == min(x.block_n for x in
@@ -88,6 +90,9 @@ def test_plans_keep_the_kernel_only_where_it_measured_faster():
     assert plans.choose(4096, 4096, 9) is None    # 16 tokens lost: the fallback
     assert plans.choose(1024, 1024, 1) is None    # a shape never timed
     assert not plans.always and "measured faster" in plans.describe()
+    timed = []
+    measure_plans([(4096, 4096)], lambda *a: timed.append(a[2]) or 1.0, time_fallback)
+    assert set(timed) == set(TIMED_BUCKETS) == {1, 2}  # by default: what can win, only
 
 
 def test_plan_always_runs_the_kernel_up_to_64_tokens(monkeypatch):
