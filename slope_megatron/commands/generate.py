@@ -61,15 +61,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", choices=("auto", "decode24", "cusparselt", "reference"),
                    default="auto",
                    help="sparse layers: cusparselt (compressed 2:4 weights on cuSPARSELt; "
-                        "CUDA, bf16), decode24 (the same weights plus the project's decode GEMM "
-                        "for 1-64 tokens where it measures faster at load; not yet run on a "
-                        "GPU), reference (the masked dense math), or auto = cusparselt where it "
-                        "can run, else reference (default)")
+                        "CUDA, bf16), decode24 (the same weights plus the project's decode "
+                        "GEMM where it measures faster at load; see docs/INFERENCE.md), "
+                        "reference (the masked dense math), or auto = cusparselt where it can "
+                        "run, else reference (default)")
     p.add_argument("--decode", choices=("eager", "static", "auto"), default="eager",
                    help="eager (default): every op launched from Python each token; static: "
                         "fixed-shape decode steps over a full-capacity KV cache, replayed as a "
-                        "CUDA graph on a GPU (not yet run on a GPU); auto: static on a GPU, "
-                        "eager on a CPU")
+                        "CUDA graph on a GPU (its speed is not measured yet); auto: static on "
+                        "a GPU, eager on a CPU")
     p.add_argument("--low-memory", action="store_true",
                    help="rebuild each sparse layer's W*M inside every call instead of holding "
                         "dense copies while generating (much slower, less memory)")

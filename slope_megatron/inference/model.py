@@ -10,14 +10,14 @@ Which sparse path (`kernels`): "cusparselt" compresses every 2:4 sparse linear a
 bytes, and runs on sparse tensor cores; CUDA + bf16 only); "reference" keeps the kept values
 and masks and emulates the sparse GEMM densely (below); "auto" (default) takes cusparselt
 where it can run and says why not otherwise (`kernels_note`); "decode24" adds our Triton 2:4
-decode GEMM for calls of up to 64 tokens, where it measured faster at load (`decode24.py`); it
-is asked for by name until it has run on a GPU.
+decode GEMM for small calls where it measured faster at load (`decode24.py`); it is asked for
+by name.
 
 How `generate` decodes (`decode`): "eager" (default), a cache sliced to the current length
 and every op launched from Python, or "static", a fixed-shape step over a full-capacity cache
 captured as a CUDA graph (`static_decode.py`, `static_decoder`); "auto" is static where CUDA
-graphs can be used and eager elsewhere. The default stays eager until the graphed loop has
-run on a GPU (tests/gpu/test_decode_gpu.py).
+graphs can be used and eager elsewhere. The default stays eager until the graphed loop's
+speed is measured on a GPU.
 
 What the reference path keeps in memory, honestly (forward-only `InferenceBackend`):
 - sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
@@ -100,9 +100,9 @@ class InferenceModel(nn.Module):
             raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
         if decode not in DECODES:
             raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
-        # generate()'s default decoding loop (`decoding`): 'eager' until the graphed loop
-        # has run on a GPU (tests/gpu/test_decode_gpu.py); `static_graphs=False` runs the
-        # static step without capturing it
+        # generate()'s default decoding loop (`decoding`): 'eager' until the graphed loop's
+        # speed is measured on a GPU; `static_graphs=False` runs the static step without
+        # capturing it
         self.decode, self.static_graphs = decode, True
         self._decoders: OrderedDict = OrderedDict()  # (batch, capacity) -> graphed decoder
         self.dtype = parse_dtype(dtype)
@@ -136,8 +136,9 @@ class InferenceModel(nn.Module):
 
     def _select_kernels(self, kernels: str, device: torch.device) -> tuple[str, str]:
         """Set up the sparse linears' kernels; (choice, why). "auto" takes cusparselt where it
-        can run, else the reference; "decode24" (asked for by name until it has run on a GPU)
-        adds the decode kernel where it measures faster at load."""
+        can run, else the reference; "decode24" (asked for by name: on an H100 it wins at one
+        token only, docs/INFERENCE.md) adds the decode kernel where it measures faster at
+        load."""
         layers = list(slope_layers(self.model))
         if kernels == "reference" or not layers:
             return "reference", "reference kernels asked for" if layers else "no sparse layers"
