@@ -9,10 +9,10 @@ as root), sized so that the third checkpoint of the run does not fit.
 """
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 from helpers.forked_runs import launch
+from helpers.tmpfs import resize, tmpfs
 from helpers.stops import comparable, records, stop_args
 
 from slope_megatron.disk_space import dir_bytes
@@ -24,21 +24,8 @@ from slope_megatron.training.checkpoint import tag_for
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs mounted at tmp_path/disk; `resize(bytes)` grows it. Unmounted afterwards."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-
-    def mount(*args):
-        return subprocess.run(["mount", "-t", "tmpfs", *args, "tmpfs", str(disk)],
-                              capture_output=True, text=True, check=False)
-    first = mount("-o", "size=64k")
-    if first.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {first.stderr.strip()}")
-
-    def resize(size: int) -> None:
-        result = mount("-o", f"remount,size={size}")
-        assert result.returncode == 0, result.stderr
-    yield disk, resize
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    with tmpfs(tmp_path / "disk") as disk:
+        yield disk, lambda size: resize(disk, size)
 
 
 @pytest.mark.slow

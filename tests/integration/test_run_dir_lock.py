@@ -17,6 +17,7 @@ import time
 
 import pytest
 from helpers.forked_runs import launch, start, wait
+from helpers.tmpfs import tmpfs
 from helpers.stops import last_iter, records, stop_args
 
 from slope_megatron.errors import EXIT_STOPPED_BY_SIGNAL, EXIT_USER_ERROR
@@ -114,18 +115,10 @@ def test_a_file_named_checkpoints_is_refused_before_the_first_iteration(stop_cor
 @pytest.mark.slow
 def test_a_read_only_output_directory_is_refused_before_the_data(stop_corpus, tmp_path, capfd):
     """Root may write anywhere, but not on a read-only file system: said before any work."""
-    out = tmp_path / "ro"
-    out.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(out)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as out:
         capfd.readouterr()
         assert launch(stop_args(stop_corpus, out / "run"), 1) == [EXIT_USER_ERROR]
         err = capfd.readouterr().err
         assert f"error: train.output_dir '{out / 'run'}' is not writable (a read-only file " \
                f"system); choose another directory" in err, err[-2000:]
         assert "Traceback" not in err
-    finally:
-        subprocess.run(["umount", "-l", str(out)], check=False)

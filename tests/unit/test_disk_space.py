@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import errno
-import subprocess
 
 import pytest
 import torch
+from helpers.tmpfs import tmpfs
 
 from slope_megatron import disk_space
 from slope_megatron.io import torch_save, write_text_atomic
@@ -13,14 +13,8 @@ from slope_megatron.io import torch_save, write_text_atomic
 
 @pytest.fixture
 def full_disk(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    with tmpfs(tmp_path / "disk") as disk:
+        yield disk
 
 
 def test_every_writer_s_full_disk_is_recognised_and_named(full_disk):
