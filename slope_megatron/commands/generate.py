@@ -8,9 +8,10 @@ output_dir (the newest complete checkpoints/iter_*/slope_model/ is used). Severa
 --prompt-file (one whole file = one prompt) run as one batch, numbered in command-line order; a
 single prompt streams. Temperature 0 (the default) is greedy decoding (no seed: the random seed
 is printed only when sampling). With `--device cuda` (bf16 by default) the 2:4
-sparse layers are compressed and run on cuSPARSELt (`--kernels auto`, the default); elsewhere
-they run the reference math (a dense GEMM on W*M). `--kernels decode24` and `--decode static`
-add the project's decode GEMM and CUDA-graph decoding (docs/INFERENCE.md).
+sparse layers are compressed for cuSPARSELt, the project's decode GEMM takes the small calls
+where it measured faster at load, and each decode step is replayed as a CUDA graph (the
+defaults, `--kernels auto --decode auto`); on a CPU the sparse layers run the reference math
+(a dense GEMM on W*M) and decoding is eager (docs/INFERENCE.md).
 """
 from __future__ import annotations
 
@@ -62,14 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    default="auto",
                    help="sparse layers: cusparselt (compressed 2:4 weights on cuSPARSELt; "
                         "CUDA, bf16), decode24 (the same weights plus the project's decode "
-                        "GEMM where it measures faster at load; see docs/INFERENCE.md), "
-                        "reference (the masked dense math), or auto = cusparselt where it can "
-                        "run, else reference (default)")
-    p.add_argument("--decode", choices=("eager", "static", "auto"), default="eager",
-                   help="eager (default): every op launched from Python each token; static: "
-                        "fixed-shape decode steps over a full-capacity KV cache, replayed as a "
-                        "CUDA graph on a GPU (its speed is not measured yet); auto: static on "
-                        "a GPU, eager on a CPU")
+                        "GEMM where it measures faster at load, which takes a few seconds; "
+                        "see docs/INFERENCE.md), reference (the masked dense math), or auto "
+                        "(default): decode24 where it can run, else cusparselt, else reference")
+    p.add_argument("--decode", choices=("eager", "static", "auto"), default="auto",
+                   help="eager: every op launched from Python each token; static: fixed-shape "
+                        "decode steps over a full-capacity KV cache, replayed as a CUDA graph "
+                        "on a GPU; auto (default): static on a GPU, eager on a CPU")
     p.add_argument("--low-memory", action="store_true",
                    help="rebuild each sparse layer's W*M inside every call instead of holding "
                         "dense copies while generating (much slower, less memory)")

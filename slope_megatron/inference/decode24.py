@@ -1,7 +1,7 @@
 """The `decode24` inference kernels: our 2:4 decode GEMM for calls of 1 to 64 tokens.
 
-`InferenceModel(kernels="decode24")` (an option, never the default until a GPU run has
-verified and timed it): every 2:4 sparse linear gets the decode layout's metadata
+`InferenceModel(kernels="decode24")`, and "auto" (the default) where cuSPARSELt and Triton
+can run: every 2:4 sparse linear gets the decode layout's metadata
 (`kernels/decode24_layout.py`, built here once from its mask, which is then dropped; the
 kept values stay as they are - they are the layout's values stream). A call of at most 64
 tokens for which the layer's plan (`decode24_plans.py`) names a config runs the Triton kernel
@@ -9,7 +9,8 @@ tokens for which the layer's plan (`decode24_plans.py`) names a config runs the 
 - `HybridDecode24Backend` (CUDA + bf16, where cuSPARSELt can take the layer): the compressed
   cuSPARSELt operand of `compressed.py`. Its values block *is* the kernel's values stream, so
   the layer holds one copy of the values, the cuSPARSELt metadata and ours (+0.0625x of the
-  dense bf16 bytes). Which calls the kernel takes is measured at load (`decode24_plans.py`).
+  dense bf16 bytes). Which calls the kernel takes is measured at load (`decode24_plans.py`);
+  layers of a shape for which the kernel won no token count drop our metadata again.
 - `Decode24Backend` (elsewhere: fp16/fp32, shapes cuSPARSELt refuses, Triton's CPU
   interpreter in tests): values + metadata only (0.5625x of dense bf16). The kernel runs every
   call of <= 64 tokens; longer ones (prefill) rebuild W*M in the call for a dense GEMM -
@@ -117,6 +118,18 @@ class HybridDecode24Backend(CompressedBackend):
         return super()._sparse(layer, x2) if y is None else y
 
 
+def drop_unused_meta(layers: list, plans: Decode24Plans) -> int:
+    """Free the decode metadata of layers whose shape the plan never runs the kernel for
+    (their calls all go to cuSPARSELt); the number of layers freed."""
+    used = {(out, inp) for out, inp, _ in plans.table}
+    dropped = 0
+    for layer in layers:
+        if (layer.out_features, layer.in_features) not in used:
+            layer.__dict__.pop("_decode24", None)
+            dropped += 1
+    return dropped
+
+
 def install(model, device: torch.device, dtype: torch.dtype) -> str:
     """Give every 2:4 SlopeLinear of `model` a decode24 backend; returns the kernels note.
     Raises ValueError where the kernel cannot run at all (it was asked for explicitly)."""
@@ -148,6 +161,9 @@ def install(model, device: torch.device, dtype: torch.dtype) -> str:
             def cusparselt(layer, x2):  # the fallback the kernel must beat
                 return CompressedBackend._sparse(hybrid, layer, x2)
             hybrid.plans = measure_on_gpu(hybrid_layers, cusparselt, _meta)
+            dropped = drop_unused_meta(hybrid_layers, hybrid.plans)
+            if dropped:
+                note += f" ({dropped} on cuSPARSELt only: the kernel won no call of their shape)"
         note += (f" ({len(hybrid_layers)} with cuSPARSELt for other calls; "
                  f"{hybrid.plans.describe()})")
     if plain_count:

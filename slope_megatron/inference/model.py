@@ -8,16 +8,15 @@ per-sequence positions (left-padded batches). Tests pin this to GPTModel.forward
 Which sparse path (`kernels`): "cusparselt" compresses every 2:4 sparse linear at load time
 (`compressed.py`: the layer then holds one cuSPARSELt operand, 0.5625x of its dense bf16
 bytes, and runs on sparse tensor cores; CUDA + bf16 only); "reference" keeps the kept values
-and masks and emulates the sparse GEMM densely (below); "auto" (default) takes cusparselt
-where it can run and says why not otherwise (`kernels_note`); "decode24" adds our Triton 2:4
-decode GEMM for small calls where it measured faster at load (`decode24.py`); it is asked for
-by name.
+and masks and emulates the sparse GEMM densely (below); "decode24" is cusparselt plus our
+Triton 2:4 decode GEMM for the small calls where it measured faster at load (`decode24.py`).
+"auto" (default) takes decode24 where cuSPARSELt and Triton can run, cusparselt where only
+cuSPARSELt can, the reference elsewhere, and says which and why (`kernels_note`).
 
-How `generate` decodes (`decode`): "eager" (default), a cache sliced to the current length
-and every op launched from Python, or "static", a fixed-shape step over a full-capacity cache
-captured as a CUDA graph (`static_decode.py`, `static_decoder`); "auto" is static where CUDA
-graphs can be used and eager elsewhere. The default stays eager until the graphed loop's
-speed is measured on a GPU.
+How `generate` decodes (`decode`): "eager", a cache sliced to the current length and every op
+launched from Python, or "static", a fixed-shape step over a full-capacity cache captured as
+a CUDA graph (`static_decode.py`, `static_decoder`); "auto" (default) is static where CUDA
+graphs can be used and eager elsewhere (a CPU).
 
 What the reference path keeps in memory, honestly (forward-only `InferenceBackend`):
 - sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
@@ -94,15 +93,14 @@ class InferenceModel(nn.Module):
 
     def __init__(self, config: Config, state_dict: dict, dtype="fp32",
                  device: torch.device | str = "cpu", dense_cache: bool = True,
-                 kernels: str = "auto", decode: str = "eager"):
+                 kernels: str = "auto", decode: str = "auto"):
         super().__init__()
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
         if decode not in DECODES:
             raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
-        # generate()'s default decoding loop (`decoding`): 'eager' until the graphed loop's
-        # speed is measured on a GPU; `static_graphs=False` runs the static step without
-        # capturing it
+        # generate()'s default decoding loop (`decoding`); `static_graphs=False` runs the
+        # static step without capturing it
         self.decode, self.static_graphs = decode, True
         self._decoders: OrderedDict = OrderedDict()  # (batch, capacity) -> graphed decoder
         self.dtype = parse_dtype(dtype)
@@ -135,18 +133,18 @@ class InferenceModel(nn.Module):
         self.kernels, self.kernels_note = self._select_kernels(kernels, device)
 
     def _select_kernels(self, kernels: str, device: torch.device) -> tuple[str, str]:
-        """Set up the sparse linears' kernels; (choice, why). "auto" takes cusparselt where it
-        can run, else the reference; "decode24" (asked for by name: on an H100 it wins at one
-        token only, docs/INFERENCE.md) adds the decode kernel where it measures faster at
-        load."""
+        """Set up the sparse linears' kernels; (choice, why). "auto" takes decode24 (cuSPARSELt
+        plus the decode kernel where it measures faster at load) where both can run,
+        cusparselt where only cuSPARSELt can, else the reference."""
         layers = list(slope_layers(self.model))
         if kernels == "reference" or not layers:
             return "reference", "reference kernels asked for" if layers else "no sparse layers"
-        if kernels == "decode24":
-            from .decode24 import install
-            return "decode24", install(self.model, device, self.dtype)
         from .compressed import CompressedBackend, compress_model, unavailable_reason
+        from .decode24 import install, unavailable_reason as decode24_reason
         reason = unavailable_reason(device, self.dtype)
+        if kernels == "decode24" or (kernels == "auto" and reason is None
+                                     and decode24_reason(device) is None):
+            return "decode24", install(self.model, device, self.dtype)
         if reason is not None:
             if kernels == "cusparselt":
                 raise ValueError(f"kernels='cusparselt' cannot run here: {reason}")
@@ -155,6 +153,8 @@ class InferenceModel(nn.Module):
         for why in skipped:
             log.warning("inference: %s stays on the reference path: %s", *why.split(": ", 1))
         note = f"{done} of {len(layers)} sparse linears compressed for cuSPARSELt"
+        if kernels == "auto":
+            note += f" (no decode kernel: {decode24_reason(device)})"
         return ("cusparselt" if done else "reference"), note
 
     def _reference_layers(self) -> list:

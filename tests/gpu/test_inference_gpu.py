@@ -86,13 +86,13 @@ def test_generate_cli_runs_each_kernel_and_decoding_loop(tmp_path, tokenizer_fil
     path = save_artifact(model.state_dict(), cfg, tokenizer_file, tmp_path / "art")
     cli = load_launch("generate")
     assert cli.main(["--checkpoint", str(path), "--prompt", "the cat", "--max-new-tokens", "5",
-                     "--device", "cuda"]) == 0  # bf16 by default on a GPU
-    err = capsys.readouterr().err
-    assert "sparse kernels: cusparselt" in err and "decoding: eager" in err, err
-    assert cli.main(["--checkpoint", str(path), "--prompt", "the cat", "--max-new-tokens", "5",
-                     "--device", "cuda", "--kernels", "decode24", "--decode", "auto"]) == 0
+                     "--device", "cuda"]) == 0  # bf16, decode24 and graphs by default on a GPU
     err = capsys.readouterr().err
     assert "sparse kernels: decode24" in err and "decoding: static" in err, err
+    assert cli.main(["--checkpoint", str(path), "--prompt", "the cat", "--max-new-tokens", "5",
+                     "--device", "cuda", "--kernels", "cusparselt", "--decode", "eager"]) == 0
+    err = capsys.readouterr().err
+    assert "sparse kernels: cusparselt" in err and "decoding: eager" in err, err
     assert cli.main(["--checkpoint", str(path), "--prompt", "the", "--device", "cuda",
                      "--dtype", "fp32", "--kernels", "cusparselt"]) == 2  # fp32 cannot
     assert "kernels='cusparselt' cannot run here: dtype torch.float32" in capsys.readouterr().err

@@ -129,3 +129,38 @@ def test_a_tuned_config_file_replaces_the_built_in_candidates(tmp_path, monkeypa
     path.write_text("{not json")
     with pytest.raises(ValueError, match="SLOPE_DECODE24_CONFIGS=.*tuned.json"):
         candidate_configs(1, 4096, 4096)
+
+
+def test_layers_of_a_shape_the_kernel_never_won_drop_its_metadata():
+    from types import SimpleNamespace
+
+    from slope_megatron.inference.decode24 import drop_unused_meta
+    layers = [SimpleNamespace(out_features=o, in_features=i) for o, i in
+              ((96, 32), (64, 32), (96, 32))]
+    for layer in layers:
+        layer.__dict__["_decode24"] = object()
+    plans = Decode24Plans({(96, 32, 1): candidate_configs(1, 96, 32)[0]})
+    assert drop_unused_meta(layers, plans) == 1
+    assert ["_decode24" in vars(layer) for layer in layers] == [True, False, True]
+
+
+def test_auto_kernels_take_decode24_only_where_cusparselt_and_triton_both_run(monkeypatch):
+    import slope_megatron.inference.compressed as compressed
+    import slope_megatron.inference.decode24 as decode24
+    cfg, model = tiny("gpt")
+    installed = []
+    monkeypatch.setattr(decode24, "install", lambda *a: installed.append(a) or "stub note")
+    monkeypatch.setattr(compressed, "unavailable_reason", lambda device, dtype: None)
+    monkeypatch.setattr(decode24, "unavailable_reason", lambda device: None)
+    inf = InferenceModel(cfg, model.state_dict())
+    assert (inf.kernels, inf.kernels_note, len(installed)) == ("decode24", "stub note", 1)
+    monkeypatch.setattr(decode24, "unavailable_reason", lambda device: "triton is not installed")
+    monkeypatch.setattr(compressed, "CompressedBackend", object)
+    monkeypatch.setattr(compressed, "compress_model", lambda model, backend: (7, []))
+    inf = InferenceModel(cfg, model.state_dict())
+    assert inf.kernels == "cusparselt" and len(installed) == 1
+    assert inf.kernels_note == ("7 of 7 sparse linears compressed for cuSPARSELt "
+                                "(no decode kernel: triton is not installed)")
+    monkeypatch.setattr(compressed, "unavailable_reason", lambda device, dtype: "no GPU")
+    inf = InferenceModel(cfg, model.state_dict())
+    assert (inf.kernels, inf.kernels_note) == ("reference", "cusparselt unavailable: no GPU")

@@ -161,8 +161,8 @@ def test_decode_option_is_checked_and_the_models_setting_is_the_default(monkeypa
 
 def test_auto_decoding_is_static_only_where_cuda_graphs_can_be_used(monkeypatch):
     cfg, model = tiny("gpt")
-    assert InferenceModel(cfg, model.state_dict()).decode == "eager"  # the default
-    inf = InferenceModel(cfg, model.state_dict(), decode="auto")
+    inf = InferenceModel(cfg, model.state_dict())
+    assert inf.decode == "auto"  # the default
     assert inf.decoding() == "eager"  # a CPU: no graphs
     calls = []  # the static decoders asked for (built here without a graph: a CPU)
     monkeypatch.setattr(inf, "static_decoder",
