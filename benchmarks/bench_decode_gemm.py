@@ -12,8 +12,8 @@ GPU's measured copy bandwidth (`benchmarks.common.gpu_speed`): the kernel's limi
 bytes ratio, 2 / 1.125 = 1.78x of dense in bf16. Every kernel result is checked against
 F.linear(x, W*M) before it is timed (rel. err < 1e-2).
 
-`--tune` compiles the grid's kernels in parallel worker processes first (Triton's on-disk
-cache), so the timing process only loads them.
+The kernels to time (the candidates, or `--tune`'s grid) are compiled first in parallel
+worker processes (Triton's on-disk cache), so the timing process only loads them.
 """
 from __future__ import annotations
 
@@ -65,16 +65,19 @@ def argument_error(args) -> str | None:
 
 
 def tune_grid(tokens: int) -> list:
-    """The configs `--tune` times for a call of `tokens` rows."""
+    """The configs `--tune` times for a call of `tokens` rows: the modes the load-time plan
+    would time, over block sizes, splits and warps."""
+    from slope_megatron.inference.decode24_plans import suited_modes
     from slope_megatron.kernels.decode24_triton import Decode24Config, rows_block
     rows = rows_block(tokens)
-    modes = (["gather", "fma"] if rows <= 4 else []) + (["gather", "fma"] if rows == 8 else []) \
-        + (["dot", "dotT"] if rows >= 8 else [])
     grid = []
-    for mode, bn, bk, split, warps in itertools.product(
-            modes, (32, 64, 128), (128, 256), (1, 4, 8, 16), (4, 8)):
+    for mode in suited_modes(rows):
+        bks = ((max(32, 256 // rows), max(32, 512 // rows)) if mode == "gatherT"
+               else (128, 256))
         bm = max(16, rows) if mode in ("dot", "dotT") else rows
-        grid.append(Decode24Config(bm, bn, bk, split, mode, warps))
+        for bn, bk, split, warps in itertools.product((32, 64, 128), dict.fromkeys(bks),
+                                                      (1, 4, 8, 16), (4, 8)):
+            grid.append(Decode24Config(bm, bn, bk, split, mode, warps))
     return grid
 
 
@@ -196,11 +199,15 @@ def run_gemm(args) -> int:
         if (out, inp, bias) not in seen:
             seen.add((out, inp, bias))
             todo.append((out, inp, bias))
-    if args.tune:
+    if args.tune:  # the grid's kernels do not depend on the shape (split-K is an argument)
         work = [(cfg, m, out, inp, bias) for out, inp, bias in todo[:1] for m in args.tokens
                 for cfg in tune_grid(m)]
-        _precompile(work, max(1, min(16, (os.cpu_count() or 2) - 1)))
-        print(f"# compiled {len(work)} kernels in {time.time() - t0:.0f} s", flush=True)
+    else:
+        from slope_megatron.inference.decode24_plans import candidate_configs
+        work = [(cfg, m, out, inp, bias) for out, inp, bias in todo for m in args.tokens
+                for cfg in candidate_configs(m, out, inp)]
+    _precompile(work, max(1, min(16, (os.cpu_count() or 2) - 1)))
+    print(f"# compiled {len(work)} kernels in {time.time() - t0:.0f} s", flush=True)
     results = {"meta": meta, "rows": []}
     for out, inp, bias in todo:
         if args.deadline and time.time() - t0 > args.deadline:

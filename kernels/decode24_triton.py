@@ -5,9 +5,12 @@ the compressed operand at about half the bandwidth cuBLAS reaches on the dense o
 decoding with it is slower than dense (docs/INFERENCE.md). Triton has no sparse MMA; this
 kernel reads only the two compressed streams of `decode24_layout.py` (kept values and their
 2-bit positions, 0.5625x of the dense bf16 bytes) with wide loads and computes on them in one
-of three ways (`Decode24Config.mode`):
+of four ways (`Decode24Config.mode`):
 - "gather" (a few rows): each kept value is multiplied by the x entry its position selects,
   loaded by address (x is a few KB: the loads hit L1), on the CUDA cores - no dense tile;
+- "gatherT" (2 to 8 rows): the same, with x transposed first (in, rows): one gathered load
+  then brings a kept value's x entry for every row at once (a 4-16 byte vector), where
+  "gather" issues one load per row;
 - "fma": the dense (BLOCK_N, BLOCK_K) tile of W*M is rebuilt in registers and multiplied by
   one x row at a time on the CUDA cores;
 - "dot" / "dotT": the rebuilt tile goes through one tl.dot per step on the tensor cores, as
@@ -33,7 +36,7 @@ import triton
 import triton.language as tl
 
 MAX_TOKENS = 64  # the token counts this kernel is meant (and planned) for
-MODES = ("gather", "fma", "dot", "dotT")
+MODES = ("gather", "fma", "dot", "dotT", "gatherT")
 _MODE_ID = {name: i for i, name in enumerate(MODES)}
 
 
@@ -63,6 +66,8 @@ class Decode24Config:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.use_dot and (self.block_m < 16 or self.block_n < 16):
             raise ValueError(f"the dot modes need block_m and block_n >= 16, got {self}")
+        if self.mode == "gatherT" and self.block_m > 16:
+            raise ValueError(f"the gatherT mode takes at most 16 rows, got {self}")
 
     @property
     def use_dot(self) -> bool:
@@ -104,7 +109,7 @@ def default_config(tokens: int, out: int, in_features: int) -> Decode24Config:
 @triton.jit
 def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr, M, N, K,
                      stride_xm, stride_vn, stride_ym, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
                      MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -115,7 +120,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
     m_ok = rm < M
     kept = K // 2
     words = (K + 31) // 32
-    if MODE == 3:  # dotT accumulates y^T
+    if MODE >= 3:  # dotT and gatherT accumulate y^T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -125,7 +130,21 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
         w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         word = tl.load(meta_ptr + w[None, :].to(tl.int64) * N + rn[:, None],
                        mask=n_ok[:, None] & (w[None, :] < words), other=0)
-        if MODE == 0:
+        if MODE == 4:
+            # x^T (K, BLOCK_M), zero-padded rows: one vector load per kept value, all rows
+            j = tl.arange(0, BLOCK_K // 2)
+            kk = k0 // 2 + j
+            v = tl.load(v_ptr + rn[:, None].to(tl.int64) * stride_vn + kk[None, :],
+                        mask=n_ok[:, None] & (kk[None, :] < kept), other=0.0).to(tl.float32)
+            pos = tl.reshape((word[:, :, None] >> (2 * tl.arange(0, 16))[None, None, :]) & 3,
+                             (BLOCK_N, BLOCK_K // 2))
+            xi = k0 + 4 * (j // 2)[None, :] + pos
+            x_ok = n_ok[:, None] & (xi < K)
+            rows = tl.arange(0, BLOCK_M)
+            xg = tl.load(x_ptr + (xi.to(tl.int64) * BLOCK_M)[:, :, None] + rows[None, None, :],
+                         mask=x_ok[:, :, None], other=0.0).to(tl.float32)
+            acc += tl.sum(v[:, :, None] * xg, axis=1)
+        elif MODE == 0:
             # kept values (BLOCK_N, BLOCK_K / 2) times the x entries their positions select
             j = tl.arange(0, BLOCK_K // 2)
             kk = k0 // 2 + j
@@ -172,7 +191,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
                     acc += tl.dot(x, tl.trans(dense), input_precision=DOT_PRECISION)
                 else:
                     acc += tl.dot(dense, tl.trans(x), input_precision=DOT_PRECISION)
-    if MODE == 3:
+    if MODE >= 3:
         acc = tl.trans(acc)
     out_mask = m_ok[:, None] & n_ok[None, :]
     offs = rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
@@ -185,7 +204,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
         arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):  # a fixed order: deterministic
+            for s in range(SPLIT_K):  # a fixed order: deterministic
                 acc += tl.load(part_ptr + s * M * N + part, mask=out_mask, other=0.0,
                                cache_modifier=".cg")
             if HAS_BIAS:
@@ -231,6 +250,15 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or default_config(tokens, out, in_features)
+    if cfg.mode == "gatherT":
+        if tokens > cfg.block_m:
+            raise ValueError(f"gatherT takes at most block_m={cfg.block_m} rows, got {tokens}")
+        if tokens == cfg.block_m:
+            x = x.t().contiguous()  # one row: a view of x, no copy
+        else:
+            xt = x.new_zeros(in_features, cfg.block_m)
+            xt[:, :tokens] = x.t()
+            x = xt
     grid = (triton.cdiv(out, cfg.block_n), cfg.split_k, triton.cdiv(tokens, cfg.block_m))
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: ignored for 16-bit x
     y = torch.empty(tokens, out, dtype=x.dtype, device=x.device)

@@ -4,11 +4,11 @@ Why measured: whether the Triton decode kernel (`kernels/decode24_triton.py`) be
 a layer would otherwise run (cuSPARSELt's), and with which block sizes and split, depends on
 the GPU, the layer's shape and the token count. So at load time every distinct (out, in) of
 the model's sparse layers is timed, for each token bucket of TIMED_BUCKETS, with a few
-candidate configs against the fallback; the table keeps a config only where it won. Only 1
-and 2 tokens are timed: on an H100 the kernel beat cuBLAS and cuSPARSELt at one token and lost
-to both from four tokens on (docs/INFERENCE.md), so timing larger buckets would only cost
-load time (compiles) for a kernel that is not chosen. A call of t tokens looks up the bucket t rounds up to (the bucket
-was timed at its largest count). Where the table has no entry the fallback runs, so a kernel
+candidate configs against the fallback; the table keeps a config only where it won. Only
+1-8 tokens are timed: the kernel's tensor-core modes lost to cuSPARSELt at 8 and 16 tokens
+on an H100 (docs/INFERENCE.md) and 8 rows are the most its vector gather takes, so timing
+larger buckets would only cost load time (compiles) for a kernel that is not chosen. A call of t tokens looks up the bucket t rounds up to (the
+bucket was timed at its largest count). Where the table has no entry the fallback runs, so a kernel
 that loses is never used. On a CPU nothing is measured and nothing chosen.
 
 `SLOPE_DECODE24_PLAN=always` skips the timing and runs the kernel (default config) for every
@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the kernel's token counts, as powers of two
-TIMED_BUCKETS = (1, 2)  # the buckets timed at load (module docstring)
+TIMED_BUCKETS = (1, 2, 4, 8)  # the buckets timed at load (module docstring)
 PLAN_MODES = ("measure", "always")
 
 
@@ -56,24 +56,42 @@ def tuned_configs(path: str, tokens: int) -> list:
 
 def candidate_configs(tokens: int, out: int, inp: int) -> list:
     """The configs timed for one (shape, bucket): the default first, then for each mode that
-    suits the bucket (CUDA-core modes up to 8 rows, tensor-core modes from 8) its base tile,
-    twice the output rows, twice the input columns and twice the split. With
-    SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
+    suits the bucket (`suited_modes`) its base tile, twice the output rows and twice the
+    split. With SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
     from slope_megatron.kernels.decode24_triton import default_config, mode_config, rows_block
     base = default_config(tokens, out, inp)
     path = os.environ.get("SLOPE_DECODE24_CONFIGS")
     if path:
         return list(dict.fromkeys([base, *tuned_configs(path, tokens)]))
     rows = rows_block(min(tokens, 64))
-    modes = {"gather": (32, 256), "fma": (32, 128), "dotT": (64, 128), "dot": (32, 128)}
-    suited = [m for m in modes if (m in ("gather", "fma")) == (rows <= 4) or rows == 8]
     configs = [base]
-    for mode in suited:
-        bn, bk = modes[mode]
-        for block_n, block_k, scale in ((bn, bk, 1), (2 * bn, bk, 1), (bn, 2 * bk, 1),
-                                        (bn, bk, 2)):
-            configs.append(mode_config(tokens, out, inp, mode, block_n, block_k, scale))
+    for mode in suited_modes(rows):
+        bn, bk = base_tile(mode, rows)
+        for block_n, scale in ((bn, 1), (2 * bn, 1), (bn, 2)):
+            configs.append(mode_config(tokens, out, inp, mode, block_n, bk, scale))
     return list(dict.fromkeys(configs))
+
+
+def suited_modes(rows: int) -> tuple:
+    """The kernel's modes worth timing for a block of `rows` x rows: the CUDA-core modes up
+    to 4 rows, the vector gather from 2 to 8 rows (16 rows make its registers spill), the
+    tensor-core ones from 8."""
+    modes = ()
+    if rows <= 4:
+        modes += ("gather", "fma")
+    if 2 <= rows <= 8:
+        modes += ("gatherT",)
+    if rows >= 8:
+        modes += ("dotT", "dot")
+    return modes
+
+
+def base_tile(mode: str, rows: int) -> tuple:
+    """(block_n, block_k) to start from; gatherT holds block_n * block_k / 2 * rows
+    products in registers, so its block_k shrinks as the rows grow."""
+    if mode == "gatherT":
+        return 32, max(32, 512 // rows)
+    return {"gather": (32, 256), "fma": (32, 128), "dotT": (64, 128), "dot": (32, 128)}[mode]
 
 
 @dataclass

@@ -50,16 +50,17 @@ def sparse_weight(out, inp, dtype=torch.bfloat16):
 @pytest.mark.parametrize("out,inp", SHAPES)
 def test_decode_kernel_equals_the_reference_for_every_token_count_in_bf16(out, inp):
     """Every token count 1..64 with the default config; at VARIANT_TOKENS also each mode that
-    suits the count (the CUDA-core modes to 8 rows, the tensor-core ones from 5), with and
-    without split-K."""
+    suits the count (the CUDA-core modes to 8 rows, the vector gather to 16, the tensor-core
+    ones from 5), with and without split-K."""
     torch.manual_seed(0)
     values, meta, dense = sparse_weight(out, inp)
     bias = torch.randn(out, device="cuda", dtype=torch.bfloat16)
     for m in range(1, 65):
         x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
         want = F.linear(x.float(), dense.float(), bias.float())
-        modes = [mode for mode in MODES if (m <= 8 if mode in ("gather", "fma") else m >= 5)
-                 and m in VARIANT_TOKENS]
+        most = {"gather": 8, "fma": 8, "gatherT": 16}  # rows; the dot modes from 5 rows
+        modes = [mode for mode in MODES if m in VARIANT_TOKENS
+                 and (m <= most[mode] if mode in most else m >= 5)]
         configs = [default_config(m, out, inp)] + \
             [mode_config(m, out, inp, mode, 32, 128) for mode in modes] + \
             [replace(mode_config(m, out, inp, mode, 64, 256), split_k=1) for mode in modes]

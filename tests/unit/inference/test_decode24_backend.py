@@ -92,7 +92,7 @@ def test_plans_keep_the_kernel_only_where_it_measured_faster():
     assert not plans.always and "measured faster" in plans.describe()
     timed = []
     measure_plans([(4096, 4096)], lambda *a: timed.append(a[2]) or 1.0, time_fallback)
-    assert set(timed) == set(TIMED_BUCKETS) == {1, 2}  # by default: what can win, only
+    assert set(timed) == set(TIMED_BUCKETS) == {1, 2, 4, 8}  # by default: what can win, only
 
 
 def test_plan_always_runs_the_kernel_up_to_64_tokens(monkeypatch):

@@ -2,7 +2,8 @@
 layout's metadata round-trips to the mask and to W*M exactly, its bits are the documented
 ones, and the Triton kernel - run on CPU tensors by Triton's interpreter - equals
 F.linear(x, W*M, b) for 1 to 64 rows of x, several shapes (in not a multiple of the block,
-out not a multiple of the tile) and every code path (tl.dot and CUDA-core rows, split-K
+out not a multiple of the tile) and every code path (tl.dot, CUDA-core rows and the vector
+gather, split-K
 partials, bias or none). fp32 (and fp16 once) here; bf16 for every row count in 1..64 runs in
 tests/gpu/test_decode_gpu.py."""
 import pytest
@@ -86,7 +87,7 @@ def test_config_rules():
             assert cfg.use_dot == (tokens > 4)
     for bad in (dict(block_m=3), dict(block_m=1, block_k=16), dict(block_m=16, block_n=8),
                 dict(block_m=1, split_k=0), dict(block_m=8, mode="dot"),
-                dict(block_m=2, mode="gather-ish")):
+                dict(block_m=2, mode="gather-ish"), dict(block_m=32, mode="gatherT")):
         with pytest.raises(ValueError):
             Decode24Config(**bad)
 
@@ -114,6 +115,8 @@ for out, inp in shapes:
         configs = [None, Decode24Config(bm, 16, 32, 3, "gather"),
                    Decode24Config(bm, 64, 128, 1, "fma"), Decode24Config(bd, 16, 64, 2, "dot"),
                    Decode24Config(bd, 32, 32, 1, "dotT")]
+        if m <= 16:  # the vector gather: x transposed (and zero-padded to its rows)
+            configs.append(Decode24Config(bm, 16, 64, 2, "gatherT"))
         for cfg in configs:
             for b in (bias, None):
                 want = F.linear(x, dense, b)
@@ -133,6 +136,6 @@ got = decode24_linear(x16, v16, pack_meta(mask), None, Decode24Config(64, 16, 32
 want = F.linear(x16.float(), dense_from_values(v16, mask).float())
 assert got.dtype == torch.float16
 torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
-assert paths == 4 * 7 * 5 * 2
+assert paths == 4 * (7 * 5 + 5) * 2  # gatherT at 1, 2, 3, 7 and 16 rows
 print("ok")
 ''')
