@@ -122,6 +122,16 @@ def reference_error(cfg, state, fast) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def decode_plan(inf) -> dict:
+    """'out x in @ tokens' -> the decode24 config the load-time plan chose (none: cuSPARSELt
+    for every call)."""
+    from slope_megatron.sparsity import slope_layers
+    plans = {id(p): p for p in (getattr(layer.backend, "plans", None)
+                                for layer in slope_layers(inf.model)) if p is not None}
+    return {f"{o}x{i}@{t}": cfg.__dict__ for p in plans.values()
+            for (o, i, t), cfg in sorted(p.table.items())}
+
+
 def run_arm(args) -> dict:
     """Build one arm's model and measure it (this process only)."""
     import torch
@@ -137,6 +147,7 @@ def run_arm(args) -> dict:
            "copy_gbps": gpu_speed()["copy_gbps"]}
     if sparse:
         row["err"] = reference_error(cfg, state, inf)
+        row["plan"] = decode_plan(inf)
     del state
     torch.cuda.empty_cache()
     gen = torch.Generator().manual_seed(0)
