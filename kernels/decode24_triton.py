@@ -130,21 +130,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
         w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         word = tl.load(meta_ptr + w[None, :].to(tl.int64) * N + rn[:, None],
                        mask=n_ok[:, None] & (w[None, :] < words), other=0)
-        if MODE == 4:
-            # x^T (K, BLOCK_M), zero-padded rows: one vector load per kept value, all rows
-            j = tl.arange(0, BLOCK_K // 2)
-            kk = k0 // 2 + j
-            v = tl.load(v_ptr + rn[:, None].to(tl.int64) * stride_vn + kk[None, :],
-                        mask=n_ok[:, None] & (kk[None, :] < kept), other=0.0).to(tl.float32)
-            pos = tl.reshape((word[:, :, None] >> (2 * tl.arange(0, 16))[None, None, :]) & 3,
-                             (BLOCK_N, BLOCK_K // 2))
-            xi = k0 + 4 * (j // 2)[None, :] + pos
-            x_ok = n_ok[:, None] & (xi < K)
-            rows = tl.arange(0, BLOCK_M)
-            xg = tl.load(x_ptr + (xi.to(tl.int64) * BLOCK_M)[:, :, None] + rows[None, None, :],
-                         mask=x_ok[:, :, None], other=0.0).to(tl.float32)
-            acc += tl.sum(v[:, :, None] * xg, axis=1)
-        elif MODE == 0:
+        if MODE == 0 or MODE == 4:
             # kept values (BLOCK_N, BLOCK_K / 2) times the x entries their positions select
             j = tl.arange(0, BLOCK_K // 2)
             kk = k0 // 2 + j
@@ -154,12 +140,19 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
                              (BLOCK_N, BLOCK_K // 2))
             xi = k0 + 4 * (j // 2)[None, :] + pos
             x_ok = n_ok[:, None] & (xi < K)
-            for i in tl.static_range(BLOCK_M):
-                row = pid_m * BLOCK_M + i
-                xg = tl.load(x_ptr + row.to(tl.int64) * stride_xm + xi,
-                             mask=x_ok & (row < M), other=0.0).to(tl.float32)
-                y_row = tl.sum(v * xg, axis=1)
-                acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, y_row[None, :], 0.0)
+            if MODE == 4:  # x^T (K, BLOCK_M), rows zero-padded: one vector load, all rows
+                rows = tl.arange(0, BLOCK_M)
+                xg = tl.load(x_ptr + (xi.to(tl.int64) * BLOCK_M)[:, :, None]
+                             + rows[None, None, :], mask=x_ok[:, :, None],
+                             other=0.0).to(tl.float32)
+                acc += tl.sum(v[:, :, None] * xg, axis=1)
+            else:  # one gathered load per row
+                for i in tl.static_range(BLOCK_M):
+                    row = pid_m * BLOCK_M + i
+                    xg = tl.load(x_ptr + row.to(tl.int64) * stride_xm + xi,
+                                 mask=x_ok & (row < M), other=0.0).to(tl.float32)
+                    y_row = tl.sum(v * xg, axis=1)
+                    acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, y_row[None, :], 0.0)
         else:
             # the dense tile of W*M rebuilt from values (BLOCK_N, groups, 2) and positions
             g = tl.arange(0, BLOCK_K // 4)
