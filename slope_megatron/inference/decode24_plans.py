@@ -56,8 +56,9 @@ def tuned_configs(path: str, tokens: int) -> list:
 
 def candidate_configs(tokens: int, out: int, inp: int) -> list:
     """The configs timed for one (shape, bucket): the default first, then for each mode that
-    suits the bucket (`suited_modes`) its base tile, twice the output rows and twice the
-    split. With SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
+    suits the bucket (`suited_modes`) its base tile with 4 and with 8 warps (more warps:
+    fewer registers per thread, more loads in flight), twice the split, and twice the output
+    rows with 8 warps. With SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
     from slope_megatron.kernels.decode24_triton import default_config, mode_config, rows_block
     base = default_config(tokens, out, inp)
     path = os.environ.get("SLOPE_DECODE24_CONFIGS")
@@ -67,8 +68,8 @@ def candidate_configs(tokens: int, out: int, inp: int) -> list:
     configs = [base]
     for mode in suited_modes(rows):
         bn, bk = base_tile(mode, rows)
-        for block_n, scale in ((bn, 1), (2 * bn, 1), (bn, 2)):
-            configs.append(mode_config(tokens, out, inp, mode, block_n, bk, scale))
+        for block_n, scale, warps in ((bn, 1, 4), (bn, 1, 8), (bn, 2, 4), (2 * bn, 1, 8)):
+            configs.append(mode_config(tokens, out, inp, mode, block_n, bk, scale, warps))
     return list(dict.fromkeys(configs))
 
 
