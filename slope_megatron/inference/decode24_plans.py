@@ -4,12 +4,13 @@ Why measured: whether the Triton decode kernel (`kernels/decode24_triton.py`) be
 a layer would otherwise run (cuSPARSELt's), and with which block sizes and split, depends on
 the GPU, the layer's shape and the token count. So at load time every distinct (out, in) of
 the model's sparse layers is timed, for each token bucket of TIMED_BUCKETS, with a few
-candidate configs against the fallback; the table keeps a config only where it won. Only
-1-8 tokens are timed: the kernel's tensor-core modes lost to cuSPARSELt at 8 and 16 tokens
-on an H100 (docs/INFERENCE.md) and 8 rows are the most its vector gather takes, so timing
-larger buckets would only cost load time (compiles) for a kernel that is not chosen. A call of t tokens looks up the bucket t rounds up to (the
-bucket was timed at its largest count). Where the table has no entry the fallback runs, so a kernel
-that loses is never used. On a CPU nothing is measured and nothing chosen.
+candidate configs against the fallback; only configs whose result matches the fallback's
+(rel. error < PLAN_TOLERANCE) are timed, and the table keeps a config only where it won.
+Only 1-8 tokens are timed: the kernel's tensor-core modes lost to cuSPARSELt at 8 and 16
+tokens on an H100 (docs/INFERENCE.md), so timing larger buckets would only cost load time
+(compiles) for a kernel that is not chosen. A call of t tokens looks up the bucket t rounds
+up to (the bucket was timed at its largest count). Where the table has no entry the fallback
+runs, so a kernel that loses is never used. On a CPU nothing is measured and nothing chosen.
 
 `SLOPE_DECODE24_PLAN=always` skips the timing and runs the kernel (default config) for every
 call of at most 64 tokens: for checks and benchmarks of the kernel itself.
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the kernel's token counts, as powers of two
 TIMED_BUCKETS = (1, 2, 4, 8)  # the buckets timed at load (module docstring)
 PLAN_MODES = ("measure", "always")
+PLAN_TOLERANCE = 1e-2  # rel. error vs the fallback above which a config is refused (bf16: ~3e-3)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in fp32 (inf where want is all zeros and got is not)."""
+    diff = (got.float() - want.float()).norm().item()
+    norm = want.float().norm().item()
+    return diff / norm if norm else (0.0 if diff == 0 else float("inf"))
 
 
 def plan_mode() -> str:
@@ -163,11 +172,17 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
         layer = by_shape[(out, inp)]
         x, meta = x_for(layer, tokens), meta_of(layer)
         try:
-            return do_bench(lambda: decode24_linear(x, layer.weight, meta, layer.bias, cfg),
-                            warmup=5, rep=20, return_mode="median")
+            got = decode24_linear(x, layer.weight, meta, layer.bias, cfg)
         except Exception as e:  # e.g. a config needing more shared memory than the GPU has
             log.info("decode24 config %s cannot run on (%d, %d): %s", cfg, out, inp, e)
             return float("inf")
+        err = relative_error(got, fallback(layer, x))
+        if not err < PLAN_TOLERANCE:  # never choose a config that computes something else
+            log.warning("decode24 config %s on (%d, %d) x %d tokens differs from cuSPARSELt "
+                        "(rel. err %.2e): not used", cfg, out, inp, tokens, err)
+            return float("inf")
+        return do_bench(lambda: decode24_linear(x, layer.weight, meta, layer.bias, cfg),
+                        warmup=5, rep=20, return_mode="median")
 
     def time_fallback(out, inp, tokens):
         layer = by_shape[(out, inp)]

@@ -164,3 +164,41 @@ def test_auto_kernels_take_decode24_only_where_cusparselt_and_triton_both_run(mo
     monkeypatch.setattr(compressed, "unavailable_reason", lambda device, dtype: "no GPU")
     inf = InferenceModel(cfg, model.state_dict())
     assert (inf.kernels, inf.kernels_note) == ("reference", "cusparselt unavailable: no GPU")
+
+
+def test_the_load_time_plan_never_chooses_a_config_that_computes_something_else(monkeypatch):
+    """measure_on_gpu with the timer and the kernel stubbed (the real ones need a GPU): the
+    kernel always times faster than the fallback and gatherT fastest, but gatherT returns a
+    wrong y, so the table keeps a config for every bucket and none of them is gatherT."""
+    from types import SimpleNamespace
+
+    import torch
+    import triton.testing
+
+    import slope_megatron.kernels.decode24_triton as kernel
+    from slope_megatron.inference.decode24_plans import measure_on_gpu, relative_error
+    layer = SimpleNamespace(out_features=64, in_features=128, bias=None,
+                            weight=torch.randn(64, 64))
+    dense = torch.randn(64, 128)
+    calls = []
+
+    def fallback(layer, x):
+        calls.append("fallback")
+        return x @ dense.t()
+
+    def kernel_stub(x, values, meta, bias, cfg):
+        y = fallback(layer, x) + (1.0 if cfg.mode == "gatherT" else 0.0)
+        calls[-1] = cfg.mode
+        return y
+
+    def do_bench(fn, **kwargs):  # gatherT is the fastest, the fallback the slowest
+        fn()
+        return {"gatherT": 0.5, "fallback": 2.0}.get(calls[-1], 1.0)
+
+    monkeypatch.setattr(kernel, "decode24_linear", kernel_stub)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    plans = measure_on_gpu([layer], fallback, lambda layer: None)
+    assert {t for _, _, t in plans.table} == set(TIMED_BUCKETS)
+    assert all(cfg.mode != "gatherT" for cfg in plans.table.values())
+    assert relative_error(torch.ones(3), torch.ones(3)) == 0.0
+    assert relative_error(torch.ones(3), torch.zeros(3)) == float("inf")
