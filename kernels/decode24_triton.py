@@ -247,7 +247,7 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         if tokens > cfg.block_m:
             raise ValueError(f"gatherT takes at most block_m={cfg.block_m} rows, got {tokens}")
         if tokens == cfg.block_m:
-            x = x.t().contiguous()  # one row: a view of x, no copy
+            x = x.t().contiguous()  # a copy, except for one row (then a view of x)
         else:
             xt = x.new_zeros(in_features, cfg.block_m)
             xt[:, :tokens] = x.t()

@@ -157,7 +157,13 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
     by_shape = {}
     for layer in layers:
         by_shape.setdefault((layer.out_features, layer.in_features), layer)
-    inputs = {}
+    inputs, wanted = {}, {}
+
+    def want_for(layer, tokens):  # the fallback's y, which every candidate must match
+        key = (layer.out_features, layer.in_features, tokens)
+        if key not in wanted:
+            wanted[key] = fallback(layer, x_for(layer, tokens))
+        return wanted[key]
 
     def x_for(layer, tokens):
         key = (layer.in_features, tokens)
@@ -176,7 +182,7 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
         except Exception as e:  # e.g. a config needing more shared memory than the GPU has
             log.info("decode24 config %s cannot run on (%d, %d): %s", cfg, out, inp, e)
             return float("inf")
-        err = relative_error(got, fallback(layer, x))
+        err = relative_error(got, want_for(layer, tokens))
         if not err < PLAN_TOLERANCE:  # never choose a config that computes something else
             log.warning("decode24 config %s on (%d, %d) x %d tokens differs from cuSPARSELt "
                         "(rel. err %.2e): not used", cfg, out, inp, tokens, err)

@@ -3,8 +3,7 @@ layout's metadata round-trips to the mask and to W*M exactly, its bits are the d
 ones, and the Triton kernel - run on CPU tensors by Triton's interpreter - equals
 F.linear(x, W*M, b) for 1 to 64 rows of x, several shapes (in not a multiple of the block,
 out not a multiple of the tile) and every code path (tl.dot, CUDA-core rows and the vector
-gather, split-K
-partials, bias or none). fp32 (and fp16 once) here; bf16 for every row count in 1..64 runs in
+gather, split-K partials, bias or none). fp32 (and fp16 once) here; bf16 for every row count in 1..64 runs in
 tests/gpu/test_decode_gpu.py."""
 import pytest
 import torch
