@@ -70,7 +70,7 @@ def start() -> bool:
         # the runner was gone before we looked (init adopted launch.py); in a container whose
         # first process is the `deepspeed` command itself, it is not
         stop_signals.send_to_self(f"the deepspeed command that started this rank had exited "
-                                  f"before it started")
+                                  "before it started")
         return True
     threading.Thread(target=_watch, args=(parent, runner), name="slope-launcher-watch",
                      daemon=True).start()
