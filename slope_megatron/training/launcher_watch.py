@@ -69,7 +69,7 @@ def start() -> bool:
     if runner == 1 and not any("deepspeed" in arg for arg in _cmdline(1)):
         # the runner was gone before we looked (init adopted launch.py); in a container whose
         # first process is the `deepspeed` command itself, it is not
-        stop_signals.send_to_self(f"the deepspeed command that started this rank had exited "
+        stop_signals.send_to_self("the deepspeed command that started this rank had exited "
                                   "before it started")
         return True
     threading.Thread(target=_watch, args=(parent, runner), name="slope-launcher-watch",
