@@ -93,16 +93,26 @@ def read_client_state(tag_dir: Path, stage: int) -> dict:
     return {k: v for k, v in sd.items() if k not in ("module", "optimizer")}
 
 
+def _flat_partition_prefix(tag_dir: Path, mp: int) -> str | None:
+    """'' (ZeRO 1/2's optimizer) or 'bf16_' (DeepSpeed's BF16_Optimizer, also under ZeRO 1):
+    the prefix of model-parallel rank `mp`'s flat-partition optimizer files, or None where
+    there are none (the optimizer state is a torch state dict in the model file). Read from
+    the files, not the ZeRO stage, which does not tell the two apart."""
+    for prefix in ("", "bf16_"):
+        if (tag_dir / f"{prefix}zero_pp_rank_0_mp_rank_{mp:02d}_optim_states.pt").is_file():
+            return prefix
+    return None
+
+
 def read_param_groups(tag_dir: Path, layout: FileLayout) -> list[dict]:
     """The optimizer's param-group settings (weight decay, betas, eps, the adapter group's lr
     scale ...) without their parameters, from the first model-parallel rank's files."""
+    prefix = _flat_partition_prefix(tag_dir, 0)
     if layout.stage == 3:
         sd = _load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
         groups = sd["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
-    elif layout.stage in (1, 2) or (tag_dir / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
-                                    ).is_file():
-        prefix = "" if layout.stage in (1, 2) else "bf16_"
-        sd = _load(tag_dir / f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    elif layout.stage in (1, 2) or prefix is not None:
+        sd = _load(tag_dir / f"{prefix or ''}zero_pp_rank_0_mp_rank_00_optim_states.pt")
         groups = sd["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
     else:
         sd = _load(_model_states_file(tag_dir, 0, 0))["optimizer"]
@@ -264,10 +274,10 @@ def _optimizer_pieces(tag_dir: Path, layout: FileLayout, stage: int, tp_rank: in
     if layout.stage == 3:
         shapes = {k: tuple(v) for g in model_file["param_shapes"] for k, v in g.items()}
         return _zero3_partitions(tag_dir, layout, mp, shapes), shapes
-    for prefix in ("", "bf16_"):
-        if (tag_dir / f"{prefix}zero_pp_rank_0_mp_rank_{mp:02d}_optim_states.pt").is_file():
-            shapes = {k: tuple(v) for g in model_file["param_shapes"] for k, v in g.items()}
-            return _flat_partitions(tag_dir, layout, mp, prefix), shapes
+    prefix = _flat_partition_prefix(tag_dir, mp)
+    if prefix is not None:
+        shapes = {k: tuple(v) for g in model_file["param_shapes"] for k, v in g.items()}
+        return _flat_partitions(tag_dir, layout, mp, prefix), shapes
     if layout.pp == 1:
         stage_module = module
         names = _stage_parameter_names(module, set(model_file.get("buffer_names") or ()))
