@@ -26,4 +26,11 @@ fi
 export PATH="$PWD/$VENV/bin:$PATH"  # mpirun (mpich), shellcheck and the console scripts
 source launch/env.sh
 export SLOPE_STRICT_SKIPS=1
-exec "$VENV/bin/python" -m pytest -q tests "$@"
+# a temporary directory of this run's own: pytest's shared /tmp/pytest-of-$USER keeps only the
+# newest three sessions' folders, so other test sessions started meanwhile would delete this
+# run's files under it (kept on failure, for a look; removed when every test passed)
+basetemp=$(mktemp -d "${TMPDIR:-/tmp}/slope-tests.XXXXXX")
+status=0
+"$VENV/bin/python" -m pytest -q tests --basetemp "$basetemp" "$@" || status=$?
+if [[ $status -eq 0 ]]; then rm -rf "$basetemp"; else echo "tests/run.sh: test files kept in $basetemp"; fi
+exit $status
