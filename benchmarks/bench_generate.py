@@ -109,11 +109,11 @@ def cuda_seconds(fn) -> float:
 
 CHECK_BLOCKS = 2
 # (batch, length) of the checked calls: 1, 2 and 8 tokens per linear call (where the decode
-# kernel's plan may take them) and 128 (cuSPARSELt)
+# kernel's plan may take them) and 128 (cuSPARSELt; the length is cut to the model's context)
 CHECK_SHAPES = ((1, 1), (1, 2), (8, 1), (2, 64))
 
 
-def reference_error(args, state, kernels: str, rank) -> float:
+def reference_error(args, state, kernels: str, rank, device: str = "cuda") -> float:
     """Max rel. error of `kernels`' logits vs the reference kernels' on the same weights, on a
     model of the first CHECK_BLOCKS blocks: every layer shape of the full model at every kind
     of call, while through 32 random blocks the bf16 rounding of any two correct kernels
@@ -124,17 +124,19 @@ def reference_error(args, state, kernels: str, rank) -> float:
     cfg = _config(args, True, rank, layers=CHECK_BLOCKS)
     part = {k: v for k, v in state.items()
             if not k.startswith("blocks.") or int(k.split(".")[1]) < CHECK_BLOCKS}
-    fast = InferenceModel(cfg, part, dtype="bf16", device="cuda", kernels=kernels)
-    ref = InferenceModel(cfg, part, dtype="bf16", device="cuda", kernels="reference")
-    gen = torch.Generator(device="cuda").manual_seed(1)
+    fast = InferenceModel(cfg, part, dtype="bf16", device=device, kernels=kernels)
+    ref = InferenceModel(cfg, part, dtype="bf16", device=device, kernels="reference")
+    gen = torch.Generator(device=device).manual_seed(1)
     worst = 0.0
-    for shape in CHECK_SHAPES:
-        ids = torch.randint(0, cfg.model.vocab_size, shape, device="cuda", generator=gen)
+    for batch, length in CHECK_SHAPES:
+        ids = torch.randint(0, cfg.model.vocab_size, (batch, min(length, cfg.model.seq_len)),
+                            device=device, generator=gen)
         with ref.generation_scope():
             want = ref.full_logits(ids)
         worst = max(worst, ((fast.full_logits(ids) - want).norm() / want.norm()).item())
     del fast, ref
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return worst
 
 
