@@ -107,11 +107,10 @@ def _flat_partition_prefix(tag_dir: Path, mp: int) -> str | None:
 def read_param_groups(tag_dir: Path, layout: FileLayout) -> list[dict]:
     """The optimizer's param-group settings (weight decay, betas, eps, the adapter group's lr
     scale ...) without their parameters, from the first model-parallel rank's files."""
-    prefix = _flat_partition_prefix(tag_dir, 0)
     if layout.stage == 3:
         sd = _load(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
         groups = sd["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
-    elif layout.stage in (1, 2) or prefix is not None:
+    elif (prefix := _flat_partition_prefix(tag_dir, 0)) is not None or layout.stage in (1, 2):
         sd = _load(tag_dir / f"{prefix or ''}zero_pp_rank_0_mp_rank_00_optim_states.pt")
         groups = sd["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
     else:
