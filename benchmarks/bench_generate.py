@@ -13,7 +13,9 @@ allocator state, cuDNN/cuSPARSELt plans or compiled kernels) that:
    warm-up call (which captures the CUDA graph);
 3. times a prefill (one prompt of T tokens into an empty cache) for each T, median of 5;
 4. reports weight bytes, and the achieved weight-streaming bandwidth of a decode step
-   (weight bytes / step time) against the GPU's measured copy bandwidth.
+   (weight bytes / step time) against the GPU's measured copy bandwidth;
+5. with `--profile B ...`: the kernel list of one decode step at those batch sizes
+   (`generate_profile.py`), after the timing, so the profiler never slows a timed call.
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     p.add_argument("--decode", choices=("static", "eager"), default="static",
                    help="generate()'s decoding loop")
+    p.add_argument("--profile", nargs="*", type=int, default=[], metavar="B",
+                   help="also list the kernels of one decode step at these batch sizes "
+                        "(each must be one of --batches)")
     p.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)  # one arm, in-process
     p.add_argument("--json", default="docs/results/generate_bench.json",
                    help="write the results (with the GPU name and versions) here")
@@ -61,6 +66,9 @@ def argument_error(args) -> str | None:
     bad = [v for v in args.batches + args.prefill if v < 1]
     if bad:
         return f"--batches and --prefill take values >= 1, got {bad[0]}"
+    unknown = [b for b in args.profile if b not in args.batches]
+    if unknown:
+        return f"--profile {unknown[0]}: profile only batch sizes that --batches measures"
     return None
 
 
@@ -154,6 +162,7 @@ def run_arm(args) -> dict:
     """Build one arm's model and measure it (this process only)."""
     import torch
 
+    from benchmarks.generate_profile import profile_decode
     from slope_megatron.inference import InferenceModel, generate
     sparse, kernels, rank = ARMS[args.arm]
     cfg = _config(args, sparse, rank)
@@ -169,7 +178,7 @@ def run_arm(args) -> dict:
     del state
     torch.cuda.empty_cache()
     gen = torch.Generator().manual_seed(0)
-    row["generate"] = {}
+    row["generate"], row["profile"] = {}, {}
     for b in args.batches:
         prompts = torch.randint(0, cfg.model.vocab_size, (b, args.prompt), generator=gen).tolist()
 
@@ -183,6 +192,8 @@ def run_arm(args) -> dict:
         row["generate"][b] = {"step_ms": 1e3 * step, "tokens_per_s": b / step,
                               "weight_gbps": row["weight_bytes"] / step / 1e9,
                               "of_copy_bw": row["weight_bytes"] / step / 1e9 / row["copy_gbps"]}
+        if b in args.profile:
+            row["profile"][b] = profile_decode(call, args.new, 1e3 * step)
     inf.release_decoders()
     row["prefill"] = {}
     for t in args.prefill:
@@ -219,6 +230,8 @@ def run_generate(args) -> int:
         print(json.dumps(run_arm(args)), flush=True)
         return 0
     import triton
+
+    from benchmarks.generate_profile import format_profile
     meta = {**run_environment(), "triton": triton.__version__, "command": " ".join(sys.argv),
             "layers": args.layers, "prompt": args.prompt, "new": args.new, "decode": args.decode}
     print(f"# {meta['gpu']} | torch {meta['torch']} | {args.layers}-block LLaMA-7B shape | "
@@ -228,7 +241,8 @@ def run_generate(args) -> int:
         cmd = [sys.executable, "-m", "benchmarks.bench", "inference", "generate", "--arm", arm,
                "--layers", str(args.layers), "--prompt", str(args.prompt), "--new",
                str(args.new), "--repeats", str(args.repeats), "--decode", args.decode,
-               "--batches", *map(str, args.batches), "--prefill", *map(str, args.prefill)]
+               "--batches", *map(str, args.batches), "--prefill", *map(str, args.prefill),
+               "--profile", *map(str, args.profile)]
         res = subprocess.run(cmd, env=checkout_env(), capture_output=True, text=True)
         if res.returncode != 0:
             print(f"error: arm {arm} failed:\n{res.stdout[-3000:]}{res.stderr[-3000:]}",
@@ -237,9 +251,12 @@ def run_generate(args) -> int:
         row = json.loads(res.stdout.strip().splitlines()[-1])
         row["generate"] = {int(k): v for k, v in row["generate"].items()}
         row["prefill"] = {int(k): v for k, v in row["prefill"].items()}
+        row["profile"] = {int(k): v for k, v in row["profile"].items()}
         base = base or row
         results["rows"].append(row)
         _print_row(row, base)
+        for b, prof in row["profile"].items():
+            print(format_profile(arm, b, prof), flush=True)
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=1))

@@ -35,6 +35,7 @@ from slope_megatron.errors import EXIT_USER_ERROR
 # (category, substrings of a lower-cased kernel name); the first match wins
 CATEGORIES = [
     ("communication", ("nccl",)),
+    ("decode24_gemm", ("_decode24_kernel",)),  # the inference 2:4 decode GEMM
     ("sparse_gemm", ("cusparselt", "sparse", "spmma", "_sp_")),
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("triton_slope", ("_gather_kept_kernel", "_gather_wt_kernel", "_scatter_kept_kernel",

@@ -13,6 +13,7 @@ profile_step = load_benchmark("profile_step")
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "dense_gemm"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", "attention"),
     ("_gather_kept_kernel", "triton_slope"),
+    ("_decode24_kernel", "decode24_gemm"),
     ("triton_per_fused_add_native_layer_norm_3", "inductor_fused"),
     ("triton_red_fused__log_softmax__to_copy_nll_loss_forward_0", "inductor_fused"),
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>", "norm"),
