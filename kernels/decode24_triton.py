@@ -107,10 +107,33 @@ def default_config(tokens: int, out: int, in_features: int) -> Decode24Config:
 
 
 @triton.jit
-def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr, M, N, K,
-                     stride_xm, stride_vn, stride_ym, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
-                     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _add_lowrank(acc, u_ptr, lb_ptr, rm, rn, m_ok, n_ok, N, RANK, lr_scale, stride_um,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) + lr_scale * u[rm, :] @ lb[:, rn]: the adapter's (x A) B / r,
+    in BLOCK_R-wide slices of the rank (tensor cores from 16 rows, CUDA cores below)."""
+    for r0 in range(0, RANK, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < RANK
+        u = tl.load(u_ptr + rm[:, None].to(tl.int64) * stride_um + rr[None, :],
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.load(lb_ptr + rr[:, None].to(tl.int64) * N + rn[None, :],
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_R >= 16:
+            acc += tl.dot(u, b, input_precision=DOT_PRECISION) * lr_scale
+        else:
+            acc += tl.sum(u.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :],
+                          axis=1) * lr_scale
+    return acc
+
+
+@triton.jit
+def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr, u_ptr, lb_ptr,
+                     M, N, K, RANK, lr_scale, stride_xm, stride_vn, stride_ym, stride_um,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_LOWRANK: tl.constexpr, BLOCK_R: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -200,14 +223,28 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
             for s in range(SPLIT_K):  # a fixed order: deterministic
                 acc += tl.load(part_ptr + s * M * N + part, mask=out_mask, other=0.0,
                                cache_modifier=".cg")
+            if HAS_LOWRANK:
+                acc = _add_lowrank(acc, u_ptr, lb_ptr, rm, rn, m_ok, n_ok, N, RANK, lr_scale,
+                                   stride_um, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next call (or graph replay)
     else:
+        if HAS_LOWRANK:
+            acc = _add_lowrank(acc, u_ptr, lb_ptr, rm, rn, m_ok, n_ok, N, RANK, lr_scale,
+                               stride_um, BLOCK_M, BLOCK_N, BLOCK_R, DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _rank_block(block_m: int, block_n: int) -> int:
+    """Rank slice of the low-rank epilogue: 16 for tl.dot from 16 rows; below, as many as keep
+    the (rows, slice, block_n) products at 4096 (registers)."""
+    if block_m >= 16:
+        return 16
+    return max(1, min(64, 4096 // (block_m * block_n)))
 
 
 _LOCKS: dict = {}
@@ -228,9 +265,13 @@ def _arrival_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     bias: torch.Tensor | None = None,
-                    config: Decode24Config | None = None) -> torch.Tensor:
+                    config: Decode24Config | None = None,
+                    lowrank: tuple | None = None) -> torch.Tensor:
     """y = x @ (W*M)^T (+ bias) for x (tokens, in) from the kept values (out, in/2) and the
-    metadata (ceil(in/32), out) of `decode24_layout`; y is (tokens, out) in x's dtype."""
+    metadata (ceil(in/32), out) of `decode24_layout`; y is (tokens, out) in x's dtype.
+    lowrank = (u, b, scale), u (tokens, r) = x @ A and b (r, out): adds scale * u @ b in the
+    kernel's epilogue (an active adapter), where a separate GEMM and add would cost launches
+    and a pass over y."""
     tokens, in_features = x.shape
     out = values.shape[0]
     if tuple(values.shape) != (out, in_features // 2) or in_features % 4:
@@ -252,6 +293,18 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
             xt = x.new_zeros(in_features, cfg.block_m)
             xt[:, :tokens] = x.t()
             x = xt
+    if lowrank is not None:
+        u, lb, scale = lowrank
+        if (u.dim() != 2 or lb.dim() != 2 or u.shape[0] != tokens or lb.shape != (u.shape[1], out)
+                or u.dtype != x.dtype or lb.dtype != x.dtype or u.stride(1) != 1
+                or not lb.is_contiguous()):
+            raise ValueError(f"lowrank u {tuple(u.shape)} {u.dtype} and b {tuple(lb.shape)} "
+                             f"{lb.dtype} must be ({tokens}, r) and contiguous (r, {out}) in "
+                             f"{x.dtype}")
+        rank, block_r = u.shape[1], _rank_block(cfg.block_m, cfg.block_n)
+    else:
+        u = lb = x
+        scale, rank, block_r = 0.0, 0, 16
     grid = (triton.cdiv(out, cfg.block_n), cfg.split_k, triton.cdiv(tokens, cfg.block_m))
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # tf32: ignored for 16-bit x
     y = torch.empty(tokens, out, dtype=x.dtype, device=x.device)
@@ -261,9 +314,10 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     else:
         part = locks = y
     _decode24_kernel[grid](
-        x, values, meta, bias if bias is not None else values, y, part, locks, tokens, out,
-        in_features, x.stride(0), values.stride(0), y.stride(0), BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        MODE=_MODE_ID[cfg.mode], HAS_BIAS=bias is not None, DOT_PRECISION=precision,
+        x, values, meta, bias if bias is not None else values, y, part, locks, u, lb, tokens,
+        out, in_features, rank, float(scale), x.stride(0), values.stride(0), y.stride(0),
+        u.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT_K=cfg.split_k, MODE=_MODE_ID[cfg.mode], HAS_BIAS=bias is not None,
+        HAS_LOWRANK=lowrank is not None, BLOCK_R=block_r, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y

@@ -15,6 +15,8 @@ tokens for which the layer's plan (`decode24_plans.py`) names a config runs the 
   interpreter in tests): values + metadata only (0.5625x of dense bf16). The kernel runs every
   call of <= 64 tokens; longer ones (prefill) rebuild W*M in the call for a dense GEMM -
   correct, and slow.
+An active adapter's (x A) B / r is added in the kernel's epilogue on the kernel's calls (one
+thin GEMM for x A beside it, instead of two GEMMs and a pass over y).
 """
 from __future__ import annotations
 
@@ -61,13 +63,19 @@ def _meta(layer) -> torch.Tensor:
     return layer.__dict__["_decode24"]
 
 
-def _decode(plans: Decode24Plans, layer, x2: torch.Tensor) -> Optional[torch.Tensor]:
-    """The kernel's y for x2 (tokens, in), or None where the plan says: fallback."""
+def _decode(plans: Decode24Plans, layer, x2: torch.Tensor,
+            adapter: Optional[tuple] = None) -> Optional[torch.Tensor]:
+    """The kernel's y for x2 (tokens, in), or None where the plan says: fallback. adapter =
+    (A (in, r), B (r, out), scale): its (x2 A) B * scale is added in the kernel's epilogue."""
     cfg = plans.choose(layer.out_features, layer.in_features, x2.shape[0])
     if cfg is None:
         return None
     from slope_megatron.kernels.decode24_triton import decode24_linear
-    return decode24_linear(x2, layer.weight, _meta(layer), layer.bias, cfg)
+    lowrank = None
+    if adapter is not None:
+        a, b, scale = adapter
+        lowrank = (x2 @ a, b, scale)
+    return decode24_linear(x2, layer.weight, _meta(layer), layer.bias, cfg, lowrank)
 
 
 class Decode24Backend(SparseLinearBackend):
@@ -96,6 +104,14 @@ class Decode24Backend(SparseLinearBackend):
                          layer.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _decode(self.plans, layer, x2, (layer.adapter_a, layer.adapter_b.contiguous(),
+                                            layer.adapter_scale))
+        if y is None:
+            return super().linear_with_adapter(layer, x)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
 
 class HybridDecode24Backend(CompressedBackend):
     """The cuSPARSELt operand plus decode metadata; the plan picks the kernel per call."""
@@ -116,6 +132,16 @@ class HybridDecode24Backend(CompressedBackend):
     def _sparse(self, layer, x2: torch.Tensor) -> torch.Tensor:
         y = _decode(self.plans, layer, x2)
         return super()._sparse(layer, x2) if y is None else y
+
+    def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
+        st = layer.__dict__["_compressed"]
+        if st.adapter_a is None:  # switched on after loading: the parent's clear error
+            return super().linear_with_adapter(layer, x)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _decode(self.plans, layer, x2, (st.adapter_a, st.adapter_b, st.adapter_scale))
+        if y is None:  # cuSPARSELt, then addmm
+            return super().linear_with_adapter(layer, x)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def drop_unused_meta(layers: list, plans: Decode24Plans) -> int:

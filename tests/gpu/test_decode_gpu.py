@@ -70,6 +70,24 @@ def test_decode_kernel_equals_the_reference_for_every_token_count_in_bf16(out, i
             assert rel(got, want) < 5e-3, (m, cfg)  # bf16 rounding of y (~2e-3)
 
 
+@pytest.mark.parametrize("out,inp,rank", [(12288, 4096, 64), (4096, 11008, 176)])
+def test_decode_kernel_low_rank_epilogue_equals_the_reference_in_bf16(out, inp, rank):
+    """The adapter term (x A) B * scale added in the kernel's epilogue, at 7B shapes and their
+    rank-1.56% adapters (padded to 8), with each mode's default split and without a split."""
+    torch.manual_seed(0)
+    values, meta, dense = sparse_weight(out, inp)
+    a = (0.02 * torch.randn(inp, rank, device="cuda")).to(torch.bfloat16)
+    b = (0.02 * torch.randn(rank, out, device="cuda")).to(torch.bfloat16)
+    for m in (1, 2, 3, 8, 13, 64):
+        x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
+        u = x @ a
+        want = F.linear(x.float(), dense.float()) + (u.float() @ b.float()) / rank
+        cfg = default_config(m, out, inp)
+        for c in (cfg, replace(cfg, split_k=1)):
+            got = decode24_linear(x, values, meta, None, c, lowrank=(u, b, 1.0 / rank))
+            assert rel(got, want) < 5e-3, (m, c)
+
+
 def test_decode_kernel_in_a_cuda_graph_replays_its_eager_result():
     values, meta, _ = sparse_weight(4096, 4096)
     x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
@@ -149,6 +167,21 @@ def test_bf16_static_logits_match_eager_logits(arch):
         running = [True, step < 3, True]
         want = eager.advance(chosen, running)
         got = static.advance(chosen, running).clone()
+
+
+def test_decode24_model_with_adapters_on_the_kernel_matches_the_reference(monkeypatch):
+    """Every call of up to 64 tokens on the kernel, adapters fused in its epilogue."""
+    monkeypatch.setenv("SLOPE_DECODE24_PLAN", "always")
+    cfg, model = tiny("llama", "active", *WIDE)
+    state = model.state_dict()
+    fast = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels="decode24")
+    ref = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels="reference")
+    assert all(layer.adapter_active for layer in slope_layers(fast.model))
+    for shape in ((1, 1), (2, 3), (4, 16)):
+        ids = torch.randint(0, cfg.model.vocab_size, shape, device="cuda")
+        with ref.generation_scope():
+            want = ref.full_logits(ids)
+        assert rel(fast.full_logits(ids), want) < 1e-2, shape
 
 
 def test_decode24_model_measures_its_plan_and_matches_the_reference(monkeypatch):

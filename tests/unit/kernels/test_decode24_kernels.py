@@ -138,3 +138,48 @@ torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 assert paths == 4 * (7 * 5 + 5) * 2  # gatherT at 1, 2, 3, 7 and 16 rows
 print("ok")
 ''')
+
+
+def test_decode_kernel_adds_a_low_rank_term_in_its_epilogue_in_interpreter():
+    """y = x (W*M)^T + scale (x A) B (+ b) for every mode, with and without split-K (the
+    term is added once, by the program that sums the partials), ranks not a multiple of the
+    rank slice, and a clear error for factors of the wrong shape."""
+    pytest.importorskip("triton")
+    run_interpreted(r'''
+import torch
+import torch.nn.functional as F
+from slope_megatron.kernels.decode24_layout import pack_meta
+from slope_megatron.kernels.decode24_triton import Decode24Config, decode24_linear, rows_block
+from slope_megatron.sparsity.functional import dense_from_values
+from slope_megatron.sparsity.masks import nm_mask
+torch.manual_seed(1)
+out, inp = 72, 96
+w = torch.randn(out, inp)
+mask = nm_mask(w)
+values = w[mask].view(out, -1).contiguous()
+meta, dense, bias = pack_meta(mask), dense_from_values(values, mask), torch.randn(out)
+checked = 0
+for rank in (3, 24):
+    a, b = torch.randn(inp, rank), torch.randn(rank, out)
+    for m in (1, 2, 5, 16, 33):
+        x = torch.randn(m, inp)
+        bm, bd = rows_block(m), max(16, rows_block(m))
+        configs = [Decode24Config(bm, 16, 32, 3, "gather"), Decode24Config(bm, 32, 64, 1, "fma"),
+                   Decode24Config(bd, 16, 64, 2, "dot"), Decode24Config(bd, 32, 32, 1, "dotT")]
+        if m <= 16:
+            configs.append(Decode24Config(bm, 16, 64, 2, "gatherT"))
+        for cfg in configs:
+            want = F.linear(x, dense, bias) + 0.25 * (x @ a) @ b
+            got = decode24_linear(x, values, meta, bias, cfg, lowrank=(x @ a, b, 0.25))
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            checked += 1
+assert checked == 2 * (5 * 4 + 4)
+x = torch.randn(2, inp)
+try:
+    decode24_linear(x, values, meta, None, None, lowrank=(x @ a, b.t().contiguous(), 1.0))
+except ValueError as e:
+    assert "lowrank" in str(e), e
+else:
+    raise AssertionError("a transposed B was accepted")
+print("ok")
+''')
