@@ -170,9 +170,12 @@ def test_bf16_static_logits_match_eager_logits(arch):
 
 
 def test_decode24_model_with_adapters_on_the_kernel_matches_the_reference(monkeypatch):
-    """Every call of up to 64 tokens on the kernel, adapters fused in its epilogue."""
+    """Every call of up to 64 tokens on the kernel, adapters fused in its epilogue. The
+    epilogue adds the adapter term in fp32 where the reference rounds it to bf16 twice, so
+    the model is kept at a scale where bf16 rounding stays small (init_std 0.02; at 0.3 the
+    bf16 reference itself is 3-5e-2 from fp32)."""
     monkeypatch.setenv("SLOPE_DECODE24_PLAN", "always")
-    cfg, model = tiny("llama", "active", *WIDE)
+    cfg, model = tiny("llama", "active", *WIDE, "model.init_std=0.02")
     state = model.state_dict()
     fast = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels="decode24")
     ref = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels="reference")
