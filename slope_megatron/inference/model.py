@@ -286,8 +286,10 @@ class InferenceModel(nn.Module):
         x = emb.tokens(input_ids)
         if emb.positions is not None:
             x = x + emb.positions(positions)
+        rope: dict = {}  # the rotary tables at `positions`, gathered once for all blocks
         for i, block in enumerate(self.model.blocks):
-            x = x + self._attention(block.attn, block.norm1(x), i, positions, cache, attn_mask)
+            x = x + self._attention(block.attn, block.norm1(x), i, positions, rope, cache,
+                                    attn_mask)
             x = x + block.mlp(block.norm2(x))
         cache.end(input_ids.shape[1])
         if last_only:
@@ -295,17 +297,23 @@ class InferenceModel(nn.Module):
         return self.model.head(x, emb.tokens.weight).float()
 
     @staticmethod
-    def _rotate(rotary, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The rotate-half rotary embedding at per-sequence positions."""
-        cos = rotary.cos[positions].unsqueeze(1).to(x.dtype)  # (b, 1, t, head_dim)
-        sin = rotary.sin[positions].unsqueeze(1).to(x.dtype)
-        return regions.rotate_half(x, cos, sin)
+    def _rotate_qk(rotary, qk: torch.Tensor, positions: torch.Tensor, rope: dict):
+        """q and k (2, b, heads, t, head_dim) rotated (rotate-half form) at per-sequence
+        positions, in one pass over both. The cos/sin rows are gathered by the first block
+        and kept in `rope` for the others: every block's Rotary is built from the same config,
+        and a decode step would otherwise spend four gathers and four casts per block."""
+        if qk.dtype not in rope:
+            rope[qk.dtype] = (rotary.cos[positions].unsqueeze(1).to(qk.dtype),  # (b, 1, t, d)
+                              rotary.sin[positions].unsqueeze(1).to(qk.dtype))
+        return regions.rotate_half(qk, *rope[qk.dtype])
 
-    def _attention(self, attn, x, layer: int, positions, cache: KVCache, attn_mask):
+    def _attention(self, attn, x, layer: int, positions, rope: dict, cache: KVCache,
+                   attn_mask):
         b, t, _ = x.shape
-        q, k, v = attn.split_heads(attn.qkv(x))  # (b, heads, t, head_dim) each
+        qkv = attn.qkv(x).view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv  # (b, heads, t, head_dim) each, as attn.split_heads gives them
         if attn.rotary is not None:
-            q, k = self._rotate(attn.rotary, q, positions), self._rotate(attn.rotary, k, positions)
+            q, k = self._rotate_qk(attn.rotary, qkv[:2], positions, rope)
         k_all, v_all = cache.write(layer, k, v)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=attn_mask,
                                            is_causal=attn_mask is None and t > 1)

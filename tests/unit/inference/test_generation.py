@@ -202,3 +202,21 @@ def test_unpadded_steps_take_the_maskless_path_with_the_same_logits(arch):
     fresh.begin(1, torch.tensor([[True], [False]]))
     fresh.end(1)
     assert fresh.padded and fresh.begin(1) is not None  # a pad: masks from then on
+
+
+def test_a_step_gathers_the_rotary_tables_once_for_all_blocks():
+    """The cos/sin rows at the step's positions are gathered once per step, not per block:
+    the number of gathers does not grow with depth (a decode step is bound by its count of
+    small kernels as much as by its GEMMs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def gathers(layers):
+        cfg, model = tiny("llama", "inactive", f"model.num_layers={layers}")
+        inf = InferenceModel(cfg, model.state_dict())
+        ids = torch.tensor([[5, 6, 7]])
+        cache = inf.new_cache(1, 8)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            inf(ids, torch.arange(3)[None], cache)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::index")
+
+    assert gathers(4) == gathers(1) >= 2  # cos and sin
