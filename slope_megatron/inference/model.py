@@ -310,8 +310,8 @@ class InferenceModel(nn.Module):
     def _attention(self, attn, x, layer: int, positions, rope: dict, cache: KVCache,
                    attn_mask):
         b, t, _ = x.shape
-        qkv = attn.qkv(x).view(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv  # (b, heads, t, head_dim) each, as attn.split_heads gives them
+        qkv = attn.stacked_heads(attn.qkv(x))  # (3, b, heads, t, head_dim)
+        q, k, v = qkv
         if attn.rotary is not None:
             q, k = self._rotate_qk(attn.rotary, qkv[:2], positions, rope)
         k_all, v_all = cache.write(layer, k, v)

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, ffn_hidden_size
 from .linear_factory import LinearFactory
-from .regions import causal_attention, mlp_activation, residual_norm, split_heads
+from .regions import causal_attention, mlp_activation, residual_norm, stacked_heads
 
 
 class AddNorm:
@@ -97,9 +97,9 @@ class Attention(nn.Module):
         self.rotary = Rotary(self.head_dim, cfg.seq_len, cfg.rope_theta) \
             if cfg.arch == "llama" else None
 
-    def split_heads(self, x: torch.Tensor):
-        """(b, t, 3*h*d) -> q, k, v (b, heads, t, head_dim)."""
-        return split_heads(x, self.num_heads)
+    def stacked_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, t, 3*h*d) -> (3, b, heads, t, head_dim), a view (inference rotates [:2])."""
+        return stacked_heads(x, self.num_heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)

@@ -175,11 +175,17 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def split_heads(qkv: torch.Tensor, num_heads: int):
-    """(b, t, 3*h*d) fused QKV -> q, k, v of shape (b, h, t, d)."""
+def stacked_heads(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(b, t, 3*h*d) fused QKV -> a (3, b, h, t, d) view: q, k, v stacked, so that q and k
+    can be rotated in one pass (`stacked[:2]`)."""
     b, t, width = qkv.shape
     head_dim = width // (3 * num_heads)
-    q, k, v = qkv.view(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    return qkv.view(b, t, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int):
+    """(b, t, 3*h*d) fused QKV -> q, k, v of shape (b, h, t, d)."""
+    q, k, v = stacked_heads(qkv, num_heads)
     return q, k, v
 
 
