@@ -61,8 +61,8 @@ def summarize(kernels: dict, step_ms: float, top: int = 12) -> dict:
 
 
 def profile_decode(call, new: int, step_ms: float) -> dict:
-    """`call(new_tokens)` runs generate; the summary of one decode step's kernels."""
-    call(new)  # the graph for this capacity exists (the timing already made it): no capture
+    """`call(new_tokens)` runs generate, already warmed up by the timing (graphs captured,
+    plans made); the summary of one decode step's kernels."""
     kernels = per_step(kernel_times(lambda: call(new)), kernel_times(lambda: call(1)), new - 1)
     if not kernels:
         raise RuntimeError("the profiler recorded no decode-step kernels (CUPTI unavailable?)")

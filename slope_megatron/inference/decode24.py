@@ -78,6 +78,14 @@ def _decode(plans: Decode24Plans, layer, x2: torch.Tensor,
     return decode24_linear(x2, layer.weight, _meta(layer), layer.bias, cfg, lowrank)
 
 
+def _decode_with_adapter(plans: Decode24Plans, layer, x: torch.Tensor,
+                         adapter: tuple) -> Optional[torch.Tensor]:
+    """The kernel's y for x (..., in) with the adapter term, shaped like x, or None
+    (fallback)."""
+    y = _decode(plans, layer, x.reshape(-1, x.shape[-1]), adapter)
+    return None if y is None else y.view(*x.shape[:-1], y.shape[-1])
+
+
 class Decode24Backend(SparseLinearBackend):
     """Kept values + decode metadata only; the dense W*M is rebuilt for longer calls."""
 
@@ -105,12 +113,9 @@ class Decode24Backend(SparseLinearBackend):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        y = _decode(self.plans, layer, x2, (layer.adapter_a, layer.adapter_b.contiguous(),
-                                            layer.adapter_scale))
-        if y is None:
-            return super().linear_with_adapter(layer, x)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        y = _decode_with_adapter(self.plans, layer, x, (
+            layer.adapter_a, layer.adapter_b.contiguous(), layer.adapter_scale))
+        return super().linear_with_adapter(layer, x) if y is None else y
 
 
 class HybridDecode24Backend(CompressedBackend):
@@ -137,11 +142,9 @@ class HybridDecode24Backend(CompressedBackend):
         st = layer.__dict__["_compressed"]
         if st.adapter_a is None:  # switched on after loading: the parent's clear error
             return super().linear_with_adapter(layer, x)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = _decode(self.plans, layer, x2, (st.adapter_a, st.adapter_b, st.adapter_scale))
-        if y is None:  # cuSPARSELt, then addmm
-            return super().linear_with_adapter(layer, x)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        y = _decode_with_adapter(self.plans, layer, x,
+                                 (st.adapter_a, st.adapter_b, st.adapter_scale))
+        return super().linear_with_adapter(layer, x) if y is None else y  # None: cuSPARSELt
 
 
 def drop_unused_meta(layers: list, plans: Decode24Plans) -> int:
