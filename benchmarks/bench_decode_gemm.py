@@ -168,6 +168,7 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
         row = {"out": out, "in": inp, "bias": bias, "tokens": m, "dense_ms": t_dense,
                "cusparselt_ms": t_cslt, "decode24_ms": t, "config": cfg.__dict__,
                "runner_up": timed[1][2].__dict__ if len(timed) > 1 else None,
+               "timed": [[c.__dict__, ms] for ms, _, c, _ in timed],  # fastest first
                "err": err, "cusparselt_err": rel_err(got_cslt, want),
                "dense_gbps": _bytes(out, inp, m, False) / t_dense / 1e6,
                "decode24_gbps": _bytes(out, inp, m, True) / t / 1e6,

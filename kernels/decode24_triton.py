@@ -45,7 +45,8 @@ class Decode24Config:
     """Launch parameters. block_m: rows of x per program (a power of two, >= 16 for the dot
     modes); block_n: output rows per program; block_k: input columns per step (a multiple of
     32: whole metadata words); split_k: programs sharing one output tile's K blocks; mode:
-    how a step computes (module docstring)."""
+    how a step computes (module docstring); num_stages: K blocks the loop keeps in flight
+    (copied ahead into shared memory; 1: each step waits for its own loads)."""
 
     block_m: int
     block_n: int = 64
@@ -66,6 +67,8 @@ class Decode24Config:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.use_dot and (self.block_m < 16 or self.block_n < 16):
             raise ValueError(f"the dot modes need block_m and block_n >= 16, got {self}")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self}")
         if self.mode == "gatherT" and self.block_m > 16:
             raise ValueError(f"the gatherT mode takes at most 16 rows, got {self}")
 
@@ -89,14 +92,15 @@ def auto_split(tokens: int, out: int, in_features: int, block_m: int, block_n: i
 
 
 def mode_config(tokens: int, out: int, in_features: int, mode: str, block_n: int,
-                block_k: int, split_scale: int = 1, num_warps: int = 4) -> Decode24Config:
+                block_k: int, split_scale: int = 1, num_warps: int = 4,
+                num_stages: int = 3) -> Decode24Config:
     """A config of `mode` for `tokens` rows: block_m from the rows (16 at least for the dot
     modes), the split from `auto_split` times `split_scale` (capped at the K blocks)."""
     rows = rows_block(min(tokens, MAX_TOKENS))
     block_m = max(16, rows) if mode in ("dot", "dotT") else rows
     split = auto_split(tokens, out, in_features, block_m, block_n, block_k) * split_scale
     split = max(1, min(split, -(-in_features // block_k)))
-    return Decode24Config(block_m, block_n, block_k, split, mode, num_warps)
+    return Decode24Config(block_m, block_n, block_k, split, mode, num_warps, num_stages)
 
 
 def default_config(tokens: int, out: int, in_features: int) -> Decode24Config:
@@ -133,7 +137,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_LOWRANK: tl.constexpr, BLOCK_R: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -147,7 +151,9 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+    # pipelined as asked: Triton pipelines a loop unasked only where it has a tl.dot, and a
+    # CUDA-core mode whose steps each wait for their own loads leaves the memory idle
+    for kb in tl.range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K, num_stages=NUM_STAGES):
         k0 = kb * BLOCK_K
         # metadata: (BLOCK_N, BLOCK_K / 32) words, BLOCK_K / 32 contiguous runs of BLOCK_N
         w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -319,5 +325,5 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         u.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, MODE=_MODE_ID[cfg.mode], HAS_BIAS=bias is not None,
         HAS_LOWRANK=lowrank is not None, BLOCK_R=block_r, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y

@@ -13,6 +13,7 @@ from slope_megatron.inference import InferenceModel
 from slope_megatron.inference.decode24_plans import (
     TIMED_BUCKETS,
     TOKEN_BUCKETS,
+    CUDA_CORE_MODES,
     Decode24Plans,
     candidate_configs,
     measure_plans,
@@ -111,6 +112,10 @@ def test_candidate_configs_are_distinct_and_cover_the_tokens():
         configs = candidate_configs(tokens, 4096, 11008)
         assert len(configs) == len(set(configs)) >= 4
         assert all(c.block_m == (max(16, tokens) if c.use_dot else tokens) for c in configs)
+        # the CUDA-core modes are timed pipelined and not (their loop is only pipelined if asked)
+        for mode in {c.mode for c in configs} & set(CUDA_CORE_MODES):
+            assert {c.num_stages for c in configs if c.mode == mode} == {1, 3, 4}
+        assert all(c.num_stages == 3 for c in configs if c.use_dot)
 
 
 def test_a_tuned_config_file_replaces_the_built_in_candidates(tmp_path, monkeypatch):

@@ -86,7 +86,8 @@ def test_config_rules():
             assert cfg.use_dot == (tokens > 4)
     for bad in (dict(block_m=3), dict(block_m=1, block_k=16), dict(block_m=16, block_n=8),
                 dict(block_m=1, split_k=0), dict(block_m=8, mode="dot"),
-                dict(block_m=2, mode="gather-ish"), dict(block_m=32, mode="gatherT")):
+                dict(block_m=2, mode="gather-ish"), dict(block_m=32, mode="gatherT"),
+                dict(block_m=1, num_stages=0)):
         with pytest.raises(ValueError):
             Decode24Config(**bad)
 
