@@ -5,12 +5,16 @@ the compressed operand at about half the bandwidth cuBLAS reaches on the dense o
 decoding with it is slower than dense (docs/INFERENCE.md). Triton has no sparse MMA; this
 kernel reads only the two compressed streams of `decode24_layout.py` (kept values and their
 2-bit positions, 0.5625x of the dense bf16 bytes) with wide loads and computes on them in one
-of four ways (`Decode24Config.mode`):
+of these ways (`Decode24Config.mode`):
 - "gather" (a few rows): each kept value is multiplied by the x entry its position selects,
   loaded by address (x is a few KB: the loads hit L1), on the CUDA cores - no dense tile;
 - "gatherT" (2 to 8 rows): the same, with x transposed first (in, rows): one gathered load
   then brings a kept value's x entry for every row at once (a 4-16 byte vector), where
   "gather" issues one load per row;
+- "select" (one row): no load per kept value - the three x entries a kept value can select
+  (the first of a group sits at 0-2, the second at 1-3) are loaded once per position of the
+  tile and shared by its BLOCK_N rows, and two compares pick one; the products stay in a
+  per-thread accumulator that is summed once, after the loop;
 - "fma": the dense (BLOCK_N, BLOCK_K) tile of W*M is rebuilt in registers and multiplied by
   one x row at a time on the CUDA cores;
 - "dot" / "dotT": the rebuilt tile goes through one tl.dot per step on the tensor cores, as
@@ -36,7 +40,7 @@ import triton
 import triton.language as tl
 
 MAX_TOKENS = 64  # the token counts this kernel is meant (and planned) for
-MODES = ("gather", "fma", "dot", "dotT", "gatherT")
+MODES = ("gather", "fma", "dot", "dotT", "gatherT", "select")
 _MODE_ID = {name: i for i, name in enumerate(MODES)}
 
 
@@ -69,6 +73,8 @@ class Decode24Config:
             raise ValueError(f"the dot modes need block_m and block_n >= 16, got {self}")
         if self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self}")
+        if self.mode == "select" and self.block_m != 1:
+            raise ValueError(f"the select mode takes one row per program, got {self}")
         if self.mode == "gatherT" and self.block_m > 16:
             raise ValueError(f"the gatherT mode takes at most 16 rows, got {self}")
 
@@ -95,9 +101,10 @@ def mode_config(tokens: int, out: int, in_features: int, mode: str, block_n: int
                 block_k: int, split_scale: int = 1, num_warps: int = 4,
                 num_stages: int = 3) -> Decode24Config:
     """A config of `mode` for `tokens` rows: block_m from the rows (16 at least for the dot
-    modes), the split from `auto_split` times `split_scale` (capped at the K blocks)."""
+    modes, 1 for select), the split from `auto_split` times `split_scale` (capped at the K
+    blocks)."""
     rows = rows_block(min(tokens, MAX_TOKENS))
-    block_m = max(16, rows) if mode in ("dot", "dotT") else rows
+    block_m = 1 if mode == "select" else max(16, rows) if mode in ("dot", "dotT") else rows
     split = auto_split(tokens, out, in_features, block_m, block_n, block_k) * split_scale
     split = max(1, min(split, -(-in_features // block_k)))
     return Decode24Config(block_m, block_n, block_k, split, mode, num_warps, num_stages)
@@ -147,10 +154,12 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
     m_ok = rm < M
     kept = K // 2
     words = (K + 31) // 32
-    if MODE >= 3:  # dotT and gatherT accumulate y^T
+    if MODE == 3 or MODE == 4:  # dotT and gatherT accumulate y^T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MODE == 5:  # select: one product per thread register, (rows, words, kept per word)
+        acc3 = tl.zeros((BLOCK_N, BLOCK_K // 32, 16), dtype=tl.float32)
     # pipelined as asked: Triton pipelines a loop unasked only where it has a tl.dot, and a
     # CUDA-core mode whose steps each wait for their own loads leaves the memory idle
     for kb in tl.range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K, num_stages=NUM_STAGES):
@@ -159,7 +168,23 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
         w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         word = tl.load(meta_ptr + w[None, :].to(tl.int64) * N + rn[:, None],
                        mask=n_ok[:, None] & (w[None, :] < words), other=0)
-        if MODE == 0 or MODE == 4:
+        if MODE == 5:
+            # kept values (BLOCK_N, words, 16): value t of word w is at input column
+            # 32 w + 4 (t // 2) + pos, pos in odd .. odd + 2 (odd = t % 2)
+            wl = tl.arange(0, BLOCK_K // 32)[None, :, None]
+            t = tl.arange(0, 16)[None, None, :]
+            kk = k0 // 2 + 16 * wl + t
+            v = tl.load(v_ptr + rn[:, None, None].to(tl.int64) * stride_vn + kk,
+                        mask=n_ok[:, None, None] & (kk < kept), other=0.0).to(tl.float32)
+            odd = t & 1
+            xo = k0 + 32 * wl + 4 * (t // 2) + odd
+            x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+            x0 = tl.load(x_row + xo, mask=xo < K, other=0.0).to(tl.float32)
+            x1 = tl.load(x_row + xo + 1, mask=xo + 1 < K, other=0.0).to(tl.float32)
+            x2 = tl.load(x_row + xo + 2, mask=xo + 2 < K, other=0.0).to(tl.float32)
+            q = ((word[:, :, None] >> 2 * t) & 3) - odd
+            acc3 += v * tl.where(q == 0, x0, tl.where(q == 1, x1, x2))
+        elif MODE == 0 or MODE == 4:
             # kept values (BLOCK_N, BLOCK_K / 2) times the x entries their positions select
             j = tl.arange(0, BLOCK_K // 2)
             kk = k0 // 2 + j
@@ -213,8 +238,10 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
                     acc += tl.dot(x, tl.trans(dense), input_precision=DOT_PRECISION)
                 else:
                     acc += tl.dot(dense, tl.trans(x), input_precision=DOT_PRECISION)
-    if MODE >= 3:
+    if MODE == 3 or MODE == 4:
         acc = tl.trans(acc)
+    if MODE == 5:
+        acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]
     offs = rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
     if SPLIT_K > 1:

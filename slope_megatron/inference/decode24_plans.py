@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the kernel's token counts, as powers of two
 TIMED_BUCKETS = (1, 2, 4, 8)  # the buckets timed at load (module docstring)
 PLAN_MODES = ("measure", "always")
-CUDA_CORE_MODES = ("gather", "gatherT", "fma")  # Triton pipelines their loop only when asked
+CUDA_CORE_MODES = ("gather", "gatherT", "fma", "select")  # Triton pipelines their loop only when asked
 PLAN_TOLERANCE = 1e-2  # rel. error vs the fallback above which a config is refused (bf16: ~3e-3)
 
 
@@ -89,9 +89,9 @@ def candidate_configs(tokens: int, out: int, inp: int) -> list:
 
 def suited_modes(rows: int) -> tuple:
     """The kernel's modes worth timing for a block of `rows` x rows: the CUDA-core modes up
-    to 4 rows, the vector gather from 2 to 8 rows (16 rows make its registers spill), the
-    tensor-core ones from 8."""
-    modes = ()
+    to 4 rows (select: one), the vector gather from 2 to 8 rows (16 rows make its registers
+    spill), the tensor-core ones from 8."""
+    modes = ("select",) if rows == 1 else ()
     if rows <= 4:
         modes += ("gather", "fma")
     if 2 <= rows <= 8:
@@ -106,7 +106,8 @@ def base_tile(mode: str, rows: int) -> tuple:
     products in registers, so its block_k shrinks as the rows grow."""
     if mode == "gatherT":
         return 32, max(32, 512 // rows)
-    return {"gather": (32, 256), "fma": (32, 128), "dotT": (64, 128), "dot": (32, 128)}[mode]
+    return {"gather": (32, 256), "select": (32, 256), "fma": (32, 128), "dotT": (64, 128),
+            "dot": (32, 128)}[mode]
 
 
 @dataclass

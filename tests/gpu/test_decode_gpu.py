@@ -51,19 +51,21 @@ def sparse_weight(out, inp, dtype=torch.bfloat16):
 def test_decode_kernel_equals_the_reference_for_every_token_count_in_bf16(out, inp):
     """Every token count 1..64 with the default config; at VARIANT_TOKENS also each mode that
     suits the count (the CUDA-core modes to 8 rows, the vector gather to 16, the tensor-core
-    ones from 5), with and without split-K."""
+    ones from 5), with and without split-K, and the CUDA-core ones unpipelined."""
     torch.manual_seed(0)
     values, meta, dense = sparse_weight(out, inp)
     bias = torch.randn(out, device="cuda", dtype=torch.bfloat16)
     for m in range(1, 65):
         x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
         want = F.linear(x.float(), dense.float(), bias.float())
-        most = {"gather": 8, "fma": 8, "gatherT": 16}  # rows; the dot modes from 5 rows
+        most = {"gather": 8, "fma": 8, "select": 8, "gatherT": 16}  # the dot modes from 5
         modes = [mode for mode in MODES if m in VARIANT_TOKENS
                  and (m <= most[mode] if mode in most else m >= 5)]
         configs = [default_config(m, out, inp)] + \
             [mode_config(m, out, inp, mode, 32, 128) for mode in modes] + \
-            [replace(mode_config(m, out, inp, mode, 64, 256), split_k=1) for mode in modes]
+            [replace(mode_config(m, out, inp, mode, 64, 256), split_k=1) for mode in modes] + \
+            [mode_config(m, out, inp, mode, 32, 256, num_stages=1) for mode in modes
+             if mode in most]
         for cfg in configs:
             got = decode24_linear(x, values, meta, bias, cfg)
             assert got.dtype == torch.bfloat16 and got.shape == (m, out)
@@ -83,7 +85,8 @@ def test_decode_kernel_low_rank_epilogue_equals_the_reference_in_bf16(out, inp, 
         u = x @ a
         want = F.linear(x.float(), dense.float()) + (u.float() @ b.float()) / rank
         cfg = default_config(m, out, inp)
-        for c in (cfg, replace(cfg, split_k=1)):
+        select = [mode_config(m, out, inp, "select", 32, 256)] if m <= 3 else []
+        for c in (cfg, replace(cfg, split_k=1), *select):
             got = decode24_linear(x, values, meta, None, c, lowrank=(u, b, 1.0 / rank))
             assert rel(got, want) < 5e-3, (m, c)
 

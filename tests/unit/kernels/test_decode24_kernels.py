@@ -87,7 +87,7 @@ def test_config_rules():
     for bad in (dict(block_m=3), dict(block_m=1, block_k=16), dict(block_m=16, block_n=8),
                 dict(block_m=1, split_k=0), dict(block_m=8, mode="dot"),
                 dict(block_m=2, mode="gather-ish"), dict(block_m=32, mode="gatherT"),
-                dict(block_m=1, num_stages=0)):
+                dict(block_m=1, num_stages=0), dict(block_m=2, mode="select")):
         with pytest.raises(ValueError):
             Decode24Config(**bad)
 
@@ -114,7 +114,7 @@ for out, inp in shapes:
         bm, bd = rows_block(m), max(16, rows_block(m))
         configs = [None, Decode24Config(bm, 16, 32, 3, "gather"),
                    Decode24Config(bm, 64, 128, 1, "fma"), Decode24Config(bd, 16, 64, 2, "dot"),
-                   Decode24Config(bd, 32, 32, 1, "dotT")]
+                   Decode24Config(bd, 32, 32, 1, "dotT"), Decode24Config(1, 16, 64, 2, "select")]
         if m <= 16:  # the vector gather: x transposed (and zero-padded to its rows)
             configs.append(Decode24Config(bm, 16, 64, 2, "gatherT"))
         for cfg in configs:
@@ -136,7 +136,7 @@ got = decode24_linear(x16, v16, pack_meta(mask), None, Decode24Config(64, 16, 32
 want = F.linear(x16.float(), dense_from_values(v16, mask).float())
 assert got.dtype == torch.float16
 torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
-assert paths == 4 * (7 * 5 + 5) * 2  # gatherT at 1, 2, 3, 7 and 16 rows
+assert paths == 4 * (7 * 6 + 5) * 2  # gatherT at 1, 2, 3, 7 and 16 rows
 print("ok")
 ''')
 
@@ -166,7 +166,8 @@ for rank in (3, 24):
         x = torch.randn(m, inp)
         bm, bd = rows_block(m), max(16, rows_block(m))
         configs = [Decode24Config(bm, 16, 32, 3, "gather"), Decode24Config(bm, 32, 64, 1, "fma"),
-                   Decode24Config(bd, 16, 64, 2, "dot"), Decode24Config(bd, 32, 32, 1, "dotT")]
+                   Decode24Config(bd, 16, 64, 2, "dot"), Decode24Config(bd, 32, 32, 1, "dotT"),
+                   Decode24Config(1, 16, 64, 2, "select")]
         if m <= 16:
             configs.append(Decode24Config(bm, 16, 64, 2, "gatherT"))
         for cfg in configs:
@@ -174,7 +175,7 @@ for rank in (3, 24):
             got = decode24_linear(x, values, meta, bias, cfg, lowrank=(x @ a, b, 0.25))
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             checked += 1
-assert checked == 2 * (5 * 4 + 4)
+assert checked == 2 * (5 * 5 + 4)
 x = torch.randn(2, inp)
 try:
     decode24_linear(x, values, meta, None, None, lowrank=(x @ a, b.t().contiguous(), 1.0))
