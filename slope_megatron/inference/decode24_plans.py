@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the kernel's token counts, as powers of two
 TIMED_BUCKETS = (1, 2, 4, 8)  # the buckets timed at load (module docstring)
 PLAN_MODES = ("measure", "always")
-CUDA_CORE_MODES = ("gather", "gatherT", "fma", "select")  # Triton pipelines their loop only when asked
+CUDA_CORE_MODES = ("gather", "gatherT", "fma", "select")  # loop pipelined only if asked
 PLAN_TOLERANCE = 1e-2  # rel. error vs the fallback above which a config is refused (bf16: ~3e-3)
 
 

@@ -11,9 +11,9 @@ from helpers.interpreter import run_interpreted
 
 from slope_megatron.inference import InferenceModel
 from slope_megatron.inference.decode24_plans import (
+    CUDA_CORE_MODES,
     TIMED_BUCKETS,
     TOKEN_BUCKETS,
-    CUDA_CORE_MODES,
     Decode24Plans,
     candidate_configs,
     measure_plans,
