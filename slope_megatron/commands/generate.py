@@ -9,8 +9,9 @@ output_dir (the newest complete checkpoints/iter_*/slope_model/ is used). Severa
 single prompt streams. Temperature 0 (the default) is greedy decoding (no seed: the random seed
 is printed only when sampling). With `--device cuda` (bf16 by default) the 2:4
 sparse layers are compressed for cuSPARSELt, the project's decode GEMM takes the small calls
-where it measured faster at load, and each decode step is replayed as a CUDA graph (the
-defaults, `--kernels auto --decode auto`); on a CPU the sparse layers run the reference math
+where it measured faster at load, and each decode step is replayed as a CUDA graph with the
+work between its GEMMs compiled (the defaults, `--kernels auto --decode auto --compile auto`);
+on a CPU the sparse layers run the reference math
 (a dense GEMM on W*M) and decoding is eager (docs/INFERENCE.md).
 """
 from __future__ import annotations
@@ -70,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="eager: every op launched from Python each token; static: fixed-shape "
                         "decode steps over a full-capacity KV cache, replayed as a CUDA graph "
                         "on a GPU; auto (default): static on a GPU, eager on a CPU")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the work between the GEMMs of a static decode step "
+                        "(residual adds fused into the norms, rotary, activation): auto "
+                        "(default) where the step is a CUDA graph (compiled once per batch "
+                        "size, on the first call), on, or off")
     p.add_argument("--low-memory", action="store_true",
                    help="rebuild each sparse layer's W*M inside every call instead of holding "
                         "dense copies while generating (much slower, less memory)")
@@ -259,7 +265,7 @@ def main(argv=None) -> int:
             args.dtype = "fp32" if device.type == "cpu" else "bf16"
         model = InferenceModel(config, state, dtype=args.dtype, device=device,
                                dense_cache=not args.low_memory, kernels=args.kernels,
-                               decode=args.decode)
+                               decode=args.decode, compile=args.compile)
         del state
         stops = set(args.stop_token)
         if tokenizer.eos_id is not None and not args.no_eos_stop:
@@ -267,7 +273,7 @@ def main(argv=None) -> int:
         sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
         print(f"[{artifact}] {config.model.arch}, {len(prompts)} prompt(s), {args.dtype}, "
               f"{args.device}, sparse kernels: {model.kernels} ({model.kernels_note}), "
-              f"decoding: {model.decoding()}",
+              f"decoding: {model.describe_decoding()}",
               file=sys.stderr)
         streamer = Streamer(tokenizer, texts[0]) if len(prompts) == 1 else None
         start = time.perf_counter()

@@ -18,6 +18,13 @@ launched from Python, or "static", a fixed-shape step over a full-capacity cache
 a CUDA graph (`static_decode.py`, `static_decoder`); "auto" (default) is static where CUDA
 graphs can be used and eager elsewhere (a CPU).
 
+Whether the static step's work between the GEMMs is torch.compile'd (`compile`): the residual
+adds fused into the next norm, q and k rotated in one kernel, the SwiGLU/GELU in one
+(`model/regions.py`). "auto" (default) compiles where the step is captured in a CUDA graph:
+compiled once per batch size, replayed for every token. "on" also compiles an uncaptured
+static step, "off" never compiles. Prefill and eager decoding always run eagerly (their
+shapes change with every prompt or token).
+
 What the reference path keeps in memory, honestly (forward-only `InferenceBackend`):
 - sparse linears keep only their kept values (out, in*n/m) in the model dtype and their
   static (out, in) bool mask; the double-pruned column masks (training only) are dropped.
@@ -54,6 +61,7 @@ from .kv_cache import KVCache
 log = logging.getLogger(__name__)
 KERNELS = ("auto", "cusparselt", "reference", "decode24")
 DECODES = ("auto", "eager", "static")
+COMPILES = ("auto", "on", "off")
 STATIC_DECODERS_KEPT = 4  # graphed decoders (each with its full-capacity cache) kept per model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,12 +101,15 @@ class InferenceModel(nn.Module):
 
     def __init__(self, config: Config, state_dict: dict, dtype="fp32",
                  device: torch.device | str = "cpu", dense_cache: bool = True,
-                 kernels: str = "auto", decode: str = "auto"):
+                 kernels: str = "auto", decode: str = "auto", compile: str = "auto"):
         super().__init__()
         if kernels not in KERNELS:
             raise ValueError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
         if decode not in DECODES:
             raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
+        if compile not in COMPILES:
+            raise ValueError(f"unknown compile {compile!r}; use one of {', '.join(COMPILES)}")
+        self.compile = compile  # whether static steps run the regions compiled (`compiles`)
         # generate()'s default decoding loop (`decoding`); `static_graphs=False` runs the
         # static step without capturing it
         self.decode, self.static_graphs = decode, True
@@ -210,6 +221,20 @@ class InferenceModel(nn.Module):
             return "static" if self._graphs_usable() else "eager"
         return decode
 
+    def describe_decoding(self) -> str:
+        """`decoding()` with how a static step runs, e.g. 'static (CUDA graph, compiled)'."""
+        mode = self.decoding()
+        if mode != "static":
+            return mode
+        graphed = self._graphs_usable()
+        how = ["CUDA graph" if graphed else "no graph"]
+        how += ["compiled"] if self.compiles(graphed) else []
+        return f"static ({', '.join(how)})"
+
+    def compiles(self, graphed: bool) -> bool:
+        """Whether a static step (captured in a CUDA graph or not) runs compiled regions."""
+        return self.compile == "on" or (self.compile == "auto" and graphed)
+
     def release_decoders(self) -> None:
         """Free the kept graphed decoders (their caches and graphs)."""
         self._decoders.clear()
@@ -260,6 +285,7 @@ class InferenceModel(nn.Module):
         return self.model(input_ids).float()
 
     @torch.inference_mode()
+    @regions.eager()  # prefill and eager decoding: a new shape at every call
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 valid: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """Logits (batch, t, vocab) in float32 for `t` new tokens appended to `cache`.
@@ -275,26 +301,28 @@ class InferenceModel(nn.Module):
         return self.step(input_ids, positions, cache, valid, last_only)
 
     @torch.inference_mode()
-    @regions.eager()  # never compile here: many shapes, CUDA-graph capture, CPU runs
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              valid: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """`forward` without its position check: no host synchronisation, so one step can be
         captured in a CUDA graph once its shapes and plans are warm. `cache` may also be a
-        `StaticKVCache` (static decoding: fixed shapes, the slot a device tensor)."""
+        `StaticKVCache` (static decoding: fixed shapes, the slot a device tensor). The
+        regions run as the caller's `regions.scope` says (eagerly unless one is set)."""
         attn_mask = cache.begin(input_ids.shape[1], valid)
-        emb = self.model.embedding
+        emb, blocks, head = self.model.embedding, self.model.blocks, self.model.head
         x = emb.tokens(input_ids)
         if emb.positions is not None:
             x = x + emb.positions(positions)
         rope: dict = {}  # the rotary tables at `positions`, gathered once for all blocks
-        for i, block in enumerate(self.model.blocks):
-            x = x + self._attention(block.attn, block.norm1(x), i, positions, rope, cache,
-                                    attn_mask)
-            x = x + block.mlp(block.norm2(x))
+        h = blocks[0].norm1(x) if len(blocks) else head.norm(x)
+        for i, block in enumerate(blocks):  # each residual add fused into the next norm
+            attended = self._attention(block.attn, h, i, positions, rope, cache, attn_mask)
+            x, h = block.norm2(x, attended)
+            following = blocks[i + 1].norm1 if i + 1 < len(blocks) else head.norm
+            x, h = following(x, block.mlp(h))
         cache.end(input_ids.shape[1])
         if last_only:
-            x = x[:, -1:]
-        return self.model.head(x, emb.tokens.weight).float()
+            h = h[:, -1:]
+        return head.project(h, emb.tokens.weight).float()
 
     @staticmethod
     def _rotate_qk(rotary, qk: torch.Tensor, positions: torch.Tensor, rope: dict):
@@ -305,7 +333,7 @@ class InferenceModel(nn.Module):
         if qk.dtype not in rope:
             rope[qk.dtype] = (rotary.cos[positions].unsqueeze(1).to(qk.dtype),  # (b, 1, t, d)
                               rotary.sin[positions].unsqueeze(1).to(qk.dtype))
-        return regions.rotate_half(qk, *rope[qk.dtype])
+        return regions.rotate_pair(qk, *rope[qk.dtype])
 
     def _attention(self, attn, x, layer: int, positions, rope: dict, cache: KVCache,
                    attn_mask):

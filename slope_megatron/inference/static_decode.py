@@ -14,7 +14,9 @@ cache's `slot` (0-d) and `logits` (batch, vocab) fp32, the step's output. A step
 running sequence one position on, marks its slot valid (finished sequences' slots invalid,
 their positions frozen: what eager decoding does) and runs `InferenceModel.step` - the very
 forward of eager decoding - on a `StaticKVCache`, which writes at the slot tensor and attends
-over all slots under a length/validity mask.
+over all slots under a length/validity mask. Where the model compiles static steps
+(`InferenceModel.compiles`; by default when graphed) the step runs the block regions
+torch.compile'd: the first warm-up call compiles them, the graph captures their kernels.
 
 What stays outside the step: the prompt's prefill (eager, through `InferenceModel.forward`
 into the same cache, any length), sampling (on `logits`, with the caller's generator, so a
@@ -29,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ..model import regions
 from .decode_graph import GraphedCall
 from .kv_cache import StaticKVCache
 
@@ -50,6 +53,7 @@ class StaticDecoder:
         self._staging = torch.zeros(batch, dtype=torch.bool,
                                     pin_memory=device.type == "cuda")
         self.graphed = bool(graph)
+        self.compiled = model.compiles(self.graphed)  # the step's regions torch.compile'd
         # capture before the first prefill: the warm-up steps write into a cache that
         # `prefill` then resets (their slots are rewritten or stay masked)
         self._run = GraphedCall(self.step, device) if graph else self.step
@@ -57,7 +61,7 @@ class StaticDecoder:
     def step(self) -> None:
         """One token for every sequence, from the state tensors into `logits` (the function a
         CUDA graph captures: no host reads, no new shapes)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), regions.scope(self.compiled):
             self.positions.copy_(torch.where(self.running, self.positions + 1, self.positions))
             logits = self.model.step(self.tokens[:, None], self.positions[:, None], self.view,
                                      self.running[:, None])

@@ -12,7 +12,10 @@ specialise on layer by layer - 24 blocks would mean 24 graphs. The regions take 
 and Python scalars, so one compiled graph serves every block of the model.
 
 Compilation is process-wide (dynamo's caches are) and off by default; the trainer turns it on
-per `train.compile` (unset: on for CUDA); inference runs the regions eagerly (`eager()`).
+per `train.compile` (unset: on for CUDA). Inference runs the regions eagerly (`eager()`),
+except in the fixed-shape decode step it captures in a CUDA graph (`scope(True)`): there one
+shape per batch size is compiled once and replayed, and each fused region is a few kernel
+launches fewer per block and token.
 Eager and compiled regions compute the same function, not bitwise: Inductor keeps
 intermediates such as x + delta in fp32 inside a fused kernel where eager rounds them.
 """
@@ -59,6 +62,7 @@ class Region:
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.compiled: Optional[Callable] = None
+        self.backend = None  # the backend `compiled` was built with
         self.failed = False
         self.agreed = False  # whether the TP ranks compared failure flags since enabling
         _regions.append(self)
@@ -66,8 +70,9 @@ class Region:
     def __call__(self, *args):
         if not _settings["enabled"] or self.failed:
             return self.fn(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, fullgraph=True, backend=_settings["backend"])
+        if self.compiled is None or self.backend != _settings["backend"]:
+            self.backend = _settings["backend"]
+            self.compiled = torch.compile(self.fn, fullgraph=True, backend=self.backend)
         out = None
         try:
             out = self.compiled(*args)
@@ -125,8 +130,6 @@ def enable_compile(enabled: bool = True, backend: Optional[str] = None) -> None:
     if backend is None:
         backend = os.environ.get("SLOPE_COMPILE_BACKEND", "inductor")
     for r in _regions:
-        if backend != _settings["backend"]:
-            r.compiled = None
         r.failed = r.agreed = False
     # Compile each backward together with its forward, so that a backward compile error is
     # raised (and caught, see Region) in the forward call rather than inside loss.backward().
@@ -148,6 +151,25 @@ def eager():
         _settings["enabled"] = was
 
 
+@contextlib.contextmanager
+def scope(compiled: bool):
+    """Run the regions compiled (True) or eagerly (False) inside this block, whatever the
+    process-wide setting. Compiled with the backend `enable_compile` set if it is on, else
+    SLOPE_COMPILE_BACKEND or 'inductor'. A region that failed to compile stays eager."""
+    if not compiled:
+        with eager():
+            yield
+        return
+    was = dict(_settings)
+    if not was["enabled"]:
+        _settings["backend"] = os.environ.get("SLOPE_COMPILE_BACKEND", "inductor")
+    _settings["enabled"] = True
+    try:
+        yield
+    finally:
+        _settings.update(was)
+
+
 def compile_enabled() -> bool:
     return _settings["enabled"]
 
@@ -167,6 +189,13 @@ def residual_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     if rms:
         return x, F.rms_norm(x, (x.shape[-1],), weight, eps)
     return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@region
+def rotate_pair(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """q and k stacked (2, b, heads, t, head_dim), both rotated in one pass (inference: a
+    view into the fused QKV output, rotated without copying q and k out first)."""
+    return rotate_half(qk, cos, sin)
 
 
 def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

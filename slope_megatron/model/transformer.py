@@ -60,7 +60,11 @@ class Head(nn.Module):
             make_linear("lm_head", cfg.hidden_size, cfg.vocab_size, False)
 
     def forward(self, x: torch.Tensor, tied_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.norm(x)
+        return self.project(self.norm(x), tied_weight)
+
+    def project(self, x: torch.Tensor, tied_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The LM head alone, on x already normed (inference fuses the last residual add
+        into the final norm)."""
         if self.lm_head is None:
             if self.tp_group is not None:
                 from ..parallel.mappings import copy_to_tp

@@ -19,6 +19,7 @@ from helpers.inference import left_padded, tiny
 from slope_megatron.inference import InferenceModel, generate
 from slope_megatron.inference.generate import _EagerSteps
 from slope_megatron.kernels.decode24_layout import pack_meta
+from slope_megatron.model import regions
 from slope_megatron.kernels.decode24_triton import (
     MODES,
     decode24_linear,
@@ -142,7 +143,8 @@ def test_graphed_generation_equals_eager_generation_token_for_token(arch):
 def test_bf16_graph_replays_the_eager_static_step_bitwise(arch, kernels, monkeypatch):
     monkeypatch.setenv("SLOPE_DECODE24_PLAN", "always")  # the kernel on every small call
     cfg, model = tiny(arch, "active", *WIDE)
-    inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda", kernels=kernels)
+    inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda", kernels=kernels,
+                         compile="on")  # the uncaptured step below runs the same kernels
     assert inf.kernels == kernels
     graphed = results(generate(inf, PROMPTS, 10, decode="static"))
     [decoder] = inf._decoders.values()  # kept: compressed kernels hold no per-call copies
@@ -151,6 +153,35 @@ def test_bf16_graph_replays_the_eager_static_step_bitwise(arch, kernels, monkeyp
     assert again == graphed and list(inf._decoders.values()) == [decoder]  # replayed, kept
     inf.static_graphs = False
     assert results(generate(inf, PROMPTS, 10, decode="static")) == graphed
+
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_graphed_step_runs_compiled_regions_that_match_the_eager_ones(arch):
+    """The default on a GPU: the captured step's regions compiled by Inductor (not silently
+    fallen back to eager), and its logits those of the same step with eager regions."""
+    used = [regions.residual_norm, regions.mlp_activation]
+    used += [regions.rotate_pair] if arch == "llama" else []
+    for r in used:  # compiled by this test, whatever ran before it in the process
+        r.compiled = None
+    cfg, model = tiny(arch, "active", *WIDE)
+    inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda",
+                         kernels="cusparselt")
+    b, longest = len(PROMPTS), max(map(len, PROMPTS))
+    ids, valid, positions = (t.cuda() for t in left_padded(PROMPTS))
+    compiled = inf.static_decoder(b, longest + 8)
+    assert compiled.graphed and compiled.compiled
+    inf.compile = "off"
+    plain = inf.static_decoder(b, longest + 8 + 64)  # another capacity: a new decoder
+    assert plain.graphed and not plain.compiled
+    assert all(r.is_compiled for r in used), [(r.__name__, r.failed) for r in used]
+    want = plain.prefill(ids, valid, positions, True)
+    got = compiled.prefill(ids, valid, positions, True)
+    assert torch.equal(got, want)  # prefill is eager in both
+    for step in range(8):
+        chosen = want.argmax(-1)
+        got = compiled.advance(chosen, [True] * b).clone()
+        want = plain.advance(chosen, [True] * b).clone()
+        assert rel(got, want) < 1e-2, step
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
