@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_settings = {"enabled": False, "backend": "inductor"}
+_settings = {"enabled": False, "backend": os.environ.get("SLOPE_COMPILE_BACKEND", "inductor")}
 _regions: list["Region"] = []
 
 
@@ -154,20 +154,14 @@ def eager():
 @contextlib.contextmanager
 def scope(compiled: bool):
     """Run the regions compiled (True) or eagerly (False) inside this block, whatever the
-    process-wide setting. Compiled with the backend `enable_compile` set if it is on, else
-    SLOPE_COMPILE_BACKEND or 'inductor'. A region that failed to compile stays eager."""
-    if not compiled:
-        with eager():
-            yield
-        return
-    was = dict(_settings)
-    if not was["enabled"]:
-        _settings["backend"] = os.environ.get("SLOPE_COMPILE_BACKEND", "inductor")
-    _settings["enabled"] = True
+    process-wide setting, with the backend `enable_compile` set last (never set:
+    SLOPE_COMPILE_BACKEND, else 'inductor'). A region that failed to compile stays eager."""
+    was = _settings["enabled"]
+    _settings["enabled"] = compiled
     try:
         yield
     finally:
-        _settings.update(was)
+        _settings["enabled"] = was
 
 
 def compile_enabled() -> bool:
