@@ -52,6 +52,9 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     p.add_argument("--decode", choices=("static", "eager"), default="static",
                    help="generate()'s decoding loop")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="InferenceModel(compile=...): the regions between the GEMMs of a "
+                        "static decode step torch.compile'd (auto: where it is a CUDA graph)")
     p.add_argument("--profile", nargs="*", type=int, default=[], metavar="B",
                    help="also list the kernels of one decode step at these batch sizes "
                         "(each must be one of --batches)")
@@ -168,8 +171,10 @@ def run_arm(args) -> dict:
     cfg = _config(args, sparse, rank)
     t0 = time.time()
     state = random_state(cfg)
-    inf = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels=kernels)
+    inf = InferenceModel(cfg, state, dtype="bf16", device="cuda", kernels=kernels,
+                         decode=args.decode, compile=args.compile)
     row = {"arm": args.arm, "kernels": inf.kernels, "kernels_note": inf.kernels_note,
+           "decoding": inf.describe_decoding(),
            "load_s": time.time() - t0, "weight_bytes": sum(inf.weight_bytes().values()),
            "copy_gbps": gpu_speed()["copy_gbps"]}
     if sparse:
@@ -219,7 +224,7 @@ def _print_row(row: dict, base: dict) -> None:
     err = f"{row['err']:.1e}" if "err" in row else "-"
     print(f"{row['arm']:16s} | {row['weight_bytes'] / 2**30:5.2f} GiB "
           f"({row['weight_bytes'] / base['weight_bytes']:4.2f}x) | {gen} | prefill {pre} | "
-          f"err {err} | {row['kernels_note']}", flush=True)
+          f"err {err} | {row['kernels_note']} | decoding {row['decoding']}", flush=True)
 
 
 def run_generate(args) -> int:
@@ -233,7 +238,8 @@ def run_generate(args) -> int:
 
     from benchmarks.generate_profile import format_profile
     meta = {**run_environment(), "triton": triton.__version__, "command": " ".join(sys.argv),
-            "layers": args.layers, "prompt": args.prompt, "new": args.new, "decode": args.decode}
+            "layers": args.layers, "prompt": args.prompt, "new": args.new, "decode": args.decode,
+            "compile": args.compile}
     print(f"# {meta['gpu']} | torch {meta['torch']} | {args.layers}-block LLaMA-7B shape | "
           f"bf16 | decode {args.decode} | prompt {args.prompt} + {args.new} new", flush=True)
     results, base = {"meta": meta, "rows": []}, None
@@ -241,6 +247,7 @@ def run_generate(args) -> int:
         cmd = [sys.executable, "-m", "benchmarks.bench", "inference", "generate", "--arm", arm,
                "--layers", str(args.layers), "--prompt", str(args.prompt), "--new",
                str(args.new), "--repeats", str(args.repeats), "--decode", args.decode,
+               "--compile", args.compile,
                "--batches", *map(str, args.batches), "--prefill", *map(str, args.prefill),
                "--profile", *map(str, args.profile)]
         res = subprocess.run(cmd, env=checkout_env(), capture_output=True, text=True)
