@@ -7,12 +7,22 @@ tokens, so a padded prompt sees exactly what it would see alone. The attention m
 query attend to valid slots up to its own, plus always its own slot, so that pad queries
 (whose outputs are never used) get a finite softmax instead of NaNs that would leak through
 0 * NaN into real rows.
+
+The mask is additive (0 where allowed, -inf elsewhere, in the cache's dtype), made once per
+step for all layers: given a bool mask, scaled_dot_product_attention builds this very tensor
+itself, in every layer (two more kernel launches per layer and token).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, -inf elsewhere, in `dtype`: the mask SDPA makes of a bool one."""
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, float("-inf"))
 
 
 class KVCache:
@@ -31,7 +41,7 @@ class KVCache:
     def begin(self, t: int, valid: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Reserve the next t slots; valid (batch, t) marks pads (None: all valid).
 
-        Returns the (batch, 1, t, length) attention mask, or None while the cache has never
+        Returns the (batch, 1, t, length) additive attention mask, or None while the cache has never
         held a pad and the step is a prefill into an empty cache (plain causal attention:
         the caller passes is_causal) or a single token (it may attend to every slot), so
         that SDPA can take its flash kernels.
@@ -50,7 +60,7 @@ class KVCache:
         q = slots[s:, None]
         allowed = ((slots[None, :] <= q)[None] & self.valid[:, None, :s + t]) \
             | (slots[None, :] == q)[None]
-        return allowed[:, None]
+        return additive_mask(allowed[:, None], self.k.dtype)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's keys/values of `layer`; returns all keys/values so far."""
@@ -87,15 +97,15 @@ class StaticKVCache:
         self._index = self.slot.view(1)
 
     def begin(self, t: int, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Reserve slots slot .. slot + t - 1; returns the (batch, 1, t, capacity) mask.
-        Writing past the capacity is the caller's to prevent (no host check here)."""
+        """Reserve slots slot .. slot + t - 1; returns the (batch, 1, t, capacity) additive
+        mask. Writing past the capacity is the caller's to prevent (no host check here)."""
         self._index = self.slot + self._slots[:t]
         flags = torch.ones_like(self.valid[:, :t]) if valid is None else valid
         self.valid.index_copy_(1, self._index, flags)
         q = self._index[:, None]
         slots = self._slots[None, :]
         allowed = ((slots <= q)[None] & self.valid[:, None, :]) | (slots == q)[None]
-        return allowed[:, None]
+        return additive_mask(allowed[:, None], self.k.dtype)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's keys/values of `layer` at the reserved slots; returns all slots."""

@@ -101,8 +101,11 @@ def test_decode_step_reads_no_tensor_on_the_host_and_keeps_its_shapes(inf, monke
     seen = []
     sdpa = F.scaled_dot_product_attention
 
+    masks = []
+
     def recording(q, k, v, **kw):
         seen.append((tuple(k.shape), tuple(kw["attn_mask"].shape)))
+        masks.append(kw["attn_mask"])
         return sdpa(q, k, v, **kw)
 
     def host_read(*args, **kwargs):
@@ -122,10 +125,15 @@ def test_decode_step_reads_no_tensor_on_the_host_and_keeps_its_shapes(inf, monke
     heads = inf.config.model.num_heads
     head_dim = inf.config.model.hidden_size // heads
     assert seen == [((2, heads, dec.capacity, head_dim), (2, 1, 1, dec.capacity))] * 3 * layers
+    # an additive mask in the model's dtype, made once per step (from a bool one SDPA would
+    # build it again in every layer)
+    assert all(m.dtype == inf.dtype for m in masks)
+    assert [len({id(m) for m in masks[i:i + layers]}) for i in range(0, 3 * layers, layers)] \
+        == [1, 1, 1]
     assert int(dec.view.slot) == 3 + 3
 
 
-def test_static_cache_mask_is_the_sliced_caches_mask_padded_with_false():
+def test_static_cache_mask_is_the_sliced_caches_mask_padded_with_minus_inf():
     sliced = KVCache(1, 2, 1, 4, 8, torch.float32)
     static = StaticKVCache(KVCache(1, 2, 1, 4, 8, torch.float32))
     for t, valid in ((3, torch.tensor([[False, True, True], [True] * 3])), (1, None),
@@ -139,7 +147,9 @@ def test_static_cache_mask_is_the_sliced_caches_mask_padded_with_false():
         static.end(t)
         s = sliced.length
         if want is not None:
-            assert torch.equal(got[..., :s], want) and not got[..., s:].any()
+            assert want.dtype == got.dtype == torch.float32  # additive, in the cache's dtype
+            assert torch.equal(got[..., :s], want) and (got[..., s:] == float("-inf")).all()
+            assert set(want.unique().tolist()) == {0.0, float("-inf")}
         assert torch.equal(static_k[:, :, :s], sliced_k) and static_k.shape[2] == 8
         assert int(static.slot) == s
 
