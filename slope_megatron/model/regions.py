@@ -80,7 +80,8 @@ class Region:
             self.failed = True
             cause = getattr(e, "inner_exception", None) or e
             log.warning("torch.compile failed for region %s; it runs eagerly from now on "
-                        "(set train.compile=false to skip compiling): %s: %s",
+                        "(train.compile=false, or generate's --compile off, skips compiling): "
+                        "%s: %s",
                         self.fn.__name__, type(cause).__name__, cause)
             log.debug("compile failure of region %s", self.fn.__name__, exc_info=True)
         if not self.agreed:
@@ -139,16 +140,10 @@ def enable_compile(enabled: bool = True, backend: Optional[str] = None) -> None:
              "the first evaluation compile them (about a minute on a GPU)", backend)
 
 
-@contextlib.contextmanager
 def eager():
-    """Run the regions eagerly inside this block (inference: many shapes, CUDA-graph capture,
-    CPU tensors - nothing worth compiling for), whatever the process-wide setting."""
-    was = _settings["enabled"]
-    _settings["enabled"] = False
-    try:
-        yield
-    finally:
-        _settings["enabled"] = was
+    """Run the regions eagerly inside this block (prefill and eager decoding: a new shape at
+    every call), whatever the process-wide setting; also a decorator."""
+    return scope(False)
 
 
 @contextlib.contextmanager
