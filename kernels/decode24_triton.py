@@ -97,16 +97,31 @@ def auto_split(tokens: int, out: int, in_features: int, block_m: int, block_n: i
     return max(1, min(k_blocks, 16, -(-4 * num_sms // tiles)))
 
 
+GATHER_T_STAGED_BYTES = 32 * 1024  # gatherT: the largest x tile pipelined (stage_count)
+
+
+def stage_count(mode: str, block_m: int, block_n: int, block_k: int) -> int:
+    """The default pipeline depth: 3, except where gatherT's tile is large. Pipelined, its
+    loop stages the transposed x entries of every kept value (block_n * block_k / 2 *
+    block_m bf16 values) in shared memory: a (64, 256) tile of 16 rows would need 0.5 MB
+    per program where an H100 has 227 KB, so such tiles run unpipelined."""
+    if mode == "gatherT" and block_n * block_k * block_m > GATHER_T_STAGED_BYTES:
+        return 1
+    return 3
+
+
 def mode_config(tokens: int, out: int, in_features: int, mode: str, block_n: int,
                 block_k: int, split_scale: int = 1, num_warps: int = 4,
-                num_stages: int = 3) -> Decode24Config:
+                num_stages: int | None = None) -> Decode24Config:
     """A config of `mode` for `tokens` rows: block_m from the rows (16 at least for the dot
     modes, 1 for select), the split from `auto_split` times `split_scale` (capped at the K
-    blocks)."""
+    blocks), `num_stages` by default from `stage_count`."""
     rows = rows_block(min(tokens, MAX_TOKENS))
     block_m = 1 if mode == "select" else max(16, rows) if mode in ("dot", "dotT") else rows
     split = auto_split(tokens, out, in_features, block_m, block_n, block_k) * split_scale
     split = max(1, min(split, -(-in_features // block_k)))
+    if num_stages is None:
+        num_stages = stage_count(mode, block_m, block_n, block_k)
     return Decode24Config(block_m, block_n, block_k, split, mode, num_warps, num_stages)
 
 

@@ -156,9 +156,12 @@ def test_bf16_graph_replays_the_eager_static_step_bitwise(arch, kernels, monkeyp
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
-def test_graphed_step_runs_compiled_regions_that_match_the_eager_ones(arch):
+def test_graphed_step_runs_compiled_regions_as_accurate_as_the_eager_ones(arch):
     """The default on a GPU: the captured step's regions compiled by Inductor (not silently
-    fallen back to eager), and its logits those of the same step with eager regions."""
+    fallen back to eager). Inductor keeps x + delta in fp32 where eager rounds it to bf16,
+    so the two differ by bf16 rounding (through this tiny model's large activations, ~1e-2);
+    both are held to the fp32 model: the compiled step no further from it than the eager
+    one (a wrong region would be off by O(1))."""
     used = [regions.residual_norm, regions.mlp_activation]
     used += [regions.rotate_pair] if arch == "llama" else []
     for r in used:  # compiled by this test, whatever ran before it in the process
@@ -166,6 +169,7 @@ def test_graphed_step_runs_compiled_regions_that_match_the_eager_ones(arch):
     cfg, model = tiny(arch, "active", *WIDE)
     inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda",
                          kernels="cusparselt")
+    fp32 = InferenceModel(cfg, model.state_dict(), device="cuda", compile="off")
     b, longest = len(PROMPTS), max(map(len, PROMPTS))
     ids, valid, positions = (t.cuda() for t in left_padded(PROMPTS))
     compiled = inf.static_decoder(b, longest + 8)
@@ -174,21 +178,29 @@ def test_graphed_step_runs_compiled_regions_that_match_the_eager_ones(arch):
     plain = inf.static_decoder(b, longest + 8 + 64)  # another capacity: a new decoder
     assert plain.graphed and not plain.compiled
     assert all(r.is_compiled for r in used), [(r.__name__, r.failed) for r in used]
-    want = plain.prefill(ids, valid, positions, True)
-    got = compiled.prefill(ids, valid, positions, True)
-    assert torch.equal(got, want)  # prefill is eager in both
-    for step in range(8):
-        chosen = want.argmax(-1)
-        got = compiled.advance(chosen, [True] * b).clone()
-        want = plain.advance(chosen, [True] * b).clone()
-        assert rel(got, want) < 1e-2, step
+    with fp32.generation_scope():
+        exact = fp32.static_decoder(b, longest + 8)
+        want = exact.prefill(ids, valid, positions, True)
+        got, eager = (d.prefill(ids, valid, positions, True) for d in (compiled, plain))
+        assert torch.equal(got, eager)  # prefill is eager in both
+        errors = []
+        for _ in range(8):
+            chosen = want.argmax(-1)
+            got, eager, want = (d.advance(chosen, [True] * b).clone()
+                                for d in (compiled, plain, exact))
+            errors.append((rel(got, want), rel(eager, want)))
+    compiled_err, eager_err = (sum(e) / len(e) for e in zip(*errors))
+    assert compiled_err < 1.5 * eager_err + 2e-3, errors
+    assert all(c < 0.1 for c, _ in errors), errors
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
 def test_bf16_static_logits_match_eager_logits(arch):
+    """Masked attention over the full-capacity cache against the sliced cache's (the regions
+    eager in both: their compiled rounding is the test above's)."""
     cfg, model = tiny(arch, "active", *WIDE)
     inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda",
-                         kernels="cusparselt")
+                         kernels="cusparselt", compile="off")
     b, longest = len(PROMPTS), max(map(len, PROMPTS))
     ids, valid, positions = (t.cuda() for t in left_padded(PROMPTS))
     eager, static = _EagerSteps(inf, b, longest + 8), inf.static_decoder(b, longest + 8)

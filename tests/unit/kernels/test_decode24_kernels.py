@@ -92,6 +92,19 @@ def test_config_rules():
             Decode24Config(**bad)
 
 
+def test_large_gather_t_tiles_run_unpipelined():
+    """Pipelined, gatherT stages block_n * block_k / 2 * block_m x values per stage: a large
+    tile would ask for more shared memory than a GPU has (an H100 refused a (64, 256) tile of
+    16 rows: 'out of resource: shared memory'), so its default depth is 1."""
+    from slope_megatron.kernels.decode24_triton import mode_config, stage_count
+    assert stage_count("gatherT", 16, 64, 256) == 1 and stage_count("gatherT", 16, 32, 128) == 1
+    assert stage_count("gatherT", 2, 32, 256) == 3 and stage_count("gatherT", 8, 64, 64) == 3
+    assert all(stage_count(m, 16, 64, 256) == 3 for m in ("gather", "fma", "dot", "dotT"))
+    assert mode_config(13, 96, 36, "gatherT", 64, 256).num_stages == 1
+    assert mode_config(2, 4096, 4096, "gatherT", 32, 256).num_stages == 3
+    assert mode_config(2, 4096, 4096, "gatherT", 32, 256, num_stages=4).num_stages == 4
+
+
 def test_decode_kernel_equals_the_reference_in_interpreter():
     pytest.importorskip("triton")
     run_interpreted(r'''
