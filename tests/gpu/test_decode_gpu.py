@@ -251,9 +251,13 @@ def test_decode24_model_measures_its_plan_and_matches_the_reference(monkeypatch)
     kept_bf16 = sum(2 * layer.out_features * layer.in_features for layer in layers
                     if (layer.out_features, layer.in_features) in won)
     assert fast.weight_bytes()["masks"] == kept_bf16 // 16
-    # 1, 5, 64 and 208 tokens per linear call (batch x length; length <= model.seq_len)
+    # 1, 5, 64 and 208 tokens per linear call (batch x length; length <= model.seq_len),
+    # against the fp32 model: whichever configs the plan chose (their fp32 sums run in
+    # another order than cuBLAS's), no further from it than the bf16 reference kernels
+    exact = InferenceModel(cfg, state, device="cuda", kernels="reference")
     for shape in ((1, 1), (1, 5), (4, 16), (13, 16)):
         ids = torch.randint(0, cfg.model.vocab_size, shape, device="cuda")
-        with ref.generation_scope():
-            want = ref.full_logits(ids)
-        assert rel(fast.full_logits(ids), want) < 1e-2, shape
+        with ref.generation_scope(), exact.generation_scope():
+            want, bf16_ref = exact.full_logits(ids), ref.full_logits(ids)
+        err, ref_err = rel(fast.full_logits(ids), want), rel(bf16_ref, want)
+        assert err < 1.5 * ref_err + 2e-3, (shape, err, ref_err)
