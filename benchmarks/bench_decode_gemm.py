@@ -109,9 +109,11 @@ def _compile_chunk(chunk: list) -> None:
     import torch
 
     from slope_megatron.kernels.decode24_triton import decode24_linear
-    made = {}
-    for cfg, tokens, out, inp, bias in chunk:
+    made = {}  # one shape's operands at a time: a worker per CPU core shares the GPU's memory
+    for cfg, tokens, out, inp, bias in sorted(chunk, key=lambda job: job[2:]):
         if (out, inp, bias) not in made:
+            made.clear()
+            torch.cuda.empty_cache()
             made[(out, inp, bias)] = _operands(out, inp, bias)
         _, values, meta, _, b = made[(out, inp, bias)]
         x = torch.randn(tokens, inp, device="cuda", dtype=torch.bfloat16)
