@@ -97,17 +97,14 @@ def auto_split(tokens: int, out: int, in_features: int, block_m: int, block_n: i
     return max(1, min(k_blocks, 16, -(-4 * num_sms // tiles)))
 
 
-GATHER_T_STAGED_BYTES = 32 * 1024  # gatherT: the largest x tile pipelined (stage_count)
-
-
-def stage_count(mode: str, block_m: int, block_n: int, block_k: int) -> int:
-    """The default pipeline depth: 3, except where gatherT's tile is large. Pipelined, its
-    loop stages the transposed x entries of every kept value (block_n * block_k / 2 *
-    block_m bf16 values) in shared memory: a (64, 256) tile of 16 rows would need 0.5 MB
-    per program where an H100 has 227 KB, so such tiles run unpipelined."""
-    if mode == "gatherT" and block_n * block_k * block_m > GATHER_T_STAGED_BYTES:
-        return 1
-    return 3
+def stage_count(mode: str) -> int:
+    """The default pipeline depth: 3 for the tensor-core modes (Triton's default for a loop
+    with a dot), 1 for the CUDA-core modes. Pipelining those measured slower in place: in
+    the whole-model run of docs/INFERENCE.md the load-time plan chose the unpipelined loop
+    for every call it gave the kernel. (Pipelined, gatherT also stages the transposed x of
+    every kept value in shared memory: a (64, 256) tile of 16 rows asks for more than an H100
+    has.)"""
+    return 3 if mode in ("dot", "dotT") else 1
 
 
 def mode_config(tokens: int, out: int, in_features: int, mode: str, block_n: int,
@@ -121,7 +118,7 @@ def mode_config(tokens: int, out: int, in_features: int, mode: str, block_n: int
     split = auto_split(tokens, out, in_features, block_m, block_n, block_k) * split_scale
     split = max(1, min(split, -(-in_features // block_k)))
     if num_stages is None:
-        num_stages = stage_count(mode, block_m, block_n, block_k)
+        num_stages = stage_count(mode)
     return Decode24Config(block_m, block_n, block_k, split, mode, num_warps, num_stages)
 
 

@@ -68,8 +68,8 @@ def candidate_configs(tokens: int, out: int, inp: int) -> list:
     """The configs timed for one (shape, bucket): the default first, then for each mode that
     suits the bucket (`suited_modes`) its base tile with 4 and with 8 warps (more warps:
     fewer registers per thread, more loads in flight), twice the split, and twice the output
-    rows with 8 warps; for the CUDA-core modes also the base tile unpipelined and four
-    stages deep. With SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
+    rows with 8 warps (each unpipelined in the CUDA-core modes, `stage_count`); for the
+    CUDA-core modes also the base tile pipelined three stages deep. With SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
     from slope_megatron.kernels.decode24_triton import default_config, mode_config, rows_block
     base = default_config(tokens, out, inp)
     path = os.environ.get("SLOPE_DECODE24_CONFIGS")
@@ -82,8 +82,7 @@ def candidate_configs(tokens: int, out: int, inp: int) -> list:
         for block_n, scale, warps in ((bn, 1, 4), (bn, 1, 8), (bn, 2, 4), (2 * bn, 1, 8)):
             configs.append(mode_config(tokens, out, inp, mode, block_n, bk, scale, warps))
         if mode in CUDA_CORE_MODES:
-            for stages in (1, 4):
-                configs.append(mode_config(tokens, out, inp, mode, bn, bk, num_stages=stages))
+            configs.append(mode_config(tokens, out, inp, mode, bn, bk, num_stages=3))
     return list(dict.fromkeys(configs))
 
 

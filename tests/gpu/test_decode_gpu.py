@@ -18,14 +18,16 @@ from helpers.inference import left_padded, tiny
 
 from slope_megatron.inference import InferenceModel, generate
 from slope_megatron.inference.generate import _EagerSteps
+from slope_megatron.inference.decode24_plans import base_tile
 from slope_megatron.kernels.decode24_layout import pack_meta
-from slope_megatron.model import regions
 from slope_megatron.kernels.decode24_triton import (
     MODES,
     decode24_linear,
     default_config,
     mode_config,
+    rows_block,
 )
+from slope_megatron.model import regions
 from slope_megatron.sparsity import slope_layers
 from slope_megatron.sparsity.functional import dense_from_values
 from slope_megatron.sparsity.masks import nm_mask
@@ -52,7 +54,7 @@ def sparse_weight(out, inp, dtype=torch.bfloat16):
 def test_decode_kernel_equals_the_reference_for_every_token_count_in_bf16(out, inp):
     """Every token count 1..64 with the default config; at VARIANT_TOKENS also each mode that
     suits the count (the CUDA-core modes to 8 rows, the vector gather to 16, the tensor-core
-    ones from 5), with and without split-K, and the CUDA-core ones unpipelined."""
+    ones from 5), with and without split-K, and the CUDA-core ones also pipelined."""
     torch.manual_seed(0)
     values, meta, dense = sparse_weight(out, inp)
     bias = torch.randn(out, device="cuda", dtype=torch.bfloat16)
@@ -65,8 +67,8 @@ def test_decode_kernel_equals_the_reference_for_every_token_count_in_bf16(out, i
         configs = [default_config(m, out, inp)] + \
             [mode_config(m, out, inp, mode, 32, 128) for mode in modes] + \
             [replace(mode_config(m, out, inp, mode, 64, 256), split_k=1) for mode in modes] + \
-            [mode_config(m, out, inp, mode, 32, 256, num_stages=1) for mode in modes
-             if mode in most]
+            [mode_config(m, out, inp, mode, *base_tile(mode, rows_block(m)), num_stages=3)
+             for mode in modes if mode in most]
         for cfg in configs:
             got = decode24_linear(x, values, meta, bias, cfg)
             assert got.dtype == torch.bfloat16 and got.shape == (m, out)
