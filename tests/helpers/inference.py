@@ -49,3 +49,20 @@ def left_padded(prompts):
         ids[i, longest - len(p):] = torch.tensor(p)
         valid[i, longest - len(p):] = True
     return ids, valid, (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def assert_teacher_forced_logits_match(reference, other, prompts, steps, rtol=1e-5, atol=1e-5):
+    """Prefill two decoders (`_EagerSteps` / `StaticDecoder`: prefill + advance) with the
+    left-padded `prompts`, then feed both `reference`'s greedy tokens for `steps` steps, the
+    second sequence finishing half-way (its slot masked, its position frozen); their logits
+    must agree at every step."""
+    ids, valid, positions = left_padded(prompts)
+    want = reference.prefill(ids, valid, positions, True)
+    got = other.prefill(ids, valid, positions, True)
+    for step in range(steps):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        chosen = want.argmax(-1)
+        running = [i != 1 or step < steps // 2 for i in range(len(prompts))]
+        want = reference.advance(chosen, running).clone()
+        got = other.advance(chosen, running).clone()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)

@@ -5,8 +5,7 @@ the traced graphs as they are (Inductor's code generation runs on the GPU tests:
 tests/gpu/test_decode_gpu.py)."""
 
 import pytest
-import torch
-from helpers.inference import left_padded, tiny
+from helpers.inference import assert_teacher_forced_logits_match, tiny
 
 from slope_megatron.inference import InferenceModel, generate
 from slope_megatron.model import regions
@@ -76,19 +75,11 @@ def test_compiled_static_step_gives_the_eager_tokens(arch, backend):
 def test_compiled_step_logits_match_the_eager_step(backend):
     inf = model("llama", "on")
     b, longest = len(PROMPTS), max(map(len, PROMPTS))
-    ids, valid, positions = left_padded(PROMPTS)
     compiled = inf.static_decoder(b, longest + 6)
     inf.compile = "off"
     plain = inf.static_decoder(b, longest + 6)
     assert compiled.compiled and not plain.compiled
-    want = plain.prefill(ids, valid, positions, True)
-    got = compiled.prefill(ids, valid, positions, True)
-    for step in range(6):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        chosen = want.argmax(-1)
-        running = [True, step < 2, True]
-        got = compiled.advance(chosen, running).clone()
-        want = plain.advance(chosen, running).clone()
+    assert_teacher_forced_logits_match(plain, compiled, PROMPTS, 6)
     assert backend.graphs
 
 

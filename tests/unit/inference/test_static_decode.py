@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.inference import SEQ, VOCAB, left_padded, tiny
+from helpers.inference import SEQ, VOCAB, assert_teacher_forced_logits_match, tiny
 
 from slope_megatron.inference import InferenceModel, SamplingConfig, generate
 from slope_megatron.inference.generate import _EagerSteps
@@ -75,20 +75,11 @@ def test_static_logits_equal_eager_logits_step_by_step(inf):
     masked, its position frozen): the logits agree to fp32 rounding at every step."""
     prompts = BATCHES["three_padded"]
     b, longest = len(prompts), max(map(len, prompts))
-    ids, valid, positions = left_padded(prompts)
     slots = longest + 8
     eager, static = _EagerSteps(inf, b, slots), inf.static_decoder(b, slots)
     assert static.capacity >= slots and not static.graphed
     with inf.generation_scope():
-        want = eager.prefill(ids, valid, positions, True)
-        got = static.prefill(ids, valid, positions, True)
-        for step in range(8):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            chosen = want.argmax(-1)
-            running = [True, step < 3, True]
-            want = eager.advance(chosen, running)
-            got = static.advance(chosen, running).clone()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_teacher_forced_logits_match(eager, static, prompts, 8)
 
 
 def test_decode_step_reads_no_tensor_on_the_host_and_keeps_its_shapes(inf, monkeypatch):
