@@ -224,3 +224,32 @@ def test_static_decode_prints_the_same_text_as_eager(artifact, capsys, monkeypat
         outputs[decode], counted[decode] = capsys.readouterr().out, len(steps)
     assert outputs["static"] == outputs["eager"] and "=== [1] ===" in outputs["eager"]
     assert counted["eager"] == 0 and counted["static"] > 0
+
+
+def test_compile_option_reaches_the_static_step_and_is_reported(artifact, capsys, monkeypatch):
+    """--compile on compiles the static step's regions (here with a backend that runs the
+    traced graphs as they are, not Inductor's C++), prints the same text, and says so."""
+    import torch._dynamo
+
+    from slope_megatron.model import regions
+
+    traced = []
+
+    def as_traced(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(regions._settings, "backend", as_traced)
+    cli = load_launch("generate")
+    argv = ["--checkpoint", str(artifact), "--prompt", "the cat", "--max-new-tokens", "8",
+            "--decode", "static"]
+    texts, notes = {}, {}
+    for compile in ("off", "on"):
+        assert cli.main([*argv, "--compile", compile]) == 0
+        texts[compile], notes[compile] = capsys.readouterr()
+        assert bool(traced) == (compile == "on")
+    assert texts["on"] == texts["off"]
+    assert "decoding: static (no graph)" in notes["off"]
+    assert "decoding: static (no graph, compiled)" in notes["on"]
+    torch._dynamo.reset()
