@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # the kernel's token counts, as powers of two
 TIMED_BUCKETS = (1, 2, 4, 8)  # the buckets timed at load (module docstring)
 PLAN_MODES = ("measure", "always")
-CUDA_CORE_MODES = ("gather", "gatherT", "fma", "select")  # loop pipelined only if asked
+CUDA_CORE_MODES = ("gather", "gatherS", "gatherT", "fma", "select")  # loop pipelined only if asked
 PLAN_TOLERANCE = 1e-2  # rel. error vs the fallback above which a config is refused (bf16: ~3e-3)
 
 
@@ -69,7 +69,8 @@ def candidate_configs(tokens: int, out: int, inp: int) -> list:
     suits the bucket (`suited_modes`) its base tile with 4 and with 8 warps (more warps:
     fewer registers per thread, more loads in flight), twice the split, and twice the output
     rows with 8 warps (each unpipelined in the CUDA-core modes, `stage_count`); for the
-    CUDA-core modes also the base tile pipelined three stages deep. With SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
+    CUDA-core modes also the base tile pipelined three stages deep. With
+    SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
     from slope_megatron.kernels.decode24_triton import default_config, mode_config, rows_block
     base = default_config(tokens, out, inp)
     path = os.environ.get("SLOPE_DECODE24_CONFIGS")
@@ -92,7 +93,7 @@ def suited_modes(rows: int) -> tuple:
     spill), the tensor-core ones from 8."""
     modes = ("select",) if rows == 1 else ()
     if rows <= 4:
-        modes += ("gather", "fma")
+        modes += ("gather", "gatherS", "fma")
     if 2 <= rows <= 8:
         modes += ("gatherT",)
     if rows >= 8:
@@ -105,8 +106,8 @@ def base_tile(mode: str, rows: int) -> tuple:
     products in registers, so its block_k shrinks as the rows grow."""
     if mode == "gatherT":
         return 32, max(32, 512 // rows)
-    return {"gather": (32, 256), "select": (32, 256), "fma": (32, 128), "dotT": (64, 128),
-            "dot": (32, 128)}[mode]
+    return {"gather": (32, 256), "gatherS": (32, 256), "select": (32, 256), "fma": (32, 128),
+            "dotT": (64, 128), "dot": (32, 128)}[mode]
 
 
 @dataclass

@@ -61,7 +61,7 @@ def test_decode_kernel_equals_the_reference_for_every_token_count_in_bf16(out, i
     for m in range(1, 65):
         x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
         want = F.linear(x.float(), dense.float(), bias.float())
-        most = {"gather": 8, "fma": 8, "select": 8, "gatherT": 16}  # the dot modes from 5
+        most = {"gather": 8, "gatherS": 8, "fma": 8, "select": 8, "gatherT": 16}  # dot: from 5
         modes = [mode for mode in MODES if m in VARIANT_TOKENS
                  and (m <= most[mode] if mode in most else m >= 5)]
         configs = [default_config(m, out, inp)] + \
@@ -88,8 +88,9 @@ def test_decode_kernel_low_rank_epilogue_equals_the_reference_in_bf16(out, inp, 
         u = x @ a
         want = F.linear(x.float(), dense.float()) + (u.float() @ b.float()) / rank
         cfg = default_config(m, out, inp)
-        select = [mode_config(m, out, inp, "select", 32, 256)] if m <= 3 else []
-        for c in (cfg, replace(cfg, split_k=1), *select):
+        one_row = [mode_config(m, out, inp, mode, 32, 256) for mode in ("select", "gatherS")
+                   if m <= 3]
+        for c in (cfg, replace(cfg, split_k=1), *one_row):
             got = decode24_linear(x, values, meta, None, c, lowrank=(u, b, 1.0 / rank))
             assert rel(got, want) < 5e-3, (m, c)
 

@@ -2,9 +2,9 @@
 layout's metadata round-trips to the mask and to W*M exactly, its bits are the documented
 ones, and the Triton kernel - run on CPU tensors by Triton's interpreter - equals
 F.linear(x, W*M, b) for 1 to 64 rows of x, several shapes (in not a multiple of the block,
-out not a multiple of the tile) and every code path (tl.dot, CUDA-core rows and the vector
-gather, split-K partials, bias or none). fp32 (and fp16 once) here; bf16 for every row count in 1..64 runs in
-tests/gpu/test_decode_gpu.py."""
+out not a multiple of the tile) and every code path (tl.dot, CUDA-core rows, the vector gather
+and the gather through shared memory, split-K partials, bias or none). fp32 (and fp16 once)
+here; bf16 for every row count in 1..64 runs in tests/gpu/test_decode_gpu.py."""
 import pytest
 import torch
 from helpers.interpreter import run_interpreted
@@ -98,7 +98,7 @@ def test_cuda_core_modes_default_to_an_unpipelined_loop():
     (64, 256) tile of 16 rows: 'out of resource: shared memory'): they run unpipelined unless
     a config asks; the tensor-core modes keep Triton's 3 stages."""
     from slope_megatron.kernels.decode24_triton import default_config, mode_config, stage_count
-    assert [stage_count(m) for m in ("gather", "gatherT", "fma", "select")] == [1, 1, 1, 1]
+    assert {stage_count(m) for m in ("gather", "gatherS", "gatherT", "fma", "select")} == {1}
     assert stage_count("dot") == stage_count("dotT") == 3
     assert mode_config(13, 96, 36, "gatherT", 64, 256).num_stages == 1
     assert mode_config(1, 4096, 4096, "gather", 32, 256).num_stages == 1
@@ -132,8 +132,9 @@ for out, inp in shapes:
                    Decode24Config(bd, 32, 32, 1, "dotT")]
         if m <= 16:  # the vector gather: x transposed (and zero-padded to its rows)
             configs.append(Decode24Config(bm, 16, 64, 2, "gatherT"))
-        if m <= 7:  # select: one program per row
-            configs.append(Decode24Config(1, 16, 64, 2, "select"))
+        if m <= 7:  # select: one program per row; gatherS: x gathered via shared memory
+            configs += [Decode24Config(1, 16, 64, 2, "select"),
+                        Decode24Config(bm, 16, 64, 2, "gatherS")]
         for cfg in configs:
             for b in (bias, None):
                 want = F.linear(x, dense, b)
@@ -153,7 +154,7 @@ got = decode24_linear(x16, v16, pack_meta(mask), None, Decode24Config(64, 16, 32
 want = F.linear(x16.float(), dense_from_values(v16, mask).float())
 assert got.dtype == torch.float16
 torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
-assert paths == 4 * (7 * 5 + 5 + 4) * 2  # gatherT at 1, 2, 3, 7 and 16 rows; select to 7
+assert paths == 4 * (7 * 5 + 5 + 2 * 4) * 2  # gatherT at 1-16 rows; select, gatherS to 7
 print("ok")
 ''')
 
@@ -187,12 +188,14 @@ for rank in (3, 24):
                    Decode24Config(1, 16, 64, 2, "select")]
         if m <= 16:
             configs.append(Decode24Config(bm, 16, 64, 2, "gatherT"))
+        if m <= 5:
+            configs.append(Decode24Config(bm, 16, 64, 2, "gatherS"))
         for cfg in configs:
             want = F.linear(x, dense, bias) + 0.25 * (x @ a) @ b
             got = decode24_linear(x, values, meta, bias, cfg, lowrank=(x @ a, b, 0.25))
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             checked += 1
-assert checked == 2 * (5 * 5 + 4)
+assert checked == 2 * (5 * 5 + 4 + 3)
 x = torch.randn(2, inp)
 try:
     decode24_linear(x, values, meta, None, None, lowrank=(x @ a, b.t().contiguous(), 1.0))
