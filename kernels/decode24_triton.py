@@ -46,6 +46,7 @@ import triton.language as tl
 MAX_TOKENS = 64  # the token counts this kernel is meant (and planned) for
 MODES = ("gather", "fma", "dot", "dotT", "gatherT", "select", "gatherS")
 _MODE_ID = {name: i for i, name in enumerate(MODES)}
+HAS_TL_GATHER = hasattr(tl, "gather")  # gatherS needs it (Triton 3.2 and newer)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class Decode24Config:
     modes); block_n: output rows per program; block_k: input columns per step (a multiple of
     32: whole metadata words); split_k: programs sharing one output tile's K blocks; mode:
     how a step computes (module docstring); num_stages: K blocks the loop keeps in flight
-    (copied ahead into shared memory; 1: each step waits for its own loads)."""
+    (copied ahead into shared memory; 1: each step waits for its own loads; unset: the
+    mode's `stage_count`)."""
 
     block_m: int
     block_n: int = 64
@@ -62,7 +64,7 @@ class Decode24Config:
     split_k: int = 1
     mode: str = "dot"
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int | None = None
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -73,6 +75,11 @@ class Decode24Config:
             raise ValueError(f"block_k must be >= 32 and split_k >= 1, got {self}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "gatherS" and not HAS_TL_GATHER:
+            raise ValueError(f"the gatherS mode needs tl.gather, which triton "
+                             f"{triton.__version__} lacks (use 3.2 or newer)")
+        if self.num_stages is None:  # frozen: set through object's own setattr
+            object.__setattr__(self, "num_stages", stage_count(self.mode))
         if self.use_dot and (self.block_m < 16 or self.block_n < 16):
             raise ValueError(f"the dot modes need block_m and block_n >= 16, got {self}")
         if self.num_stages < 1:
@@ -116,13 +123,11 @@ def mode_config(tokens: int, out: int, in_features: int, mode: str, block_n: int
                 num_stages: int | None = None) -> Decode24Config:
     """A config of `mode` for `tokens` rows: block_m from the rows (16 at least for the dot
     modes, 1 for select), the split from `auto_split` times `split_scale` (capped at the K
-    blocks), `num_stages` by default from `stage_count`."""
+    blocks), `num_stages` by default the mode's `stage_count`."""
     rows = rows_block(min(tokens, MAX_TOKENS))
     block_m = 1 if mode == "select" else max(16, rows) if mode in ("dot", "dotT") else rows
     split = auto_split(tokens, out, in_features, block_m, block_n, block_k) * split_scale
     split = max(1, min(split, -(-in_features // block_k)))
-    if num_stages is None:
-        num_stages = stage_count(mode)
     return Decode24Config(block_m, block_n, block_k, split, mode, num_warps, num_stages)
 
 

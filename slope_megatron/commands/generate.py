@@ -74,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the work between the GEMMs of a static decode step "
                         "(residual adds fused into the norms, rotary, activation): auto "
-                        "(default) where the step is a CUDA graph (compiled once per batch "
-                        "size, on the first call), on, or off")
+                        "(default) where the step is a CUDA graph (compiled on the first "
+                        "call), on, or off")
     p.add_argument("--low-memory", action="store_true",
                    help="rebuild each sparse layer's W*M inside every call instead of holding "
                         "dense copies while generating (much slower, less memory)")

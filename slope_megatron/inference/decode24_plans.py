@@ -89,11 +89,12 @@ def candidate_configs(tokens: int, out: int, inp: int) -> list:
 
 def suited_modes(rows: int) -> tuple:
     """The kernel's modes worth timing for a block of `rows` x rows: the CUDA-core modes up
-    to 4 rows (select: one), the vector gather from 2 to 8 rows (16 rows make its registers
-    spill), the tensor-core ones from 8."""
+    to 4 rows (select: one; gatherS where Triton has tl.gather), the vector gather from 2 to
+    8 rows (16 rows make its registers spill), the tensor-core ones from 8."""
+    from slope_megatron.kernels.decode24_triton import HAS_TL_GATHER
     modes = ("select",) if rows == 1 else ()
     if rows <= 4:
-        modes += ("gather", "gatherS", "fma")
+        modes += ("gather", "gatherS", "fma") if HAS_TL_GATHER else ("gather", "fma")
     if 2 <= rows <= 8:
         modes += ("gatherT",)
     if rows >= 8:

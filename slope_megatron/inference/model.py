@@ -21,7 +21,8 @@ graphs can be used and eager elsewhere (a CPU).
 Whether the static step's work between the GEMMs is torch.compile'd (`compile`): the residual
 adds fused into the next norm, q and k rotated in one kernel, the SwiGLU/GELU in one
 (`model/regions.py`). "auto" (default) compiles where the step is captured in a CUDA graph:
-compiled once per batch size, replayed for every token. "on" also compiles an uncaptured
+compiled on a decoder's warm-up (a second batch size compiles one graph with a dynamic batch,
+which later ones reuse), replayed for every token. "on" also compiles an uncaptured
 static step, "off" never compiles. Prefill and eager decoding always run eagerly (their
 shapes change with every prompt or token).
 
@@ -109,7 +110,7 @@ class InferenceModel(nn.Module):
             raise ValueError(f"unknown decode {decode!r}; use one of {', '.join(DECODES)}")
         if compile not in COMPILES:
             raise ValueError(f"unknown compile {compile!r}; use one of {', '.join(COMPILES)}")
-        self.compile = compile  # whether static steps run the regions compiled (`compiles`)
+        self.compile_mode = compile  # whether static steps run the regions compiled (`compiles`)
         # generate()'s default decoding loop (`decoding`); `static_graphs=False` runs the
         # static step without capturing it
         self.decode, self.static_graphs = decode, True
@@ -201,7 +202,7 @@ class InferenceModel(nn.Module):
         capacity = token_bucket(slots)
         if not self._graphs_usable():
             return StaticDecoder(self, batch, capacity)
-        key = (batch, capacity)
+        key = (batch, capacity, self.compiles(True))  # a changed setting: a new decoder
         decoder = self._decoders.pop(key, None)
         if decoder is None:
             decoder = StaticDecoder(self, batch, capacity, graph=True)
@@ -233,7 +234,7 @@ class InferenceModel(nn.Module):
 
     def compiles(self, graphed: bool) -> bool:
         """Whether a static step (captured in a CUDA graph or not) runs compiled regions."""
-        return self.compile == "on" or (self.compile == "auto" and graphed)
+        return self.compile_mode == "on" or (self.compile_mode == "auto" and graphed)
 
     def release_decoders(self) -> None:
         """Free the kept graphed decoders (their caches and graphs)."""
@@ -306,7 +307,8 @@ class InferenceModel(nn.Module):
         """`forward` without its position check: no host synchronisation, so one step can be
         captured in a CUDA graph once its shapes and plans are warm. `cache` may also be a
         `StaticKVCache` (static decoding: fixed shapes, the slot a device tensor). The
-        regions run as the caller's `regions.scope` says (eagerly unless one is set)."""
+        regions run as the caller's `regions.scope` says, else as the process-wide setting
+        (`regions.enable_compile`) says."""
         attn_mask = cache.begin(input_ids.shape[1], valid)
         emb, blocks, head = self.model.embedding, self.model.blocks, self.model.head
         x = emb.tokens(input_ids)

@@ -13,9 +13,9 @@ and Python scalars, so one compiled graph serves every block of the model.
 
 Compilation is process-wide (dynamo's caches are) and off by default; the trainer turns it on
 per `train.compile` (unset: on for CUDA). Inference runs the regions eagerly (`eager()`),
-except in the fixed-shape decode step it captures in a CUDA graph (`scope(True)`): there one
-shape per batch size is compiled once and replayed, and each fused region is a few kernel
-launches fewer per block and token.
+except in the fixed-shape decode step it captures in a CUDA graph (`scope(True)`): there a
+region is compiled once (once more, with a dynamic batch, for a second batch size) and
+replayed, and each fused region is a few kernel launches fewer per block and token.
 Eager and compiled regions compute the same function, not bitwise: Inductor keeps
 intermediates such as x + delta in fp32 inside a fused kernel where eager rounds them.
 """
@@ -38,7 +38,8 @@ _regions: list["Region"] = []
 
 
 class Region:
-    """A function that runs eagerly, or compiled once `enable_compile()` was called.
+    """A function that runs eagerly, or compiled once `enable_compile()` was called or inside
+    `scope(True)`.
 
     If compiling fails (no working compiler toolchain, an unsupported op on this torch
     version), the region logs one warning with the reason and runs eagerly from then on: the
@@ -96,7 +97,8 @@ class Region:
     @property
     def is_compiled(self) -> bool:
         """Whether calls run a compiled version (compiled at least once, never failed)."""
-        return self.compiled is not None and not self.failed
+        return (self.compiled is not None and not self.failed
+                and self.backend == _settings["backend"])
 
 
 def _any_tp_rank(failed: bool, args: tuple) -> bool:

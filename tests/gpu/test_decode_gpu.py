@@ -159,16 +159,21 @@ def test_bf16_graph_replays_the_eager_static_step_bitwise(arch, kernels, monkeyp
 
 
 @pytest.mark.parametrize("arch", ["gpt", "llama"])
-def test_graphed_step_runs_compiled_regions_as_accurate_as_the_eager_ones(arch):
+def test_graphed_step_runs_compiled_regions_as_accurate_as_the_eager_ones(arch, monkeypatch):
     """The default on a GPU: the captured step's regions compiled by Inductor (not silently
     fallen back to eager). Inductor keeps x + delta in fp32 where eager rounds it to bf16,
     so the two differ by bf16 rounding (through this tiny model's large activations, ~1e-2);
     both are held to the fp32 model: the compiled step no further from it than the eager
     one (a wrong region would be off by O(1))."""
+    import torch._dynamo
+
     used = [regions.residual_norm, regions.mlp_activation]
     used += [regions.rotate_pair] if arch == "llama" else []
-    for r in used:  # compiled by this test, whatever ran before it in the process
-        r.compiled = None
+    torch._dynamo.reset()
+    monkeypatch.setitem(regions._settings, "backend", "inductor")
+    for r in used:  # compiled by this test by Inductor, whatever ran before it in the process
+        monkeypatch.setattr(r, "failed", False)
+        monkeypatch.setattr(r, "compiled", None)
     cfg, model = tiny(arch, "active", *WIDE)
     inf = InferenceModel(cfg, model.state_dict(), dtype="bf16", device="cuda",
                          kernels="cusparselt")
@@ -177,9 +182,9 @@ def test_graphed_step_runs_compiled_regions_as_accurate_as_the_eager_ones(arch):
     ids, valid, positions = (t.cuda() for t in left_padded(PROMPTS))
     compiled = inf.static_decoder(b, longest + 8)
     assert compiled.graphed and compiled.compiled
-    inf.compile = "off"
-    plain = inf.static_decoder(b, longest + 8 + 64)  # another capacity: a new decoder
-    assert plain.graphed and not plain.compiled
+    inf.compile_mode = "off"
+    plain = inf.static_decoder(b, longest + 8)  # the same shape, another setting: a new one
+    assert plain.graphed and not plain.compiled and plain is not compiled
     assert all(r.is_compiled for r in used), [(r.__name__, r.failed) for r in used]
     with fp32.generation_scope():
         exact = fp32.static_decoder(b, longest + 8)

@@ -25,14 +25,16 @@ class CountingBackend:
 
 
 @pytest.fixture
-def backend():
-    """Every region compiled afresh with a counting backend, eager mode process-wide."""
+def backend(monkeypatch):
+    """Every region compiled afresh with a counting backend (for `regions.scope(True)`),
+    eager mode process-wide; the process's backend and failure flags restored after."""
     import torch._dynamo
 
     torch._dynamo.reset()
     counting = CountingBackend()
-    regions.enable_compile(True, backend=counting)
-    regions.enable_compile(False)  # the backend stays set for `regions.scope(True)`
+    monkeypatch.setitem(regions._settings, "backend", counting)
+    for r in regions._regions:
+        monkeypatch.setattr(r, "failed", False)
     yield counting
     torch._dynamo.reset()
 
@@ -55,9 +57,9 @@ def test_auto_compiles_only_a_graphed_step():
     assert inf.describe_decoding() == "eager"
     inf.decode = "static"
     assert inf.describe_decoding() == "static (no graph)"
-    inf.compile = "on"
+    inf.compile_mode = "on"
     assert inf.describe_decoding() == "static (no graph, compiled)"
-    inf.compile = "off"
+    inf.compile_mode = "off"
     assert not inf.compiles(graphed=True)
 
 
@@ -76,7 +78,7 @@ def test_compiled_step_logits_match_the_eager_step(backend):
     inf = model("llama", "on")
     b, longest = len(PROMPTS), max(map(len, PROMPTS))
     compiled = inf.static_decoder(b, longest + 6)
-    inf.compile = "off"
+    inf.compile_mode = "off"
     plain = inf.static_decoder(b, longest + 6)
     assert compiled.compiled and not plain.compiled
     assert_teacher_forced_logits_match(plain, compiled, PROMPTS, 6)

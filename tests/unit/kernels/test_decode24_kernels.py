@@ -107,6 +107,16 @@ def test_cuda_core_modes_default_to_an_unpipelined_loop():
     assert default_config(1, 4096, 4096).num_stages == 1
 
 
+def test_gather_s_needs_a_triton_with_tl_gather(monkeypatch):
+    from slope_megatron.inference.decode24_plans import suited_modes
+    from slope_megatron.kernels import decode24_triton
+    assert "gatherS" in suited_modes(1) and "gatherS" not in suited_modes(8)
+    monkeypatch.setattr(decode24_triton, "HAS_TL_GATHER", False)
+    with pytest.raises(ValueError, match="gatherS mode needs tl.gather"):
+        decode24_triton.Decode24Config(1, mode="gatherS")
+    assert "gatherS" not in suited_modes(1) and "gather" in suited_modes(1)
+
+
 def test_decode_kernel_equals_the_reference_in_interpreter():
     pytest.importorskip("triton")
     run_interpreted(r'''

@@ -172,8 +172,9 @@ def test_a_backward_compile_failure_is_caught_in_the_forward(caplog):
         torch._dynamo.reset()
 
 
-def test_inference_runs_the_regions_eagerly(compiled):
-    """Generation sees many shapes (and CUDA-graph capture): it never compiles a region."""
+def test_prefill_and_eager_decoding_run_the_regions_eagerly(compiled):
+    """Prefill and eager decoding see a new shape at every call: they never compile a region,
+    whatever the process-wide setting (only a static decode step does: test_compiled_decode)."""
     from slope_megatron.inference import InferenceModel
 
     model = tiny("llama")
