@@ -19,10 +19,14 @@ from typing import Optional
 import torch
 
 
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where `allowed`, -inf elsewhere, in `dtype`: the mask SDPA makes of a bool one."""
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, float("-inf"))
+def attention_mask(slots: torch.Tensor, queries: torch.Tensor, valid: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The (batch, 1, t, slots) additive mask of both caches: each query (t, 1) may attend
+    to the valid slots (1, slots) up to its own, and always to its own; 0 where allowed,
+    -inf elsewhere, in `dtype` (the mask SDPA would make of a bool one)."""
+    allowed = ((slots <= queries)[None] & valid[:, None, :]) | (slots == queries)[None]
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    return torch.where(allowed[:, None], zero, float("-inf"))
 
 
 class KVCache:
@@ -41,10 +45,10 @@ class KVCache:
     def begin(self, t: int, valid: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Reserve the next t slots; valid (batch, t) marks pads (None: all valid).
 
-        Returns the (batch, 1, t, length) additive attention mask, or None while the cache has never
-        held a pad and the step is a prefill into an empty cache (plain causal attention:
-        the caller passes is_causal) or a single token (it may attend to every slot), so
-        that SDPA can take its flash kernels.
+        Returns the (batch, 1, t, length) additive attention mask, or None while the cache
+        has never held a pad and the step is a prefill into an empty cache (plain causal
+        attention: the caller passes is_causal) or a single token (it may attend to every
+        slot), so that SDPA can take its flash kernels.
         """
         s = self.length
         if s + t > self.capacity:
@@ -57,10 +61,8 @@ class KVCache:
         if not self.padded and (s == 0 or t == 1):
             return None
         slots = torch.arange(s + t, device=self.valid.device)
-        q = slots[s:, None]
-        allowed = ((slots[None, :] <= q)[None] & self.valid[:, None, :s + t]) \
-            | (slots[None, :] == q)[None]
-        return additive_mask(allowed[:, None], self.k.dtype)
+        return attention_mask(slots[None, :], slots[s:, None], self.valid[:, :s + t],
+                              self.k.dtype)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's keys/values of `layer`; returns all keys/values so far."""
@@ -102,10 +104,8 @@ class StaticKVCache:
         self._index = self.slot + self._slots[:t]
         flags = torch.ones_like(self.valid[:, :t]) if valid is None else valid
         self.valid.index_copy_(1, self._index, flags)
-        q = self._index[:, None]
-        slots = self._slots[None, :]
-        allowed = ((slots <= q)[None] & self.valid[:, None, :]) | (slots == q)[None]
-        return additive_mask(allowed[:, None], self.k.dtype)
+        return attention_mask(self._slots[None, :], self._index[:, None], self.valid,
+                              self.k.dtype)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this step's keys/values of `layer` at the reserved slots; returns all slots."""
