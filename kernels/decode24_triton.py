@@ -221,21 +221,19 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
                              + rows[None, None, :], mask=x_ok[:, :, None],
                              other=0.0).to(tl.float32)
                 acc += tl.sum(v[:, :, None] * xg, axis=1)
-            elif MODE == 6:  # each row's x block loaded once, gathered via shared memory
+            else:  # row by row: one gathered load per kept value (gather), or the row's
+                # x block loaded once and gathered through shared memory (gatherS)
                 kx = k0 + tl.arange(0, BLOCK_K)
                 at = tl.reshape(xi - k0, (BLOCK_N * (BLOCK_K // 2),))
                 for i in tl.static_range(BLOCK_M):
                     row = pid_m * BLOCK_M + i
-                    xb = tl.load(x_ptr + row.to(tl.int64) * stride_xm + kx,
-                                 mask=(kx < K) & (row < M), other=0.0).to(tl.float32)
-                    xg = tl.reshape(tl.gather(xb, at, 0), (BLOCK_N, BLOCK_K // 2))
-                    y_row = tl.sum(v * xg, axis=1)
-                    acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, y_row[None, :], 0.0)
-            else:  # one gathered load per row
-                for i in tl.static_range(BLOCK_M):
-                    row = pid_m * BLOCK_M + i
-                    xg = tl.load(x_ptr + row.to(tl.int64) * stride_xm + xi,
-                                 mask=x_ok & (row < M), other=0.0).to(tl.float32)
+                    if MODE == 6:
+                        xb = tl.load(x_ptr + row.to(tl.int64) * stride_xm + kx,
+                                     mask=(kx < K) & (row < M), other=0.0).to(tl.float32)
+                        xg = tl.reshape(tl.gather(xb, at, 0), (BLOCK_N, BLOCK_K // 2))
+                    else:
+                        xg = tl.load(x_ptr + row.to(tl.int64) * stride_xm + xi,
+                                     mask=x_ok & (row < M), other=0.0).to(tl.float32)
                     y_row = tl.sum(v * xg, axis=1)
                     acc += tl.where(tl.arange(0, BLOCK_M)[:, None] == i, y_row[None, :], 0.0)
         else:
