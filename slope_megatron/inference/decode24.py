@@ -183,18 +183,30 @@ def install(model, device: torch.device, dtype: torch.dtype) -> str:
         else:
             plain.prepare(layer)
             plain_count += 1
-    note = (f"{len(hybrid_layers) + plain_count} of {len(layers)} sparse linears on the decode "
-            f"kernel")
-    if hybrid_layers:
-        if not hybrid.plans.always:
-            def cusparselt(layer, x2):  # the fallback the kernel must beat
-                return CompressedBackend._sparse(hybrid, layer, x2)
-            hybrid.plans = measure_on_gpu(hybrid_layers, cusparselt, _meta)
-            dropped = drop_unused_meta(hybrid_layers, hybrid.plans)
-            if dropped:
-                note += f" ({dropped} on cuSPARSELt only: the kernel won no call of their shape)"
-        note += (f" ({len(hybrid_layers)} with cuSPARSELt for other calls; "
-                 f"{hybrid.plans.describe()})")
-    if plain_count:
-        note += f" ({plain_count} rebuilding W*M for calls over 64 tokens)"
-    return note
+    dropped = 0
+    if hybrid_layers and not hybrid.plans.always:
+        def cusparselt(layer, x2):  # the fallback the kernel must beat
+            return CompressedBackend._sparse(hybrid, layer, x2)
+        hybrid.plans = measure_on_gpu(hybrid_layers, cusparselt, _meta)
+        dropped = drop_unused_meta(hybrid_layers, hybrid.plans)
+    return kernels_note(len(layers), len(hybrid_layers), dropped,
+                        hybrid.plans.describe() if hybrid_layers else "", plain_count)
+
+
+def kernels_note(total: int, hybrid: int, dropped: int, plan: str, plain: int) -> str:
+    """What runs each sparse linear, for `InferenceModel.kernels_note`: `hybrid` layers on the
+    kernel with cuSPARSELt beside it (`dropped` of them on cuSPARSELt only), `plain` ones on
+    the kernel alone; `plan` describes the hybrid layers' plan."""
+    parts = []
+    if hybrid - dropped:
+        parts.append(f"{hybrid - dropped} of {total} sparse linears on the decode kernel "
+                     f"({plan}), with cuSPARSELt for other calls")
+    if dropped:
+        parts.append(f"{dropped} of {total} on cuSPARSELt only (the kernel won no call of "
+                     f"their shape)")
+    if plain:
+        parts.append(f"{plain} of {total} sparse linears on the decode kernel for calls of "
+                     f"<= 64 tokens, rebuilding W*M for longer calls")
+    if total - hybrid - plain:
+        parts.append(f"{total - hybrid - plain} of {total} on the reference path (see the log)")
+    return "; ".join(parts)

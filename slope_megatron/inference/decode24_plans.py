@@ -130,8 +130,8 @@ class Decode24Plans:
 
     def describe(self) -> str:
         if self.always:
-            return "decode kernel for every call of <= 64 tokens"
-        return f"decode kernel where it measured faster ({len(self.table)} (shape, tokens) cases)"
+            return "every call of <= 64 tokens"
+        return f"where it measured faster: {len(self.table)} (shape, tokens) cases"
 
 
 def measure_plans(shapes: Iterable[tuple], time_decode: Callable, time_fallback: Callable,

@@ -149,6 +149,19 @@ def test_layers_of_a_shape_the_kernel_never_won_drop_its_metadata():
     assert ["_decode24" in vars(layer) for layer in layers] == [True, False, True]
 
 
+def test_the_kernels_note_counts_each_layer_once():
+    from slope_megatron.inference.decode24 import kernels_note
+    plan = Decode24Plans({(96, 32, 1): candidate_configs(1, 96, 32)[0]}).describe()
+    note = kernels_note(127, 127, 32, plan, 0)
+    assert note == ("95 of 127 sparse linears on the decode kernel (where it measured faster: "
+                    "1 (shape, tokens) cases), with cuSPARSELt for other calls; 32 of 127 on "
+                    "cuSPARSELt only (the kernel won no call of their shape)")
+    mixed = kernels_note(10, 6, 6, plan, 3)
+    assert "on the decode kernel (" not in mixed  # every hybrid layer was dropped
+    assert mixed.startswith("6 of 10 on cuSPARSELt only") and "1 of 10 on the reference" in mixed
+    assert kernels_note(7, 0, 0, "", 7).startswith("7 of 7 sparse linears on the decode kernel")
+
+
 def test_auto_kernels_take_decode24_only_where_cusparselt_and_triton_both_run(monkeypatch):
     import slope_megatron.inference.compressed as compressed
     import slope_megatron.inference.decode24 as decode24
