@@ -32,7 +32,7 @@ LAYOUTS = {  # name: (processes, settings)
 }
 # layouts outside the six of the matrix, for the cases they add (TP shards under ZeRO-3)
 MORE_LAYOUTS = {"tp2-zero3": (2, ("parallel.tensor=2", "zero.stage=3"))}
-TOLERANCE = 1e-5  # relative: the bound for losses and final weights
+TOLERANCE = 1e-5  # relative: the parity bound for losses and final weights
 
 
 def _layout(name: str) -> tuple:

@@ -138,7 +138,7 @@ def _generate(*argv):
 def test_stop_token_outside_the_vocabulary_is_refused_before_any_output(artifact):
     done = _generate("--checkpoint", str(artifact), "--prompt", "the cat",
                      "--stop-token", "99999")
-    assert done.returncode == 2 and done.stdout == ""  # the reviewer saw "the caterror: ..."
+    assert done.returncode == 2 and done.stdout == ""  # not "the caterror: ..."
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     want = ("error: --stop-token 99999: outside the tokenizer's vocabulary (96 ids); use a "
             "token id in [0, 96)")

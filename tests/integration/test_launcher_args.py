@@ -109,7 +109,7 @@ def test_quality_study_identity_is_the_same_for_both_forms():
 
 @pytest.mark.slow
 def test_pretrain_run_applies_overrides_from_two_set_flags(tmp_path):
-    """The reviewer's case end to end: iters from the second --set, not the config's."""
+    """End to end: iters from the second --set, not the config's."""
     corpus = write_corpus(tmp_path / "corpus")
     out = tmp_path / "run"
     argv = tiny_run_args(corpus, tmp_path / "cache", out, 8, 0)
@@ -261,7 +261,7 @@ def test_generate_process_bad_device_exits_2_without_traceback(artifact):
 
 def test_generate_process_bad_sampling_prints_nothing_else(artifact):
     done = _generate("--checkpoint", str(artifact), "--prompt", "hi", "--top-p", "2")
-    assert done.returncode == 2 and done.stdout == ""  # the reviewer saw "hierror: ..."
+    assert done.returncode == 2 and done.stdout == ""  # not "hierror: ..."
     assert _one_error_line(done.stderr) == "error: --top-p must be in (0, 1] (1 = off), got 2.0"
 
 

@@ -285,7 +285,7 @@ def test_prune_counts_only_checkpoints_whose_files_match_their_manifest(tmp_path
 
 @pytest.mark.slow
 def test_pruning_after_a_fallback_keeps_the_good_checkpoint(corpus, tmp_path, capfd):
-    """The reviewer's case: the newest checkpoint has a flipped byte, the rerun (extended,
+    """The newest checkpoint has a flipped byte, the rerun (extended,
     so its next save is at another iteration) falls back; the save after that must keep the
     fallback and set the corrupt one aside."""
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Review mends: run_config.yaml read once at start-up, one adapters_since fallback, and a start
+"""Start-up: run_config.yaml read once at start-up, one adapters_since fallback, and a start
 banner that agrees with the resume warning when the adapters are already on."""
 from __future__ import annotations
 

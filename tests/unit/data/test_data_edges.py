@@ -1,4 +1,4 @@
-"""Review fixes in data preparation: an `hf:<directory>` tokenizer's files key the cache; a
+"""Data preparation's edges: an `hf:<directory>` tokenizer's files key the cache; a
 data error on a multi-rank launch stops every rank cleanly; `launch/prepare_data.py` refuses
 what training would refuse."""
 from __future__ import annotations
