@@ -139,12 +139,17 @@ class HybridDecode24Backend(CompressedBackend):
         return super()._sparse(layer, x2) if y is None else y
 
     def linear_with_adapter(self, layer, x: torch.Tensor) -> torch.Tensor:
-        st = layer.__dict__["_compressed"]
-        if st.adapter_a is None:  # switched on after loading: the parent's clear error
+        adapter = _adapter(layer)
+        if adapter is None:  # switched on after loading: the parent's clear error
             return super().linear_with_adapter(layer, x)
-        y = _decode_with_adapter(self.plans, layer, x,
-                                 (st.adapter_a, st.adapter_b, st.adapter_scale))
+        y = _decode_with_adapter(self.plans, layer, x, adapter)
         return super().linear_with_adapter(layer, x) if y is None else y  # None: cuSPARSELt
+
+
+def _adapter(layer) -> Optional[tuple]:
+    """A compressed layer's active adapter as (A, B, scale), or None (inactive at load)."""
+    st = layer.__dict__["_compressed"]
+    return None if st.adapter_a is None else (st.adapter_a, st.adapter_b, st.adapter_scale)
 
 
 def drop_unused_meta(layers: list, plans: Decode24Plans) -> int:
@@ -185,9 +190,11 @@ def install(model, device: torch.device, dtype: torch.dtype) -> str:
             plain_count += 1
     dropped = 0
     if hybrid_layers and not hybrid.plans.always:
-        def cusparselt(layer, x2):  # the fallback the kernel must beat
-            return CompressedBackend._sparse(hybrid, layer, x2)
-        hybrid.plans = measure_on_gpu(hybrid_layers, cusparselt, _meta)
+        def cusparselt(layer, x2):  # the fallback the kernel must beat, adapter included
+            if _adapter(layer) is None:
+                return CompressedBackend._sparse(hybrid, layer, x2)
+            return CompressedBackend.linear_with_adapter(hybrid, layer, x2)
+        hybrid.plans = measure_on_gpu(hybrid_layers, cusparselt, _meta, _adapter)
         dropped = drop_unused_meta(hybrid_layers, hybrid.plans)
     return kernels_note(len(layers), len(hybrid_layers), dropped,
                         hybrid.plans.describe() if hybrid_layers else "", plain_count)

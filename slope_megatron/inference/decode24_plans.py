@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -154,9 +154,14 @@ def measure_plans(shapes: Iterable[tuple], time_decode: Callable, time_fallback:
 
 
 def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torch.Tensor],
-                   meta_of: Callable[[object], torch.Tensor]) -> Decode24Plans:
+                   meta_of: Callable[[object], torch.Tensor],
+                   adapter_of: Callable[[object], Optional[tuple]] = lambda layer: None
+                   ) -> Decode24Plans:
     """Time one layer of each shape on its GPU (median of triton.testing.do_bench, which
-    empties the L2 cache before every run, on random inputs) and fill the table."""
+    empties the L2 cache before every run, on random inputs) and fill the table. Both sides
+    are timed as the layer's calls run: `fallback` includes an active adapter's term, and
+    the kernel then runs with its adapter epilogue (adapter_of(layer) = (A, B, scale) or
+    None), since the adapter's cost differs between the two paths."""
     from triton.testing import do_bench
 
     from slope_megatron.kernels.decode24_triton import decode24_linear
@@ -181,11 +186,16 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
                                       device=w.device).to(w.dtype)
         return inputs[key]
 
+    def decode(layer, x, meta, cfg):
+        adapter = adapter_of(layer)
+        lowrank = None if adapter is None else (x @ adapter[0], adapter[1], adapter[2])
+        return decode24_linear(x, layer.weight, meta, layer.bias, cfg, lowrank)
+
     def time_decode(out, inp, tokens, cfg):
         layer = by_shape[(out, inp)]
         x, meta = x_for(layer, tokens), meta_of(layer)
         try:
-            got = decode24_linear(x, layer.weight, meta, layer.bias, cfg)
+            got = decode(layer, x, meta, cfg)
         except Exception as e:  # e.g. a config needing more shared memory than the GPU has
             log.info("decode24 config %s cannot run on (%d, %d): %s", cfg, out, inp, e)
             return float("inf")
@@ -194,8 +204,8 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
             log.warning("decode24 config %s on (%d, %d) x %d tokens differs from cuSPARSELt "
                         "(rel. err %.2e): not used", cfg, out, inp, tokens, err)
             return float("inf")
-        return do_bench(lambda: decode24_linear(x, layer.weight, meta, layer.bias, cfg),
-                        warmup=5, rep=20, return_mode="median")
+        return do_bench(lambda: decode(layer, x, meta, cfg), warmup=5, rep=20,
+                        return_mode="median")
 
     def time_fallback(out, inp, tokens):
         layer = by_shape[(out, inp)]

@@ -204,7 +204,8 @@ def test_the_load_time_plan_never_chooses_a_config_that_computes_something_else(
         calls.append("fallback")
         return x @ dense.t()
 
-    def kernel_stub(x, values, meta, bias, cfg):
+    def kernel_stub(x, values, meta, bias, cfg, lowrank=None):
+        assert lowrank is None  # no adapter
         y = fallback(layer, x) + (1.0 if cfg.mode == "gatherT" else 0.0)
         calls[-1] = cfg.mode
         return y
@@ -220,3 +221,41 @@ def test_the_load_time_plan_never_chooses_a_config_that_computes_something_else(
     assert all(cfg.mode != "gatherT" for cfg in plans.table.values())
     assert relative_error(torch.ones(3), torch.ones(3)) == 0.0
     assert relative_error(torch.ones(3), torch.zeros(3)) == float("inf")
+
+
+def test_the_load_time_plan_times_both_paths_with_the_layers_adapter(monkeypatch):
+    """With an active adapter, the kernel is timed with its adapter epilogue ((x A, B, scale)
+    passed in) and checked against the fallback's y with the adapter term."""
+    from types import SimpleNamespace
+
+    import torch
+    import triton.testing
+
+    import slope_megatron.kernels.decode24_triton as kernel
+    from slope_megatron.inference.decode24_plans import measure_on_gpu
+    layer = SimpleNamespace(out_features=64, in_features=128, bias=None,
+                            weight=torch.randn(64, 64))
+    dense, a, b = torch.randn(64, 128), torch.randn(128, 4), torch.randn(4, 64)
+    lowranks = []
+
+    def fallback(layer, x):  # the cuSPARSELt path with the adapter's term
+        return x @ dense.t() + 0.5 * (x @ a) @ b
+
+    def kernel_stub(x, values, meta, bias, cfg, lowrank=None):
+        lowranks.append(lowrank)
+        xa, bb, scale = lowrank
+        return x @ dense.t() + scale * xa @ bb
+
+    monkeypatch.setattr(kernel, "decode24_linear", kernel_stub)
+    def do_bench(fn, **kwargs):  # the kernel (it records its call) beats the fallback
+        before = len(lowranks)
+        fn()
+        return 1.0 if len(lowranks) > before else 2.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    plans = measure_on_gpu([layer], fallback, lambda layer: None, lambda layer: (a, b, 0.5))
+    assert {t for _, _, t in plans.table} == set(TIMED_BUCKETS)  # each checked, each kept
+    assert lowranks and all(lr[1] is b and lr[2] == 0.5 for lr in lowranks)
+    x = torch.randn(3, 128)
+    assert torch.allclose(kernel_stub(x, None, None, None, None, (x @ a, b, 0.5)),
+                          fallback(layer, x))
