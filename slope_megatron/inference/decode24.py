@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..sparsity import slope_layers
 from ..sparsity.backends.base import SparseLinearBackend
 from .compressed import CompressedBackend
-from .decode24_plans import Decode24Plans, measure_on_gpu, plan_mode
+from .decode24_plans import Decode24Plans, measure_on_gpu, plan_mode, run_kernel
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,7 @@ def _decode(plans: Decode24Plans, layer, x2: torch.Tensor,
     """The kernel's y for x2 (tokens, in), or None where the plan says: fallback. adapter =
     (A (in, r), B (r, out), scale): its (x2 A) B * scale is added in the kernel's epilogue."""
     cfg = plans.choose(layer.out_features, layer.in_features, x2.shape[0])
-    if cfg is None:
-        return None
-    from slope_megatron.kernels.decode24_triton import decode24_linear
-    lowrank = None
-    if adapter is not None:
-        a, b, scale = adapter
-        lowrank = (x2 @ a, b, scale)
-    return decode24_linear(x2, layer.weight, _meta(layer), layer.bias, cfg, lowrank)
+    return None if cfg is None else run_kernel(layer, x2, _meta(layer), cfg, adapter)
 
 
 def _decode_with_adapter(plans: Decode24Plans, layer, x: torch.Tensor,

@@ -134,6 +134,18 @@ class Decode24Plans:
         return f"where it measured faster: {len(self.table)} (shape, tokens) cases"
 
 
+def run_kernel(layer, x2: torch.Tensor, meta: torch.Tensor, cfg,
+               adapter: Optional[tuple] = None) -> torch.Tensor:
+    """The decode kernel's y for x2 (tokens, in) on `layer`'s kept values and `meta`; an
+    adapter = (A (in, r), B (r, out), scale) adds its (x2 A) B * scale in the epilogue."""
+    from slope_megatron.kernels.decode24_triton import decode24_linear
+    lowrank = None
+    if adapter is not None:
+        a, b, scale = adapter
+        lowrank = (x2 @ a, b, scale)
+    return decode24_linear(x2, layer.weight, meta, layer.bias, cfg, lowrank)
+
+
 def measure_plans(shapes: Iterable[tuple], time_decode: Callable, time_fallback: Callable,
                   candidates: Callable = candidate_configs,
                   buckets: Iterable[int] = TIMED_BUCKETS) -> Decode24Plans:
@@ -164,8 +176,6 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
     None), since the adapter's cost differs between the two paths."""
     from triton.testing import do_bench
 
-    from slope_megatron.kernels.decode24_triton import decode24_linear
-
     by_shape = {}
     for layer in layers:
         by_shape.setdefault((layer.out_features, layer.in_features), layer)
@@ -187,9 +197,7 @@ def measure_on_gpu(layers: list, fallback: Callable[[object, torch.Tensor], torc
         return inputs[key]
 
     def decode(layer, x, meta, cfg):
-        adapter = adapter_of(layer)
-        lowrank = None if adapter is None else (x @ adapter[0], adapter[1], adapter[2])
-        return decode24_linear(x, layer.weight, meta, layer.bias, cfg, lowrank)
+        return run_kernel(layer, x, meta, cfg, adapter_of(layer))
 
     def time_decode(out, inp, tokens, cfg):
         layer = by_shape[(out, inp)]
