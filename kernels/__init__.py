@@ -12,5 +12,6 @@ only once they know CUDA (or the Triton interpreter) is there. Modules:
 - `double_prune_triton`: the double-pruned column mask refreshed from the current weights.
 - `lowrank_triton`: the lazy adapter's term, added in place or as widened GEMM columns.
 - `decode24_layout` / `decode24_triton`: the 2:4 decode GEMM for 1-64 tokens (kept values plus
-  2-bit index metadata; the dense tile rebuilt in registers), an inference option.
+  2-bit index metadata; the dense tile rebuilt in registers), an inference option;
+  `decode24_cslt_meta`: cuSPARSELt's metadata layout on sm90, which the kernel can read in place.
 """

@@ -4,8 +4,9 @@ Why our own kernel: decoding is a bandwidth problem, and cuSPARSELt's small-N ke
 the compressed operand at about half the bandwidth cuBLAS reaches on the dense one, so 2:4
 decoding with it is slower than dense (docs/INFERENCE.md). Triton has no sparse MMA; this
 kernel reads only the two compressed streams of `decode24_layout.py` (kept values and their
-2-bit positions, 0.5625x of the dense bf16 bytes) with wide loads and computes on them in one
-of these ways (`Decode24Config.mode`):
+2-bit positions, 0.5625x of the dense bf16 bytes; the positions may instead be cuSPARSELt's
+own metadata, `decode24_cslt_meta.py`, turned into the same words in registers) with wide
+loads and computes on them in one of these ways (`Decode24Config.mode`):
 - "gather" (a few rows): each kept value is multiplied by the x entry its position selects,
   loaded by address (x is a few KB: the loads hit L1), on the CUDA cores - no dense tile;
 - "gatherS" (a few rows): the same products, with each step's x block (BLOCK_K entries of a
@@ -160,12 +161,29 @@ def _add_lowrank(acc, u_ptr, lb_ptr, rm, rn, m_ok, n_ok, N, RANK, lr_scale, stri
 
 
 @triton.jit
+def _cslt_word(q, high):
+    """One int64 of cuSPARSELt's metadata (`decode24_cslt_meta.py`: byte 2 f + e holds group
+    4 e + f of a 32-column chunk, row r's nibble low, row r + 8's high) -> the int32 word of
+    `decode24_layout` for the row whose nibbles are high (1) or low (0): group j in bits
+    4 j .. 4 j + 3."""
+    t = (q >> (4 * high)) & 0x0F0F0F0F0F0F0F0F     # the row's nibbles, one per byte
+    lo = t & 0x000F000F000F000F                     # groups 0-3, at bits 0, 16, 32, 48
+    hi = (t >> 8) & 0x000F000F000F000F              # groups 4-7
+    lo = (lo | (lo >> 12)) & 0x000000FF000000FF
+    hi = (hi | (hi >> 12)) & 0x000000FF000000FF
+    lo = (lo | (lo >> 24)) & 0xFFFF
+    hi = (hi | (hi >> 24)) & 0xFFFF
+    return (lo | (hi << 16)).to(tl.int32)          # bit 31 set: int32's two's complement
+
+
+@triton.jit
 def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr, u_ptr, lb_ptr,
                      M, N, K, RANK, lr_scale, stride_xm, stride_vn, stride_ym, stride_um,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_LOWRANK: tl.constexpr, BLOCK_R: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
+                     CSLT_META: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -187,8 +205,15 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
         k0 = kb * BLOCK_K
         # metadata: (BLOCK_N, BLOCK_K / 32) words, BLOCK_K / 32 contiguous runs of BLOCK_N
         w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        word = tl.load(meta_ptr + w[None, :].to(tl.int64) * N + rn[:, None],
-                       mask=n_ok[:, None] & (w[None, :] < words), other=0)
+        w_ok = n_ok[:, None] & (w[None, :] < words)
+        if CSLT_META:  # cuSPARSELt's, read in place: one int64 per 32 columns of rows r, r + 8
+            word = _cslt_word(tl.load(meta_ptr + (rn[:, None] // 64).to(tl.int64) * K
+                                      + w[None, :] * 32 + (rn[:, None] % 64) // 16 * 8
+                                      + rn[:, None] % 8, mask=w_ok, other=0),
+                              (rn[:, None] // 8) % 2)
+        else:
+            word = tl.load(meta_ptr + w[None, :].to(tl.int64) * N + rn[:, None], mask=w_ok,
+                           other=0)
         if MODE == 5:
             # kept values (BLOCK_N, words, 16): value t of word w is at input column
             # 32 w + 4 (t // 2) + pos, pos in odd .. odd + 2 (odd = t % 2)
@@ -330,7 +355,8 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                     config: Decode24Config | None = None,
                     lowrank: tuple | None = None) -> torch.Tensor:
     """y = x @ (W*M)^T (+ bias) for x (tokens, in) from the kept values (out, in/2) and the
-    metadata (ceil(in/32), out) of `decode24_layout`; y is (tokens, out) in x's dtype.
+    metadata: (ceil(in/32), out) int32 of `decode24_layout`, or (out * in / 64,) int64 of
+    cuSPARSELt's operand (`decode24_cslt_meta`); y is (tokens, out) in x's dtype.
     lowrank = (u, b, scale), u (tokens, r) = x @ A and b (r, out): adds scale * u @ b in the
     kernel's epilogue (an active adapter), where a separate GEMM and add would cost launches
     and a pass over y."""
@@ -338,8 +364,16 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     out = values.shape[0]
     if tuple(values.shape) != (out, in_features // 2) or in_features % 4:
         raise ValueError(f"values {tuple(values.shape)} do not fit x {tuple(x.shape)}")
-    if meta.dtype != torch.int32 or tuple(meta.shape) != ((in_features + 31) // 32, out):
-        raise ValueError(f"metadata must be ({(in_features + 31) // 32}, {out}) int32, got "
+    cslt_meta = meta.dtype == torch.int64
+    if cslt_meta and not (tuple(meta.shape) == (out * in_features // 64,)
+                          and out % 64 == 0 and in_features % 32 == 0):
+        raise ValueError(f"cuSPARSELt-layout metadata (decode24_cslt_meta) needs out % 64 == 0 "
+                         f"and in % 32 == 0 and is ({out * in_features // 64},) int64; got "
+                         f"{tuple(meta.shape)} for ({out}, {in_features})")
+    if not cslt_meta and (meta.dtype != torch.int32
+                          or tuple(meta.shape) != ((in_features + 31) // 32, out)):
+        raise ValueError(f"metadata must be ({(in_features + 31) // 32}, {out}) int32 "
+                         f"(decode24_layout) or cuSPARSELt's int64 (decode24_cslt_meta), got "
                          f"{tuple(meta.shape)} {meta.dtype}")
     if values.dtype != x.dtype or values.stride(1) != 1 or not meta.is_contiguous():
         raise ValueError("values must be row-contiguous and of x's dtype; meta contiguous")
@@ -381,5 +415,6 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
         u.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, MODE=_MODE_ID[cfg.mode], HAS_BIAS=bias is not None,
         HAS_LOWRANK=lowrank is not None, BLOCK_R=block_r, DOT_PRECISION=precision,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        NUM_STAGES=cfg.num_stages, CSLT_META=cslt_meta, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return y

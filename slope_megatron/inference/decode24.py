@@ -7,10 +7,12 @@ kept values stay as they are - they are the layout's values stream). A call of a
 tokens for which the layer's plan (`decode24_plans.py`) names a config runs the Triton kernel
 (`kernels/decode24_triton.py`); every other call runs the fallback:
 - `HybridDecode24Backend` (CUDA + bf16, where cuSPARSELt can take the layer): the compressed
-  cuSPARSELt operand of `compressed.py`. Its values block *is* the kernel's values stream, so
-  the layer holds one copy of the values, the cuSPARSELt metadata and ours (+0.0625x of the
-  dense bf16 bytes). Which calls the kernel takes is measured at load (`decode24_plans.py`);
-  layers of a shape for which the kernel won no token count drop our metadata again.
+  cuSPARSELt operand of `compressed.py`. Its values block *is* the kernel's values stream,
+  and where its metadata is in the layout of `kernels/decode24_cslt_meta.py` (checked per
+  layer) that is the kernel's metadata too: the layer holds one copy of each. Elsewhere it
+  holds a copy of the metadata in the kernel's layout (+0.0625x of the dense bf16 bytes).
+  Which calls the kernel takes is measured at load (`decode24_plans.py`); layers of a shape
+  for which the kernel won no token count drop that copy again.
 - `Decode24Backend` (elsewhere: fp16/fp32, shapes cuSPARSELt refuses, Triton's CPU
   interpreter in tests): values + metadata only (0.5625x of dense bf16). The kernel runs every
   call of <= 64 tokens; longer ones (prefill) rebuild W*M in the call for a dense GEMM -
@@ -119,12 +121,27 @@ class HybridDecode24Backend(CompressedBackend):
     def __init__(self, plans: Optional[Decode24Plans] = None):
         super().__init__()
         self.plans = plans or Decode24Plans()
+        self.warned_layout = False
 
     def compress(self, layer) -> None:
+        """The cuSPARSELt operand, and the kernel's metadata: cuSPARSELt's own, read in place,
+        where its bytes are the layout the kernel knows (`decode24_cslt_meta.py`, checked per
+        layer), else a copy in the kernel's layout (+0.0625x of the dense bf16 bytes)."""
+        from slope_megatron.kernels.decode24_cslt_meta import fits, in_place_meta
         from slope_megatron.kernels.decode24_layout import pack_meta
+        mask, dtype = layer.mask, layer.weight.dtype  # before compress drops the mask
+        super().compress(layer)                       # layer.weight: a view of the values
         with torch.no_grad():
-            meta = pack_meta(layer.mask)  # before compress drops the mask
-        super().compress(layer)           # layer.weight: a view of the values block
+            meta = in_place_meta(layer.__dict__["_compressed"].buf, mask, dtype)
+            if meta is None:
+                if fits(*mask.shape) and not self.warned_layout:
+                    self.warned_layout = True
+                    log.warning("inference: this cuSPARSELt's metadata is not in the layout "
+                                "the decode kernel reads (kernels/decode24_cslt_meta.py); the "
+                                "kernel keeps its own copy (+0.0625x of the dense weight "
+                                "bytes). `python -m benchmarks.cslt_meta_probe` on this GPU "
+                                "shows the layout.")
+                meta = pack_meta(mask)
         layer.__dict__["_decode24"] = meta
 
     def _sparse(self, layer, x2: torch.Tensor) -> torch.Tensor:
@@ -189,18 +206,27 @@ def install(model, device: torch.device, dtype: torch.dtype) -> str:
             return CompressedBackend.linear_with_adapter(hybrid, layer, x2)
         hybrid.plans = measure_on_gpu(hybrid_layers, cusparselt, _meta, _adapter)
         dropped = drop_unused_meta(hybrid_layers, hybrid.plans)
+    in_place = sum(1 for layer in hybrid_layers if "_decode24" in layer.__dict__
+                   and _meta(layer).dtype == torch.int64)
     return kernels_note(len(layers), len(hybrid_layers), dropped,
-                        hybrid.plans.describe() if hybrid_layers else "", plain_count)
+                        hybrid.plans.describe() if hybrid_layers else "", plain_count, in_place)
 
 
-def kernels_note(total: int, hybrid: int, dropped: int, plan: str, plain: int) -> str:
+def kernels_note(total: int, hybrid: int, dropped: int, plan: str, plain: int,
+                 in_place: int = 0) -> str:
     """What runs each sparse linear, for `InferenceModel.kernels_note`: `hybrid` layers on the
-    kernel with cuSPARSELt beside it (`dropped` of them on cuSPARSELt only), `plain` ones on
-    the kernel alone; `plan` describes the hybrid layers' plan."""
+    kernel with cuSPARSELt beside it (`dropped` of them on cuSPARSELt only; `in_place` of the
+    others reading cuSPARSELt's metadata), `plain` ones on the kernel alone; `plan` describes
+    the hybrid layers' plan."""
     parts = []
-    if hybrid - dropped:
-        parts.append(f"{hybrid - dropped} of {total} sparse linears on the decode kernel "
-                     f"({plan}), with cuSPARSELt for other calls")
+    kernel = hybrid - dropped
+    if kernel:
+        meta = ("cuSPARSELt's metadata read in place" if in_place == kernel else
+                f"cuSPARSELt's metadata read in place in {in_place}, a copy in the kernel's "
+                f"layout in {kernel - in_place}" if in_place else
+                "a copy of the metadata in the kernel's layout")
+        parts.append(f"{kernel} of {total} sparse linears on the decode kernel ({plan}; "
+                     f"{meta}), with cuSPARSELt for other calls")
     if dropped:
         parts.append(f"{dropped} of {total} on cuSPARSELt only (the kernel won no call of "
                      f"their shape)")

@@ -264,8 +264,8 @@ class InferenceModel(nn.Module):
                             ("masks", layer.mask_bits), ("adapters", layer.adapter_a),
                             ("adapters", layer.adapter_b),
                             ("masks", layer.__dict__.get("_decode24"))):  # decode metadata
-                if t is not None:
-                    kinds[t.untyped_storage().data_ptr()] = (kind, t)
+                if t is not None:  # a view into a storage already counted stays its kind
+                    kinds.setdefault(t.untyped_storage().data_ptr(), (kind, t))
         for t in [*self.model.parameters(), *self.model.buffers()]:
             ptr = t.untyped_storage().data_ptr()
             if ptr not in kinds:

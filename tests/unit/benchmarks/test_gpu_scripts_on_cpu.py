@@ -22,6 +22,7 @@ CUDA_TOOLS = [
     ("benchmarks.bench_torchao", [], "benchmarks.bench_torchao"),
     ("benchmarks.auto_timing_spread", [], "benchmarks.auto_timing_spread"),
     ("benchmarks.refresh_cost", [], "benchmarks.refresh_cost"),
+    ("benchmarks.cslt_meta_probe", [], "benchmarks.cslt_meta_probe"),
     ("benchmarks.host_overhead", [], "benchmarks.host_overhead"),
     ("benchmarks.profile_step", ["--arms", "dense"], "benchmarks.profile_step"),
     ("benchmarks.bench", ["kernels", "--adapters-only"], "`bench kernels`"),

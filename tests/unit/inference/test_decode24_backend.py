@@ -152,10 +152,15 @@ def test_layers_of_a_shape_the_kernel_never_won_drop_its_metadata():
 def test_the_kernels_note_counts_each_layer_once():
     from slope_megatron.inference.decode24 import kernels_note
     plan = Decode24Plans({(96, 32, 1): candidate_configs(1, 96, 32)[0]}).describe()
-    note = kernels_note(127, 127, 32, plan, 0)
+    note = kernels_note(127, 127, 32, plan, 0, 95)
     assert note == ("95 of 127 sparse linears on the decode kernel (where it measured faster: "
-                    "1 (shape, tokens) cases), with cuSPARSELt for other calls; 32 of 127 on "
-                    "cuSPARSELt only (the kernel won no call of their shape)")
+                    "1 (shape, tokens) cases; cuSPARSELt's metadata read in place), with "
+                    "cuSPARSELt for other calls; 32 of 127 on cuSPARSELt only (the kernel won "
+                    "no call of their shape)")
+    assert "read in place in 90, a copy in the kernel's layout in 5" in kernels_note(
+        127, 127, 32, plan, 0, 90)
+    assert "; a copy of the metadata in the kernel's layout)" in kernels_note(
+        127, 127, 32, plan, 0, 0)
     mixed = kernels_note(10, 6, 6, plan, 3)
     assert "on the decode kernel (" not in mixed  # every hybrid layer was dropped
     assert mixed.startswith("6 of 10 on cuSPARSELt only") and "1 of 10 on the reference" in mixed
