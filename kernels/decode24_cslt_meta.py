@@ -6,11 +6,13 @@ bytes, the difference between 0.58x and 0.64x of the dense weights. If the kerne
 positions from cuSPARSELt's buffer, the model holds one copy.
 
 cuSPARSELt does not document its compressed layout. The one modelled here was published as a
-reverse-engineered writer for sm90 (xformers' and torchao's `MetadataCusparseLt16bitsSm90`,
-2025), for a row-major (out, in) 16-bit operand with out % 64 == 0 and in % 32 == 0: the
-buffer is the kept values (out * in / 2 elements, row-major) followed by out * in / 8 bytes of
-metadata. A group of four input columns is one nibble (its first kept position in the low two
-bits, its second in the high two - as in ours), and for row r and group g (columns 4g..4g+3):
+reverse-engineered writer for sm90 (xformers' and torchao's sparsify kernels for
+`MetadataCusparseLt16bits`, 2025: `store_metadata_reordered`), for a row-major (out, in)
+16-bit operand with out % 64 == 0 (that writer: in % 64 == 0; the formula below is extended
+here to in % 32 == 0, which the byte comparison covers): the buffer is the kept values
+(out * in / 2 elements, row-major) followed by out * in / 8 bytes of metadata. A group of four
+input columns is one nibble (its first kept position in the low two bits, its second in the
+high two - as in ours), and for row r and group g (columns 4g..4g+3):
 
     byte  = (r // 64) * 8 * in + (g // 8) * 256 + (r % 64 // 16) * 64 + (r % 8) * 8
             + (g % 4) * 2 + (g % 8) // 4
@@ -81,8 +83,9 @@ def in_place_meta(buffer: torch.Tensor, mask: torch.Tensor,
                   dtype: torch.dtype = torch.bfloat16) -> Optional[torch.Tensor]:
     """The metadata of a cuSPARSELt buffer (uint8) of the (out, in) weight of `dtype` whose 2:4
     mask is `mask`, as an int64 view into `buffer`, where its bytes are exactly
-    `pack_cslt_meta(mask)`; None where the shape does not fit the model or the bytes differ
-    (another layout)."""
+    `pack_cslt_meta(mask)`; None where the shape does not fit the model, the buffer is too
+    short or its metadata not 8-byte aligned for an int64 view, or the bytes differ (another
+    layout)."""
     out, inp = mask.shape
     start = out * inp // 2 * dtype.itemsize       # after the kept values
     size = meta_bytes(out, inp)

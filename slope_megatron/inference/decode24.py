@@ -136,11 +136,12 @@ class HybridDecode24Backend(CompressedBackend):
             if meta is None:
                 if fits(*mask.shape) and not self.warned_layout:
                     self.warned_layout = True
-                    log.warning("inference: this cuSPARSELt's metadata is not in the layout "
-                                "the decode kernel reads (kernels/decode24_cslt_meta.py); the "
-                                "kernel keeps its own copy (+0.0625x of the dense weight "
-                                "bytes). `python -m benchmarks.cslt_meta_probe` on this GPU "
-                                "shows the layout.")
+                    log.warning("inference: cuSPARSELt's metadata of a (%d, %d) layer is not "
+                                "in the layout the decode kernel reads in place "
+                                "(kernels/decode24_cslt_meta.py); such layers keep a copy of "
+                                "it (+0.0625x of their dense bf16 bytes). `python -m "
+                                "benchmarks.cslt_meta_probe` on this GPU tells what differs.",
+                                *mask.shape)
                 meta = pack_meta(mask)
         layer.__dict__["_decode24"] = meta
 

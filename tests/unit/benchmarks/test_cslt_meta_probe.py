@@ -37,9 +37,12 @@ def test_the_layout_search_recovers_the_modelled_formula(monkeypatch):
     found = probe.find_layout(128, 256, device="cpu")
     assert found["groups_located"] == found["groups"] == 128 * 64
     assert found["bit_offset_of_group_0"] == 0 and found["terms_explain_every_group"]
+    assert found["second_position_2_bits_above_first"]
     assert found["row_bit_terms"] == {1: 64, 2: 128, 4: 256, 8: 4, 16: 512, 32: 1024,
                                       64: 8 * 256 * 8}
     assert found["group_bit_terms"] == {1: 16, 2: 32, 4: 8, 8: 2048, 16: 4096, 32: 8192}
     monkeypatch.setattr(probe, "compressed", _fake("positions"))  # a byte per kept position
     other = probe.find_layout(64, 32, device="cpu")
     assert other["terms_explain_every_group"] and other["row_bit_terms"][1] == 8 * 16
+    assert other["bit_offset_of_group_0"] == 0 and other["group_bit_terms"][1] == 16
+    assert not other["second_position_2_bits_above_first"]  # the next byte, 8 bits above

@@ -80,12 +80,15 @@ def test_in_place_meta_is_a_view_only_where_the_bytes_are_the_models():
     assert in_place_meta(other, mask) is None
     assert in_place_meta(buf[: out * inp + 8], mask) is None      # too short
     assert in_place_meta(buf.view(torch.int16), mask) is None     # not a byte buffer
+    shifted = torch.cat([torch.zeros(4, dtype=torch.uint8), buf])[4:]  # 4-byte aligned only
+    assert torch.equal(shifted, buf) and in_place_meta(shifted, mask) is None
     odd = nm_mask(torch.randn(96, 64))                            # out % 64 != 0
     assert in_place_meta(torch.zeros(96 * 64 * 2, dtype=torch.uint8), odd) is None
 
 
 def test_decode_kernel_reads_cslt_meta_as_its_own_in_interpreter():
-    """Every mode, with split-K, bias, a low-rank term, against F.linear on W*M; and a clear
+    """Every mode, with split-K, bias, a low-rank term, against F.linear on W*M; tiles wider
+    than the layer or over several 64-row slabs, a last K block past the end; and a clear
     error for int64 metadata of the wrong size."""
     pytest.importorskip("triton")
     run_interpreted(r'''
@@ -126,5 +129,20 @@ except ValueError as e:
     assert "cuSPARSELt-layout metadata" in str(e), e
 else:
     raise AssertionError("int64 metadata of the wrong size was accepted")
+# tiles wider than the layer (128 rows of 64), over several 64-row slabs (128 of 192), and a
+# last K block past the end (256 of 320 columns)
+for (out, inp), cfgs in (((64, 320), [Decode24Config(1, 128, 256, 1, "gather"),
+                                      Decode24Config(16, 128, 128, 2, "dotT")]),
+                         ((192, 320), [Decode24Config(4, 128, 256, 2, "fma"),
+                                       Decode24Config(16, 256, 256, 1, "dot"),
+                                       Decode24Config(2, 128, 256, 2, "gatherT")])):
+    w = torch.randn(out, inp)
+    mask = nm_mask(w)
+    values = w[mask].view(out, -1).contiguous()
+    dense, meta = dense_from_values(values, mask), pack_cslt_meta(mask)
+    for cfg in cfgs:
+        x = torch.randn(min(cfg.block_m, 2), inp)
+        torch.testing.assert_close(decode24_linear(x, values, meta, None, cfg),
+                                   F.linear(x, dense), rtol=1e-5, atol=1e-5)
 print("ok")
 ''')
