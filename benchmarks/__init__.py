@@ -17,6 +17,7 @@ Run each as a module from the checkout root (most need one CUDA GPU and say so i
     python -m benchmarks.auto_timing_spread # how much `auto`'s per-shape timings vary
     python -m benchmarks.gpu_check          # is this GPU at full speed?
     python -m benchmarks.cslt_meta_probe    # can the decode kernel read cuSPARSELt's metadata?
+    python -m benchmarks.decode24_sass      # the decode kernel's sm_90 code, counted (no GPU)
     python -m benchmarks.provenance [--find DIGEST]  # which code produced a result file
 
 `--help` of each gives its options. The helpers they share (CUDA check, timing, child

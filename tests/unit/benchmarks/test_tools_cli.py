@@ -332,7 +332,7 @@ def _help(tool, *argv):
     ("quality_study", []), ("profile_step", []), ("host_overhead", []), ("provenance", []),
     ("plot_results", []), ("gpu_check", []), ("layer_host_gpu", []),
     ("bench_reference_step", []), ("bench_torchao", []), ("auto_timing_spread", []),
-    ("refresh_cost", []), ("cslt_meta_probe", [])])
+    ("refresh_cost", []), ("cslt_meta_probe", []), ("decode24_sass", [])])
 def test_help_names_no_internal_issue(tool, argv):
     text = _help(tool, *argv)
     assert "issue" not in text.lower()

@@ -1,0 +1,101 @@
+"""The decode kernel's machine code for a GPU, without one: instructions, loads, shared memory.
+
+    python -m benchmarks.decode24_sass [--modes gather select ...] [--arch 90] [--json FILE]
+
+Why: which of the decode kernel's variants can stream weights at the copy bandwidth is
+partly a question of how many instructions its K loop issues per byte, and that can be read
+from its compiled code on any machine with Triton (which ships ptxas and nvdisasm), while
+GPU time is scarce. For each mode at its base tile (`decode24_plans.base_tile`; the dot
+modes with 16 rows, the others with 1, gatherT with 2) and each metadata form (the kernel's
+own int32 words, `decode24_layout`, and cuSPARSELt's int64 read in place,
+`decode24_cslt_meta`), it compiles the kernel for the target and reports the SASS
+instruction count of the whole kernel, its global loads (LDG) and its shared memory. Timing
+still needs a GPU (`python -m benchmarks.bench inference gemm`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SIGNATURE = {"x_ptr": "*bf16", "v_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+             "part_ptr": "*fp32", "lock_ptr": "*i32", "u_ptr": "*bf16", "lb_ptr": "*bf16",
+             "M": "i32", "N": "i32", "K": "i32", "RANK": "i32", "lr_scale": "fp32",
+             "stride_xm": "i32", "stride_vn": "i32", "stride_ym": "i32", "stride_um": "i32",
+             "SPLIT_K": "i32"}
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(\S+)")  # [guard] op
+
+
+def compile_variant(mode: str, cslt_meta: bool, arch: int, num_warps: int = 4) -> dict:
+    """Compile one variant for sm_<arch>; its counts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from slope_megatron.inference.decode24_plans import base_tile
+    from slope_megatron.kernels.decode24_triton import _MODE_ID, _decode24_kernel, stage_count
+    rows = 16 if mode in ("dot", "dotT") else 2 if mode == "gatherT" else 1
+    block_n, block_k = base_tile(mode, rows)
+    stages = stage_count(mode)
+    constants = {"BLOCK_M": rows, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                 "MODE": _MODE_ID[mode], "HAS_BIAS": False, "HAS_LOWRANK": False,
+                 "BLOCK_R": 16, "DOT_PRECISION": "tf32", "NUM_STAGES": stages,
+                 "CSLT_META": cslt_meta}
+    signature = dict(SIGNATURE, meta_ptr="*i64" if cslt_meta else "*i32",
+                     **{name: "constexpr" for name in constants})
+    kernel = triton.compile(ASTSource(fn=_decode24_kernel, signature=signature,
+                                      constexprs=constants),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": stages})
+    ops = [m.group(1) for line in disassemble(kernel.asm["cubin"]).splitlines()
+           if (m := INSTRUCTION.match(line))]
+    return {"mode": mode, "metadata": "cusparselt" if cslt_meta else "own",
+            "tile": f"{rows}x{block_n}x{block_k}", "num_warps": num_warps, "stages": stages,
+            "sass_instructions": len(ops),
+            "global_loads": sum(1 for op in ops if op.startswith("LDG")),
+            "shared_bytes": kernel.metadata.shared}
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin, by the nvdisasm that Triton ships."""
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([str(tool), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def main(argv=None) -> int:
+    from slope_megatron.kernels.decode24_triton import MODES
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode24_sass",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    p.add_argument("--json", default=None, help="write the rows here")
+    args = p.parse_args(argv)
+    rows = []
+    print(f"{'mode':>8s} {'metadata':>10s} {'tile':>11s} {'SASS':>6s} {'LDG':>4s} {'smem':>6s}")
+    for mode in args.modes:
+        for cslt_meta in (False, True):
+            r = compile_variant(mode, cslt_meta, args.arch)
+            rows.append(r)
+            print(f"{mode:>8s} {r['metadata']:>10s} {r['tile']:>11s} "
+                  f"{r['sass_instructions']:6d} {r['global_loads']:4d} {r['shared_bytes']:6d}")
+    if args.json:
+        import triton
+        Path(args.json).write_text(json.dumps({"arch": args.arch, "triton": triton.__version__,
+                                               "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""`python -m benchmarks.decode24_sass` compiles the decode kernel for sm_90 on a machine
+without a GPU and counts its machine code: both metadata forms of a mode compile, the counts
+are read from real SASS, and reading cuSPARSELt's metadata adds instructions but no loads."""
+import json
+
+import pytest
+
+from benchmarks import decode24_sass
+
+
+def test_sass_counts_of_both_metadata_forms(tmp_path):
+    pytest.importorskip("triton")
+    own = decode24_sass.compile_variant("gather", False, 90)
+    cslt = decode24_sass.compile_variant("gather", True, 90)
+    assert (own["metadata"], cslt["metadata"]) == ("own", "cusparselt")
+    assert own["tile"] == "1x32x256" and own["global_loads"] > 0
+    assert 500 < own["sass_instructions"] < cslt["sass_instructions"]
+    assert cslt["global_loads"] == own["global_loads"]
+    assert decode24_sass.main(["--modes", "select", "--json", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert [r["metadata"] for r in rows] == ["own", "cusparselt"] and rows[0]["mode"] == "select"
