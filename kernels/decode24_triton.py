@@ -4,9 +4,9 @@ Why our own kernel: decoding is a bandwidth problem, and cuSPARSELt's small-N ke
 the compressed operand at about half the bandwidth cuBLAS reaches on the dense one, so 2:4
 decoding with it is slower than dense (docs/INFERENCE.md). Triton has no sparse MMA; this
 kernel reads only the two compressed streams of `decode24_layout.py` (kept values and their
-2-bit positions, 0.5625x of the dense bf16 bytes; the positions may instead be cuSPARSELt's
-own metadata, `decode24_cslt_meta.py`, turned into the same words in registers) with wide
-loads and computes on them in one of these ways (`Decode24Config.mode`):
+2-bit positions, 0.5625x of the dense bf16 bytes; the positions may instead be read from
+cuSPARSELt's own metadata, `decode24_cslt_meta.py`, each by its own shift) with wide loads
+and computes on them in one of these ways (`Decode24Config.mode`):
 - "gather" (a few rows): each kept value is multiplied by the x entry its position selects,
   loaded by address (x is a few KB: the loads hit L1), on the CUDA cores - no dense tile;
 - "gatherS" (a few rows): the same products, with each step's x block (BLOCK_K entries of a
@@ -161,19 +161,16 @@ def _add_lowrank(acc, u_ptr, lb_ptr, rm, rn, m_ok, n_ok, N, RANK, lr_scale, stri
 
 
 @triton.jit
-def _cslt_word(q, high):
-    """One int64 of cuSPARSELt's metadata (`decode24_cslt_meta.py`: byte 2 f + e holds group
-    4 e + f of a 32-column chunk, row r's nibble low, row r + 8's high) -> the int32 word of
-    `decode24_layout` for the row whose nibbles are high (1) or low (0): group j in bits
-    4 j .. 4 j + 3."""
-    t = (q >> (4 * high)) & 0x0F0F0F0F0F0F0F0F     # the row's nibbles, one per byte
-    lo = t & 0x000F000F000F000F                     # groups 0-3, at bits 0, 16, 32, 48
-    hi = (t >> 8) & 0x000F000F000F000F              # groups 4-7
-    lo = (lo | (lo >> 12)) & 0x000000FF000000FF
-    hi = (hi | (hi >> 12)) & 0x000000FF000000FF
-    lo = (lo | (lo >> 24)) & 0xFFFF
-    hi = (hi | (hi >> 24)) & 0xFFFF
-    return (lo | (hi << 16)).to(tl.int32)          # bit 31 set: int32's two's complement
+def _field_shift(i, BITS: tl.constexpr, CSLT_META: tl.constexpr):
+    """Where field i of a metadata word starts: a kept value's 2-bit position (BITS=2, i in
+    0..15) or a group's 4-bit nibble (BITS=4, i in 0..7). The kernel's own int32 word holds
+    them in order; cuSPARSELt's int64 (`decode24_cslt_meta.py`) holds group 4 e + f in byte
+    2 f + e (the row's nibble low; add 4 for rows r % 16 >= 8)."""
+    if CSLT_META:
+        g = i // 2 if BITS == 2 else i
+        return 8 * (2 * (g % 4) + g // 4) + (2 * (i % 2) if BITS == 2 else 0)
+    else:
+        return BITS * i
 
 
 @triton.jit
@@ -207,13 +204,13 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
         w = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         w_ok = n_ok[:, None] & (w[None, :] < words)
         if CSLT_META:  # cuSPARSELt's, read in place: one int64 per 32 columns of rows r, r + 8
-            word = _cslt_word(tl.load(meta_ptr + (rn[:, None] // 64).to(tl.int64) * K
-                                      + w[None, :] * 32 + (rn[:, None] % 64) // 16 * 8
-                                      + rn[:, None] % 8, mask=w_ok, other=0),
-                              (rn[:, None] // 8) % 2)
+            word = tl.load(meta_ptr + (rn[:, None] // 64).to(tl.int64) * K + w[None, :] * 32
+                           + (rn[:, None] % 64) // 16 * 8 + rn[:, None] % 8, mask=w_ok, other=0)
+            row_shift = 4 * ((rn[:, None, None] // 8) % 2)  # row r + 8: the high nibbles
         else:
             word = tl.load(meta_ptr + w[None, :].to(tl.int64) * N + rn[:, None], mask=w_ok,
                            other=0)
+            row_shift = 0
         if MODE == 5:
             # kept values (BLOCK_N, words, 16): value t of word w is at input column
             # 32 w + 4 (t // 2) + pos, pos in odd .. odd + 2 (odd = t % 2)
@@ -228,7 +225,8 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
             x0 = tl.load(x_row + xo, mask=xo < K, other=0.0).to(tl.float32)
             x1 = tl.load(x_row + xo + 1, mask=xo + 1 < K, other=0.0).to(tl.float32)
             x2 = tl.load(x_row + xo + 2, mask=xo + 2 < K, other=0.0).to(tl.float32)
-            q = ((word[:, :, None] >> 2 * t) & 3) - odd
+            q = ((word[:, :, None] >> (_field_shift(t, 2, CSLT_META) + row_shift)) & 3
+                 ).to(tl.int32) - odd
             acc3 += v * tl.where(q == 0, x0, tl.where(q == 1, x1, x2))
         elif MODE == 0 or MODE == 4 or MODE == 6:
             # kept values (BLOCK_N, BLOCK_K / 2) times the x entries their positions select
@@ -236,7 +234,8 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
             kk = k0 // 2 + j
             v = tl.load(v_ptr + rn[:, None].to(tl.int64) * stride_vn + kk[None, :],
                         mask=n_ok[:, None] & (kk[None, :] < kept), other=0.0).to(tl.float32)
-            pos = tl.reshape((word[:, :, None] >> (2 * tl.arange(0, 16))[None, None, :]) & 3,
+            shift = _field_shift(tl.arange(0, 16), 2, CSLT_META)[None, None, :] + row_shift
+            pos = tl.reshape(((word[:, :, None] >> shift) & 3).to(tl.int32),
                              (BLOCK_N, BLOCK_K // 2))
             xi = k0 + 4 * (j // 2)[None, :] + pos
             x_ok = n_ok[:, None] & (xi < K)
@@ -268,7 +267,8 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
             v = tl.load(v_ptr + rn[:, None, None].to(tl.int64) * stride_vn + kk,
                         mask=n_ok[:, None, None] & (kk < kept), other=0.0)
             v0, v1 = tl.split(v)
-            nib = tl.reshape((word[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15,
+            shift = _field_shift(tl.arange(0, 8), 4, CSLT_META)[None, None, :] + row_shift
+            nib = tl.reshape(((word[:, :, None] >> shift) & 15).to(tl.int32),
                              (BLOCK_N, BLOCK_K // 4))
             p0 = (nib & 3)[:, :, None]
             p1 = (nib >> 2)[:, :, None]
