@@ -1,11 +1,12 @@
 """The decode kernel's machine code for a GPU, without one: instructions, loads, shared memory.
 
-    python -m benchmarks.decode24_sass [--modes gather select ...] [--arch 90] [--json FILE]
+    python -m benchmarks.decode24_sass [--modes gather select ...] [--warps 4 8] [--arch 90]
+                                       [--json FILE]
 
 Why: which of the decode kernel's variants can stream weights at the copy bandwidth is
 partly a question of how many instructions its K loop issues per byte, and that can be read
-from its compiled code on any machine with Triton (which ships ptxas and nvdisasm), while
-GPU time is scarce. The kernel is specialized as Triton's launcher specializes it for a
+from its compiled code on any machine with Triton (which ships ptxas, nvdisasm and
+cuobjdump), while GPU time is scarce. The kernel is specialized as Triton's launcher specializes it for a
 layer whose sizes are multiples of 16 (pointers, N, K and the row strides divisible by 16;
 one token, no split). For each mode at its base tile (`decode24_plans.base_tile`; the dot
 modes with 16 rows, the others with 1, gatherT with 2) and each metadata form (the kernel's

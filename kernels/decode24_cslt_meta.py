@@ -1,9 +1,9 @@
 """cuSPARSELt's 2:4 metadata on Hopper, as the decode kernel can read it in place.
 
 Why: a model that keeps the cuSPARSELt operand (for prefill) and the decode kernel's own
-metadata (`decode24_layout.py`) holds the 2-bit positions twice: +0.0625x of the dense bf16
-bytes, the difference between 0.58x and 0.64x of the dense weights. If the kernel reads the
-positions from cuSPARSELt's buffer, the model holds one copy.
+metadata (`decode24_layout.py`) holds the 2-bit positions twice: 1/16 more of each sparse
+layer's dense bf16 bytes (docs/INFERENCE.md, "Weight memory of the default"). If the kernel
+reads the positions from cuSPARSELt's buffer, the model holds one copy.
 
 cuSPARSELt does not document its compressed layout. The one modelled here was published as a
 reverse-engineered writer for sm90 (xformers' and torchao's sparsify kernels for

@@ -1,9 +1,10 @@
 """The `decode24` inference kernels: our 2:4 decode GEMM for calls of 1 to 64 tokens.
 
 `InferenceModel(kernels="decode24")`, and "auto" (the default) where cuSPARSELt and Triton
-can run: every 2:4 sparse linear gets the decode layout's metadata
-(`kernels/decode24_layout.py`, built here once from its mask, which is then dropped; the
-kept values stay as they are - they are the layout's values stream). A call of at most 64
+can run: every 2:4 sparse linear gets the decode kernel's metadata - a view of cuSPARSELt's
+own where it can (below), else a copy in the layout of `kernels/decode24_layout.py` built
+here once from its mask, which is then dropped; the kept values stay as they are - they are
+the kernel's values stream. A call of at most 64
 tokens for which the layer's plan (`decode24_plans.py`) names a config runs the Triton kernel
 (`kernels/decode24_triton.py`); every other call runs the fallback:
 - `HybridDecode24Backend` (CUDA + bf16, where cuSPARSELt can take the layer): the compressed
@@ -164,8 +165,9 @@ def _adapter(layer) -> Optional[tuple]:
 
 
 def drop_unused_meta(layers: list, plans: Decode24Plans) -> int:
-    """Free the decode metadata of layers whose shape the plan never runs the kernel for
-    (their calls all go to cuSPARSELt); the number of layers freed."""
+    """Drop the decode metadata of layers whose shape the plan never runs the kernel for
+    (their calls all go to cuSPARSELt; a copy is freed, a view of cuSPARSELt's frees
+    nothing); the number of layers dropped."""
     used = {(out, inp) for out, inp, _ in plans.table}
     dropped = 0
     for layer in layers:
