@@ -1,4 +1,4 @@
-"""The decode kernel's machine code for a GPU, without one: instructions, loads, shared memory.
+"""The decode kernel's machine code for a GPU, without one: instructions, registers, loads.
 
     python -m benchmarks.decode24_sass [--modes gather select ...] [--warps 4 8] [--arch 90]
                                        [--json FILE]
@@ -6,15 +6,15 @@
 Why: which of the decode kernel's variants can stream weights at the copy bandwidth is
 partly a question of how many instructions its K loop issues per byte, and that can be read
 from its compiled code on any machine with Triton (which ships ptxas, nvdisasm and
-cuobjdump), while GPU time is scarce. The kernel is specialized as Triton's launcher specializes it for a
-layer whose sizes are multiples of 16 (pointers, N, K and the row strides divisible by 16;
-one token, no split). For each mode at its base tile (`decode24_plans.base_tile`; the dot
-modes with 16 rows, the others with 1, gatherT with 2) and each metadata form (the kernel's
-own int32 words, `decode24_layout`, and cuSPARSELt's int64 read in place,
-`decode24_cslt_meta`), it compiles the kernel for the target and reports the SASS
-instruction count of the whole kernel and of its K loop (one step, per thread; and per kept
-value of the tile: the loop's instructions times the threads over the tile's kept values),
-its registers per thread, global loads (LDG) and shared memory. Timing
+cuobjdump), while GPU time is scarce. The kernel is specialized as Triton's launcher
+specializes it for a layer whose sizes are multiples of 16 (pointers, N, K and the row
+strides divisible by 16; one token, no split). For each mode at its base tile
+(`decode24_plans.base_tile`; the dot modes with 16 rows, the others with 1, gatherT with 2)
+and each metadata form (the kernel's own int32 words, `decode24_layout`, and cuSPARSELt's
+int64 read in place, `decode24_cslt_meta`), it compiles the kernel for the target and
+reports the SASS instruction count of the whole kernel and of its K loop (one step, per
+thread; and per kept value of the tile: the loop's instructions times the threads over the
+tile's kept values), its registers per thread, global loads (LDG) and shared memory. Timing
 still needs a GPU (`python -m benchmarks.bench inference gemm`).
 """
 from __future__ import annotations
