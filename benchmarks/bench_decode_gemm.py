@@ -5,7 +5,9 @@ Per (layer shape, token count M) it times, in one process and on the same random
 (no zeros): dense `F.linear` (cuBLAS) on W*M held dense, cuSPARSELt on the compressed operand
 (the `cusparselt` inference kernels, token count padded as they pad it), and our kernel
 (`kernels/decode24_triton.py`) with the fastest of the configs the load-time plan would time
-(`decode24_plans.candidate_configs`), or with `--tune` the fastest of a wide grid. Each time
+(`decode24_plans.candidate_configs`), or with `--tune` the fastest of a wide grid, and where
+the cuSPARSELt operand's metadata is in the layout the kernel can read in place
+(`kernels/decode24_cslt_meta.py`) that config again on it (`decode24_in_place_ms`). Each time
 is the median of triton.testing.do_bench (CUDA events, the L2 cache emptied before every
 call). Bytes streamed per call give the achieved GB/s, shown against the
 GPU's measured copy bandwidth (`benchmarks.common.gpu_speed`): the kernel's limit is the
@@ -136,6 +138,7 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
 
     from slope_megatron.inference.compressed import CompressedBackend
     from slope_megatron.inference.decode24_plans import candidate_configs
+    from slope_megatron.kernels.decode24_cslt_meta import in_place_meta
     from slope_megatron.kernels.decode24_triton import decode24_linear
     from slope_megatron.sparsity import SlopeLinear
     dense, values, meta, mask, b = _operands(out, inp, bias)
@@ -144,6 +147,8 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
         raise RuntimeError("the layer chose a different mask from W*M")
     cslt = CompressedBackend()
     cslt.compress(layer)
+    # the operand's own metadata, where the kernel can read it in place (else None)
+    shared_meta = in_place_meta(layer.__dict__["_compressed"].buf, mask)
     rows = []
     for m in tokens_list:
         x = torch.randn(m, inp, device="cuda", dtype=torch.bfloat16)
@@ -167,11 +172,19 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
         timed.sort()
         _, _, cfg, err = timed[0]
         t = bench_ms(lambda: decode24_linear(x, values, meta, b, cfg))  # as long as the others
+        t_shared = err_shared = None
+        if shared_meta is not None:  # the same config on cuSPARSELt's metadata, read in place
+            err_shared = rel_err(decode24_linear(x, values, shared_meta, b, cfg), want)
+            if not err_shared < 1e-2:
+                raise RuntimeError(f"decode24 {cfg} on cuSPARSELt's metadata, ({out}, {inp}) "
+                                   f"M={m}: rel err {err_shared:.2e}")
+            t_shared = bench_ms(lambda: decode24_linear(x, values, shared_meta, b, cfg))
         row = {"out": out, "in": inp, "bias": bias, "tokens": m, "dense_ms": t_dense,
                "cusparselt_ms": t_cslt, "decode24_ms": t, "config": cfg.__dict__,
                "runner_up": timed[1][2].__dict__ if len(timed) > 1 else None,
                "timed": [[c.__dict__, ms] for ms, _, c, _ in timed],  # fastest first
                "err": err, "cusparselt_err": rel_err(got_cslt, want),
+               "decode24_in_place_ms": t_shared, "in_place_err": err_shared,
                "dense_gbps": _bytes(out, inp, m, False) / t_dense / 1e6,
                "decode24_gbps": _bytes(out, inp, m, True) / t / 1e6,
                "cusparselt_gbps": _bytes(out, inp, m, True) / t_cslt / 1e6}
@@ -180,7 +193,8 @@ def measure_shape(out, inp, bias, tokens_list, tune, log=print) -> list:
             f"{row['dense_gbps']:5.0f} GB/s | cuSPARSELt {1e3 * t_cslt:7.1f} us "
             f"({t_dense / t_cslt:4.2f}x) | decode24 {1e3 * t:7.1f} us {row['decode24_gbps']:5.0f}"
             f" GB/s ({t_dense / t:4.2f}x) {cfg.mode} bm{cfg.block_m} bn{cfg.block_n} "
-            f"bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}")
+            f"bk{cfg.block_k} s{cfg.split_k} w{cfg.num_warps}"
+            + ("" if t_shared is None else f" | in place {1e3 * t_shared:7.1f} us"))
     return rows
 
 
