@@ -4,9 +4,9 @@
 can run: every 2:4 sparse linear gets the decode kernel's metadata - a view of cuSPARSELt's
 own where it can (below), else a copy in the layout of `kernels/decode24_layout.py` built
 here once from its mask, which is then dropped; the kept values stay as they are - they are
-the kernel's values stream. A call of at most 64
-tokens for which the layer's plan (`decode24_plans.py`) names a config runs the Triton kernel
-(`kernels/decode24_triton.py`); every other call runs the fallback:
+the kernel's values stream. A call of at most 64 tokens for which the layer's plan
+(`decode24_plans.py`) names a config runs the Triton kernel (`kernels/decode24_triton.py`);
+every other call runs the fallback:
 - `HybridDecode24Backend` (CUDA + bf16, where cuSPARSELt can take the layer): the compressed
   cuSPARSELt operand of `compressed.py`. Its values block *is* the kernel's values stream,
   and where its metadata is in the layout of `kernels/decode24_cslt_meta.py` (checked per
