@@ -49,7 +49,7 @@ def check_shape(out: int, inp: int, device: str = "cuda") -> dict:
     """One random 2:4 mask compressed: does `in_place_meta` accept its metadata?"""
     import torch
 
-    from slope_megatron.kernels.decode24_cslt_meta import fits, in_place_meta, meta_bytes
+    from slope_megatron.kernels.decode24_cslt_meta import in_place_meta, layout_covers, meta_bytes
     gen = torch.Generator(device=device).manual_seed(out + inp)
     mask = (torch.rand(out, inp // 4, 4, generator=gen, device=device).argsort(-1) < 2)
     mask = mask.view(out, inp)  # two random places of every four
@@ -58,7 +58,7 @@ def check_shape(out: int, inp: int, device: str = "cuda") -> dict:
     buf = compressed(mask, values)
     return {"shape": f"{out}x{inp}", "buffer_bytes": buf.numel(),
             "values_and_meta_bytes": out * inp + meta_bytes(out, inp),
-            "modelled": fits(out, inp),
+            "modelled": layout_covers(out, inp),
             "in_place": in_place_meta(buf, mask.cpu()) is not None}
 
 
@@ -118,26 +118,36 @@ def find_layout(out: int, inp: int, device: str = "cuda") -> dict:
     return result
 
 
+def shape(text: str) -> tuple:
+    """OUTxIN -> (out, in), for argparse."""
+    try:
+        out, inp = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not OUTxIN (e.g. 4096x11008)") from None
+    if out < 1 or inp < 4 or inp % 4:
+        raise argparse.ArgumentTypeError(f"{text}: needs out >= 1 and in a multiple of 4")
+    return out, inp
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cslt_meta_probe",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="OUTxIN")
-    p.add_argument("--find", default="128x256",
+    p.add_argument("--shapes", nargs="+", type=shape, default=[shape(s) for s in DEFAULT_SHAPES],
+                   help=f"OUTxIN (default: {' '.join(DEFAULT_SHAPES)})")
+    p.add_argument("--find", type=shape, default="128x256",
                    help="OUTxIN to find the layout on where a shape does not match "
                         "(powers of two: the terms are per bit)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     require_cuda("benchmarks.cslt_meta_probe")
     rows = []
-    for shape in args.shapes:
-        out, inp = map(int, shape.split("x"))
+    for out, inp in args.shapes:
         rows.append(check_shape(out, inp))
         print(json.dumps(rows[-1]))
     found = None
     matches = all(r["in_place"] for r in rows if r["modelled"])
     if not matches:
-        out, inp = map(int, args.find.split("x"))
-        found = find_layout(out, inp)
+        found = find_layout(*args.find)
         print(json.dumps(found, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(

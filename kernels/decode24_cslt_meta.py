@@ -38,9 +38,15 @@ ROWS_PER_SLAB = 64    # the layout's row period
 COLS_PER_CHUNK = 32   # input columns per int64 (8 groups of 4)
 
 
-def fits(out_features: int, in_features: int) -> bool:
+def layout_covers(out_features: int, in_features: int) -> bool:
     """Whether a weight's shape is one the modelled layout covers."""
     return out_features % ROWS_PER_SLAB == 0 and in_features % COLS_PER_CHUNK == 0
+
+
+def is_cslt_meta(meta: torch.Tensor) -> bool:
+    """Whether decode metadata is cuSPARSELt's (int64, this layout) rather than the kernel's
+    own int32 words (`decode24_layout.py`)."""
+    return meta.dtype == torch.int64
 
 
 def meta_bytes(out_features: int, in_features: int) -> int:
@@ -51,7 +57,7 @@ def meta_bytes(out_features: int, in_features: int) -> int:
 def pack_cslt_meta(mask: torch.Tensor) -> torch.Tensor:
     """(out, in) bool 2:4 mask -> (out * in / 64,) int64 in the modelled layout (docstring)."""
     out, inp = mask.shape
-    if not fits(out, inp):
+    if not layout_covers(out, inp):
         raise ValueError(f"the modelled cuSPARSELt layout needs out % 64 == 0 and in % 32 == 0,"
                          f" got ({out}, {inp})")
     pos = kept_positions(mask).view(out, inp // 4, 2)
@@ -68,7 +74,8 @@ def positions_from_cslt_meta(meta: torch.Tensor, out_features: int,
     """Inverse of `pack_cslt_meta`: (out, in/2) int64 positions of the kept values in their
     groups, as `decode24_layout.kept_positions` gives them."""
     out, inp = out_features, in_features
-    if meta.dtype != torch.int64 or meta.numel() * 8 != meta_bytes(out, inp) or not fits(out, inp):
+    if not is_cslt_meta(meta) or meta.numel() * 8 != meta_bytes(out, inp) \
+            or not layout_covers(out, inp):
         raise ValueError(f"cuSPARSELt-layout metadata for ({out}, {inp}) is "
                          f"({meta_bytes(out, inp) // 8},) int64; got {tuple(meta.shape)} "
                          f"{meta.dtype}")
@@ -89,7 +96,8 @@ def in_place_meta(buffer: torch.Tensor, mask: torch.Tensor,
     out, inp = mask.shape
     start = out * inp // 2 * dtype.itemsize       # after the kept values
     size = meta_bytes(out, inp)
-    if not fits(out, inp) or buffer.dtype != torch.uint8 or buffer.numel() < start + size:
+    if (not layout_covers(out, inp) or buffer.dtype != torch.uint8
+            or buffer.numel() < start + size):
         return None
     region = buffer[start:start + size]
     if region.data_ptr() % 8:

@@ -1,9 +1,9 @@
 """The weight layout of the 2:4 decode GEMM (`decode24_triton.py`): kept values + 2-bit indices.
 
-Why this layout: decoding reads every weight once per token, so the kernel must stream as
-few bytes as possible in as few, as wide, loads as possible (DESIGN.md section 6). A 2:4
-weight needs its kept values and, per kept value, its position (0..3) inside its group of
-four input columns: 2 bits. Two streams:
+Why this layout: decoding reads every weight once per token, so the kernel must stream as few
+bytes as possible in as few, as wide, loads as possible (docs/INFERENCE.md, "The decode GEMM
+alone"). A 2:4 weight needs its kept values and, per kept value, its position (0..3) inside
+its group of four input columns: 2 bits. Two streams:
 
 - values (out, in/2): the kept values in row-major order of the mask - exactly a
   SlopeLinear's `weight` parameter, and exactly the values block of its cuSPARSELt operand

@@ -44,6 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
+from slope_megatron.kernels.decode24_cslt_meta import is_cslt_meta, layout_covers, meta_bytes
+from slope_megatron.kernels.decode24_layout import meta_words
+
 MAX_TOKENS = 64  # the token counts this kernel is meant (and planned) for
 MODES = ("gather", "fma", "dot", "dotT", "gatherT", "select", "gatherS")
 _MODE_ID = {name: i for i, name in enumerate(MODES)}
@@ -363,20 +366,24 @@ def decode24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     tokens, in_features = x.shape
     out = values.shape[0]
     if tuple(values.shape) != (out, in_features // 2) or in_features % 4:
-        raise ValueError(f"values {tuple(values.shape)} do not fit x {tuple(x.shape)}")
-    cslt_meta = meta.dtype == torch.int64
-    if cslt_meta and not (tuple(meta.shape) == (out * in_features // 64,)
-                          and out % 64 == 0 and in_features % 32 == 0):
+        raise ValueError(f"values {tuple(values.shape)} must be (out, in / 2) for x "
+                         f"{tuple(x.shape)}, with in a multiple of 4: ({out}, "
+                         f"{in_features // 2})")
+    cslt_meta = is_cslt_meta(meta)
+    if cslt_meta and not (layout_covers(out, in_features)
+                          and meta.numel() * 8 == meta_bytes(out, in_features)):
         raise ValueError(f"cuSPARSELt-layout metadata (decode24_cslt_meta) needs out % 64 == 0 "
-                         f"and in % 32 == 0 and is ({out * in_features // 64},) int64; got "
-                         f"{tuple(meta.shape)} for ({out}, {in_features})")
+                         f"and in % 32 == 0 and is ({meta_bytes(out, in_features) // 8},) int64; "
+                         f"got {tuple(meta.shape)} for ({out}, {in_features})")
     if not cslt_meta and (meta.dtype != torch.int32
-                          or tuple(meta.shape) != ((in_features + 31) // 32, out)):
-        raise ValueError(f"metadata must be ({(in_features + 31) // 32}, {out}) int32 "
+                          or tuple(meta.shape) != (meta_words(in_features), out)):
+        raise ValueError(f"metadata must be ({meta_words(in_features)}, {out}) int32 "
                          f"(decode24_layout) or cuSPARSELt's int64 (decode24_cslt_meta), got "
                          f"{tuple(meta.shape)} {meta.dtype}")
     if values.dtype != x.dtype or values.stride(1) != 1 or not meta.is_contiguous():
-        raise ValueError("values must be row-contiguous and of x's dtype; meta contiguous")
+        raise ValueError(f"values must be row-contiguous in x's dtype {x.dtype} and meta "
+                         f"contiguous; got values {values.dtype} with strides "
+                         f"{values.stride()}, meta contiguous: {meta.is_contiguous()}")
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or default_config(tokens, out, in_features)

@@ -81,8 +81,6 @@ def _check_nm(name: str, mask: torch.Tensor, values: torch.Tensor, n: int, m: in
                          f"{int(per_group.min())}..{int(per_group.max())} entries)")
 
 
-# ---- checksums ---------------------------------------------------------------------------
-
 # ---- save --------------------------------------------------------------------------------
 
 def _split_state_dict(state_dict: dict) -> tuple[dict, dict, dict]:

@@ -16,15 +16,11 @@ inactive ones are dropped (they never run at inference).
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from ..sparsity import slope_layers
 from ..sparsity.backends.base import SparseLinearBackend
-
-log = logging.getLogger(__name__)
 
 TOKEN_MULTIPLE = 16
 

@@ -128,14 +128,14 @@ class HybridDecode24Backend(CompressedBackend):
         """The cuSPARSELt operand, and the kernel's metadata: cuSPARSELt's own, read in place,
         where its bytes are the layout the kernel knows (`decode24_cslt_meta.py`, checked per
         layer), else a copy in the kernel's layout (+0.0625x of the dense bf16 bytes)."""
-        from slope_megatron.kernels.decode24_cslt_meta import fits, in_place_meta
+        from slope_megatron.kernels.decode24_cslt_meta import in_place_meta, layout_covers
         from slope_megatron.kernels.decode24_layout import pack_meta
         mask, dtype = layer.mask, layer.weight.dtype  # before compress drops the mask
         super().compress(layer)                       # layer.weight: a view of the values
         with torch.no_grad():
             meta = in_place_meta(layer.__dict__["_compressed"].buf, mask, dtype)
             if meta is None:
-                if fits(*mask.shape) and not self.warned_layout:
+                if layout_covers(*mask.shape) and not self.warned_layout:
                     self.warned_layout = True
                     log.warning("inference: cuSPARSELt's metadata of a (%d, %d) layer is not "
                                 "in the layout the decode kernel reads in place "
@@ -209,8 +209,9 @@ def install(model, device: torch.device, dtype: torch.dtype) -> str:
             return CompressedBackend.linear_with_adapter(hybrid, layer, x2)
         hybrid.plans = measure_on_gpu(hybrid_layers, cusparselt, _meta, _adapter)
         dropped = drop_unused_meta(hybrid_layers, hybrid.plans)
+    from slope_megatron.kernels.decode24_cslt_meta import is_cslt_meta
     in_place = sum(1 for layer in hybrid_layers if "_decode24" in layer.__dict__
-                   and _meta(layer).dtype == torch.int64)
+                   and is_cslt_meta(_meta(layer)))
     return kernels_note(len(layers), len(hybrid_layers), dropped,
                         hybrid.plans.describe() if hybrid_layers else "", plain_count, in_place)
 
@@ -234,8 +235,9 @@ def kernels_note(total: int, hybrid: int, dropped: int, plan: str, plain: int,
         parts.append(f"{dropped} of {total} on cuSPARSELt only (the kernel won no call of "
                      f"their shape)")
     if plain:
+        from slope_megatron.kernels.decode24_triton import MAX_TOKENS
         parts.append(f"{plain} of {total} sparse linears on the decode kernel for calls of "
-                     f"<= 64 tokens, rebuilding W*M for longer calls")
+                     f"<= {MAX_TOKENS} tokens, rebuilding W*M for longer calls")
     if total - hybrid - plain:
         parts.append(f"{total - hybrid - plain} of {total} on the reference path (see the log)")
     return "; ".join(parts)

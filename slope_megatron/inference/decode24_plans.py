@@ -130,7 +130,8 @@ class Decode24Plans:
 
     def describe(self) -> str:
         if self.always:
-            return "every call of <= 64 tokens"
+            from slope_megatron.kernels.decode24_triton import MAX_TOKENS
+            return f"every call of <= {MAX_TOKENS} tokens"
         return f"where it measured faster: {len(self.table)} (shape, tokens) cases"
 
 

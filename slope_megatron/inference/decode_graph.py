@@ -1,10 +1,10 @@
 """Capture a fixed-shape function once in a CUDA graph and replay it (CUDA only).
 
-Why: an eager decode step is hundreds of kernel launches, each costing host time, for a
-token whose GPU work is a few hundred microseconds (DESIGN.md section 6). A CUDA graph
-replays the whole step with one launch. Capturing requires a function whose tensors keep
-their addresses and shapes from call to call and which never reads a tensor's value on the
-host; `static_decode.StaticDecoder.step` is written to be one.
+Why: an eager decode step is hundreds of kernel launches, each costing host time, for a token
+whose GPU work is a few hundred microseconds (docs/INFERENCE.md, "What is and is not fast"). A
+CUDA graph replays the whole step with one launch. Capturing requires a function whose tensors
+keep their addresses and shapes from call to call and which never reads a tensor's value on
+the host; `static_decode.StaticDecoder.step` is written to be one.
 
 Warm-up runs on a side stream first, as torch's documentation asks: the first calls build
 cuSPARSELt plans, compile Triton kernels and fill the allocator, none of which may happen

@@ -18,7 +18,6 @@ sampling, stop tokens, streaming and budgets are this module's, for both.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -27,8 +26,6 @@ import torch
 
 from .model import InferenceModel
 from .sampling import SamplingConfig, make_generator, next_tokens
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

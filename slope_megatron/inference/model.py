@@ -254,8 +254,10 @@ class InferenceModel(nn.Module):
 
     def weight_bytes(self) -> dict:
         """Bytes held per kind: sparse weights (kept values, or the compressed cuSPARSELt
-        operands with their metadata), masks, adapters, everything else (dense). Each storage
-        is counted once (a compressed layer's `weight` is a view into its buffer)."""
+        operands with their metadata), masks (with the decode kernel's own copies of the
+        metadata), adapters, everything else (dense). Each storage is counted once (a
+        compressed layer's `weight`, and decode metadata read in place, are views into its
+        buffer)."""
         out = {"sparse_values": 0, "masks": 0, "adapters": 0, "dense": 0}
         kinds = {}
         for layer in slope_layers(self.model):

@@ -1,12 +1,13 @@
 """Static-shape decoding: one fixed-shape step over a full-capacity KV cache.
 
-Why: eager decoding spends its time on the host (DESIGN.md section 6): every token slices
-the cache to a new length (a new attention shape, which SDPA's cuDNN backend re-plans), builds
-its mask from Python ints and launches hundreds of kernels one by one. Here the cache is
-allocated at its full capacity once, and each decode step is `StaticDecoder.step`: a function
-of device tensors whose shapes and addresses never change and whose values the host never
-reads. On CUDA it is captured once per (batch, capacity) in a CUDA graph (`decode_graph.py`)
-and replayed for every token; on a CPU the same function runs eagerly.
+Why: eager decoding spends its time on the host (docs/INFERENCE.md, "What is and is not
+fast"): every token slices the cache to a new length (a new attention shape, which SDPA's
+cuDNN backend re-plans), builds its mask from Python ints and launches hundreds of kernels one
+by one. Here the cache is allocated at its full capacity once, and each decode step is
+`StaticDecoder.step`: a function of device tensors whose shapes and addresses never change and
+whose values the host never reads. On CUDA it is captured once per (batch, capacity) in a CUDA
+graph (`decode_graph.py`) and replayed for every token; on a CPU the same function runs
+eagerly.
 
 The state the step reads and advances lives on the device: `tokens` (batch,) the tokens to
 feed, `positions` (batch,) each sequence's last position, `running` (batch,) bool, the

@@ -20,10 +20,10 @@ def _value_bytes(rows: int, cols: int, dtype: torch.dtype) -> int:
 
 
 def _shape_layout(rows: int, cols: int, layout: str) -> str:
-    """"sm90" covers the shapes its model does (`decode24_cslt_meta.fits`); others (padded
-    by a real cuSPARSELt) are stored as "positions" here."""
-    from slope_megatron.kernels.decode24_cslt_meta import fits
-    return layout if layout == "sm90" and fits(rows, cols) else "positions"
+    """"sm90" covers the shapes its model does (`decode24_cslt_meta.layout_covers`); others
+    (padded by a real cuSPARSELt) are stored as "positions" here."""
+    from slope_megatron.kernels.decode24_cslt_meta import layout_covers
+    return layout if layout == "sm90" and layout_covers(rows, cols) else "positions"
 
 
 def _meta_bytes(rows: int, cols: int, layout: str) -> int:

@@ -75,6 +75,12 @@ def test_auto_timing_spread_refuses_a_bad_shape_before_any_work():
     assert "--shapes takes IN x OUT pairs such as 2048x8192" in done.stderr
 
 
+def test_cslt_meta_probe_refuses_a_bad_shape_before_any_work():
+    done = run_tool("benchmarks.cslt_meta_probe", ["--shapes", "4096"])
+    assert done.returncode == 2
+    assert "'4096' is not OUTxIN (e.g. 4096x11008)" in done.stderr
+
+
 @pytest.mark.parametrize("argv,says", [
     (["kernels", "--tokens", "1024", "0"], "error: --tokens takes token counts of at least 1, "
                                            "got 0"),
@@ -86,6 +92,8 @@ def test_auto_timing_spread_refuses_a_bad_shape_before_any_work():
     (["inference", "blocks", "--ranks", "0"],
      "error: --ranks takes rank ratios in (0, 1], got 0"),
     (["inference", "gemm", "--tokens", "65"], "error: --tokens takes token counts in 1..64, got 65"),
+    (["inference", "gemm", "--save-configs", "c.json"],
+     "error: --save-configs writes what --tune found: add --tune (or drop --save-configs)"),
     (["inference", "generate", "--batches", "0"],
      "error: --batches and --prefill take values >= 1, got 0"),
 ])

@@ -9,7 +9,7 @@ import torch
 from helpers.interpreter import run_interpreted
 
 from slope_megatron.kernels.decode24_cslt_meta import (
-    fits,
+    layout_covers,
     in_place_meta,
     meta_bytes,
     pack_cslt_meta,
@@ -58,7 +58,7 @@ def test_cslt_meta_bytes_are_the_documented_ones():
 
 
 def test_cslt_meta_refuses_shapes_outside_the_model():
-    assert fits(64, 32) and not fits(96, 32) and not fits(64, 48)
+    assert layout_covers(64, 32) and not layout_covers(96, 32) and not layout_covers(64, 48)
     with pytest.raises(ValueError, match="out % 64 == 0 and in % 32 == 0"):
         pack_cslt_meta(nm_mask(torch.randn(32, 64)))
     with pytest.raises(ValueError, match=r"\(64, 32\) is \(32,\) int64"):
