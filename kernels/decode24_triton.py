@@ -50,6 +50,14 @@ from slope_megatron.kernels.decode24_layout import meta_words
 MAX_TOKENS = 64  # the token counts this kernel is meant (and planned) for
 MODES = ("gather", "fma", "dot", "dotT", "gatherT", "select", "gatherS")
 _MODE_ID = {name: i for i, name in enumerate(MODES)}
+# the modes' ids as the kernel compares them (Triton reads only constexpr globals)
+_GATHER = tl.constexpr(_MODE_ID["gather"])
+_FMA = tl.constexpr(_MODE_ID["fma"])
+_DOT = tl.constexpr(_MODE_ID["dot"])
+_DOT_T = tl.constexpr(_MODE_ID["dotT"])
+_GATHER_T = tl.constexpr(_MODE_ID["gatherT"])
+_SELECT = tl.constexpr(_MODE_ID["select"])
+_GATHER_S = tl.constexpr(_MODE_ID["gatherS"])
 HAS_TL_GATHER = hasattr(tl, "gather")  # gatherS needs it (Triton 3.2 and newer)
 
 
@@ -193,11 +201,11 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
     m_ok = rm < M
     kept = K // 2
     words = (K + 31) // 32
-    if MODE == 3 or MODE == 4:  # dotT and gatherT accumulate y^T
+    if MODE == _DOT_T or MODE == _GATHER_T:  # these accumulate y^T
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if MODE == 5:  # select: one product per thread register, (rows, words, kept per word)
+    if MODE == _SELECT:  # one product per thread register: (rows, words, kept per word)
         acc3 = tl.zeros((BLOCK_N, BLOCK_K // 32, 16), dtype=tl.float32)
     # pipelined as asked: Triton pipelines a loop unasked only where it has a tl.dot, and a
     # CUDA-core mode whose steps each wait for their own loads leaves the memory idle
@@ -214,7 +222,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
             word = tl.load(meta_ptr + w[None, :].to(tl.int64) * N + rn[:, None], mask=w_ok,
                            other=0)
             row_shift = 0
-        if MODE == 5:
+        if MODE == _SELECT:
             # kept values (BLOCK_N, words, 16): value t of word w is at input column
             # 32 w + 4 (t // 2) + pos, pos in odd .. odd + 2 (odd = t % 2)
             wl = tl.arange(0, BLOCK_K // 32)[None, :, None]
@@ -231,7 +239,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
             q = ((word[:, :, None] >> (_field_shift(t, 2, CSLT_META) + row_shift)) & 3
                  ).to(tl.int32) - odd
             acc3 += v * tl.where(q == 0, x0, tl.where(q == 1, x1, x2))
-        elif MODE == 0 or MODE == 4 or MODE == 6:
+        elif MODE == _GATHER or MODE == _GATHER_T or MODE == _GATHER_S:
             # kept values (BLOCK_N, BLOCK_K / 2) times the x entries their positions select
             j = tl.arange(0, BLOCK_K // 2)
             kk = k0 // 2 + j
@@ -242,7 +250,8 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
                              (BLOCK_N, BLOCK_K // 2))
             xi = k0 + 4 * (j // 2)[None, :] + pos
             x_ok = n_ok[:, None] & (xi < K)
-            if MODE == 4:  # x^T (K, BLOCK_M), rows zero-padded: one vector load, all rows
+            if MODE == _GATHER_T:  # x^T (K, BLOCK_M), rows zero-padded: one vector load
+                # brings a kept value's x entry for all rows
                 rows = tl.arange(0, BLOCK_M)
                 xg = tl.load(x_ptr + (xi.to(tl.int64) * BLOCK_M)[:, :, None]
                              + rows[None, None, :], mask=x_ok[:, :, None],
@@ -254,7 +263,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
                 at = tl.reshape(xi - k0, (BLOCK_N * (BLOCK_K // 2),))
                 for i in tl.static_range(BLOCK_M):
                     row = pid_m * BLOCK_M + i
-                    if MODE == 6:
+                    if MODE == _GATHER_S:
                         xb = tl.load(x_ptr + row.to(tl.int64) * stride_xm + kx,
                                      mask=(kx < K) & (row < M), other=0.0).to(tl.float32)
                         xg = tl.reshape(tl.gather(xb, at, 0), (BLOCK_N, BLOCK_K // 2))
@@ -280,7 +289,7 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
                             tl.where(col == p1, v1[:, :, None], 0.0))
             dense = tl.reshape(tile, (BLOCK_N, BLOCK_K)).to(v_ptr.dtype.element_ty)
             kx = k0 + tl.arange(0, BLOCK_K)
-            if MODE == 1:
+            if MODE == _FMA:
                 dense32 = dense.to(tl.float32)
                 for i in tl.static_range(BLOCK_M):
                     row = pid_m * BLOCK_M + i
@@ -291,13 +300,13 @@ def _decode24_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, part_ptr, lock_ptr
             else:
                 x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kx[None, :],
                             mask=m_ok[:, None] & (kx[None, :] < K), other=0.0).to(dense.dtype)
-                if MODE == 2:
+                if MODE == _DOT:
                     acc += tl.dot(x, tl.trans(dense), input_precision=DOT_PRECISION)
                 else:
                     acc += tl.dot(dense, tl.trans(x), input_precision=DOT_PRECISION)
-    if MODE == 3 or MODE == 4:
+    if MODE == _DOT_T or MODE == _GATHER_T:
         acc = tl.trans(acc)
-    if MODE == 5:
+    if MODE == _SELECT:
         acc = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
     out_mask = m_ok[:, None] & n_ok[None, :]
     offs = rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
