@@ -27,7 +27,7 @@ from .. import __version__
 from ..config import Config, ffn_hidden_size
 from ..sparsity import dense_from_values
 from ..io import atomic_directory
-from .artifact import tokenizer_kind
+from .artifact import EXTRA, tokenizer_kind
 from .tokenizer import EOS_NAMES, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,10 @@ def effective_linear(state: dict, prefix: str) -> tuple[torch.Tensor, Optional[t
     weight = state[prefix + ".weight"].float()
     if prefix + ".mask" in state:
         weight = dense_from_values(weight, state[prefix + ".mask"])
-        extra = state.get(prefix + "._extra_state", {})
+        extra = state.get(prefix + EXTRA, {})
         if extra.get("adapter_active") and prefix + ".adapter_a" in state:
             a, b = state[prefix + ".adapter_a"].float(), state[prefix + ".adapter_b"].float()
-            weight = weight + (a @ b).t() / a.shape[1]
+            weight = weight + (a @ b).t() / a.shape[1]  # scale 1 / rank, as SlopeLinear's
     bias = state.get(prefix + ".bias")
     return weight, None if bias is None else bias.float()
 
