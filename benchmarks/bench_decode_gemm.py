@@ -72,7 +72,7 @@ def tune_grid(tokens: int) -> list:
     """The configs `--tune` times for a call of `tokens` rows: the modes the load-time plan
     would time, over block sizes, splits and warps."""
     from slope_megatron.inference.decode24_plans import suited_modes
-    from slope_megatron.kernels.decode24_triton import Decode24Config, rows_block
+    from slope_megatron.kernels.decode24_config import Decode24Config, rows_block
     rows = rows_block(tokens)
     grid = []
     for mode in suited_modes(rows):
@@ -247,7 +247,7 @@ def run_gemm(args) -> int:
 
 def save_configs(results: dict, path: str) -> None:
     """The winners and runners-up of every measured (shape, tokens), per token bucket."""
-    from slope_megatron.kernels.decode24_triton import rows_block
+    from slope_megatron.kernels.decode24_config import rows_block
     buckets: dict = {}
     for row in results["rows"]:
         for cfg in (row["config"], row["runner_up"]):

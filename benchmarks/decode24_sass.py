@@ -48,7 +48,8 @@ def compile_variant(mode: str, cslt_meta: bool, arch: int, num_warps: int = 4) -
     from triton.compiler import ASTSource
 
     from slope_megatron.inference.decode24_plans import base_tile
-    from slope_megatron.kernels.decode24_triton import _MODE_ID, _decode24_kernel, stage_count
+    from slope_megatron.kernels.decode24_config import stage_count
+    from slope_megatron.kernels.decode24_triton import _MODE_ID, _decode24_kernel
     rows = 16 if mode in ("dot", "dotT") else 2 if mode == "gatherT" else 1
     block_n, block_k = base_tile(mode, rows)
     stages = stage_count(mode)
@@ -118,7 +119,7 @@ def nvidia_tool(name: str, flag: str, cubin: bytes) -> str:
 
 
 def main(argv=None) -> int:
-    from slope_megatron.kernels.decode24_triton import MODES
+    from slope_megatron.kernels.decode24_config import MODES
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode24_sass",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

@@ -11,7 +11,8 @@ only once they know CUDA (or the Triton interpreter) is there. Modules:
 - `nm_triton`: memory-bound 2:4 pieces (gather/scatter of kept values, the W^T tags and values).
 - `double_prune_triton`: the double-pruned column mask refreshed from the current weights.
 - `lowrank_triton`: the lazy adapter's term, added in place or as widened GEMM columns.
-- `decode24_layout` / `decode24_triton`: the 2:4 decode GEMM for 1-64 tokens (kept values plus
-  2-bit index metadata; the dense tile rebuilt in registers), an inference option;
+- `decode24_layout` / `decode24_triton` / `decode24_config`: the 2:4 decode GEMM for 1-64
+  tokens (kept values plus 2-bit index metadata; the dense tile rebuilt in registers) and its
+  launch parameters, an inference option;
   `decode24_cslt_meta`: cuSPARSELt's metadata layout on sm90, which the kernel can read in place.
 """

@@ -235,7 +235,7 @@ def kernels_note(total: int, hybrid: int, dropped: int, plan: str, plain: int,
         parts.append(f"{dropped} of {total} on cuSPARSELt only (the kernel won no call of "
                      f"their shape)")
     if plain:
-        from slope_megatron.kernels.decode24_triton import MAX_TOKENS
+        from slope_megatron.kernels.decode24_config import MAX_TOKENS
         parts.append(f"{plain} of {total} sparse linears on the decode kernel for calls of "
                      f"<= {MAX_TOKENS} tokens, rebuilding W*M for longer calls")
     if total - hybrid - plain:

@@ -55,7 +55,7 @@ def tuned_configs(path: str, tokens: int) -> list:
     """The configs a `--save-configs` file lists for the bucket of `tokens`."""
     import json
 
-    from slope_megatron.kernels.decode24_triton import Decode24Config, rows_block
+    from slope_megatron.kernels.decode24_config import Decode24Config, rows_block
     try:
         listed = json.loads(open(path).read())["configs"].get(str(rows_block(tokens)), [])
         return [Decode24Config(**fields) for fields in listed]
@@ -71,7 +71,7 @@ def candidate_configs(tokens: int, out: int, inp: int) -> list:
     rows with 8 warps (each unpipelined in the CUDA-core modes, `stage_count`); for the
     CUDA-core modes also the base tile pipelined three stages deep. With
     SLOPE_DECODE24_CONFIGS: the default and the file's configs."""
-    from slope_megatron.kernels.decode24_triton import default_config, mode_config, rows_block
+    from slope_megatron.kernels.decode24_config import default_config, mode_config, rows_block
     base = default_config(tokens, out, inp)
     path = os.environ.get("SLOPE_DECODE24_CONFIGS")
     if path:
@@ -91,7 +91,7 @@ def suited_modes(rows: int) -> tuple:
     """The kernel's modes worth timing for a block of `rows` x rows: the CUDA-core modes up
     to 4 rows (select: one; gatherS where Triton has tl.gather), the vector gather from 2 to
     8 rows (16 rows make its registers spill), the tensor-core ones from 8."""
-    from slope_megatron.kernels.decode24_triton import HAS_TL_GATHER
+    from slope_megatron.kernels.decode24_config import HAS_TL_GATHER
     modes = ("select",) if rows == 1 else ()
     if rows <= 4:
         modes += ("gather", "gatherS", "fma") if HAS_TL_GATHER else ("gather", "fma")
@@ -120,7 +120,8 @@ class Decode24Plans:
 
     def choose(self, out: int, inp: int, tokens: int):
         """The config for a call of `tokens` rows, or None (run the fallback)."""
-        from slope_megatron.kernels.decode24_triton import MAX_TOKENS, default_config, rows_block
+        from slope_megatron.kernels.decode24_config import (MAX_TOKENS, default_config,
+                                                             rows_block)
         if tokens > MAX_TOKENS or tokens < 1:
             return None
         cfg = self.table.get((out, inp, rows_block(tokens)))
@@ -130,7 +131,7 @@ class Decode24Plans:
 
     def describe(self) -> str:
         if self.always:
-            from slope_megatron.kernels.decode24_triton import MAX_TOKENS
+            from slope_megatron.kernels.decode24_config import MAX_TOKENS
             return f"every call of <= {MAX_TOKENS} tokens"
         return f"where it measured faster: {len(self.table)} (shape, tokens) cases"
 

@@ -20,13 +20,13 @@ from slope_megatron.inference import InferenceModel, generate
 from slope_megatron.inference.generate import _EagerSteps
 from slope_megatron.inference.decode24_plans import base_tile
 from slope_megatron.kernels.decode24_layout import pack_meta
-from slope_megatron.kernels.decode24_triton import (
+from slope_megatron.kernels.decode24_config import (
     MODES,
-    decode24_linear,
     default_config,
     mode_config,
     rows_block,
 )
+from slope_megatron.kernels.decode24_triton import decode24_linear
 from slope_megatron.model import regions
 from slope_megatron.sparsity import slope_layers
 from slope_megatron.sparsity.functional import dense_from_values

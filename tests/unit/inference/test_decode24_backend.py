@@ -121,7 +121,7 @@ def test_candidate_configs_are_distinct_and_cover_the_tokens():
 def test_a_tuned_config_file_replaces_the_built_in_candidates(tmp_path, monkeypatch):
     pytest.importorskip("triton")
     from benchmarks.bench_decode_gemm import save_configs
-    from slope_megatron.kernels.decode24_triton import Decode24Config, default_config
+    from slope_megatron.kernels.decode24_config import Decode24Config, default_config
     tuned = [Decode24Config(1, 128, 256, 8, "gather", 8), Decode24Config(16, 32, 128, 4, "dotT")]
     rows = [{"tokens": 1, "config": tuned[0].__dict__, "runner_up": None},
             {"tokens": 12, "config": tuned[1].__dict__, "runner_up": tuned[1].__dict__}]

@@ -95,7 +95,8 @@ def test_decode_kernel_reads_cslt_meta_as_its_own_in_interpreter():
 import torch
 import torch.nn.functional as F
 from slope_megatron.kernels.decode24_cslt_meta import pack_cslt_meta
-from slope_megatron.kernels.decode24_triton import Decode24Config, decode24_linear, rows_block
+from slope_megatron.kernels.decode24_config import Decode24Config, rows_block
+from slope_megatron.kernels.decode24_triton import decode24_linear
 from slope_megatron.sparsity.functional import dense_from_values
 from slope_megatron.sparsity.masks import nm_mask
 torch.manual_seed(2)

@@ -76,7 +76,8 @@ def test_layout_refuses_what_is_not_2to4():
 
 
 def test_config_rules():
-    from slope_megatron.kernels.decode24_triton import Decode24Config, default_config, rows_block
+    from slope_megatron.kernels.decode24_config import (Decode24Config, default_config,
+                                                         rows_block)
     assert [rows_block(t) for t in (1, 2, 3, 7, 8, 9, 33, 64)] == [1, 2, 4, 8, 8, 16, 64, 64]
     for tokens in range(1, 65):
         for out, inp in ((64, 64), (4096, 4096), (11008, 4096), (96, 36)):
@@ -97,7 +98,7 @@ def test_cuda_core_modes_default_to_an_unpipelined_loop():
     pipelined, gatherT stages every kept value's x in shared memory (an H100 refused a
     (64, 256) tile of 16 rows: 'out of resource: shared memory'): they run unpipelined unless
     a config asks; the tensor-core modes keep Triton's 3 stages."""
-    from slope_megatron.kernels.decode24_triton import default_config, mode_config, stage_count
+    from slope_megatron.kernels.decode24_config import default_config, mode_config, stage_count
     assert {stage_count(m) for m in ("gather", "gatherS", "gatherT", "fma", "select")} == {1}
     assert stage_count("dot") == stage_count("dotT") == 3
     assert mode_config(13, 96, 36, "gatherT", 64, 256).num_stages == 1
@@ -109,11 +110,11 @@ def test_cuda_core_modes_default_to_an_unpipelined_loop():
 
 def test_gather_s_needs_a_triton_with_tl_gather(monkeypatch):
     from slope_megatron.inference.decode24_plans import suited_modes
-    from slope_megatron.kernels import decode24_triton
+    from slope_megatron.kernels import decode24_config
     assert "gatherS" in suited_modes(1) and "gatherS" not in suited_modes(8)
-    monkeypatch.setattr(decode24_triton, "HAS_TL_GATHER", False)
+    monkeypatch.setattr(decode24_config, "HAS_TL_GATHER", False)
     with pytest.raises(ValueError, match="gatherS mode needs tl.gather"):
-        decode24_triton.Decode24Config(1, mode="gatherS")
+        decode24_config.Decode24Config(1, mode="gatherS")
     assert "gatherS" not in suited_modes(1) and "gather" in suited_modes(1)
 
 
@@ -123,7 +124,8 @@ def test_decode_kernel_equals_the_reference_in_interpreter():
 import torch
 import torch.nn.functional as F
 from slope_megatron.kernels.decode24_layout import pack_meta
-from slope_megatron.kernels.decode24_triton import Decode24Config, decode24_linear, rows_block
+from slope_megatron.kernels.decode24_config import Decode24Config, rows_block
+from slope_megatron.kernels.decode24_triton import decode24_linear
 from slope_megatron.sparsity.functional import dense_from_values
 from slope_megatron.sparsity.masks import nm_mask
 torch.manual_seed(0)
@@ -178,7 +180,8 @@ def test_decode_kernel_adds_a_low_rank_term_in_its_epilogue_in_interpreter():
 import torch
 import torch.nn.functional as F
 from slope_megatron.kernels.decode24_layout import pack_meta
-from slope_megatron.kernels.decode24_triton import Decode24Config, decode24_linear, rows_block
+from slope_megatron.kernels.decode24_config import Decode24Config, rows_block
+from slope_megatron.kernels.decode24_triton import decode24_linear
 from slope_megatron.sparsity.functional import dense_from_values
 from slope_megatron.sparsity.masks import nm_mask
 torch.manual_seed(1)
